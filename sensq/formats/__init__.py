@@ -1,0 +1,21 @@
+"""Number formats: HiF4, MXFP4, NVFP4, INT4/INT8, FP8 E4M3, BF16.
+
+``get_format(name)`` returns a frozen :class:`FormatSpec`; ``quantize_dequantize(x, fmt, dim)``
+rounds a tensor to the format; ``pack``/``unpack`` store it in its real bit layout.
+"""
+
+from sensq.formats.api import quantize_dequantize
+from sensq.formats.backend import Backend, backend_names
+from sensq.formats.spec import Family, FormatSpec, MXVariant, ScaleType, format_names, get_format
+
+__all__ = [
+    "Backend",
+    "Family",
+    "FormatSpec",
+    "MXVariant",
+    "ScaleType",
+    "backend_names",
+    "format_names",
+    "get_format",
+    "quantize_dequantize",
+]
