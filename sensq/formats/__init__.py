@@ -6,6 +6,7 @@ rounds a tensor to the format; ``pack``/``unpack`` store it in its real bit layo
 
 from sensq.formats.api import quantize_dequantize
 from sensq.formats.backend import Backend, backend_names
+from sensq.formats.packing import PackedTensor, pack, unpack
 from sensq.formats.spec import Family, FormatSpec, MXVariant, ScaleType, format_names, get_format
 
 __all__ = [
@@ -13,9 +14,12 @@ __all__ = [
     "Family",
     "FormatSpec",
     "MXVariant",
+    "PackedTensor",
     "ScaleType",
     "backend_names",
     "format_names",
     "get_format",
+    "pack",
     "quantize_dequantize",
+    "unpack",
 ]

@@ -266,7 +266,7 @@ def _fp8_decode(encoded: Encoded) -> torch.Tensor:
 
 
 def _bf16_encode(blocks: torch.Tensor) -> Encoded:
-    return Encoded(blocks.to(torch.bfloat16).view(torch.uint8))
+    return Encoded(blocks.to(torch.bfloat16).contiguous().view(torch.uint8))
 
 
 def _bf16_decode(encoded: Encoded) -> torch.Tensor:

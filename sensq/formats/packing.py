@@ -1,0 +1,176 @@
+"""Packed storage: a tensor in its format's real bit layout, and back.
+
+HiF4 uses the layout of spec §6: 36 bytes per 64-block, ``scale:u8 | lv2:u8 | lv3:u16 (little
+endian) | 32 code bytes`` (element k in byte k//2, low nibble = even k, nibble = ``sign<<3 | m``).
+The other 4-bit formats store two codes per byte (same nibble order) and their scales in a
+separate tensor; INT8/FP8 store a byte per element; BF16 stores its two bytes.
+
+``unpack(pack(x, fmt)) == quantize_dequantize(x, fmt)`` bit for bit (tested).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+import sensq
+from sensq.errors import InputError
+from sensq.formats import reference
+from sensq.formats.blocks import BlockLayout, check_input, from_blocks, to_blocks
+from sensq.formats.spec import Family, FormatSpec, get_format
+
+PACKED_SCHEMA = "sensq.packed/1"
+HIF4_BLOCK_BYTES = 36
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16,
+           "float64": torch.float64}
+
+
+@dataclass
+class PackedTensor:
+    """A tensor stored in a format's bit layout.
+
+    Attributes:
+        fmt: the format.
+        shape: the original tensor's shape.
+        dim: the dim blocks run along (non-negative).
+        dtype: the original dtype; :func:`unpack` returns it.
+        data: the stored tensors by name (``blocks`` for HiF4; ``codes``, ``scale`` and
+            ``tensor_scale`` for the others).
+    """
+
+    fmt: FormatSpec
+    shape: tuple[int, ...]
+    dim: int
+    dtype: torch.dtype
+    data: dict[str, torch.Tensor]
+
+    @property
+    def nbytes(self) -> int:
+        """True storage in bytes: codes and metadata, nothing else."""
+        return sum(t.numel() * t.element_size() for t in self.data.values())
+
+    @property
+    def layout(self) -> BlockLayout:
+        block = self.fmt.block_size if self.fmt.block_size is not None else self.shape[self.dim]
+        return BlockLayout(self.shape, self.dim, self.shape[self.dim], block)
+
+    def header(self) -> dict:
+        """What, besides ``data``, is needed to unpack: JSON-ready."""
+        return {
+            "schema": PACKED_SCHEMA,
+            "format": self.fmt.name,
+            "block_size": self.fmt.block_size,
+            "shape": list(self.shape),
+            "dim": self.dim,
+            "dtype": str(self.dtype).removeprefix("torch."),
+            "sensq_version": sensq.__version__,
+        }
+
+    def save(self, path: str | Path) -> None:
+        """Write a safetensors file (tensors + the header as metadata), atomically."""
+        path = Path(path)
+        tmp = path.with_name(path.name + ".tmp")
+        save_file({k: v.contiguous() for k, v in self.data.items()}, str(tmp),
+                  metadata={"sensq.packed": json.dumps(self.header())})
+        tmp.replace(path)
+
+    @classmethod
+    def load(cls, path: str | Path) -> PackedTensor:
+        """Read a file written by :meth:`save`.
+
+        Raises:
+            InputError: missing file, or not a sensq packed tensor.
+        """
+        path = Path(path)
+        if not path.is_file():
+            raise InputError(f"packed tensor file not found: {str(path)!r}")
+        with safe_open(str(path), "pt") as f:
+            meta = f.metadata() or {}
+            if "sensq.packed" not in meta:
+                raise InputError(f"{str(path)!r} is not a sensq packed tensor (no 'sensq.packed' metadata)")
+            data = {k: f.get_tensor(k) for k in f.keys()}
+        return cls.from_header(json.loads(meta["sensq.packed"]), data)
+
+    @classmethod
+    def from_header(cls, header: dict, data: dict[str, torch.Tensor]) -> PackedTensor:
+        if header.get("schema") != PACKED_SCHEMA:
+            raise InputError(f"unsupported packed schema {header.get('schema')!r}; expected {PACKED_SCHEMA!r}")
+        fmt = get_format(header["format"])
+        if header["block_size"] != fmt.block_size:
+            fmt = get_format(header["format"], group_size=header["block_size"])
+        return cls(fmt, tuple(header["shape"]), header["dim"], _DTYPES[header["dtype"]], data)
+
+
+def _pack_nibbles(codes: torch.Tensor) -> torch.Tensor:
+    """uint8 codes < 16, ``[rows, n]`` -> ``[rows, ceil(n/2)]``, low nibble = even index."""
+    if codes.shape[-1] % 2:
+        codes = torch.nn.functional.pad(codes, (0, 1))
+    return codes[..., 0::2] | (codes[..., 1::2] << 4)
+
+
+def _unpack_nibbles(packed: torch.Tensor, n: int) -> torch.Tensor:
+    return torch.stack((packed & 0xF, packed >> 4), dim=-1).reshape(*packed.shape[:-1], -1)[..., :n]
+
+
+def pack(x: torch.Tensor, fmt: str | FormatSpec, dim: int = -1) -> PackedTensor:
+    """Quantize ``x`` along ``dim`` and store it in the format's bit layout.
+
+    Raises:
+        FormatError: unknown format.
+        InputError: bad dtype or dim, or an empty tensor (nothing to pack).
+    """
+    spec = get_format(fmt)
+    dim = check_input(x, dim)
+    if x.numel() == 0:
+        raise InputError(f"cannot pack an empty tensor of shape {tuple(x.shape)}")
+    blocks, layout = to_blocks(x, dim, spec.block_size)
+    encoded = reference.encode(blocks, spec)
+    rows, n_blocks, block = encoded.codes.shape
+    data: dict[str, torch.Tensor]
+    if spec.family is Family.HIF4:
+        lv3 = encoded.meta["lv3"]
+        header = torch.stack(
+            (encoded.meta["scale"].to(torch.uint8), encoded.meta["lv2"].to(torch.uint8),
+             (lv3 & 0xFF).to(torch.uint8), (lv3 >> 8).to(torch.uint8)), dim=-1)
+        codes = _pack_nibbles(encoded.codes.reshape(-1, block)).reshape(rows, n_blocks, block // 2)
+        data = {"blocks": torch.cat((header, codes), dim=-1).contiguous()}
+    elif spec.family is Family.BF16:
+        data = {"codes": encoded.codes.reshape(rows, -1).contiguous()}
+    else:
+        codes = encoded.codes.reshape(rows, n_blocks * block)
+        if spec.element_bits == 4:
+            codes = _pack_nibbles(codes & 0xF)
+        data = {"codes": codes.contiguous(), **{k: v.contiguous() for k, v in encoded.meta.items()}}
+    return PackedTensor(spec, tuple(x.shape), dim, x.dtype, data)
+
+
+def unpack(packed: PackedTensor) -> torch.Tensor:
+    """The dequantized tensor: ``x.dtype`` and ``x.shape`` of the packed original."""
+    spec, layout = packed.fmt, packed.layout
+    rows, n_blocks, block = layout.rows, layout.n_blocks, layout.block
+    if spec.family is Family.HIF4:
+        stored = packed.data["blocks"]
+        meta = {
+            "scale": stored[..., 0],
+            "lv2": stored[..., 1].to(torch.int32),
+            "lv3": stored[..., 2].to(torch.int32) | (stored[..., 3].to(torch.int32) << 8),
+        }
+        codes = _unpack_nibbles(stored[..., 4:], block)
+        encoded = reference.Encoded(codes, meta)
+    elif spec.family is Family.BF16:
+        encoded = reference.Encoded(packed.data["codes"].reshape(rows, 1, -1))
+    else:
+        codes = packed.data["codes"]
+        if spec.element_bits == 4:
+            codes = _unpack_nibbles(codes, n_blocks * block)
+            if spec.family is Family.INT:
+                codes = ((codes.to(torch.int16) ^ 8) - 8).to(torch.int8).view(torch.uint8)  # sign-extend
+        meta = {k: v for k, v in packed.data.items() if k != "codes"}
+        encoded = reference.Encoded(codes.reshape(rows, n_blocks, block), meta)
+    return from_blocks(reference.decode(encoded, spec), layout, packed.dtype)
