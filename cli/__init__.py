@@ -1,0 +1,39 @@
+"""The ``sensq`` command line: a click group. The only place in sensq that prints.
+
+User errors (:class:`sensq.errors.SensqError`) become one line on stderr and a non-zero exit code
+(1 failure, 2 usage), never a traceback.
+"""
+
+from __future__ import annotations
+
+import click
+
+import sensq
+from sensq.errors import SensqError
+
+
+class _Group(click.Group):
+    def invoke(self, ctx: click.Context):
+        try:
+            return super().invoke(ctx)
+        except SensqError as error:
+            exc = click.ClickException(str(error))
+            exc.exit_code = error.exit_code
+            raise exc from None
+
+
+@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(sensq.__version__, prog_name="sensq")
+def main() -> None:
+    """sensq: which layers of a video diffusion transformer can run in 4 bits.
+
+    \b
+    Formats and numerics:
+      sensq formats              the 4-bit (and reference) formats, their bits and ranges
+      sensq formats --measure    ... plus the SQNR each reaches on seeded test tensors
+    """
+
+
+from sensq.cli import formats as _formats  # noqa: E402  (registers the command)
+
+main.add_command(_formats.formats)

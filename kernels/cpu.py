@@ -75,13 +75,13 @@ def _store_impl(out, k, value):
     return store_bf16
 
 
-@njit(inline="always")
+@njit
 def _pow2(exponent):
     """2**exponent as float32 for a normal exponent (-126..127), built from its bits."""
     return _bits_f32(np.uint32((exponent + 127) << 23))
 
 
-@njit(inline="always")
+@njit
 def _hif4_four(xb, ob, b4, max4, lv2, rec, sf):  # pragma: no cover - compiled by numba
     """Steps 8-10 for the 4-block starting at ``b4``: lv3 bit, mantissa (half-up, +0.5 in fp32), sign."""
     # x / L and x * (1/L) are the same correctly rounded float for L in {1, 2}: multiply, it is faster
@@ -96,13 +96,12 @@ def _hif4_four(xb, ob, b4, max4, lv2, rec, sf):  # pragma: no cover - compiled b
         _store(ob, k, -magnitude if v < 0 else magnitude)
 
 
-@njit(inline="always")
+@njit
 def _hif4_block(xb, ob, rec_mantissa):  # pragma: no cover - compiled by numba
     """One full 64-block: ``xb`` (float32 or bf16 bits) -> ``ob`` (same kind), spec §3 steps 1-10."""
     one = _F32(1.0)
     two = _F32(2.0)
     four = _F32(4.0)
-    half = _F32(0.5)
     quarter = _F32(0.25)
     # step 1: the block maximum; any NaN poisons the whole block
     block_max = _F32(0.0)

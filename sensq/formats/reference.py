@@ -144,6 +144,7 @@ def _e2m1_value(codes: torch.Tensor) -> torch.Tensor:
 
 def _e2m1_rne(scaled: torch.Tensor) -> torch.Tensor:
     """Round magnitudes to E2M1 with ties to even, saturating at 6 (OCP MX / NVFP4 elements)."""
+    scaled = scaled.clamp(max=E2M1_MAX)  # saturate first (also maps +inf to 6)
     exponent = torch.floor(torch.log2(scaled)).clamp(min=0)  # log2(0) = -inf -> 0
     step = torch.exp2(exponent - 1)
     return torch.clamp(torch.round(scaled / step) * step, max=E2M1_MAX)

@@ -1,0 +1,150 @@
+"""The formats API: registry, dtype/shape contract, bad input, backends."""
+
+import pytest
+import torch
+
+from sensq.errors import BackendUnavailableError, FormatError, InputError
+from sensq.formats import Backend, format_names, get_format, quantize_dequantize
+from sensq.formats.spec import Family
+from sensq.testing import assert_bitexact
+
+ALL = format_names()
+
+
+def test_registry_has_the_contract_names():
+    assert {"hif4", "mxfp4", "nvfp4", "int4", "int8", "fp8_e4m3", "bf16"} <= set(ALL)
+
+
+def test_unknown_format_lists_the_known_ones():
+    with pytest.raises(FormatError, match=r"unknown format 'hif5'; known formats: hif4, mxfp4"):
+        get_format("hif5")
+
+
+def test_group_size_option():
+    assert get_format("int4", group_size=64).block_size == 64
+    assert get_format("int8", group_size=None).block_size is None
+    assert get_format("fp8_e4m3", group_size=128).block_size == 128
+    assert get_format("hif4", group_size=64) is get_format("hif4")
+    with pytest.raises(FormatError, match="fixed block size of 64; got group_size=32"):
+        get_format("hif4", group_size=32)
+    with pytest.raises(FormatError, match="positive int or None"):
+        get_format("int4", group_size=0)
+
+
+def test_bits_per_element():
+    assert get_format("hif4").bits_per_element() == 4.5
+    assert get_format("mxfp4").bits_per_element() == 4.25
+    assert get_format("nvfp4").bits_per_element() == 4.5
+    assert get_format("int8").bits_per_element(5120) == 8 + 32 / 5120
+    with pytest.raises(FormatError, match="dim_length"):
+        get_format("int8").bits_per_element()
+
+
+@pytest.mark.parametrize("fmt", ALL)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64])
+def test_keeps_dtype_shape_and_reduces_error(fmt, dtype):
+    x = torch.randn(3, 5, 130, generator=torch.Generator().manual_seed(0)).to(dtype)
+    y = quantize_dequantize(x, fmt)
+    assert y.dtype == dtype and y.shape == x.shape
+    error = (y.double() - x.double()).pow(2).mean() / x.double().pow(2).mean()
+    assert error < 0.05, f"{fmt} {dtype}: nmse {error:.3g}"
+
+
+@pytest.mark.parametrize("fmt", ALL)
+def test_dim_is_honoured(fmt):
+    x = torch.randn(70, 40, generator=torch.Generator().manual_seed(1))
+    along0 = quantize_dequantize(x, fmt, dim=0)
+    assert_bitexact(along0, quantize_dequantize(x.T.contiguous(), fmt, dim=-1).T.contiguous(), fmt)
+    assert_bitexact(quantize_dequantize(x, fmt, dim=-2), along0, fmt)
+
+
+@pytest.mark.parametrize("fmt", ALL)
+def test_non_contiguous_input_is_read_as_is(fmt):
+    base = torch.randn(64, 300, generator=torch.Generator().manual_seed(2))
+    view = base[:, ::2]
+    assert not view.is_contiguous()
+    assert_bitexact(quantize_dequantize(view, fmt), quantize_dequantize(view.contiguous(), fmt), fmt)
+
+
+def test_tail_is_zero_padded():
+    x = torch.randn(4, 100, generator=torch.Generator().manual_seed(3))
+    padded = torch.nn.functional.pad(x, (0, 28))
+    for fmt in ("hif4", "mxfp4", "nvfp4", "int4"):
+        assert_bitexact(quantize_dequantize(x, fmt), quantize_dequantize(padded, fmt)[:, :100].contiguous(), fmt)
+
+
+@pytest.mark.parametrize("dtype", [torch.int32, torch.int8, torch.bool, torch.complex64])
+def test_non_floating_dtype_is_refused(dtype):
+    x = torch.zeros(4, 64, dtype=dtype)
+    with pytest.raises(InputError, match=rf"cannot quantize a {dtype} tensor.*x.float\(\)"):
+        quantize_dequantize(x, "hif4")
+
+
+def test_dim_out_of_range_is_refused():
+    with pytest.raises(InputError, match=r"dim=2 is out of range for a 2-d tensor of shape \(4, 64\)"):
+        quantize_dequantize(torch.zeros(4, 64), "hif4", dim=2)
+
+
+def test_zero_dim_tensor_is_refused():
+    with pytest.raises(InputError, match="0-d tensor"):
+        quantize_dequantize(torch.tensor(1.0), "hif4")
+
+
+@pytest.mark.parametrize("shape", [(0,), (0, 64), (3, 0)])
+def test_empty_tensor_returns_an_empty_copy(shape):
+    x = torch.zeros(shape)
+    y = quantize_dequantize(x, "hif4")
+    assert y.shape == x.shape and y.dtype == x.dtype and y.data_ptr() != x.data_ptr() or x.numel() == 0
+
+
+def test_not_a_tensor_is_refused():
+    with pytest.raises(InputError, match="expected a torch.Tensor, got list"):
+        quantize_dequantize([1.0, 2.0], "hif4")
+
+
+@pytest.mark.parametrize("fmt", ["int4", "int8", "fp8_e4m3"])
+def test_scaled_formats_poison_non_finite_groups(fmt):
+    x = torch.ones(2, 128)
+    x[0, 3] = float("inf")
+    y = quantize_dequantize(x, get_format(fmt, group_size=64))
+    assert torch.isnan(y[0, :64]).all() and torch.isfinite(y[0, 64:]).all() and torch.isfinite(y[1]).all()
+
+
+def test_signed_zero_rules():
+    """4-bit formats map x = +-0 to +0.0 (HiF4 spec §3 step 10); INT has no -0; FP8 and BF16 keep -0."""
+    x = torch.zeros(2, 128)
+    x[1] = -0.0
+    for fmt in ALL:
+        y = quantize_dequantize(x, fmt)
+        assert torch.equal(y, torch.zeros_like(y)), fmt
+        keeps_sign = get_format(fmt).family in (Family.FP8, Family.BF16)
+        assert torch.equal(torch.signbit(y), torch.signbit(x) & keeps_sign), fmt
+
+
+def test_bf16_is_the_identity_on_bf16_and_rounds_fp32():
+    x = torch.randn(8, 64).to(torch.bfloat16)
+    assert_bitexact(quantize_dequantize(x, "bf16"), x, "bf16")
+    x32 = torch.randn(8, 64)
+    assert_bitexact(quantize_dequantize(x32, "bf16"), x32.to(torch.bfloat16).float(), "bf16")
+    assert get_format("bf16").family is Family.BF16
+
+
+def test_unknown_backend():
+    with pytest.raises(BackendUnavailableError, match="unknown backend 'cuda'; known backends: auto, reference, cpu"):
+        quantize_dequantize(torch.zeros(4, 64), "hif4", backend="cuda")
+
+
+def test_cpu_backend_refuses_formats_it_lacks():
+    with pytest.raises(BackendUnavailableError, match="no kernel for format 'int4'.*backend='reference'"):
+        quantize_dequantize(torch.zeros(4, 64), "int4", backend=Backend.CPU)
+
+
+def test_cpu_backend_without_numba_is_a_clear_error(monkeypatch):
+    from sensq import kernels
+
+    monkeypatch.setattr(kernels, "numba_available", lambda: False)
+    with pytest.raises(BackendUnavailableError, match="needs numba.*pip install numba.*backend='reference'"):
+        quantize_dequantize(torch.zeros(4, 64), "hif4", backend="cpu")
+    # auto quietly uses the reference: same bits, so nothing the user asked for changes
+    x = torch.randn(4, 64)
+    assert_bitexact(quantize_dequantize(x, "hif4"), quantize_dequantize(x, "hif4", backend="reference"), "auto")

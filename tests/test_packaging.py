@@ -1,0 +1,39 @@
+"""What gets installed: sensq and its sub-packages, and nothing named `cli` or `kernels` at top level."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _run(code: str, cwd: Path) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-c", code], cwd=cwd, capture_output=True, text=True, timeout=120)
+
+
+def test_top_level_kernels_and_cli_are_not_ours(tmp_path):
+    code = (
+        "import importlib.util, sys\n"
+        "for name in ('kernels', 'cli', 'probes'):\n"
+        "    spec = importlib.util.find_spec(name)\n"
+        "    print(name, spec.origin if spec else None)\n"
+    )
+    result = _run(code, tmp_path)
+    assert result.returncode == 0, result.stderr
+    for line in result.stdout.splitlines():
+        name, origin = line.split(" ", 1)
+        assert origin == "None" or not origin.startswith(str(REPO)), f"top-level {name!r} resolves to {origin}"
+
+
+def test_subpackages_import_from_outside_the_repo(tmp_path):
+    result = _run("import sensq.cli, sensq.kernels, sensq.probes, sensq.formats; "
+                  "print(sensq.kernels.__file__)", tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip().endswith(str(Path("kernels") / "__init__.py"))
+
+
+def test_import_does_not_load_numba_or_diffusers(tmp_path):
+    result = _run("import sys, sensq, sensq.formats, sensq.kernels; "
+                  "print(sorted(m for m in ('numba', 'diffusers', 'rich') if m in sys.modules))", tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "[]"
