@@ -82,34 +82,31 @@ def _pow2(exponent):
 
 
 @njit
-def _hif4_four(xb, ob, b4, max4, lv2, rec, sf):  # pragma: no cover - compiled by numba
-    """Steps 8-10 for the 4-block starting at ``b4``: lv3 bit, mantissa (half-up, +0.5 in fp32), sign."""
-    # x / L and x * (1/L) are the same correctly rounded float for L in {1, 2}: multiply, it is faster
-    inv_lv2 = _F32(1.0) / lv2
-    lv3 = _F32(2.0) if (max4 * rec) * inv_lv2 >= _F32(2.0) else _F32(1.0)
-    inv_lv3 = _F32(1.0) / lv3
-    for k in range(b4, b4 + 4):
-        v = _load(xb[k])
-        t = abs(v) * inv_lv2 * inv_lv3 * rec
-        q4 = min(np.floor(t * _F32(4.0) + _F32(0.5)), _F32(7.0))  # saturate: t >= 1.875 -> 1.75 (inf too)
-        magnitude = q4 * _F32(0.25) * lv2 * lv3 * sf
-        _store(ob, k, -magnitude if v < 0 else magnitude)
+def _hif4_block(xb, ob, rec_mantissa, factor, out_scale):  # pragma: no cover - compiled by numba
+    """One full 64-block: ``xb`` (float32 or bf16 bits) -> ``ob`` (same kind), spec §3 steps 1-10.
 
+    ``factor`` and ``out_scale`` are 16-float scratch arrays (one entry per 4-block).
 
-@njit
-def _hif4_block(xb, ob, rec_mantissa):  # pragma: no cover - compiled by numba
-    """One full 64-block: ``xb`` (float32 or bf16 bits) -> ``ob`` (same kind), spec §3 steps 1-10."""
-    one = _F32(1.0)
-    two = _F32(2.0)
-    four = _F32(4.0)
-    quarter = _F32(0.25)
-    # step 1: the block maximum; any NaN poisons the whole block
+    The mantissa step is fused: the spec's ``t = F(F(F(a/L2)/L3)*rec)`` then ``F(F(t*4)+0.5)``
+    becomes ``F(F(a*f)+0.5)`` with ``f = 4*rec/(L2*L3)`` (exact: powers of two times a bf16 value).
+    Dividing or multiplying by a power of two is exact unless the result leaves the normal range, so
+    both forms round the same real number once, except when ``a/L2`` or ``a*f`` is subnormal (then
+    ``a < 2^-124`` and ``t < 2^-74``: q = 0 either way) or overflows (then q saturates to 7 either
+    way). Likewise the output ``q * 0.25 * L2 * L3 * sf`` is exact in any order. Tested bit-exact
+    against the reference on random bit patterns, subnormals, Inf and NaN.
+    """
+    # step 1: maxima per 4-block (kept in ``factor`` until step 8 overwrites them) and per block;
+    # any NaN poisons the whole block
     block_max = _F32(0.0)
     n_nan = 0
-    for k in range(64):
-        a = abs(_load(xb[k]))
-        n_nan += a != a
-        block_max = a if a > block_max else block_max
+    for j in range(16):
+        max4 = _F32(0.0)
+        for k in range(4 * j, 4 * j + 4):
+            a = abs(_load(xb[k]))
+            n_nan += a != a
+            max4 = a if a > max4 else max4
+        factor[j] = max4
+        block_max = max4 if max4 > block_max else block_max
     if n_nan:
         for k in range(64):
             _store(ob, k, _F32(np.nan))
@@ -130,41 +127,55 @@ def _hif4_block(xb, ob, rec_mantissa):  # pragma: no cover - compiled by numba
     if m == 4:
         m = 0
         exponent += 1
-    sf = (one + _F32(m) * quarter) * _pow2(exponent)
+    sf = (_F32(1.0) + _F32(m) * _F32(0.25)) * _pow2(exponent)
     # step 6: rec = bf16_RNE(1/sf) = 2^-E * table[m], exactly
     rec = rec_mantissa[m] * _pow2(-exponent)
-    # steps 7-10, per 8-block (lv2) and 4-block (lv3)
-    for b8 in range(0, 64, 8):
-        max_lo = _F32(0.0)
-        max_hi = _F32(0.0)
-        for k in range(4):
-            a = abs(_load(xb[b8 + k]))
-            max_lo = a if a > max_lo else max_lo
-            a = abs(_load(xb[b8 + 4 + k]))
-            max_hi = a if a > max_hi else max_hi
+    # steps 7-8: lv2 per 8-block, lv3 per 4-block (x / L == x * (1/L) exactly for L in {1, 2})
+    for j8 in range(8):
+        max_lo = factor[2 * j8]
+        max_hi = factor[2 * j8 + 1]
         max8 = max_lo if max_lo > max_hi else max_hi
-        lv2 = two if max8 * rec >= four else one
-        _hif4_four(xb, ob, b8, max_lo, lv2, rec, sf)
-        _hif4_four(xb, ob, b8 + 4, max_hi, lv2, rec, sf)
+        lv2 = _F32(2.0) if max8 * rec >= _F32(4.0) else _F32(1.0)
+        inv_lv2 = _F32(1.0) / lv2
+        lv3_lo = _F32(2.0) if (max_lo * rec) * inv_lv2 >= _F32(2.0) else _F32(1.0)
+        lv3_hi = _F32(2.0) if (max_hi * rec) * inv_lv2 >= _F32(2.0) else _F32(1.0)
+        factor[2 * j8] = _F32(4.0) * rec * inv_lv2 / lv3_lo
+        factor[2 * j8 + 1] = _F32(4.0) * rec * inv_lv2 / lv3_hi
+        out_scale[2 * j8] = _F32(0.25) * lv2 * lv3_lo * sf
+        out_scale[2 * j8 + 1] = _F32(0.25) * lv2 * lv3_hi * sf
+    # steps 9-10: mantissa (half-up, +0.5 in fp32, saturating at 1.75: q4 = 7), sign
+    for k in range(64):
+        v = _load(xb[k])
+        q4 = min(np.floor(abs(v) * factor[k >> 2] + _F32(0.5)), _F32(7.0))
+        magnitude = q4 * out_scale[k >> 2]
+        _store(ob, k, -magnitude if v < 0 else magnitude)
+
+
+_BLOCKS_PER_TASK = 64
 
 
 @njit(parallel=True, cache=True)
 def _hif4_rows(x, out, rec_mantissa):  # pragma: no cover - compiled by numba
     rows, length = x.shape
     n_blocks = (length + 63) // 64
-    for task in prange(rows * n_blocks):
-        r = task // n_blocks
-        start = (task % n_blocks) * 64
-        stop = min(start + 64, length)
-        if stop - start == 64:
-            _hif4_block(x[r, start:stop], out[r, start:stop], rec_mantissa)
-        else:
-            # the tail: zero-pad to a full block (spec §2.2), quantize, crop
-            padded = np.zeros(64, dtype=x.dtype)
-            padded[: stop - start] = x[r, start:stop]
-            result = np.empty(64, dtype=out.dtype)
-            _hif4_block(padded, result, rec_mantissa)
-            out[r, start:stop] = result[: stop - start]
+    chunks = (n_blocks + _BLOCKS_PER_TASK - 1) // _BLOCKS_PER_TASK
+    for task in prange(rows * chunks):
+        r = task // chunks
+        first = (task % chunks) * _BLOCKS_PER_TASK
+        factor = np.empty(16, dtype=np.float32)
+        out_scale = np.empty(16, dtype=np.float32)
+        for block in range(first, min(first + _BLOCKS_PER_TASK, n_blocks)):
+            start = block * 64
+            stop = min(start + 64, length)
+            if stop - start == 64:
+                _hif4_block(x[r, start:stop], out[r, start:stop], rec_mantissa, factor, out_scale)
+            else:
+                # the tail: zero-pad to a full block (spec §2.2), quantize, crop
+                padded = np.zeros(64, dtype=x.dtype)
+                padded[: stop - start] = x[r, start:stop]
+                result = np.empty(64, dtype=out.dtype)
+                _hif4_block(padded, result, rec_mantissa, factor, out_scale)
+                out[r, start:stop] = result[: stop - start]
 
 
 def quantize_dequantize(x: torch.Tensor, spec: FormatSpec, dim: int) -> torch.Tensor:
