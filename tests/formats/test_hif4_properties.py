@@ -84,9 +84,9 @@ def test_power_of_two_and_e4m3_scaled_formats_are_idempotent(fmt, dtype):
 
 
 def test_hif4_is_not_idempotent_but_q_of_q_is_a_fixed_point():
-    """The reference HiF4 is not a projection (docs/formats.md): the block maximum can round *up*
-    (0.734 -> 0.766 below), so re-quantizing recomputes a larger E6M2 scale and a new grid.
-    What holds instead, on this seeded data: Q(Q(Q(x))) == Q(Q(x)).
+    """The reference HiF4 is not a projection (docs/formats.md): a maximum can round *up* (0.734 ->
+    0.766 below) across the E6M2, lv2 or lv3 threshold, so re-quantizing picks a coarser exponent for
+    that sub-block. What holds instead, on this seeded data: Q(Q(Q(x))) == Q(Q(x)).
     """
     x = _data(2, torch.float32)
     once = quantize_dequantize(x, "hif4", backend="reference")
