@@ -1,0 +1,213 @@
+"""Capture hooks: what every quantizable layer of an expert sees, per step and guidance branch.
+
+Hooks are diffusers ``ModelHook``s registered under one name (:data:`HOOK_NAME`) and removed by
+:func:`remove_probe`. The step index, sigma and branch come from the pipeline's own
+``cache_context("cond" | "uncond", step_index=..., sigma=...)``, caught by a stateful hook on the
+expert (diffusers hands the context to every ``StateManager`` of a stateful hook); the timestep
+comes from the expert's ``timestep`` argument. Nothing counts calls.
+
+Statistics stay on the model's device during a step; :meth:`ProbeSession.take_step` moves them to
+the host once per step.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from diffusers.hooks import HookRegistry, ModelHook
+from diffusers.hooks.hooks import StateManager
+
+from sensq.models.wan import quantizable_layers
+
+HOOK_NAME = "sensq_probe"
+CONTEXT_HOOK_NAME = "sensq_probe_context"
+
+
+@dataclass(frozen=True)
+class ProbeConfig:
+    """What to capture.
+
+    Attributes:
+        tokens: token rows sampled (deterministically) from every layer's input per step and branch.
+        first_block_inputs: also keep the full inputs of ``blocks.0`` (what block-by-block
+            calibration replays from).
+        sample_seed: seed of the token subsample (the same rows at every step and prompt).
+    """
+
+    tokens: int = 32
+    first_block_inputs: bool = True
+    sample_seed: int = 0
+
+
+class _ContextCatcher(StateManager):
+    """Receives the pipeline's CacheContext (diffusers calls ``set_context`` on stateful hooks)."""
+
+    def __init__(self, session: ProbeSession):
+        super().__init__(dict)
+        self.session = session
+
+    def set_context(self, context) -> None:
+        super().set_context(context)
+        self.session.context = context
+
+
+class _ExpertHook(ModelHook):
+    _is_stateful = True
+
+    def __init__(self, session: ProbeSession, expert: str):
+        super().__init__()
+        self.session = session
+        self.expert = expert
+        self.catcher = _ContextCatcher(session)
+
+    def pre_forward(self, module, *args, **kwargs):
+        timestep = kwargs.get("timestep", args[1] if len(args) > 1 else None)
+        self.session.begin_forward(self.expert, float(timestep.flatten()[0]))
+        return args, kwargs
+
+    def reset_state(self, module):
+        self.catcher.reset()
+        return module
+
+
+def _as_rows(module: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """Input rows ``[tokens, in_features]`` as the layer's GEMM sees them (Conv3d: its patches)."""
+    if isinstance(module, torch.nn.Conv3d):
+        kt, kh, kw = module.kernel_size
+        b, c, f, h, w = x.shape
+        patches = x.reshape(b, c, f // kt, kt, h // kh, kh, w // kw, kw)
+        # weight layout [out, c, kt, kh, kw] -> the patch vector is (c, kt, kh, kw)
+        return patches.permute(0, 2, 4, 6, 1, 3, 5, 7).reshape(-1, c * kt * kh * kw)
+    return x.reshape(-1, x.shape[-1])
+
+
+class _LayerHook(ModelHook):
+    def __init__(self, session: ProbeSession, expert: str, name: str):
+        super().__init__()
+        self.session = session
+        self.expert = expert
+        self.name = name
+
+    def pre_forward(self, module, *args, **kwargs):
+        rows = _as_rows(module, args[0].detach())
+        self.session.record_layer(self.expert, self.name, module, rows)
+        return args, kwargs
+
+
+class _FirstBlockHook(ModelHook):
+    def __init__(self, session: ProbeSession, expert: str):
+        super().__init__()
+        self.session = session
+        self.expert = expert
+
+    def pre_forward(self, module, *args, **kwargs):
+        names = ("hidden_states", "encoder_hidden_states", "temb", "rotary_emb")
+        values = dict(zip(names, args, strict=False))
+        values.update({k: v for k, v in kwargs.items() if k in names})
+        rotary = values.pop("rotary_emb")
+        values["rotary_cos"], values["rotary_sin"] = rotary
+        self.session.record_first_block(self.expert, {k: v.detach() for k, v in values.items()})
+        return args, kwargs
+
+
+@dataclass
+class StepData:
+    """One step of one expert, on the host: per layer ``{stat: [branch, ...]}`` and first-block inputs."""
+
+    expert: str
+    step: int
+    timestep: float
+    layers: dict[str, dict[str, np.ndarray]]
+    first_block: dict[str, np.ndarray]
+
+
+@dataclass
+class ProbeSession:
+    """State shared by the hooks of one probe run."""
+
+    config: ProbeConfig
+    branches: tuple[str, ...]
+    context: object = None
+    expert: str | None = None
+    timestep: float | None = None
+    sample_rows: dict[int, torch.Tensor] = field(default_factory=dict)
+    layer_meta: dict[tuple[str, str], tuple[str, int, int, int, int]] = field(default_factory=dict)
+    _layers: dict = field(default_factory=dict)
+    _first: dict = field(default_factory=dict)
+
+    def begin_forward(self, expert: str, timestep: float) -> None:
+        if self.context is None:
+            raise RuntimeError("probe hooks ran outside the pipeline's cache_context; run the expert via WanPipeline")
+        self.expert, self.timestep = expert, timestep
+
+    @property
+    def branch(self) -> int:
+        return self.branches.index(self.context.name)
+
+    def rows_for(self, tokens: int, device: torch.device) -> torch.Tensor:
+        """The sampled row indices for a layer with ``tokens`` input rows (sorted, deterministic)."""
+        if tokens not in self.sample_rows:
+            generator = torch.Generator().manual_seed(self.config.sample_seed)
+            rows = torch.randperm(tokens, generator=generator)[: self.config.tokens].sort().values
+            self.sample_rows[tokens] = rows
+        return self.sample_rows[tokens].to(device)
+
+    def record_layer(self, expert: str, name: str, module: torch.nn.Module, rows: torch.Tensor) -> None:
+        magnitude = rows.abs()  # once, reused by both statistics
+        stats = {
+            "channel_absmax": magnitude.amax(0).float(),
+            "token_absmax": magnitude.amax(1).float(),
+            "samples": rows.index_select(0, self.rows_for(rows.shape[0], rows.device)).float(),
+        }
+        self._layers.setdefault(name, {}).setdefault(self.branch, stats)
+        if (expert, name) not in self.layer_meta:
+            kind = "conv3d" if isinstance(module, torch.nn.Conv3d) else "linear"
+            out_features = module.out_channels if kind == "conv3d" else module.out_features
+            params = sum(p.numel() for p in module.parameters(recurse=False))
+            self.layer_meta[(expert, name)] = (kind, rows.shape[1], out_features, params, rows.shape[0])
+
+    def record_first_block(self, expert: str, values: dict[str, torch.Tensor]) -> None:
+        self._first[self.branch] = {k: v[0].float() for k, v in values.items()}  # batch 1 per call
+
+    def take_step(self, step: int) -> StepData:
+        """Stack the branches of the step just finished and move them to the host."""
+        n = len(self.branches)
+        missing = [name for name, per_branch in self._layers.items() if len(per_branch) != n]
+        if missing:
+            raise RuntimeError(f"layers {missing[:3]} did not run in every branch {self.branches}")
+        layers = {
+            name: {stat: torch.stack([per_branch[b][stat] for b in range(n)]).cpu().numpy()
+                   for stat in per_branch[0]}
+            for name, per_branch in self._layers.items()
+        }
+        first = {}
+        if self._first:
+            first = {key: torch.stack([self._first[b][key] for b in range(n)]).cpu().numpy()
+                     for key in self._first[0]}
+        data = StepData(self.expert, step, self.timestep, layers, first)
+        self._layers, self._first = {}, {}
+        return data
+
+
+def apply_probe(expert_module: torch.nn.Module, expert: str, session: ProbeSession, first_block: str) -> None:
+    """Attach the probe hooks to every quantizable layer of one expert (and its first block)."""
+    HookRegistry.check_if_exists_or_initialize(expert_module).register_hook(
+        _ExpertHook(session, expert), CONTEXT_HOOK_NAME)
+    for name, module in quantizable_layers(expert_module):
+        HookRegistry.check_if_exists_or_initialize(module).register_hook(_LayerHook(session, expert, name), HOOK_NAME)
+    if session.config.first_block_inputs:
+        block = expert_module.get_submodule(first_block)
+        HookRegistry.check_if_exists_or_initialize(block).register_hook(_FirstBlockHook(session, expert), HOOK_NAME)
+    HookRegistry.check_if_exists_or_initialize(expert_module).invalidate_child_registries_cache()
+
+
+def remove_probe(expert_module: torch.nn.Module) -> None:
+    """Remove every sensq probe hook from an expert; its forward is the original again."""
+    registry = getattr(expert_module, "_diffusers_hook", None)
+    if registry is None:
+        return
+    for name in (HOOK_NAME, CONTEXT_HOOK_NAME):
+        registry.remove_hook(name, recurse=True)
+    registry.invalidate_child_registries_cache()

@@ -1,0 +1,184 @@
+"""Run a pipeline along a trajectory over prompts and record every probed layer into a probe file."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from sensq.errors import InputError
+from sensq.models import LoadedModel
+from sensq.prompts import Prompt
+from sensq.probes.capture import ProbeConfig, ProbeSession, apply_probe, remove_probe
+from sensq.store.probe_file import LayerShape, ProbeWriter
+from sensq.trajectory import Trajectory, apply_trajectory, plan_steps, run
+
+
+@dataclass
+class ProbeRequest:
+    """A probe run. ``trajectory`` must already carry a resolution (``with_resolution``)."""
+
+    model: LoadedModel
+    trajectory: Trajectory
+    prompts: list[Prompt]
+    experts: list[str]
+    out: Path
+    config: ProbeConfig = field(default_factory=ProbeConfig)
+    resume: bool = False
+    overwrite: bool = False
+    shard: tuple[int, int] = (0, 1)
+
+
+@dataclass
+class ProbeResult:
+    """What a probe run did (rendered by the CLI, or as JSON)."""
+
+    path: str
+    experts: list[str]
+    layers: dict[str, int]
+    steps: dict[str, list[int]]
+    branches: list[str]
+    prompts_total: int
+    prompts_run: int
+    prompts_skipped: int
+    bytes_written: int
+    seconds: float
+    file_bytes: int
+
+
+@dataclass(frozen=True)
+class ProgressEvent:
+    prompt_done: int
+    prompt_total: int
+    step: int
+    steps: int
+    prompt: Prompt
+
+
+def _run_digest(request: ProbeRequest, seeds: list[int]) -> str:
+    payload = {
+        "model": request.model.fingerprint, "trajectory": request.trajectory.to_dict(),
+        "config": request.config.__dict__, "experts": request.experts, "seeds": seeds,
+        "prompts": [[p.index, p.text, p.negative] for p in request.prompts], "shard": list(request.shard),
+    }
+    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _check_output(request: ProbeRequest, digest: str) -> bool:
+    """Validate ``--out``; returns True when an existing file is to be resumed."""
+    out = request.out
+    parent = out.parent if str(out.parent) else Path(".")
+    if not parent.is_dir():
+        raise InputError(f"output folder {str(parent)!r} does not exist")
+    if not os.access(parent, os.W_OK):
+        raise InputError(f"output folder {str(parent)!r} is not writable")
+    if not out.exists():
+        return False
+    if request.overwrite:
+        out.unlink()
+        return False
+    if not request.resume:
+        raise InputError(f"{str(out)!r} exists; pass --resume to complete it or --overwrite to replace it")
+    from sensq.store.probe_file import ProbeFile
+
+    with ProbeFile(out) as existing:
+        found = existing.file.attrs.get("run_digest")
+    if found != digest:
+        raise InputError(
+            f"{str(out)!r} was made with a different model, trajectory, prompt list or probe config "
+            f"(run digest {found} != {digest}); use --overwrite to replace it or another --out"
+        )
+    return True
+
+
+def run_probe(request: ProbeRequest, progress: Callable[[ProgressEvent], None] | None = None) -> ProbeResult:
+    """Probe ``request.experts`` along the trajectory for every prompt; resumable.
+
+    Raises:
+        InputError: no step of the trajectory runs on a requested expert; output problems (see
+            :func:`_check_output`); unknown expert.
+    """
+    started = time.perf_counter()
+    model, trajectory = request.model, request.trajectory
+    pipe, adapter = model.pipe, model.adapter
+    available = adapter.experts(pipe)
+    for expert in request.experts:
+        if expert not in available:
+            raise InputError(f"unknown expert {expert!r}; this model has: {', '.join(available)}")
+    apply_trajectory(pipe, trajectory)
+    steps = plan_steps(pipe, adapter, trajectory)
+    expert_steps = {e: [s.index for s in steps if s.expert == e] for e in request.experts}
+    for expert, indices in expert_steps.items():
+        if not indices:
+            timesteps = ", ".join(f"{s.timestep:g}" for s in steps)
+            raise InputError(
+                f"the trajectory never routes a step to the {expert!r} expert (timesteps {timesteps}; boundary "
+                f"t={adapter.boundary_timestep(pipe):g}); use more steps or another schedule, or --expert "
+                f"{'high' if expert == 'low' else 'low'}"
+            )
+    seeds = [trajectory.seed + p.index for p in request.prompts]
+    digest = _run_digest(request, seeds)
+    resuming = _check_output(request, digest)
+    if resuming:
+        writer = ProbeWriter.resume(request.out)
+    else:
+        attrs = {
+            "model_id": model.model_id, "model_fingerprint": model.fingerprint,
+            "trajectory": trajectory.to_dict(), "probe_config": request.config.__dict__,
+            "run_digest": digest, "device": str(model.device), "dtype": str(model.dtype).removeprefix("torch."),
+            "shard": list(request.shard), "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        }
+        writer = ProbeWriter.create(request.out, attrs=attrs, prompts=request.prompts, seeds=seeds, steps=steps,
+                                    expert_steps=expert_steps, branches=trajectory.branches)
+    session = ProbeSession(request.config, trajectory.branches)
+    done = writer.file["prompts/done"][...]
+    bytes_written = 0
+    prompts_run = 0
+    local_step = {e: {step: k for k, step in enumerate(indices)} for e, indices in expert_steps.items()}
+
+    def on_step_end(_pipe, i, _t, callback_kwargs):
+        nonlocal bytes_written
+        expert = steps[i].expert
+        if expert in expert_steps:
+            data = session.take_step(i)
+            if writer.building and not writer.has_layers(expert):
+                shapes = {
+                    name: LayerShape(*session.layer_meta[(expert, name)][:4], tokens=meta[4],
+                                     sample_rows=session.sample_rows[meta[4]].numpy())
+                    for name in data.layers
+                    for meta in [session.layer_meta[(expert, name)]]
+                }
+                writer.create_layers(expert, shapes, {k: v.shape[1:] for k, v in data.first_block.items()})
+            bytes_written += writer.write_step(slot, expert, local_step[expert][i], data.layers, data.first_block)
+        if progress is not None:
+            progress(ProgressEvent(prompts_run, len(request.prompts), i + 1, len(steps), prompt))
+        return callback_kwargs
+
+    for name in request.experts:
+        apply_probe(adapter.expert_module(pipe, name), name, session, adapter.first_block)
+    try:
+        for slot, prompt in enumerate(request.prompts):
+            if done[slot]:
+                continue
+            run(pipe, prompt.text, trajectory, seed=seeds[slot], callback=on_step_end)
+            writer.finish_prompt(slot)
+            prompts_run += 1
+    finally:
+        for name in request.experts:
+            remove_probe(adapter.expert_module(pipe, name))
+        writer.close()
+    layers = {}
+    from sensq.store.probe_file import ProbeFile
+
+    with ProbeFile(request.out) as probe:
+        layers = {e: len(probe.layers(e)) for e in request.experts}
+    return ProbeResult(
+        path=str(request.out), experts=list(request.experts), layers=layers, steps=expert_steps,
+        branches=list(trajectory.branches), prompts_total=len(request.prompts), prompts_run=prompts_run,
+        prompts_skipped=int(done.sum()), bytes_written=bytes_written,
+        seconds=time.perf_counter() - started, file_bytes=request.out.stat().st_size,
+    )

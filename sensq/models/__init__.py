@@ -1,0 +1,128 @@
+"""Loading models: the embedded tiny pipelines, a local diffusers folder, or a Hub id from the cache only."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from sensq.errors import InputError
+from sensq.models.wan import EXPERTS, TINY_SPECS, WanAdapter, build_tiny_pipeline, quantizable_layers
+
+__all__ = ["EXPERTS", "LoadedModel", "WanAdapter", "load_model", "model_fingerprint", "quantizable_layers"]
+
+_HUB_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
+
+
+@dataclass
+class LoadedModel:
+    """A runnable pipeline and what sensq knows about it.
+
+    Attributes:
+        pipe: the diffusers pipeline, on ``device`` in ``dtype``.
+        adapter: the model family's metadata (experts, routing, entrance layers).
+        model_id: what the user passed (``tiny``, a folder, a Hub id).
+        fingerprint: see :func:`model_fingerprint`.
+        default_resolution: (height, width, frames) when the user passes none.
+    """
+
+    pipe: object
+    adapter: WanAdapter
+    model_id: str
+    fingerprint: str
+    default_resolution: tuple[int, int, int]
+    device: torch.device
+    dtype: torch.dtype
+
+
+def model_names() -> list[str]:
+    """Embedded model names (a local folder or a cached Hub id work too)."""
+    return list(TINY_SPECS)
+
+
+def model_fingerprint(pipe, adapter: WanAdapter) -> str:
+    """A 16-hex-digit fingerprint of the experts: configs, parameter names, shapes, dtypes, and up to
+    1024 values sampled at a fixed stride from every tensor (hashing all of A14B's 57 GB would take
+    minutes; two checkpoints that differ only in unsampled elements get the same fingerprint)."""
+    digest = hashlib.sha256()
+    for expert in adapter.experts(pipe):
+        module = adapter.expert_module(pipe, expert)
+        digest.update(expert.encode())
+        config = {k: v for k, v in dict(module.config).items() if not k.startswith("_")}  # no bookkeeping keys
+        digest.update(json.dumps(config, sort_keys=True, default=str).encode())
+        for name, tensor in module.state_dict().items():
+            digest.update(f"{name}:{tuple(tensor.shape)}:{tensor.dtype}".encode())
+            if tensor.device.type != "meta" and tensor.numel():
+                flat = tensor.detach().reshape(-1)
+                sample = flat[:: max(1, flat.numel() // 1024)][:1024]
+                digest.update(sample.float().cpu().numpy().tobytes())
+    return digest.hexdigest()[:16]
+
+
+def _from_folder(path: Path, dtype: torch.dtype):
+    from diffusers import DiffusionPipeline, WanPipeline
+
+    if not (path / "model_index.json").is_file():
+        raise InputError(f"{str(path)!r} has no model_index.json: not a diffusers pipeline folder")
+    try:
+        pipe = DiffusionPipeline.from_pretrained(str(path), dtype=dtype, local_files_only=True)
+    except (OSError, ValueError) as error:
+        first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise InputError(f"cannot load the pipeline in {str(path)!r}: {first_line}") from None
+    if not isinstance(pipe, WanPipeline):
+        raise InputError(f"{str(path)!r} holds a {type(pipe).__name__}; sensq supports WanPipeline (Wan2.1/2.2 T2V)")
+    return pipe
+
+
+def _from_hub_cache(repo_id: str) -> Path:
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    try:
+        return Path(snapshot_download(repo_id, local_files_only=True))
+    except LocalEntryNotFoundError:
+        raise InputError(
+            f"model {repo_id!r} is not in the local Hugging Face cache and sensq never downloads at run time; "
+            f"fetch it on a connected machine (huggingface-cli download {repo_id}) or pass a local folder"
+        ) from None
+
+
+def load_model(model: str, device: torch.device, dtype: torch.dtype) -> LoadedModel:
+    """Load ``model``: an embedded name (``tiny``, ``tiny-realshape``), a local diffusers folder, or a
+    Hub id that is already in the local cache.
+
+    Raises:
+        InputError: unknown name, folder without a pipeline, Hub id not cached, unsupported pipeline.
+    """
+    adapter = WanAdapter()
+    if model in TINY_SPECS:
+        pipe = build_tiny_pipeline(model)
+        resolution = TINY_SPECS[model].resolution
+        if dtype != torch.float32:
+            pipe.to(dtype=dtype)
+    else:
+        path = Path(model).expanduser()
+        if path.is_dir():
+            pipe = _from_folder(path, dtype)
+        elif _HUB_ID.match(model) and not path.exists():
+            pipe = _from_folder(_from_hub_cache(model), dtype)
+        else:
+            raise InputError(
+                f"unknown model {model!r}: not an embedded model ({', '.join(TINY_SPECS)}), "
+                "not a folder, not a Hub id (org/name)"
+            )
+        resolution = _resolution_for(pipe, adapter)
+    pipe.to(device=device)
+    pipe.set_progress_bar_config(disable=True)  # sensq shows its own progress
+    return LoadedModel(pipe, adapter, model, model_fingerprint(pipe, adapter), resolution, device, dtype)
+
+
+def _resolution_for(pipe, adapter: WanAdapter) -> tuple[int, int, int]:
+    """Tiny saved pipelines keep tiny defaults; real ones get 480x832x81."""
+    expert = adapter.expert_module(pipe, "high")
+    hidden = expert.config.num_attention_heads * expert.config.attention_head_dim
+    return (32, 32, 9) if hidden < 1024 else adapter.default_resolution

@@ -1,0 +1,249 @@
+"""The probe HDF5 file (``sensq.probe/1``): writer and reader. Layout in docs/probe-format.md.
+
+Crash safety: the file is built under ``<name>.tmp`` until the first prompt is complete (the only
+time its structure changes), then renamed into place. Every dataset is allocated when it is
+created (HDF5 early allocation, contiguous layout, no compression), so later writes change data
+only, never metadata; a prompt's ``done`` flag is set and flushed after all its data. A run killed
+at any point leaves either no file or a valid one whose ``done`` mask says which prompts are complete.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import h5py
+import numpy as np
+
+import sensq
+from sensq.errors import InputError
+
+PROBE_SCHEMA = "sensq.probe/1"
+_STR = h5py.string_dtype()
+
+
+def _create_allocated(group: h5py.Group, name: str, shape: tuple[int, ...], dtype) -> h5py.Dataset:
+    """A contiguous dataset whose file space is allocated now (no fill: unwritten data is undefined)."""
+    space = h5py.h5s.create_simple(tuple(shape))
+    dcpl = h5py.h5p.create(h5py.h5p.DATASET_CREATE)
+    dcpl.set_alloc_time(h5py.h5d.ALLOC_TIME_EARLY)
+    dcpl.set_fill_time(h5py.h5d.FILL_TIME_NEVER)
+    type_id = h5py.h5t.py_create(np.dtype(dtype))
+    return h5py.Dataset(h5py.h5d.create(group.id, name.encode(), type_id, space, dcpl=dcpl))
+
+
+@dataclass(frozen=True)
+class LayerShape:
+    """What a layer's datasets need: its kind and sizes, and the token rows sampled from its input."""
+
+    kind: str
+    in_features: int
+    out_features: int
+    params: int
+    tokens: int
+    sample_rows: np.ndarray
+
+
+class ProbeWriter:
+    """Writes one probe file. Use :meth:`create` or :meth:`resume`, then :meth:`write_step` and
+    :meth:`finish_prompt` per prompt; :meth:`close` at the end."""
+
+    def __init__(self, path: Path, file: h5py.File, building: bool):
+        self.path = path
+        self.file = file
+        self.building = building  # True while the file is still <name>.tmp (prompt 0 under way)
+
+    @staticmethod
+    def tmp_path(path: Path) -> Path:
+        return path.with_name(path.name + ".tmp")
+
+    @classmethod
+    def create(cls, path: Path, *, attrs: dict, prompts, seeds: list[int], steps, expert_steps: dict[str, list[int]],
+               branches: tuple[str, ...]) -> ProbeWriter:
+        """Start a new file under ``<path>.tmp`` with the prompt and trajectory tables."""
+        tmp = cls.tmp_path(path)
+        tmp.unlink(missing_ok=True)
+        file = h5py.File(tmp, "w")
+        file.attrs["schema"] = PROBE_SCHEMA
+        file.attrs["sensq_version"] = sensq.__version__
+        for key, value in attrs.items():
+            file.attrs[key] = json.dumps(value) if isinstance(value, (dict, list)) else value
+        file.attrs["branches"] = json.dumps(list(branches))
+        file.attrs["experts"] = json.dumps(list(expert_steps))
+        file.create_dataset("prompts/text", data=[p.text for p in prompts], dtype=_STR)
+        file.create_dataset("prompts/negative", data=[p.negative for p in prompts], dtype=_STR)
+        file.create_dataset("prompts/index", data=np.array([p.index for p in prompts], dtype=np.int64))
+        file.create_dataset("prompts/seed", data=np.array(seeds, dtype=np.int64))
+        done = _create_allocated(file.require_group("prompts"), "done", (len(prompts),), np.bool_)
+        done[...] = False
+        file.create_dataset("trajectory/step", data=np.array([s.index for s in steps], dtype=np.int32))
+        file.create_dataset("trajectory/timestep", data=np.array([s.timestep for s in steps], dtype=np.float64))
+        file.create_dataset("trajectory/sigma", data=np.array([s.sigma for s in steps], dtype=np.float64))
+        file.create_dataset("trajectory/expert", data=[s.expert for s in steps], dtype=_STR)
+        for expert, indices in expert_steps.items():
+            file.create_dataset(f"experts/{expert}/steps", data=np.array(indices, dtype=np.int32))
+        return cls(path, file, building=True)
+
+    @classmethod
+    def resume(cls, path: Path) -> ProbeWriter:
+        return cls(path, h5py.File(path, "r+"), building=False)
+
+    # -- structure (only while building) ------------------------------------------------------
+
+    def has_layers(self, expert: str) -> bool:
+        return "layers" in self.file[f"experts/{expert}"]
+
+    def create_layers(self, expert: str, layers: dict[str, LayerShape], first_block: dict[str, tuple[int, ...]]):
+        """Allocate every dataset of ``expert`` (called once, during the first prompt)."""
+        if not self.building:
+            raise RuntimeError("the probe file's structure is fixed once its first prompt is complete")
+        n_prompts = self.file["prompts/done"].shape[0]
+        n_steps = self.file[f"experts/{expert}/steps"].shape[0]
+        n_branches = len(json.loads(self.file.attrs["branches"]))
+        lead = (n_prompts, n_steps, n_branches)
+        self.file[f"experts/{expert}"].attrs["layer_order"] = json.dumps(list(layers))
+        group = self.file.require_group(f"experts/{expert}/layers")
+        for name, shape in layers.items():
+            layer = group.create_group(name)
+            layer.attrs["kind"] = shape.kind
+            layer.attrs["in_features"] = shape.in_features
+            layer.attrs["out_features"] = shape.out_features
+            layer.attrs["params"] = shape.params
+            layer.attrs["tokens"] = shape.tokens
+            layer.create_dataset("sample_rows", data=shape.sample_rows.astype(np.int64))
+            _create_allocated(layer, "channel_absmax", lead + (shape.in_features,), np.float32)
+            _create_allocated(layer, "token_absmax", lead + (shape.tokens,), np.float32)
+            _create_allocated(layer, "samples", lead + (len(shape.sample_rows), shape.in_features), np.float32)
+        block = self.file.require_group(f"experts/{expert}/first_block")
+        for name, tensor_shape in first_block.items():
+            _create_allocated(block, name, lead + tuple(tensor_shape), np.float32)
+
+    # -- data ----------------------------------------------------------------------------------
+
+    def write_step(self, prompt_slot: int, expert: str, local_step: int, layer_data: dict[str, dict[str, np.ndarray]],
+                   first_block: dict[str, np.ndarray]) -> int:
+        """Write one step of one expert (all branches); returns the bytes written."""
+        written = 0
+        layers = self.file[f"experts/{expert}/layers"]
+        for name, stats in layer_data.items():
+            for stat, array in stats.items():
+                layers[name][stat][prompt_slot, local_step] = array
+                written += array.nbytes
+        for name, array in first_block.items():
+            self.file[f"experts/{expert}/first_block/{name}"][prompt_slot, local_step] = array
+            written += array.nbytes
+        return written
+
+    def finish_prompt(self, prompt_slot: int) -> None:
+        """Mark a prompt complete, durably; the first one also moves the file into place."""
+        self.file["prompts/done"][prompt_slot] = True
+        self.file.flush()
+        if self.building:
+            self.file.close()
+            os.replace(self.tmp_path(self.path), self.path)
+            self.file = h5py.File(self.path, "r+")
+            self.building = False
+
+    def close(self) -> None:
+        if self.file.id.valid:
+            self.file.flush()
+            self.file.close()
+
+
+class ProbeFile:
+    """Read-only access to a probe file; what the sensitivity engine and calibration use.
+
+    Raises:
+        InputError: missing file, not HDF5, or not ``sensq.probe/1``.
+    """
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        if not self.path.is_file():
+            hint = " (an interrupted first prompt leaves only a .tmp: rerun the probe)" if \
+                ProbeWriter.tmp_path(self.path).exists() else ""
+            raise InputError(f"probe file not found: {str(self.path)!r}{hint}")
+        try:
+            self.file = h5py.File(self.path, "r")
+        except OSError:
+            raise InputError(f"{str(self.path)!r} is not an HDF5 file") from None
+        schema = self.file.attrs.get("schema")
+        if schema != PROBE_SCHEMA:
+            self.file.close()
+            raise InputError(f"{str(self.path)!r} has schema {schema!r}; expected {PROBE_SCHEMA!r}")
+
+    def __enter__(self) -> ProbeFile:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self.file.close()
+
+    def attr_json(self, key: str):
+        return json.loads(self.file.attrs[key])
+
+    @property
+    def model_id(self) -> str:
+        return self.file.attrs["model_id"]
+
+    @property
+    def model_fingerprint(self) -> str:
+        return self.file.attrs["model_fingerprint"]
+
+    @property
+    def experts(self) -> list[str]:
+        return self.attr_json("experts")
+
+    @property
+    def branches(self) -> list[str]:
+        return self.attr_json("branches")
+
+    @property
+    def done(self) -> np.ndarray:
+        return self.file["prompts/done"][...]
+
+    @property
+    def prompt_index(self) -> np.ndarray:
+        return self.file["prompts/index"][...]
+
+    @property
+    def prompts(self) -> list[str]:
+        return [s.decode() if isinstance(s, bytes) else s for s in self.file["prompts/text"][...]]
+
+    def trajectory_table(self) -> list[dict]:
+        table = self.file["trajectory"]
+        experts = [e.decode() if isinstance(e, bytes) else e for e in table["expert"][...]]
+        return [
+            {"step": int(s), "timestep": float(t), "sigma": float(g), "expert": e}
+            for s, t, g, e in zip(table["step"][...], table["timestep"][...], table["sigma"][...], experts, strict=True)
+        ]
+
+    def steps(self, expert: str) -> np.ndarray:
+        """Global step indices that ran on ``expert`` (the second axis of its datasets)."""
+        return self.file[f"experts/{expert}/steps"][...]
+
+    def layers(self, expert: str) -> list[str]:
+        """Layer names of ``expert`` in the model's registration order."""
+        group = self.file[f"experts/{expert}"]
+        return json.loads(group.attrs["layer_order"]) if "layer_order" in group.attrs else []
+
+    def layer_attrs(self, expert: str, layer: str) -> dict:
+        return dict(self.file[f"experts/{expert}/layers/{layer}"].attrs)
+
+    def _complete(self) -> np.ndarray:
+        done = self.done
+        if not done.any():
+            raise InputError(f"{str(self.path)!r} holds no complete prompt yet (resume the probe with --resume)")
+        return np.flatnonzero(done)
+
+    def read(self, expert: str, layer: str, stat: str) -> np.ndarray:
+        """``stat`` (channel_absmax, token_absmax, samples) of complete prompts: ``[prompt, step, branch, ...]``."""
+        dataset = self.file[f"experts/{expert}/layers/{layer}/{stat}"]
+        return dataset[self._complete()]
+
+    def first_block(self, expert: str, name: str) -> np.ndarray:
+        return self.file[f"experts/{expert}/first_block/{name}"][self._complete()]
