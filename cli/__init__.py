@@ -28,12 +28,19 @@ def main() -> None:
     """sensq: which layers of a video diffusion transformer can run in 4 bits.
 
     \b
+    The method, step by step:
+      sensq probe                record per-layer, per-expert, per-step activations into HDF5
+    \b
     Formats and numerics:
       sensq formats              the 4-bit (and reference) formats, their bits and ranges
       sensq formats --measure    ... plus the SQNR each reaches on seeded test tensors
+
+    Every command has --help with examples. Errors are one line; exit 1 = failure, 2 = usage.
     """
 
 
-from sensq.cli import formats as _formats  # noqa: E402  (registers the command)
+from sensq.cli.formats import formats  # noqa: E402
+from sensq.cli.probe import probe  # noqa: E402
 
-main.add_command(_formats.formats)
+main.add_command(formats)
+main.add_command(probe)

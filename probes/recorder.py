@@ -12,8 +12,8 @@ from pathlib import Path
 
 from sensq.errors import InputError
 from sensq.models import LoadedModel
-from sensq.prompts import Prompt
 from sensq.probes.capture import ProbeConfig, ProbeSession, apply_probe, remove_probe
+from sensq.prompts import Prompt
 from sensq.store.probe_file import LayerShape, ProbeWriter
 from sensq.trajectory import Trajectory, apply_trajectory, plan_steps, run
 

@@ -15,8 +15,8 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import inspect
 import hashlib
+import inspect
 import json
 from dataclasses import dataclass
 
@@ -120,7 +120,10 @@ def apply_trajectory(pipe, trajectory: Trajectory) -> None:
     """Install the trajectory's scheduler on ``pipe`` (in place)."""
     from diffusers import FlowMatchEulerDiscreteScheduler, UniPCMultistepScheduler
 
-    base = dict(pipe.scheduler.config)
+    # always start from the model's own scheduler config, not from what an earlier call installed
+    if not hasattr(pipe, "_sensq_model_scheduler_config"):
+        pipe._sensq_model_scheduler_config = dict(pipe.scheduler.config)
+    base = dict(pipe._sensq_model_scheduler_config)
     if trajectory.scheduler == "unipc":
         accepted = inspect.signature(UniPCMultistepScheduler.__init__).parameters
         base = {k: v for k, v in base.items() if k in accepted}  # drop another scheduler's keys

@@ -70,7 +70,7 @@ def _from_folder(path: Path, dtype: torch.dtype):
         raise InputError(f"{str(path)!r} has no model_index.json: not a diffusers pipeline folder")
     try:
         pipe = DiffusionPipeline.from_pretrained(str(path), dtype=dtype, local_files_only=True)
-    except (OSError, ValueError) as error:
+    except Exception as error:  # noqa: BLE001 - diffusers' loader raises many kinds; report any as one line
         first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         raise InputError(f"cannot load the pipeline in {str(path)!r}: {first_line}") from None
     if not isinstance(pipe, WanPipeline):

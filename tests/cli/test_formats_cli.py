@@ -1,9 +1,9 @@
 import json
 
 from click.testing import CliRunner
-from sensq.cli import main
 
 import sensq
+from sensq.cli import main
 from sensq.formats import format_names
 
 

@@ -1,0 +1,3 @@
+from sensq.cli import main
+
+main()

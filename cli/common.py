@@ -1,0 +1,74 @@
+"""Options shared by the commands that run a model: model/device/dtype, trajectory, prompts."""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import click
+
+from sensq.trajectory import PRESETS, SCHEDULERS, Trajectory, get_preset
+
+
+def model_options(func):
+    @click.option("--model", "model", default="tiny", show_default=True,
+                  help="Embedded model (tiny, tiny-realshape), a local diffusers folder, or a Hub id already in the "
+                       "local cache (never downloaded).")
+    @click.option("--device", default=None, help="cpu, cuda, cuda:N. Default: the GPU if present, else cpu.")
+    @click.option("--dtype", default=None, type=click.Choice(["fp32", "bf16", "fp16"]),
+                  help="Model dtype. Default: bf16 on GPU, fp32 on CPU.")
+    @functools.wraps(func)
+    def wrapper(*args, **kwargs):
+        return func(*args, **kwargs)
+
+    return wrapper
+
+
+def _sigmas(ctx, param, value):
+    if value is None:
+        return None
+    try:
+        return tuple(float(v) for v in value.split(","))
+    except ValueError:
+        raise click.BadParameter(f"expected comma-separated numbers like 1,0.75,0.5,0.25, got {value!r}") from None
+
+
+def trajectory_options(func):
+    @click.option("--preset", type=click.Choice(list(PRESETS)), default=None,
+                  help="A named trajectory; the options below override its fields.")
+    @click.option("--steps", type=int, default=None, help="Denoising steps. [default: 4]")
+    @click.option("--scheduler", type=click.Choice(list(SCHEDULERS)), default=None, help="[default: unipc]")
+    @click.option("--shift", type=float, default=None, help="Flow shift. Default: the model's scheduler value.")
+    @click.option("--sigmas", callback=_sigmas, default=None,
+                  help="Custom sigmas for --scheduler euler, comma-separated, one per step (shifted by --shift).")
+    @click.option("--guidance", type=float, default=None,
+                  help="CFG scale of the high-noise expert; 1 = no unconditional pass. [default: 4]")
+    @click.option("--guidance-2", "guidance_2", type=float, default=None,
+                  help="CFG scale of the low-noise expert (CFG runs only when --guidance > 1). [default: 3]")
+    @click.option("--height", type=int, default=None, help="Pixels, multiple of 16. Default: the model's.")
+    @click.option("--width", type=int, default=None, help="Pixels, multiple of 16. Default: the model's.")
+    @click.option("--frames", type=int, default=None, help="4k+1 frames. Default: the model's.")
+    @click.option("--seed", type=int, default=None, help="Base seed; prompt i uses seed + i. [default: 0]")
+    @click.option("--max-sequence-length", type=int, default=None,
+                  help="Text tokens (the same for embedding and generation). [default: 512]")
+    @functools.wraps(func)
+    def wrapper(*args, **kwargs):
+        return func(*args, **kwargs)
+
+    return wrapper
+
+
+TRAJECTORY_FIELDS = ("steps", "scheduler", "shift", "sigmas", "guidance", "guidance_2", "height", "width", "frames",
+                     "seed", "max_sequence_length")
+
+
+def build_trajectory(kwargs: dict) -> Trajectory:
+    """The preset (or the defaults) with every option the user gave applied on top; pops the options."""
+    preset = kwargs.pop("preset")
+    base = get_preset(preset) if preset else Trajectory()
+    overrides = {name: kwargs.pop(name) for name in TRAJECTORY_FIELDS}
+    overrides = {k: v for k, v in overrides.items() if v is not None}
+    if overrides.get("scheduler") == "unipc" or (overrides.get("steps") and "sigmas" not in overrides
+                                                 and base.sigmas is not None):
+        overrides.setdefault("sigmas", None)  # custom sigmas no longer fit
+    return dataclasses.replace(base, **overrides)

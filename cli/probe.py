@@ -1,0 +1,120 @@
+"""``sensq probe``: capture per-layer, per-expert, per-step activations along a trajectory into HDF5."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+import click
+
+from sensq.cli.common import build_trajectory, model_options, trajectory_options
+
+
+@click.command()
+@model_options
+@trajectory_options
+@click.option("--expert", type=click.Choice(["high", "low", "both"]), default="both", show_default=True,
+              help="Which expert's layers to record.")
+@click.option("--prompts", "prompts_path", type=click.Path(dir_okay=False), default=None,
+              help="Prompt file: .txt (one per line), .json list, OpenS2V records, VBench lists. "
+                   "Default: 4 built-in prompts.")
+@click.option("--limit", type=int, default=None, help="Use only the first N prompts.")
+@click.option("--tokens", type=int, default=32, show_default=True,
+              help="Token rows sampled from every layer's input per step and branch (same rows every time).")
+@click.option("--first-block/--no-first-block", default=True, show_default=True,
+              help="Also store the full inputs of blocks.0 (what block-by-block calibration replays).")
+@click.option("--lora-high", type=click.Path(exists=True, dir_okay=False), default=None,
+              help="LoRA for the high-noise expert, fused and unloaded before the hooks attach (needs peft).")
+@click.option("--lora-low", type=click.Path(exists=True, dir_okay=False), default=None,
+              help="LoRA for the low-noise expert (needs peft).")
+@click.option("--out", type=click.Path(dir_okay=False, path_type=Path), default=Path("probe.h5"),
+              show_default=True, help="The HDF5 file to write.")
+@click.option("--resume", is_flag=True, help="Complete an interrupted file made with the same settings.")
+@click.option("--overwrite", is_flag=True, help="Replace an existing file.")
+@click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
+def probe(**kwargs) -> None:
+    """Record what every Linear (and the patch-embedding Conv3d) of each expert sees along a real
+    denoising trajectory: per prompt, step and CFG branch, the per-input-channel absmax, the
+    per-token absmax and a fixed subsample of input rows; plus the inputs of blocks.0.
+
+    \b
+    Examples:
+      sensq probe                                        # tiny model, 4 built-in prompts, both experts
+      sensq probe --expert high --preset lightning-4step --out high.h5
+      sensq probe --model ./Wan2.2-T2V-A14B-Diffusers --prompts prompts.txt --limit 16 --tokens 64
+      torchrun --nproc-per-node 2 -m sensq.cli probe ...   # prompts sharded across ranks, merged at the end
+    """
+    from sensq.models import load_model
+    from sensq.models.lora import fuse_loras
+    from sensq.probes.capture import ProbeConfig
+    from sensq.probes.recorder import ProbeRequest, run_probe
+    from sensq.prompts import load_prompts
+    from sensq.runtime import resolve_device, resolve_dtype
+
+    trajectory = build_trajectory(kwargs)
+    prompts = load_prompts(kwargs["prompts_path"], kwargs["limit"])
+    if kwargs["tokens"] < 1:
+        raise click.BadParameter("must be at least 1", param_hint="--tokens")
+    device = resolve_device(kwargs["device"])
+    model = load_model(kwargs["model"], device, resolve_dtype(kwargs["dtype"], device))
+    fuse_loras(model, high=kwargs["lora_high"], low=kwargs["lora_low"])
+    experts = ["high", "low"] if kwargs["expert"] == "both" else [kwargs["expert"]]
+    request = ProbeRequest(
+        model=model, trajectory=trajectory.with_resolution(model.default_resolution), prompts=prompts,
+        experts=experts, out=kwargs["out"],
+        config=ProbeConfig(tokens=kwargs["tokens"], first_block_inputs=kwargs["first_block"]),
+        resume=kwargs["resume"], overwrite=kwargs["overwrite"],
+    )
+    from sensq.probes.distributed import run_probe_sharded
+
+    result = run_probe_sharded(request, run_probe, progress_factory=None if kwargs["as_json"] else _progress)
+    if result is None:  # a non-zero rank: rank 0 reports
+        return
+    if kwargs["as_json"]:
+        click.echo(json.dumps(dataclasses.asdict(result), indent=2))
+        return
+    _summary(result)
+
+
+class _progress:
+    """A rich progress bar over prompts x steps (on stderr, so --json output stays clean)."""
+
+    def __init__(self, total_prompts: int, total_steps: int):
+        from rich.console import Console
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+        self.progress = Progress(TextColumn("[bold]probe"), BarColumn(), MofNCompleteColumn(),
+                                 TextColumn("{task.description}"), TimeRemainingColumn(),
+                                 console=Console(stderr=True), transient=True)
+        self.task = self.progress.add_task("", total=total_prompts * total_steps)
+        self.total_steps = total_steps
+
+    def __enter__(self):
+        self.progress.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        self.progress.__exit__(*exc)
+
+    def __call__(self, event) -> None:
+        self.progress.update(self.task, completed=event.prompt_done * self.total_steps + event.step,
+                             description=f"prompt {event.prompt.index} step {event.step}/{event.steps}")
+
+
+def _summary(result) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=f"probe: {result.path}")
+    for column in ("expert", "layers", "steps", "branches"):
+        table.add_column(column)
+    for expert in result.experts:
+        table.add_row(expert, str(result.layers[expert]), ",".join(map(str, result.steps[expert])),
+                      ",".join(result.branches))
+    console = Console()
+    console.print(table)
+    console.print(
+        f"prompts: {result.prompts_run} run, {result.prompts_skipped} already complete, {result.prompts_total} total; "
+        f"{result.bytes_written / 1e6:.2f} MB written, file {result.file_bytes / 1e6:.2f} MB, {result.seconds:.1f} s"
+    )

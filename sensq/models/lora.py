@@ -1,0 +1,31 @@
+"""Few-step students shipped as LoRAs (e.g. Wan2.2-Lightning): load, fuse, unload, before any hook."""
+
+from __future__ import annotations
+
+from sensq.errors import InputError
+
+
+def fuse_loras(model, *, high: str | None = None, low: str | None = None, scale: float = 1.0) -> None:
+    """Fuse a LoRA into each expert and unload the LoRA layers, so that probes and quantization see
+    plain ``nn.Linear`` layers holding the student's weights.
+
+    Raises:
+        InputError: peft is not installed, or a LoRA does not fit the expert.
+    """
+    if high is None and low is None:
+        return
+    from diffusers.utils import USE_PEFT_BACKEND
+
+    if not USE_PEFT_BACKEND:
+        raise InputError("LoRA students need peft: pip install 'sensq[lora]' (or pip install peft)")
+    pipe = model.pipe
+    for expert, path in (("high", high), ("low", low)):
+        if path is None:
+            continue
+        component = model.adapter.expert_attrs[expert]
+        try:
+            pipe.load_lora_weights(path, adapter_name=f"sensq_{expert}", load_into_transformer_2=(expert == "low"))
+            pipe.fuse_lora(components=[component], adapter_names=[f"sensq_{expert}"], lora_scale=scale)
+        except (ValueError, KeyError, RuntimeError) as error:
+            raise InputError(f"cannot apply LoRA {path!r} to the {expert}-noise expert: {error}") from None
+    pipe.unload_lora_weights()

@@ -1,0 +1,53 @@
+"""torchrun shards prompts across ranks (gloo on CPU); rank 0 merges: same data as one process."""
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from sensq.errors import InputError
+from sensq.store.merge import merge_probe_files
+from sensq.store.probe_file import ProbeFile
+
+ARGS = ["probe", "--limit", "3", "--steps", "3", "--tokens", "8", "--json"]
+
+
+def _torchrun() -> list[str]:
+    return [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", "29517",
+            "-m", "sensq.cli"]
+
+
+def test_two_ranks_equal_one_process(tmp_path):
+    single, sharded = tmp_path / "single.h5", tmp_path / "sharded.h5"
+    subprocess.run([sys.executable, "-m", "sensq.cli", *ARGS, "--out", str(single)], check=True, capture_output=True)
+    result = subprocess.run([*_torchrun(), *ARGS, "--out", str(sharded)], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    summary = json.loads(result.stdout)
+    assert summary["prompts_total"] == 3 and summary["prompts_run"] == 3
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["sharded.h5", "single.h5"]  # parts removed
+    with ProbeFile(single) as one, ProbeFile(sharded) as two:
+        assert list(two.prompt_index) == [0, 1, 2] and two.done.all()
+        assert one.trajectory_table() == two.trajectory_table()
+        for expert in one.experts:
+            assert one.layers(expert) == two.layers(expert)
+            for layer in one.layers(expert):
+                for stat in ("channel_absmax", "token_absmax", "samples"):
+                    np.testing.assert_array_equal(one.read(expert, layer, stat), two.read(expert, layer, stat))
+
+
+def test_merge_refuses_incomplete_or_foreign_parts(tmp_path):
+    a, b = tmp_path / "a.h5", tmp_path / "b.h5"
+    subprocess.run([sys.executable, "-m", "sensq.cli", "probe", "--limit", "1", "--steps", "2", "--out", str(a)],
+                   check=True, capture_output=True)
+    shutil.copy(a, b)
+    with pytest.raises(InputError, match="share prompt indices"):
+        merge_probe_files([a, b], tmp_path / "m.h5")
+    subprocess.run([sys.executable, "-m", "sensq.cli", "probe", "--limit", "1", "--steps", "3", "--overwrite",
+                    "--out", str(b)], check=True, capture_output=True)
+    with pytest.raises(InputError, match="differs from .* in trajectory: not one run"):
+        merge_probe_files([a, b], tmp_path / "m.h5")
+    assert not Path(tmp_path / "m.h5").exists()
