@@ -112,14 +112,22 @@ class _FirstBlockHook(ModelHook):
         return args, kwargs
 
 
+STATS = ("channel_absmax", "token_absmax", "samples")
+
+
 @dataclass
 class StepData:
-    """One step of one expert, on the host: per layer ``{stat: [branch, ...]}`` and first-block inputs."""
+    """One step of one expert, on the host.
+
+    ``packed[stat]`` is ``[branch, size]``: the statistic of every layer, flattened and
+    concatenated in ``order`` (the layers' execution order, fixed at the expert's first step).
+    """
 
     expert: str
     step: int
     timestep: float
-    layers: dict[str, dict[str, np.ndarray]]
+    order: list[str]
+    packed: dict[str, np.ndarray]
     first_block: dict[str, np.ndarray]
 
 
@@ -133,6 +141,7 @@ class ProbeSession:
     expert: str | None = None
     timestep: float | None = None
     sample_rows: dict[int, torch.Tensor] = field(default_factory=dict)
+    orders: dict[str, list[str]] = field(default_factory=dict)
     layer_meta: dict[tuple[str, str], tuple[str, int, int, int, int]] = field(default_factory=dict)
     _layers: dict = field(default_factory=dict)
     _first: dict = field(default_factory=dict)
@@ -172,21 +181,22 @@ class ProbeSession:
         self._first[self.branch] = {k: v[0].float() for k, v in values.items()}  # batch 1 per call
 
     def take_step(self, step: int) -> StepData:
-        """Stack the branches of the step just finished and move them to the host."""
+        """Pack the step just finished (all layers, all branches) and move it to the host at once."""
         n = len(self.branches)
-        missing = [name for name, per_branch in self._layers.items() if len(per_branch) != n]
-        if missing:
-            raise RuntimeError(f"layers {missing[:3]} did not run in every branch {self.branches}")
-        layers = {
-            name: {stat: torch.stack([per_branch[b][stat] for b in range(n)]).cpu().numpy()
-                   for stat in per_branch[0]}
-            for name, per_branch in self._layers.items()
+        order = self.orders.setdefault(self.expert, list(self._layers))
+        if set(self._layers) != set(order) or any(len(per_branch) != n for per_branch in self._layers.values()):
+            raise RuntimeError(f"step {step}: the layers that ran differ from the first step's, or a branch of "
+                               f"{self.branches} is missing")
+        packed = {
+            stat: torch.stack([torch.cat([self._layers[name][b][stat].reshape(-1) for name in order])
+                               for b in range(n)]).cpu().numpy()
+            for stat in STATS
         }
         first = {}
         if self._first:
             first = {key: torch.stack([self._first[b][key] for b in range(n)]).cpu().numpy()
                      for key in self._first[0]}
-        data = StepData(self.expert, step, self.timestep, layers, first)
+        data = StepData(self.expert, step, self.timestep, order, packed, first)
         self._layers, self._first = {}, {}
         return data
 

@@ -149,11 +149,11 @@ def run_probe(request: ProbeRequest, progress: Callable[[ProgressEvent], None] |
                 shapes = {
                     name: LayerShape(*session.layer_meta[(expert, name)][:4], tokens=meta[4],
                                      sample_rows=session.sample_rows[meta[4]].numpy())
-                    for name in data.layers
+                    for name in data.order
                     for meta in [session.layer_meta[(expert, name)]]
                 }
                 writer.create_layers(expert, shapes, {k: v.shape[1:] for k, v in data.first_block.items()})
-            bytes_written += writer.write_step(slot, expert, local_step[expert][i], data.layers, data.first_block)
+            bytes_written += writer.write_step(slot, expert, local_step[expert][i], data.packed, data.first_block)
         if progress is not None:
             progress(ProgressEvent(prompts_run, len(request.prompts), i + 1, len(steps), prompt))
         return callback_kwargs

@@ -71,8 +71,8 @@ def _merge_tree(files, owners, path: str, target: h5py.Group) -> None:
             continue
         if isinstance(item, h5py.Group):
             _merge_tree(files, owners, f"{path}/{name}", target.require_group(name))
-        elif name == "sample_rows":
-            target.create_dataset(name, data=item[...])
+        elif path.endswith("layer_table"):
+            target.create_dataset(name, data=item[...], dtype=item.dtype)
         else:
             dataset = _create_allocated(target, name, (len(owners),) + item.shape[1:], item.dtype)
             for row, (_, k, slot) in enumerate(owners):

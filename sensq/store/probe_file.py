@@ -93,46 +93,59 @@ class ProbeWriter:
     # -- structure (only while building) ------------------------------------------------------
 
     def has_layers(self, expert: str) -> bool:
-        return "layers" in self.file[f"experts/{expert}"]
+        return "layer_table" in self.file[f"experts/{expert}"]
 
     def create_layers(self, expert: str, layers: dict[str, LayerShape], first_block: dict[str, tuple[int, ...]]):
-        """Allocate every dataset of ``expert`` (called once, during the first prompt)."""
+        """Allocate every dataset of ``expert`` (called once, during the first prompt).
+
+        ``layers`` is ordered: the statistics of all layers are packed along the last axis in
+        this order (one write per statistic per step, whatever the number of layers).
+        """
         if not self.building:
             raise RuntimeError("the probe file's structure is fixed once its first prompt is complete")
         n_prompts = self.file["prompts/done"].shape[0]
         n_steps = self.file[f"experts/{expert}/steps"].shape[0]
         n_branches = len(json.loads(self.file.attrs["branches"]))
         lead = (n_prompts, n_steps, n_branches)
-        self.file[f"experts/{expert}"].attrs["layer_order"] = json.dumps(list(layers))
-        group = self.file.require_group(f"experts/{expert}/layers")
-        for name, shape in layers.items():
-            layer = group.create_group(name)
-            layer.attrs["kind"] = shape.kind
-            layer.attrs["in_features"] = shape.in_features
-            layer.attrs["out_features"] = shape.out_features
-            layer.attrs["params"] = shape.params
-            layer.attrs["tokens"] = shape.tokens
-            layer.create_dataset("sample_rows", data=shape.sample_rows.astype(np.int64))
-            _create_allocated(layer, "channel_absmax", lead + (shape.in_features,), np.float32)
-            _create_allocated(layer, "token_absmax", lead + (shape.tokens,), np.float32)
-            _create_allocated(layer, "samples", lead + (len(shape.sample_rows), shape.in_features), np.float32)
+        shapes = list(layers.values())
+        sizes = {
+            "channel": [s.in_features for s in shapes],
+            "token": [s.tokens for s in shapes],
+            "sample": [len(s.sample_rows) * s.in_features for s in shapes],
+        }
+        table = self.file.require_group(f"experts/{expert}/layer_table")
+        table.create_dataset("name", data=list(layers), dtype=_STR)
+        table.create_dataset("kind", data=[s.kind for s in shapes], dtype=_STR)
+        for field_name in ("in_features", "out_features", "params", "tokens"):
+            table.create_dataset(field_name, data=np.array([getattr(s, field_name) for s in shapes], dtype=np.int64))
+        table.create_dataset("samples", data=np.array([len(s.sample_rows) for s in shapes], dtype=np.int64))
+        for key, values in sizes.items():
+            table.create_dataset(f"{key}_offset", data=np.concatenate([[0], np.cumsum(values)[:-1]]).astype(np.int64))
+        counts = [len(s.sample_rows) for s in shapes]
+        table.create_dataset("row_offset", data=np.concatenate([[0], np.cumsum(counts)[:-1]]).astype(np.int64))
+        table.create_dataset("sample_rows", data=np.concatenate([s.sample_rows for s in shapes]).astype(np.int64))
+        group = self.file[f"experts/{expert}"]
+        for stat, key in (("channel_absmax", "channel"), ("token_absmax", "token"), ("samples", "sample")):
+            _create_allocated(group, stat, lead + (int(sum(sizes[key])),), np.float32)
         block = self.file.require_group(f"experts/{expert}/first_block")
         for name, tensor_shape in first_block.items():
             _create_allocated(block, name, lead + tuple(tensor_shape), np.float32)
 
     # -- data ----------------------------------------------------------------------------------
 
-    def write_step(self, prompt_slot: int, expert: str, local_step: int, layer_data: dict[str, dict[str, np.ndarray]],
+    def write_step(self, prompt_slot: int, expert: str, local_step: int, packed: dict[str, np.ndarray],
                    first_block: dict[str, np.ndarray]) -> int:
-        """Write one step of one expert (all branches); returns the bytes written."""
+        """Write one step of one expert, all branches: ``packed[stat]`` is ``[branch, packed size]``.
+
+        Returns the bytes written.
+        """
         written = 0
-        layers = self.file[f"experts/{expert}/layers"]
-        for name, stats in layer_data.items():
-            for stat, array in stats.items():
-                layers[name][stat][prompt_slot, local_step] = array
-                written += array.nbytes
+        group = self.file[f"experts/{expert}"]
+        for stat, array in packed.items():
+            group[stat][prompt_slot, local_step] = array
+            written += array.nbytes
         for name, array in first_block.items():
-            self.file[f"experts/{expert}/first_block/{name}"][prompt_slot, local_step] = array
+            group["first_block"][name][prompt_slot, local_step] = array
             written += array.nbytes
         return written
 
@@ -169,6 +182,7 @@ class ProbeFile:
             self.file = h5py.File(self.path, "r")
         except OSError:
             raise InputError(f"{str(self.path)!r} is not an HDF5 file") from None
+        self._tables: dict[str, dict] = {}
         schema = self.file.attrs.get("schema")
         if schema != PROBE_SCHEMA:
             self.file.close()
@@ -226,13 +240,32 @@ class ProbeFile:
         """Global step indices that ran on ``expert`` (the second axis of its datasets)."""
         return self.file[f"experts/{expert}/steps"][...]
 
+    def _table(self, expert: str) -> dict[str, dict]:
+        if expert not in self._tables:
+            table = self.file[f"experts/{expert}/layer_table"]
+            columns = {key: table[key][...] for key in table if key != "sample_rows"}
+            names = [n.decode() if isinstance(n, bytes) else n for n in columns.pop("name")]
+            kinds = [k.decode() if isinstance(k, bytes) else k for k in columns.pop("kind")]
+            rows = table["sample_rows"][...]
+            self._tables[expert] = {
+                name: {"kind": kinds[i], **{key: int(values[i]) for key, values in columns.items()},
+                       "sample_rows": rows[columns["row_offset"][i]:columns["row_offset"][i] + columns["samples"][i]]}
+                for i, name in enumerate(names)
+            }
+        return self._tables[expert]
+
     def layers(self, expert: str) -> list[str]:
-        """Layer names of ``expert`` in the model's registration order."""
-        group = self.file[f"experts/{expert}"]
-        return json.loads(group.attrs["layer_order"]) if "layer_order" in group.attrs else []
+        """Layer names of ``expert`` in execution order (empty when the expert was not probed)."""
+        if "layer_table" not in self.file[f"experts/{expert}"]:
+            return []
+        return list(self._table(expert))
 
     def layer_attrs(self, expert: str, layer: str) -> dict:
-        return dict(self.file[f"experts/{expert}/layers/{layer}"].attrs)
+        """kind, in_features, out_features, params, tokens, samples, offsets, sample_rows."""
+        try:
+            return self._table(expert)[layer]
+        except KeyError:
+            raise InputError(f"layer {layer!r} is not in the {expert!r} expert of {str(self.path)!r}") from None
 
     def _complete(self) -> np.ndarray:
         done = self.done
@@ -241,9 +274,22 @@ class ProbeFile:
         return np.flatnonzero(done)
 
     def read(self, expert: str, layer: str, stat: str) -> np.ndarray:
-        """``stat`` (channel_absmax, token_absmax, samples) of complete prompts: ``[prompt, step, branch, ...]``."""
-        dataset = self.file[f"experts/{expert}/layers/{layer}/{stat}"]
-        return dataset[self._complete()]
+        """One statistic of one layer over the complete prompts, ``[prompt, step, branch, ...]``:
+        ``channel_absmax`` ``[..., in_features]``, ``token_absmax`` ``[..., tokens]``, ``samples``
+        ``[..., samples, in_features]``."""
+        info = self.layer_attrs(expert, layer)
+        dataset = self.file[f"experts/{expert}/{stat}"]
+        if stat == "channel_absmax":
+            start, shape = info["channel_offset"], (info["in_features"],)
+        elif stat == "token_absmax":
+            start, shape = info["token_offset"], (info["tokens"],)
+        elif stat == "samples":
+            start, shape = info["sample_offset"], (info["samples"], info["in_features"])
+        else:
+            raise InputError(f"unknown statistic {stat!r}; use channel_absmax, token_absmax or samples")
+        size = int(np.prod(shape))
+        data = dataset[self._complete(), :, :, start:start + size]
+        return data.reshape(data.shape[:3] + shape)
 
     def first_block(self, expert: str, name: str) -> np.ndarray:
         return self.file[f"experts/{expert}/first_block/{name}"][self._complete()]

@@ -1,0 +1,54 @@
+"""Few-step LoRA students (original Wan / Lightning key format) fused into each expert."""
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from sensq.errors import InputError
+from sensq.models import load_model
+from sensq.models.lora import fuse_loras
+from sensq.models.wan import quantizable_layers
+
+pytest.importorskip("peft")
+
+
+def _lightning_style_lora(seed: int) -> dict[str, torch.Tensor]:
+    """Keys as in Wan2.2-Lightning's high/low_noise_model.safetensors, sized for the tiny model."""
+    g = torch.Generator().manual_seed(seed)
+    lora = {}
+    for block in range(2):
+        for name, (fan_in, fan_out) in {"self_attn.q": (32, 32), "ffn.2": (64, 32)}.items():
+            key = f"diffusion_model.blocks.{block}.{name}"
+            lora[f"{key}.lora_down.weight"] = torch.randn(4, fan_in, generator=g) * 0.1
+            lora[f"{key}.lora_up.weight"] = torch.randn(fan_out, 4, generator=g) * 0.1
+            lora[f"{key}.alpha"] = torch.tensor(8.0)
+    return lora
+
+
+def test_fuse_both_experts(tmp_path):
+    model = load_model("tiny", torch.device("cpu"), torch.float32)
+    high, low = _lightning_style_lora(1), _lightning_style_lora(2)
+    save_file(high, tmp_path / "high.safetensors")
+    save_file(low, tmp_path / "low.safetensors")
+    q_before = model.pipe.transformer.blocks[0].attn1.to_q.weight.clone()
+    ffn_before = model.pipe.transformer_2.blocks[1].ffn.net[2].weight.clone()
+    fuse_loras(model, high=str(tmp_path / "high.safetensors"), low=str(tmp_path / "low.safetensors"))
+    scale = 8.0 / 4  # alpha / rank
+    key = "diffusion_model.blocks.0.self_attn.q"
+    expected = q_before + scale * high[f"{key}.lora_up.weight"] @ high[f"{key}.lora_down.weight"]
+    torch.testing.assert_close(model.pipe.transformer.blocks[0].attn1.to_q.weight, expected)
+    key = "diffusion_model.blocks.1.ffn.2"
+    expected = ffn_before + scale * low[f"{key}.lora_up.weight"] @ low[f"{key}.lora_down.weight"]
+    torch.testing.assert_close(model.pipe.transformer_2.blocks[1].ffn.net[2].weight, expected)
+    # unloaded: plain Linears again, the same inventory as before
+    assert type(model.pipe.transformer.blocks[0].attn1.to_q) is torch.nn.Linear
+    assert len(quantizable_layers(model.pipe.transformer)) == 27
+
+
+def test_lora_that_does_not_fit(tmp_path):
+    model = load_model("tiny", torch.device("cpu"), torch.float32)
+    lora = _lightning_style_lora(1)
+    lora["diffusion_model.blocks.0.self_attn.q.lora_down.weight"] = torch.randn(4, 7)
+    save_file(lora, tmp_path / "bad.safetensors")
+    with pytest.raises(InputError, match="cannot apply LoRA .*bad.safetensors' to the high-noise expert"):
+        fuse_loras(model, high=str(tmp_path / "bad.safetensors"))
