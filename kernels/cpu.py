@@ -180,7 +180,7 @@ def _hif4_rows(x, out, rec_mantissa):  # pragma: no cover - compiled by numba
 
 def quantize_dequantize(x: torch.Tensor, spec: FormatSpec, dim: int) -> torch.Tensor:
     """HiF4 quantize-dequantize of a CPU tensor along ``dim`` (already validated, non-empty)."""
-    moved = x.movedim(dim, -1)
+    moved = x.detach().movedim(dim, -1)  # quantization has no useful gradient; numba needs plain arrays
     length = moved.shape[-1]
     if x.dtype == torch.bfloat16:
         # numba has no bfloat16: hand it the raw bits (uint16) and get bits back, no conversion pass

@@ -20,6 +20,7 @@ from diffusers.hooks import HookRegistry, ModelHook
 from diffusers.hooks.hooks import StateManager
 
 from sensq.models.wan import quantizable_layers
+from sensq.quant.layers import patches_to_rows
 
 HOOK_NAME = "sensq_probe"
 CONTEXT_HOOK_NAME = "sensq_probe_context"
@@ -75,11 +76,7 @@ class _ExpertHook(ModelHook):
 def _as_rows(module: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
     """Input rows ``[tokens, in_features]`` as the layer's GEMM sees them (Conv3d: its patches)."""
     if isinstance(module, torch.nn.Conv3d):
-        kt, kh, kw = module.kernel_size
-        b, c, f, h, w = x.shape
-        patches = x.reshape(b, c, f // kt, kt, h // kh, kh, w // kw, kw)
-        # weight layout [out, c, kt, kh, kw] -> the patch vector is (c, kt, kh, kw)
-        return patches.permute(0, 2, 4, 6, 1, 3, 5, 7).reshape(-1, c * kt * kh * kw)
+        return patches_to_rows(module, x)
     return x.reshape(-1, x.shape[-1])
 
 
