@@ -30,6 +30,7 @@ def main() -> None:
     \b
     The method, step by step:
       sensq probe                record per-layer, per-expert, per-step activations into HDF5
+      sensq rank PROBE.h5        rank each expert's layers by sensitivity (mse, sqnr, cosine, e2e, ...)
     \b
     Formats and numerics:
       sensq formats              the 4-bit (and reference) formats, their bits and ranges
@@ -41,6 +42,8 @@ def main() -> None:
 
 from sensq.cli.formats import formats  # noqa: E402
 from sensq.cli.probe import probe  # noqa: E402
+from sensq.cli.rank import rank  # noqa: E402
 
 main.add_command(formats)
 main.add_command(probe)
+main.add_command(rank)

@@ -10,8 +10,11 @@ import click
 from sensq.trajectory import PRESETS, SCHEDULERS, Trajectory, get_preset
 
 
-def model_options(func):
-    @click.option("--model", "model", default="tiny", show_default=True,
+def model_options(func=None, *, default_model: str | None = "tiny"):
+    if func is None:
+        return functools.partial(model_options, default_model=default_model)
+
+    @click.option("--model", "model", default=default_model, show_default=default_model is not None,
                   help="Embedded model (tiny, tiny-realshape), a local diffusers folder, or a Hub id already in the "
                        "local cache (never downloaded).")
     @click.option("--device", default=None, help="cpu, cuda, cuda:N. Default: the GPU if present, else cpu.")

@@ -164,7 +164,7 @@ def run_probe(request: ProbeRequest, progress: Callable[[ProgressEvent], None] |
         for slot, prompt in enumerate(request.prompts):
             if done[slot]:
                 continue
-            run(pipe, prompt.text, trajectory, seed=seeds[slot], callback=on_step_end)
+            run(pipe, prompt.text, trajectory, seed=seeds[slot], callback=on_step_end, negative=prompt.negative)
             writer.finish_prompt(slot)
             prompts_run += 1
     finally:

@@ -26,3 +26,12 @@ def nmse(reference: torch.Tensor, approx: torch.Tensor) -> float:
     signal = ref.pow(2).sum().item()
     noise = (ref - approx.double()).pow(2).sum().item()
     return noise / signal if signal else (0.0 if noise == 0 else math.inf)
+
+
+def cosine_distance(reference: torch.Tensor, approx: torch.Tensor) -> float:
+    """``1 - cos(ref, approx)`` of the flattened tensors (float64; 0 when parallel, 0 when both are 0)."""
+    ref, app = reference.double().reshape(-1), approx.double().reshape(-1)
+    denominator = ref.norm() * app.norm()
+    if denominator == 0:
+        return 0.0 if torch.equal(ref, app) else 1.0
+    return float(1.0 - (ref @ app) / denominator)

@@ -164,10 +164,11 @@ def plan_steps(pipe, adapter, trajectory: Trajectory) -> list[Step]:
 
 
 def run(pipe, prompt: str, trajectory: Trajectory, *, seed: int | None = None, callback=None,
-        output_type: str = "latent"):
+        output_type: str = "latent", negative: str | None = None):
     """Generate one video along ``trajectory`` (already applied), returning the pipeline's frames.
 
     Prompt embeddings are computed by the pipeline with ``trajectory.max_sequence_length``.
+    ``negative`` (a prompt's own negative prompt) overrides ``trajectory.negative_prompt``.
     """
     generator = torch.Generator(device="cpu").manual_seed(trajectory.seed if seed is None else seed)
     kwargs = {}
@@ -175,7 +176,7 @@ def run(pipe, prompt: str, trajectory: Trajectory, *, seed: int | None = None, c
         kwargs["guidance_scale_2"] = trajectory.guidance_2 if trajectory.guidance_2 is not None else trajectory.guidance
     return pipe(
         prompt=prompt,
-        negative_prompt=trajectory.negative_prompt if trajectory.cfg else None,
+        negative_prompt=(negative or trajectory.negative_prompt) if trajectory.cfg else None,
         height=trajectory.height, width=trajectory.width, num_frames=trajectory.frames,
         num_inference_steps=trajectory.steps, guidance_scale=trajectory.guidance,
         max_sequence_length=trajectory.max_sequence_length, generator=generator,

@@ -1,0 +1,112 @@
+"""``sensq rank``: rank layers per expert by sensitivity."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import click
+
+from sensq.cli.common import model_options
+from sensq.sensitivity.local import METRIC_HELP
+
+
+def _formats(ctx, param, value: str) -> list[str]:
+    return [v.strip() for v in value.split(",") if v.strip()]
+
+
+@click.command()
+@click.argument("probe_file", type=click.Path(path_type=Path))
+@model_options(default_model=None)
+@click.option("--format", "formats", default="hif4", show_default=True, callback=_formats,
+              help="Format(s) for weights and activations (W4A4), comma-separated to compare: hif4,mxfp4,nvfp4,int4.")
+@click.option("--metric", default="mse", show_default=True,
+              type=click.Choice(["mse", "sqnr", "cosine", "weight-mse", "act-mse", "e2e"]),
+              help="; ".join(f"{k}: {v}" for k, v in METRIC_HELP.items()))
+@click.option("--reduce", default="mean", show_default=True, type=click.Choice(["mean", "max", "late-weighted"]),
+              help="How per-step values become one number (late-weighted: weight 1/sigma per step).")
+@click.option("--expert", type=click.Choice(["high", "low", "both"]), default="both", show_default=True)
+@click.option("--mode", default="leave-one-in", show_default=True, type=click.Choice(["leave-one-in", "leave-one-out"]),
+              help="e2e only: quantize just this layer, or everything but this layer.")
+@click.option("--granularity", default="layer", show_default=True, type=click.Choice(["layer", "block"]),
+              help="e2e only: score layers or whole blocks (blocks.N) to make big models affordable.")
+@click.option("--limit", type=int, default=None, help="e2e only: use the first N prompts of the probe file.")
+@click.option("--top", type=int, default=15, show_default=True, help="Rows of the table per expert.")
+@click.option("--force", is_flag=True, help="Rank even if the probe file was made with another model.")
+@click.option("--out", type=click.Path(dir_okay=False, path_type=Path), default=Path("ranking.json"),
+              show_default=True, help="The ranking JSON to write.")
+@click.option("--json", "as_json", is_flag=True, help="Print the ranking JSON instead of the table.")
+def rank(probe_file, model, device, dtype, formats, metric, reduce, expert, mode, granularity, limit, top, force,
+         out, as_json) -> None:
+    """Rank the layers of each expert by how much W4A4 quantization hurts them.
+
+    Local metrics (mse, sqnr, cosine, weight-mse, act-mse) use the probe file's captured inputs and
+    the model's weights: the layer's output with quantized weight and input against full precision,
+    per step and CFG branch, reduced with --reduce. e2e runs the model along the probe's own trajectory,
+    prompts and seeds and measures the final latents.
+
+    \b
+    Examples:
+      sensq rank probe.h5                                  # model taken from the probe file
+      sensq rank probe.h5 --format hif4,mxfp4,nvfp4,int4   # formats side by side, with their agreement
+      sensq rank probe.h5 --metric e2e --granularity block --limit 2
+      torchrun --nproc-per-node 4 -m sensq.cli rank probe.h5 --metric e2e   # layers split across ranks
+    """
+    from sensq.models import load_model
+    from sensq.runtime import resolve_device, resolve_dtype
+    from sensq.sensitivity import RankRequest, rank_layers
+    from sensq.store.probe_file import ProbeFile
+
+    if model is None:
+        with ProbeFile(probe_file) as probe:
+            model = probe.model_id
+    device = resolve_device(device)
+    loaded = load_model(model, device, resolve_dtype(dtype, device))
+    request = RankRequest(probe_path=probe_file, model=loaded, formats=formats, metric=metric, reduce=reduce,
+                          experts=None if expert == "both" else [expert], mode=mode, granularity=granularity,
+                          limit=limit, force=force)
+    ranking = rank_layers(request)
+    import os
+
+    if int(os.environ.get("RANK", "0")) != 0:
+        return
+    ranking.save(out)
+    if as_json:
+        click.echo(json.dumps(ranking.to_dict(), indent=1))
+        return
+    _table(ranking, top, out)
+
+
+def _fmt(value: float) -> str:
+    return "nan" if math.isnan(value) else f"{value:.4g}"
+
+
+def _table(ranking, top: int, out: Path) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console()
+    for expert in ranking.experts:
+        layers = ranking.ordered(expert)
+        table = Table(title=f"{expert}-noise expert: top {min(top, len(layers))} of {len(layers)} by "
+                            f"{ranking.metric} ({ranking.reduce}), {ranking.formats[0]}")
+        table.add_column("#", justify="right")
+        table.add_column("layer", no_wrap=True)
+        table.add_column("role")
+        table.add_column("params", justify="right")
+        for fmt in ranking.formats:
+            table.add_column(fmt, justify="right")
+        if len(ranking.formats) > 1:
+            table.add_column("ranks", justify="right")
+        for layer in layers[:top]:
+            role = "entrance" if layer.entrance else ("exit" if layer.exit else "")
+            row = [str(layer.rank[ranking.formats[0]]), layer.name, role, f"{layer.params:,}"]
+            row += [_fmt(layer.value[f]) for f in ranking.formats]
+            if len(ranking.formats) > 1:
+                row.append("/".join(str(layer.rank[f]) for f in ranking.formats))
+            table.add_row(*row)
+        console.print(table)
+        for pair, info in ranking.agreement.get(expert, {}).items():
+            console.print(f"  {pair}: Spearman {info['spearman']:.3f}, top-10 overlap {info['top10_overlap']}/10")
+    console.print(f"ranking written to {out}")

@@ -1,0 +1,5 @@
+"""The sensitivity engine: rank layers per expert from a probe file (local metrics) or the model (e2e)."""
+
+from sensq.sensitivity.ranking import METRICS, Ranking, RankRequest, rank_layers
+
+__all__ = ["METRICS", "RankRequest", "Ranking", "rank_layers"]

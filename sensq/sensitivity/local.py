@@ -1,0 +1,106 @@
+"""Local sensitivity: how much one layer's output moves when its operands are quantized.
+
+For a layer with weight ``W [out, in]`` and captured input rows ``X`` (the probe's samples),
+``Y = X W^T + b`` and ``Y_q = Q_a(X) Q_w(W)^T + b`` with ``Q`` grouped along ``in_features``
+(weights per output channel, activations per token). Every metric is computed per (step, branch)
+from the same GEMMs; one definition each, in :mod:`sensq.metrics`.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from sensq.formats import FormatSpec, quantize_dequantize
+from sensq.metrics import cosine_distance, nmse, sqnr_db
+
+LOCAL_METRICS = ("mse", "sqnr", "cosine", "weight-mse", "act-mse")
+METRIC_HELP = {
+    "mse": "NMSE of the layer output, W and X quantized: sum (Y - Yq)^2 / sum Y^2",
+    "sqnr": "SQNR of the layer output in dB (10 log10 sum Y^2 / sum (Y - Yq)^2); lower = more sensitive",
+    "cosine": "1 - cosine similarity of Y and Yq (flattened)",
+    "weight-mse": "NMSE of the weight alone: sum (W - Q(W))^2 / sum W^2",
+    "act-mse": "NMSE of the captured inputs alone: sum (X - Q(X))^2 / sum X^2",
+    "e2e": "NMSE of the final latents of the real trajectory (same prompts and seeds) against full precision",
+}
+
+
+def higher_is_more_sensitive(metric: str) -> bool:
+    return metric != "sqnr"
+
+
+def gemm_weight(module: torch.nn.Module) -> torch.Tensor:
+    """The layer's weight as the ``[out, in]`` matrix of its GEMM (Conv3d: flattened patches)."""
+    weight = module.weight.detach()
+    return weight.reshape(weight.shape[0], -1).float()
+
+
+@dataclass
+class LocalScores:
+    """``per_step[fmt]`` is ``[steps, branches]`` of the metric value for one layer."""
+
+    per_step: dict[str, np.ndarray]
+
+
+def _value(metric: str, reference: torch.Tensor, approx: torch.Tensor) -> float:
+    if metric in ("mse", "weight-mse", "act-mse"):
+        return nmse(reference, approx)
+    if metric == "sqnr":
+        return sqnr_db(reference, approx)
+    return cosine_distance(reference, approx)
+
+
+def layer_scores(module: torch.nn.Module, samples: np.ndarray, formats: list[FormatSpec], metric: str,
+                 backend: str = "auto") -> LocalScores:
+    """Scores of one layer for every format.
+
+    Args:
+        module: the ``nn.Linear`` (or patch ``Conv3d``) with its full-precision weight.
+        samples: probe samples ``[prompt, step, branch, rows, in_features]``.
+        formats: formats for both weights and activations (W4A4 in the method).
+        metric: one of :data:`LOCAL_METRICS`.
+    """
+    prompts, steps, branches, rows, width = samples.shape
+    weight = gemm_weight(module)
+    bias = module.bias.detach().float() if module.bias is not None else None
+    # [step, branch, prompt * rows, in]: one GEMM over everything, metrics per (step, branch) slice
+    x = torch.from_numpy(np.ascontiguousarray(samples.transpose(1, 2, 0, 3, 4))).reshape(steps * branches, -1, width)
+    groups = range(steps * branches)
+    reference = F.linear(x, weight, bias) if metric in ("mse", "sqnr", "cosine") else None
+    out = {}
+    for fmt in formats:
+        if metric == "weight-mse":
+            value = nmse(weight, quantize_dequantize(weight, fmt, backend=backend))
+            values = [value] * len(groups)
+        else:
+            x_q = quantize_dequantize(x, fmt, backend=backend)
+            if metric == "act-mse":
+                values = [nmse(x[g], x_q[g]) for g in groups]
+            else:
+                approx = F.linear(x_q, quantize_dequantize(weight, fmt, backend=backend), bias)
+                values = [_value(metric, reference[g], approx[g]) for g in groups]
+        out[fmt.name] = np.array(values, dtype=np.float64).reshape(steps, branches)
+    return LocalScores(out)
+
+
+REDUCTIONS = ("mean", "max", "late-weighted")
+
+
+def reduce_steps(per_step: np.ndarray, sigmas: np.ndarray, how: str) -> float:
+    """One number from ``[steps, branches]`` values: branches are averaged, then steps by ``how``.
+
+    ``late-weighted`` weights step s by 1/sigma_s (normalized): an error injected at a late, low-noise
+    step is removed by fewer remaining steps and is amplified by 1/sigma in the x0 estimate.
+    """
+    per_step = per_step.mean(axis=1)
+    finite = np.where(np.isfinite(per_step), per_step, np.nan)
+    if how == "mean":
+        return float(np.nanmean(finite)) if np.isfinite(finite).any() else math.inf
+    if how == "max":
+        return float(np.nanmax(finite)) if np.isfinite(finite).any() else math.inf
+    weights = 1.0 / np.maximum(sigmas, 1e-6)
+    return float(np.sum(weights * per_step) / np.sum(weights))

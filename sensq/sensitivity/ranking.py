@@ -1,0 +1,273 @@
+"""Rank the layers of each expert by sensitivity, from a probe file and the model's weights.
+
+The ranking JSON (``sensq.ranking/1``) is what ``sensq plan`` and ``sensq report`` read.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import math
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+import sensq
+from sensq.errors import InputError
+from sensq.formats import get_format
+from sensq.models import LoadedModel
+from sensq.sensitivity.e2e import GRANULARITIES, MODES, E2EJob, e2e_scores, layer_groups
+from sensq.sensitivity.local import LOCAL_METRICS, REDUCTIONS, higher_is_more_sensitive, layer_scores, reduce_steps
+from sensq.store.probe_file import ProbeFile
+from sensq.trajectory import Trajectory
+
+RANKING_SCHEMA = "sensq.ranking/1"
+METRICS = LOCAL_METRICS + ("e2e",)
+
+
+@dataclass
+class LayerRank:
+    """One layer (or block, for e2e with ``--granularity block``) of one expert."""
+
+    name: str
+    kind: str
+    params: int
+    in_features: int
+    out_features: int
+    entrance: bool
+    exit: bool
+    value: dict[str, float]
+    """The reduced metric per format."""
+    per_step: dict[str, list[list[float]]] = field(default_factory=dict)
+    """``[step][branch]`` values per format (local metrics only)."""
+    rank: dict[str, int] = field(default_factory=dict)
+    """1 = most sensitive, per format."""
+    members: list[str] = field(default_factory=list)
+    """Layer names a block group stands for (empty for single layers)."""
+
+
+@dataclass
+class Ranking:
+    metric: str
+    reduce: str
+    formats: list[str]
+    experts: dict[str, list[LayerRank]]
+    steps: dict[str, list[int]]
+    sigmas: dict[str, list[float]]
+    branches: list[str]
+    provenance: dict
+    mode: str | None = None
+    granularity: str = "layer"
+    agreement: dict = field(default_factory=dict)
+    schema: str = RANKING_SCHEMA
+    sensq_version: str = sensq.__version__
+
+    def ordered(self, expert: str, fmt: str | None = None) -> list[LayerRank]:
+        """Layers of ``expert``, most sensitive first (by ``fmt``, default the first format)."""
+        fmt = fmt or self.formats[0]
+        return sorted(self.experts[expert], key=lambda layer: layer.rank[fmt])
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def save(self, path: str | Path) -> None:
+        """Write JSON atomically."""
+        path = Path(path)
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text(json.dumps(self.to_dict(), indent=1, allow_nan=True))
+        os.replace(tmp, path)
+
+    @classmethod
+    def load(cls, path: str | Path) -> Ranking:
+        """Raises InputError for a missing file, bad JSON, another schema or an empty ranking."""
+        path = Path(path)
+        if not path.is_file():
+            raise InputError(f"ranking file not found: {str(path)!r}")
+        try:
+            data = json.loads(path.read_text())
+        except json.JSONDecodeError as error:
+            raise InputError(f"{str(path)!r} is not valid JSON: {error}") from None
+        if not isinstance(data, dict) or data.get("schema") != RANKING_SCHEMA:
+            found = data.get("schema") if isinstance(data, dict) else type(data).__name__
+            raise InputError(f"{str(path)!r} has schema {found!r}; expected {RANKING_SCHEMA!r} (from sensq rank)")
+        experts = {e: [LayerRank(**layer) for layer in layers] for e, layers in data.pop("experts").items()}
+        if not any(experts.values()):
+            raise InputError(f"{str(path)!r} ranks no layer (empty ranking)")
+        return cls(experts=experts, **data)
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 24), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _assign_ranks(layers: list[LayerRank], formats: list[str], metric: str) -> None:
+    sign = -1.0 if higher_is_more_sensitive(metric) else 1.0
+    for fmt in formats:
+        # NaN sorts last; ties keep the model's layer order (stable sort): deterministic
+        def key(layer, fmt=fmt):
+            value = layer.value[fmt]
+            return (math.isnan(value), sign * value if not math.isnan(value) else 0.0)
+        for position, layer in enumerate(sorted(layers, key=key)):
+            layer.rank[fmt] = position + 1
+
+
+def _agreement(layers: list[LayerRank], formats: list[str], top: int = 10) -> dict:
+    """Spearman correlation and top-k overlap between the rankings of each pair of formats."""
+    from scipy.stats import spearmanr
+
+    out = {}
+    for i, a in enumerate(formats):
+        for b in formats[i + 1:]:
+            ranks_a = [layer.rank[a] for layer in layers]
+            ranks_b = [layer.rank[b] for layer in layers]
+            top_a = {layer.name for layer in layers if layer.rank[a] <= top}
+            top_b = {layer.name for layer in layers if layer.rank[b] <= top}
+            rho = spearmanr(ranks_a, ranks_b).statistic if len(layers) > 1 else 1.0
+            moved = sorted(layers, key=lambda layer, a=a, b=b: -abs(layer.rank[a] - layer.rank[b]))[:5]
+            out[f"{a} vs {b}"] = {
+                "spearman": float(rho), f"top{top}_overlap": len(top_a & top_b),
+                "largest_moves": [{"layer": m.name, a: m.rank[a], b: m.rank[b]} for m in moved],
+            }
+    return out
+
+
+@dataclass(frozen=True)
+class RankRequest:
+    probe_path: Path
+    model: LoadedModel
+    formats: list[str]
+    metric: str = "mse"
+    reduce: str = "mean"
+    experts: list[str] | None = None
+    mode: str = "leave-one-in"
+    granularity: str = "layer"
+    limit: int | None = None
+    force: bool = False
+    backend: str = "auto"
+
+
+def validate(request: RankRequest) -> None:
+    if request.metric not in METRICS:
+        raise InputError(f"unknown metric {request.metric!r}; use one of {', '.join(METRICS)}")
+    if request.reduce not in REDUCTIONS:
+        raise InputError(f"unknown reduction {request.reduce!r}; use one of {', '.join(REDUCTIONS)}")
+    if request.mode not in MODES:
+        raise InputError(f"unknown mode {request.mode!r}; use one of {', '.join(MODES)}")
+    if request.granularity not in GRANULARITIES:
+        raise InputError(f"unknown granularity {request.granularity!r}; use one of {', '.join(GRANULARITIES)}")
+    if request.granularity == "block" and request.metric != "e2e":
+        raise InputError("--granularity block needs --metric e2e (local metrics are per layer)")
+    if not request.formats:
+        raise InputError("--format needs at least one format")
+    for name in request.formats:
+        get_format(name)
+
+
+def rank_layers(request: RankRequest, progress: Callable[[str, int, int], None] | None = None) -> Ranking:
+    """Rank every probed layer of each expert.
+
+    Raises:
+        InputError: bad options, a probe from another model (unless ``force``), an unknown expert.
+    """
+    validate(request)
+    formats = [get_format(name) for name in request.formats]
+    model = request.model
+    started = time.perf_counter()
+    with ProbeFile(request.probe_path) as probe:
+        if probe.model_fingerprint != model.fingerprint and not request.force:
+            raise InputError(
+                f"{str(request.probe_path)!r} was probed on model {probe.model_id!r} (fingerprint "
+                f"{probe.model_fingerprint}) but --model {model.model_id!r} has fingerprint {model.fingerprint}; "
+                "rank with the same model, or pass --force"
+            )
+        experts = request.experts or probe.experts
+        for expert in experts:
+            if expert not in probe.experts:
+                raise InputError(f"expert {expert!r} is not in {str(request.probe_path)!r} (it has "
+                                 f"{', '.join(probe.experts)})")
+        table = probe.trajectory_table()
+        sigma_of = {row["step"]: row["sigma"] for row in table}
+        ranked: dict[str, list[LayerRank]] = {}
+        steps = {e: [int(s) for s in probe.steps(e)] for e in experts}
+        sigmas = {e: [sigma_of[s] for s in steps[e]] for e in experts}
+        for expert in experts:
+            expert_module = model.adapter.expert_module(model.pipe, expert)
+            layer_names = probe.layers(expert)
+            if request.metric == "e2e":
+                ranked[expert] = _rank_e2e(request, probe, model, expert, expert_module, layer_names, formats,
+                                           progress)
+                continue
+            layers = []
+            for i, name in enumerate(layer_names):
+                info = probe.layer_attrs(expert, name)
+                scores = layer_scores(expert_module.get_submodule(name), probe.read(expert, name, "samples"),
+                                      formats, request.metric, request.backend)
+                layers.append(LayerRank(
+                    name=name, kind=info["kind"], params=info["params"], in_features=info["in_features"],
+                    out_features=info["out_features"], entrance=model.adapter.is_entrance(name),
+                    exit=model.adapter.is_exit(name),
+                    value={f: reduce_steps(v, np.array(sigmas[expert]), request.reduce)
+                           for f, v in scores.per_step.items()},
+                    per_step={f: v.tolist() for f, v in scores.per_step.items()},
+                ))
+                if progress is not None:
+                    progress(expert, i + 1, len(layer_names))
+            ranked[expert] = layers
+        for layers in ranked.values():
+            _assign_ranks(layers, request.formats, request.metric)
+        provenance = {
+            "probe_file": str(request.probe_path), "probe_sha256": file_sha256(request.probe_path),
+            "probe_model_fingerprint": probe.model_fingerprint, "model_id": model.model_id,
+            "model_fingerprint": model.fingerprint, "trajectory": probe.attr_json("trajectory"),
+            "prompts": int(probe.done.sum()), "seconds": round(time.perf_counter() - started, 3),
+            "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        }
+        ranking = Ranking(
+            metric=request.metric, reduce=request.reduce, formats=list(request.formats), experts=ranked,
+            steps=steps, sigmas=sigmas, branches=probe.branches, provenance=provenance,
+            mode=request.mode if request.metric == "e2e" else None,
+            granularity=request.granularity,
+        )
+    if len(request.formats) > 1:
+        ranking.agreement = {e: _agreement(layers, request.formats) for e, layers in ranked.items()}
+    return ranking
+
+
+def _rank_e2e(request, probe, model, expert, expert_module, layer_names, formats, progress) -> list[LayerRank]:
+    done = np.flatnonzero(probe.done)
+    if request.limit is not None:
+        done = done[: request.limit]
+    job = E2EJob(
+        trajectory=Trajectory.from_dict(probe.attr_json("trajectory")),
+        prompts=[probe.prompts[i] for i in done],
+        seeds=[int(s) for s in probe.file["prompts/seed"][done]],
+        negatives=[n.decode() if isinstance(n, bytes) else n for n in probe.file["prompts/negative"][done]],
+    )
+    values = {}
+    for fmt in formats:
+        values[fmt.name] = e2e_scores(
+            model.pipe, expert_module, layer_names, job, fmt, mode=request.mode, granularity=request.granularity,
+            backend=request.backend,
+            progress=None if progress is None else (lambda i, n: progress(f"{expert} e2e", i, n)),
+        )
+    layers = []
+    for group, members in layer_groups(layer_names, request.granularity):
+        infos = [probe.layer_attrs(expert, name) for name in members]
+        layers.append(LayerRank(
+            name=group, kind=infos[0]["kind"] if len(infos) == 1 else "block",
+            params=sum(i["params"] for i in infos), in_features=infos[0]["in_features"],
+            out_features=infos[-1]["out_features"],
+            entrance=all(model.adapter.is_entrance(n) for n in members),
+            exit=all(model.adapter.is_exit(n) for n in members),
+            value={f: values[f][group] for f in values}, members=members if len(members) > 1 else [],
+        ))
+    return layers
