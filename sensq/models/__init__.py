@@ -121,6 +121,44 @@ def load_model(model: str, device: torch.device, dtype: torch.dtype) -> LoadedMo
     return LoadedModel(pipe, adapter, model, model_fingerprint(pipe, adapter), resolution, device, dtype)
 
 
+def layer_inventory(model: str) -> list:
+    """Every quantizable layer of every expert, without loading weights: embedded models are built
+    (they are tiny); folders and cached Hub ids are instantiated from their configs on the meta device.
+
+    Raises:
+        InputError: as :func:`load_model`.
+    """
+    from diffusers import WanTransformer3DModel
+
+    from sensq.plan import LayerInfo
+
+    adapter = WanAdapter()
+    if model in TINY_SPECS:
+        experts = {e: adapter.expert_module(build_tiny_pipeline(model), e) for e in EXPERTS}
+    else:
+        path = Path(model).expanduser()
+        if not path.is_dir():
+            if not _HUB_ID.match(model):
+                raise InputError(f"unknown model {model!r}: not an embedded model ({', '.join(TINY_SPECS)}), "
+                                 "not a folder, not a Hub id (org/name)")
+            path = _from_hub_cache(model)
+        experts = {}
+        for expert, attr in adapter.expert_attrs.items():
+            config_file = path / attr / "config.json"
+            if config_file.is_file():
+                config = WanTransformer3DModel.load_config(str(path / attr))
+                with torch.device("meta"):
+                    experts[expert] = WanTransformer3DModel.from_config(config)
+        if not experts:
+            raise InputError(f"{str(path)!r} has no transformer/config.json: not a Wan pipeline folder")
+    infos = []
+    for expert, module in experts.items():
+        for name, layer in quantizable_layers(module):
+            infos.append(LayerInfo(expert, name, sum(p.numel() for p in layer.parameters(recurse=False)),
+                                   int(layer.weight[0].numel())))
+    return infos
+
+
 def _resolution_for(pipe, adapter: WanAdapter) -> tuple[int, int, int]:
     """Tiny saved pipelines keep tiny defaults; real ones get 480x832x81."""
     expert = adapter.expert_module(pipe, "high")

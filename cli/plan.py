@@ -1,0 +1,111 @@
+"""``sensq plan``: a mixed-precision plan from a ranking, or the validation of a plan against a model."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import click
+
+
+@click.command()
+@click.argument("ranking_file", required=False, type=click.Path(path_type=Path))
+@click.option("--budget", default=None, help="Share of each expert's quantizable parameters kept in high "
+              "precision (entrance included), e.g. 5% or 0.05.")
+@click.option("--top-k", type=int, default=None, help="Instead of --budget: protect the K most sensitive layers "
+              "per expert (besides the entrance).")
+@click.option("--protect-entrance/--no-protect-entrance", default=True, show_default=True,
+              help="Keep the entrance layers (patch_embedding, condition_embedder.*, blocks.0.*) in high precision.")
+@click.option("--protect", multiple=True, help="Also protect layers whose name matches this regex (repeatable).")
+@click.option("--format", "fmt", default="hif4", show_default=True, help="Weight format of the other layers.")
+@click.option("--act-format", default="same", show_default=True,
+              help="Activation format: 'same' (W4A4), a format name, or 'none' (weight-only).")
+@click.option("--rank-format", default=None, help="Which of the ranking's formats orders the layers "
+              "(default: its first).")
+@click.option("--validate", "validate_file", type=click.Path(path_type=Path), default=None,
+              help="Check an existing plan against --model: every rule must match a layer.")
+@click.option("--model", default="tiny", show_default=True, help="Model for --validate.")
+@click.option("--export", type=click.Choice(["torchao", "modelopt"]), default=None,
+              help="Also write the plan as a torchao FqnToConfig-style or ModelOpt-style mapping.")
+@click.option("--out", type=click.Path(dir_okay=False, path_type=Path), default=Path("plan.json"), show_default=True)
+@click.option("--json", "as_json", is_flag=True, help="Print the plan (or the validation) as JSON.")
+def plan(ranking_file, budget, top_k, protect_entrance, protect, fmt, act_format, rank_format, validate_file, model,
+         export, out, as_json) -> None:
+    """Choose, per expert, the layers that stay in high precision and the format of all the others.
+
+    The entrance layers come first (unless --no-protect-entrance), then the most sensitive layers of
+    the ranking: the top --top-k, or each layer that still fits in --budget when walking the ranking in
+    order. The two experts may protect different layers. The plan is `sensq.plan/1` JSON: ordered rules
+    (first match wins, null = high precision), the resolved per-layer table and a summary.
+
+    \b
+    Examples:
+      sensq plan ranking.json --budget 5% --out plan.json
+      sensq plan ranking.json --top-k 4 --format nvfp4 --export modelopt
+      sensq plan --validate plan.json --model ./Wan2.2-T2V-A14B-Diffusers
+    """
+    from sensq.errors import InputError
+    from sensq.plan import Plan, build_plan, export_modelopt, export_torchao, parse_budget
+
+    if validate_file is not None:
+        _validate(validate_file, model, as_json)
+        return
+    if ranking_file is None:
+        raise click.UsageError("give a RANKING_FILE (from sensq rank), or --validate PLAN")
+    from sensq.sensitivity import Ranking
+
+    ranking = Ranking.load(ranking_file)
+    if budget is not None and top_k is not None:
+        raise InputError("give exactly one of --budget and --top-k")
+    result: Plan = build_plan(
+        ranking, budget=parse_budget(budget) if budget is not None else None, top_k=top_k,
+        protect_entrance=protect_entrance, protect=list(protect), fmt=fmt,
+        act_format=None if act_format == "none" else act_format, rank_format=rank_format,
+    )
+    result.source["ranking_file"] = str(ranking_file)
+    result.save(out)
+    if export:
+        data = export_torchao(result) if export == "torchao" else export_modelopt(result)
+        target = out.with_name(f"{out.stem}.{export}.json")
+        target.write_text(json.dumps(data, indent=1))
+    if as_json:
+        click.echo(json.dumps(result.to_dict(), indent=1))
+        return
+    _table(result, out, export and out.with_name(f"{out.stem}.{export}.json"))
+
+
+def _validate(path: Path, model_name: str, as_json: bool) -> None:
+    from sensq.models import layer_inventory
+    from sensq.plan import Plan, validate_plan
+
+    plan = Plan.load(path)
+    table = validate_plan(plan, layer_inventory(model_name))
+    quantized = sum(1 for row in table if row["weight"] is not None)
+    if as_json:
+        click.echo(json.dumps({"valid": True, "rules": len(plan.rules), "layers": len(table),
+                               "quantized": quantized}, indent=1))
+        return
+    click.echo(f"{path}: valid for {model_name}: {len(plan.rules)} rules decide {len(table)} layers "
+               f"({quantized} quantized, {len(table) - quantized} high precision)")
+
+
+def _table(plan, out: Path, export_path) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console()
+    table = Table(title=f"plan: {out}")
+    for column in ("expert", "layers", "protected", "protected params", "effective bits", "weight MB before",
+                   "after"):
+        table.add_column(column, justify="left" if column == "expert" else "right")
+    for scope, info in plan.summary.items():
+        protected = info["by_precision"].get("high-precision", {"layers": 0})["layers"]
+        table.add_row(scope, str(info["layers"]), str(protected), f"{info['protected_share']:.1%}",
+                      f"{info['effective_bits']:.3f}", f"{info['weight_bytes_before'] / 1e6:.3f}",
+                      f"{info['weight_bytes_after'] / 1e6:.3f}")
+    console.print(table)
+    for expert in sorted({row["expert"] for row in plan.layers}):
+        console.print(f"[bold]{expert}[/bold] keeps in high precision: " + ", ".join(plan.protected(expert)))
+    for warning in plan.source.get("warnings", []):
+        console.print(f"[yellow]warning:[/yellow] {warning}")
+    console.print(f"plan written to {out}" + (f"; export to {export_path}" if export_path else ""))

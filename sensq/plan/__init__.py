@@ -1,0 +1,309 @@
+"""Mixed-precision plans (``sensq.plan/1``): which layers of which expert keep high precision.
+
+A plan is an ordered list of rules ``{match, weight, activation}``. ``match`` is an
+expert-qualified layer name (``high:blocks.0.attn1.to_q``) or a regex over the same
+(``re:low:blocks\\.3[0-9]\\..*``); the first rule that matches a layer decides its formats; a
+``null`` format keeps that operand in high precision. A rule that matches no layer is an error.
+The plan file also carries the resolved per-layer table (for audit) and a summary.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import sensq
+from sensq.errors import InputError
+from sensq.formats import get_format
+
+PLAN_SCHEMA = "sensq.plan/1"
+HIGH_PRECISION_BITS = 16  # protected layers stay in the model's bf16
+
+
+@dataclass(frozen=True)
+class Rule:
+    match: str
+    weight: str | None
+    activation: str | None
+    why: str = ""
+
+    def matches(self, expert: str, layer: str) -> bool:
+        qualified = f"{expert}:{layer}"
+        if self.match.startswith("re:"):
+            return re.fullmatch(self.match[3:], qualified) is not None
+        return self.match == qualified
+
+
+@dataclass(frozen=True)
+class LayerInfo:
+    """What the plan needs to know about a layer: its expert, name, parameters and input width."""
+
+    expert: str
+    name: str
+    params: int
+    in_features: int
+
+
+def resolve(rules: list[Rule], layers: list[LayerInfo]) -> tuple[list[dict], list[int]]:
+    """Apply the rules (first match wins) to every layer.
+
+    Returns:
+        The per-layer table, and the indices of rules that matched no layer.
+
+    Raises:
+        InputError: a layer that no rule matches (a plan must decide every layer), a bad regex.
+    """
+    for rule in rules:
+        if rule.match.startswith("re:"):
+            try:
+                re.compile(rule.match[3:])
+            except re.error as error:
+                raise InputError(f"rule {rule.match!r} is not a valid regex: {error}") from None
+    used = [False] * len(rules)
+    table = []
+    for layer in layers:
+        for index, rule in enumerate(rules):
+            if rule.matches(layer.expert, layer.name):
+                used[index] = True
+                table.append({"expert": layer.expert, "layer": layer.name, "weight": rule.weight,
+                              "activation": rule.activation, "params": layer.params, "rule": index})
+                break
+        else:
+            raise InputError(f"no rule of the plan matches {layer.expert}:{layer.name}; add a catch-all rule "
+                             f"such as 're:{layer.expert}:.*'")
+    return table, [i for i, hit in enumerate(used) if not hit]
+
+
+def summarize(table: list[dict], layers: list[LayerInfo]) -> dict:
+    """Layers and parameters per precision, effective bits per parameter, weight bytes before/after."""
+    width = {(layer.expert, layer.name): layer.in_features for layer in layers}
+    out: dict[str, dict] = {}
+    for scope in sorted({row["expert"] for row in table}) + ["total"]:
+        rows = [row for row in table if scope in ("total", row["expert"])]
+        by_precision: dict[str, dict[str, int]] = {}
+        bits = 0.0
+        for row in rows:
+            key = row["weight"] or "high-precision"
+            entry = by_precision.setdefault(key, {"layers": 0, "params": 0})
+            entry["layers"] += 1
+            entry["params"] += row["params"]
+            per_element = (HIGH_PRECISION_BITS if row["weight"] is None else
+                           get_format(row["weight"]).bits_per_element(width[(row["expert"], row["layer"])]))
+            bits += per_element * row["params"]
+        params = sum(row["params"] for row in rows)
+        protected = by_precision.get("high-precision", {"params": 0})["params"]
+        out[scope] = {
+            "layers": len(rows), "params": params, "by_precision": by_precision,
+            "protected_share": protected / params if params else 0.0,
+            "effective_bits": bits / params if params else 0.0,
+            "weight_bytes_before": params * HIGH_PRECISION_BITS // 8,
+            "weight_bytes_after": int(round(bits / 8)),
+        }
+    return out
+
+
+@dataclass
+class Plan:
+    rules: list[Rule]
+    layers: list[dict] = field(default_factory=list)
+    summary: dict = field(default_factory=dict)
+    model: dict = field(default_factory=dict)
+    source: dict = field(default_factory=dict)
+    schema: str = PLAN_SCHEMA
+    sensq_version: str = sensq.__version__
+
+    def protected(self, expert: str) -> list[str]:
+        return [row["layer"] for row in self.layers if row["expert"] == expert and row["weight"] is None]
+
+    def to_dict(self) -> dict:
+        return {
+            "schema": self.schema, "sensq_version": self.sensq_version, "model": self.model, "source": self.source,
+            "rules": [{"match": r.match, "weight": r.weight, "activation": r.activation,
+                       **({"why": r.why} if r.why else {})} for r in self.rules],
+            "layers": self.layers, "summary": self.summary,
+        }
+
+    def save(self, path: str | Path) -> None:
+        path = Path(path)
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text(json.dumps(self.to_dict(), indent=1))
+        os.replace(tmp, path)
+
+    @classmethod
+    def load(cls, path: str | Path) -> Plan:
+        """Raises InputError for a missing file, bad JSON, another schema, malformed or unknown-format rules."""
+        path = Path(path)
+        if not path.is_file():
+            raise InputError(f"plan file not found: {str(path)!r}")
+        try:
+            data = json.loads(path.read_text())
+        except json.JSONDecodeError as error:
+            raise InputError(f"{str(path)!r} is not valid JSON: {error}") from None
+        if not isinstance(data, dict) or data.get("schema") != PLAN_SCHEMA:
+            found = data.get("schema") if isinstance(data, dict) else type(data).__name__
+            raise InputError(f"{str(path)!r} has schema {found!r}; expected {PLAN_SCHEMA!r}")
+        rules = []
+        for i, raw in enumerate(data.get("rules") or []):
+            if not isinstance(raw, dict) or not isinstance(raw.get("match"), str):
+                raise InputError(f"{str(path)!r}: rule {i} needs a 'match' string")
+            for key in ("weight", "activation"):
+                if raw.get(key) is not None:
+                    get_format(raw[key])
+            rules.append(Rule(raw["match"], raw.get("weight"), raw.get("activation"), raw.get("why", "")))
+        if not rules:
+            raise InputError(f"{str(path)!r} has no rules")
+        return cls(rules, data.get("layers", []), data.get("summary", {}), data.get("model", {}),
+                   data.get("source", {}), data["schema"], data.get("sensq_version", ""))
+
+
+def parse_budget(text: str) -> float:
+    """``"5%"`` or ``"0.05"`` -> 0.05.
+
+    Raises:
+        InputError: not a number, or outside 0..100%.
+    """
+    value = text.strip()
+    try:
+        share = float(value[:-1]) / 100 if value.endswith("%") else float(value)
+    except ValueError:
+        raise InputError(f"--budget must be a share like 5% or 0.05, got {text!r}") from None
+    if not 0.0 <= share <= 1.0:
+        raise InputError(f"--budget must be within 0..100%, got {text!r}")
+    return share
+
+
+def build_plan(ranking, *, budget: float | None = None, top_k: int | None = None, protect_entrance: bool = True,
+               protect: list[str] | None = None, fmt: str = "hif4", act_format: str | None = "same",
+               rank_format: str | None = None) -> Plan:
+    """Protect, per expert, the entrance layers (optional) and extra patterns, then the most sensitive
+    layers of the ranking: the top ``top_k``, or while the protected share of the expert's parameters
+    stays within ``budget`` (walking the ranking in order and protecting each layer that still fits).
+    Everything else gets ``fmt`` for weights and ``act_format`` (default: the same) for activations.
+
+    Raises:
+        InputError: both or neither of ``budget``/``top_k``, a ranked block (plans are per layer),
+            an unknown format, a negative ``top_k``.
+    """
+    if (budget is None) == (top_k is None):
+        raise InputError("give exactly one of --budget and --top-k")
+    if top_k is not None and top_k < 0:
+        raise InputError(f"--top-k must be >= 0, got {top_k}")
+    get_format(fmt)
+    activation = fmt if act_format == "same" else act_format
+    if activation is not None:
+        get_format(activation)
+    rank_format = rank_format or ranking.formats[0]
+    if rank_format not in ranking.formats:
+        raise InputError(f"the ranking has no {rank_format!r} scores (it has {', '.join(ranking.formats)})")
+    patterns = [re.compile(p) for p in (protect or [])]
+    rules: list[Rule] = []
+    infos: list[LayerInfo] = []
+    warnings: list[str] = []
+    for expert in ranking.experts:
+        ordered = ranking.ordered(expert, rank_format)
+        if any(layer.members for layer in ordered):
+            raise InputError("this ranking scores whole blocks (--granularity block); plans need a per-layer "
+                             "ranking")
+        infos += [LayerInfo(expert, layer.name, layer.params, layer.in_features) for layer in ordered]
+        total = sum(layer.params for layer in ordered)
+        chosen: list[tuple[str, str]] = []
+        for layer in ordered:
+            if protect_entrance and layer.entrance:
+                chosen.append((layer.name, "entrance"))
+            elif any(p.fullmatch(layer.name) for p in patterns):
+                chosen.append((layer.name, "--protect"))
+        used = sum(layer.params for layer in ordered if layer.name in dict(chosen))
+        if budget is not None and used > budget * total:
+            warnings.append(f"{expert}: the entrance and --protect layers alone keep {used / total:.1%} of the "
+                            f"parameters in high precision, more than the {budget:.1%} budget")
+        picked = 0
+        for layer in ordered:
+            if layer.name in dict(chosen):
+                continue
+            if top_k is not None:
+                if picked >= top_k:
+                    break
+            elif used + layer.params > budget * total:
+                continue
+            chosen.append((layer.name, f"rank {layer.rank[rank_format]} by {ranking.metric}"))
+            used += layer.params
+            picked += 1
+        rules += [Rule(f"{expert}:{name}", None, None, why) for name, why in chosen]
+        rules.append(Rule(f"re:{expert}:.*", fmt, activation, "everything else"))
+    table, _ = resolve(rules, infos)
+    return Plan(
+        rules=rules, layers=table, summary=summarize(table, infos),
+        model={"id": ranking.provenance.get("model_id"), "fingerprint": ranking.provenance.get("model_fingerprint")},
+        source={"ranking_metric": ranking.metric, "ranking_format": rank_format, "reduce": ranking.reduce,
+                "budget": budget, "top_k": top_k, "protect_entrance": protect_entrance, "protect": protect or [],
+                "probe_sha256": ranking.provenance.get("probe_sha256"), "warnings": warnings,
+                "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())},
+    )
+
+
+def model_layers(model) -> list[LayerInfo]:
+    """Every quantizable layer of every expert of a loaded model."""
+    from sensq.models.wan import quantizable_layers
+    from sensq.quant.layers import original_module
+
+    infos = []
+    for expert in model.adapter.experts(model.pipe):
+        for name, module in quantizable_layers(model.adapter.expert_module(model.pipe, expert)):
+            module = original_module(module)
+            infos.append(LayerInfo(expert, name, sum(p.numel() for p in module.parameters(recurse=False)),
+                                   int(module.weight[0].numel())))
+    return infos
+
+
+def validate_plan(plan: Plan, layers: list[LayerInfo]) -> list[dict]:
+    """Resolve ``plan`` against a model's layers.
+
+    Raises:
+        InputError: rules that match no layer (all listed), or a layer no rule decides.
+    """
+    table, unused = resolve(plan.rules, layers)
+    if unused:
+        listed = ", ".join(repr(plan.rules[i].match) for i in unused)
+        raise InputError(f"{len(unused)} plan rule(s) match no layer of this model: {listed}")
+    return table
+
+
+_EXPERT_ATTR = {"high": "transformer", "low": "transformer_2"}
+
+
+def export_torchao(plan: Plan) -> dict:
+    """An ``FqnToConfig``-style mapping: pipeline-level module FQNs (or ``re:`` patterns) in rule order,
+    each to ``null`` (skip) or a description of the W/A formats for the user's own torchao config."""
+    mapping = {}
+    for rule in plan.rules:
+        config = None if rule.weight is None else {"weight": rule.weight, "activation": rule.activation}
+        if rule.match.startswith("re:"):
+            expert, _, pattern = rule.match[3:].partition(":")
+            key = f"re:{_EXPERT_ATTR.get(expert, expert)}\\.{pattern}"
+        else:
+            expert, _, name = rule.match.partition(":")
+            key = f"{_EXPERT_ATTR[expert]}.{name}"
+        mapping[key] = config
+    return {"fqn_to_config": mapping, "note": "first match wins; null = leave in high precision"}
+
+
+def export_modelopt(plan: Plan) -> dict:
+    """A ModelOpt-style ``quant_cfg`` (wildcards; later keys override earlier ones, so the
+    protected layers come last and disable both quantizers) and the equivalent filter list."""
+    cfg: dict = {}
+    default = next((r for r in plan.rules if r.weight is not None), None)
+    if default is not None:
+        cfg["*weight_quantizer"] = {"format": default.weight, "axis": None, "block_sizes": {-1: "format"}}
+        cfg["*input_quantizer"] = {"format": default.activation, "block_sizes": {-1: "format"}}
+    protected = []
+    for rule in plan.rules:
+        if rule.weight is None and not rule.match.startswith("re:"):
+            expert, _, name = rule.match.partition(":")
+            fqn = f"{_EXPERT_ATTR[expert]}.{name}"
+            protected.append(fqn)
+            cfg[f"*{fqn}*"] = {"enable": False}
+    return {"quant_cfg": cfg, "algorithm": "max", "filter_fqns": protected}
