@@ -7,24 +7,28 @@ import math
 import torch
 
 
+def _energies(reference: torch.Tensor, approx: torch.Tensor) -> tuple[float, float]:
+    """``(sum ref^2, sum (ref - approx)^2)``: the difference in the inputs' dtype (exact when the two are
+    close, Sterbenz), squares summed in float64 without a float64 copy of the tensors."""
+    ref = reference.float() if reference.dtype in (torch.bfloat16, torch.float16) else reference
+    diff = ref - approx.to(ref.dtype)
+    return (torch.sum(ref * ref, dtype=torch.float64).item(), torch.sum(diff * diff, dtype=torch.float64).item())
+
+
 def sqnr_db(reference: torch.Tensor, approx: torch.Tensor) -> float:
     """Signal-to-quantization-noise ratio in dB: ``10 log10(sum ref^2 / sum (ref - approx)^2)``.
 
-    Computed in float64. ``inf`` when the two are equal.
+    ``inf`` when the two are equal.
     """
-    ref = reference.double()
-    noise = (ref - approx.double()).pow(2).sum().item()
-    signal = ref.pow(2).sum().item()
+    signal, noise = _energies(reference, approx)
     if noise == 0:
         return math.inf
     return 10.0 * math.log10(signal / noise)
 
 
 def nmse(reference: torch.Tensor, approx: torch.Tensor) -> float:
-    """Normalized mean squared error ``sum (ref - approx)^2 / sum ref^2`` (float64; 0 when equal)."""
-    ref = reference.double()
-    signal = ref.pow(2).sum().item()
-    noise = (ref - approx.double()).pow(2).sum().item()
+    """Normalized mean squared error ``sum (ref - approx)^2 / sum ref^2`` (0 when equal)."""
+    signal, noise = _energies(reference, approx)
     return noise / signal if signal else (0.0 if noise == 0 else math.inf)
 
 

@@ -142,6 +142,8 @@ TINY_SPECS = {
     # real head_dim (RoPE split 44/42/42), the real 2.7x FFN ratio and the real 4096-wide text input
     "tiny-realshape": TinySpec(heads=2, head_dim=128, ffn=704, layers=2, text_dim=4096, text_layers=1,
                                text_heads=2, text_d_kv=32, text_ff=64),
+    # more blocks and A14B-like proportions (entrance ~1/4 of the parameters) for ablations on a CPU
+    "small": TinySpec(heads=4, head_dim=64, ffn=1024, layers=6, text_dim=32),
 }
 
 
