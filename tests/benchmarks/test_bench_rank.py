@@ -16,7 +16,8 @@ import torch.nn.functional as F
 from sensq.formats import get_format
 from sensq.sensitivity.local import layer_scores
 
-SHAPES = {"attn 5120x5120": (5120, 5120), "ffn.net.0 5120->13824": (5120, 13824), "ffn.net.2 13824->5120": (13824, 5120)}
+SHAPES = {"attn 5120x5120": (5120, 5120), "ffn.net.0 5120->13824": (5120, 13824),
+          "ffn.net.2 13824->5120": (13824, 5120)}
 ROWS = 1024
 
 
