@@ -51,3 +51,19 @@ def test_merge_refuses_incomplete_or_foreign_parts(tmp_path):
     with pytest.raises(InputError, match="differs from .* in trajectory: not one run"):
         merge_probe_files([a, b], tmp_path / "m.h5")
     assert not Path(tmp_path / "m.h5").exists()
+
+
+def test_e2e_rank_split_across_two_ranks(tmp_path):
+    probe = tmp_path / "p.h5"
+    subprocess.run([sys.executable, "-m", "sensq.cli", "probe", "--limit", "1", "--steps", "2", "--expert", "high",
+                    "--out", str(probe)], check=True, capture_output=True)
+    args = ["rank", str(probe), "--metric", "e2e", "--limit", "1", "--json"]
+    single = subprocess.run([sys.executable, "-m", "sensq.cli", *args, "--out", str(tmp_path / "one.json")],
+                            capture_output=True, text=True, check=True)
+    sharded = subprocess.run([*_torchrun(), *args, "--out", str(tmp_path / "two.json")], capture_output=True,
+                             text=True, timeout=300)
+    assert sharded.returncode == 0, sharded.stderr[-3000:]
+    one, two = json.loads(single.stdout), json.loads(sharded.stdout)
+    values = {layer["name"]: layer["value"] for layer in one["experts"]["high"]}
+    assert {layer["name"]: layer["value"] for layer in two["experts"]["high"]} == values
+    assert len(values) == 27
