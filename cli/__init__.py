@@ -32,6 +32,7 @@ def main() -> None:
       sensq probe                record per-layer, per-expert, per-step activations into HDF5
       sensq rank PROBE.h5        rank each expert's layers by sensitivity (mse, sqnr, cosine, e2e, ...)
       sensq plan RANKING.json    protected entrance set + formats under a budget, as a plan file
+      sensq report RANKING.json  heatmaps, top-layer bars, Markdown + self-contained HTML
     \b
     Formats and numerics:
       sensq formats              the 4-bit (and reference) formats, their bits and ranges
@@ -45,8 +46,10 @@ from sensq.cli.formats import formats  # noqa: E402
 from sensq.cli.plan import plan  # noqa: E402
 from sensq.cli.probe import probe  # noqa: E402
 from sensq.cli.rank import rank  # noqa: E402
+from sensq.cli.report import report  # noqa: E402
 
 main.add_command(formats)
 main.add_command(probe)
 main.add_command(rank)
 main.add_command(plan)
+main.add_command(report)

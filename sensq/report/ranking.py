@@ -1,0 +1,161 @@
+"""The ranking report: per-expert heatmaps (layer x step), top-layer bars with the protected set
+marked, and a self-contained HTML page plus Markdown."""
+
+from __future__ import annotations
+
+import base64
+import html
+import json
+import math
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from sensq.errors import InputError
+
+
+@dataclass
+class ReportResult:
+    out_dir: str
+    files: list[str]
+
+
+def _pyplot():
+    try:
+        import matplotlib
+    except ImportError:
+        raise InputError("sensq report needs matplotlib: pip install 'sensq[report]' (or pip install matplotlib)") \
+            from None
+    matplotlib.use("Agg")  # files only, no display
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _atomic_write(path: Path, data: bytes) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_bytes(data)
+    os.replace(tmp, path)
+
+
+def _save(fig, path: Path) -> None:
+    import io
+
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=110, bbox_inches="tight")
+    _atomic_write(path, buffer.getvalue())
+
+
+def _heatmap(plt, ranking, expert: str, fmt: str, path: Path) -> bool:
+    layers = ranking.experts[expert]  # model (execution) order
+    if not layers or not layers[0].per_step:
+        return False
+    values = np.array([np.mean(layer.per_step[fmt], axis=1) for layer in layers])  # [layer, step]
+    if ranking.metric == "sqnr":
+        values = -values  # show sensitivity: higher = worse
+    positive = values[np.isfinite(values) & (values > 0)]
+    fig, ax = plt.subplots(figsize=(2.0 + 0.6 * values.shape[1], 0.5 + 0.18 * len(layers)))
+    if positive.size and ranking.metric != "sqnr":
+        from matplotlib.colors import LogNorm
+
+        image = ax.imshow(np.clip(values, positive.min(), None), aspect="auto", cmap="magma",
+                          norm=LogNorm(vmin=positive.min(), vmax=positive.max()))
+    else:
+        image = ax.imshow(values, aspect="auto", cmap="magma")
+    steps = ranking.steps.get(expert, list(range(values.shape[1])))
+    sigmas = ranking.sigmas.get(expert, [])
+    ax.set_xticks(range(values.shape[1]),
+                  [f"{s}\nσ={g:.2f}" for s, g in zip(steps, sigmas, strict=False)] or list(map(str, steps)))
+    ax.set_yticks(range(len(layers)), [layer.name for layer in layers], fontsize=7)
+    ax.set_xlabel("denoising step")
+    label = "-SQNR dB" if ranking.metric == "sqnr" else ranking.metric
+    ax.set_title(f"{expert}-noise expert: {label} per step ({fmt}, mean over CFG branches)")
+    fig.colorbar(image, ax=ax, label=label)
+    _save(fig, path)
+    plt.close(fig)
+    return True
+
+
+def _bars(plt, ranking, expert: str, fmt: str, protected: set[str], top: int, path: Path) -> None:
+    layers = ranking.ordered(expert, fmt)[:top]
+    values = [layer.value[fmt] for layer in layers]
+    colors = ["#c0392b" if layer.name in protected else "#2e86c1" for layer in layers]
+    fig, ax = plt.subplots(figsize=(8, 0.6 + 0.28 * len(layers)))
+    ax.barh(range(len(layers)), values, color=colors)
+    ax.set_yticks(range(len(layers)), [layer.name for layer in layers], fontsize=8)
+    ax.invert_yaxis()
+    if ranking.metric != "sqnr" and all(v > 0 for v in values if math.isfinite(v)) and values:
+        ax.set_xscale("log")
+    ax.set_xlabel(f"{ranking.metric} ({ranking.reduce})")
+    ax.set_title(f"{expert}-noise expert: top {len(layers)} layers, {fmt} (red = kept in high precision)")
+    _save(fig, path)
+    plt.close(fig)
+
+
+def write_ranking_report(ranking, out_dir: str | Path, *, plan=None, top: int = 20,
+                         commands: list[str] | None = None) -> ReportResult:
+    """Write PNGs, ``report.md`` and a self-contained ``report.html`` into ``out_dir``.
+
+    The protected set shown is the plan's when one is given, else the entrance layers.
+    """
+    plt = _pyplot()
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    fmt = ranking.formats[0]
+    files: list[Path] = []
+    sections_md: list[str] = []
+    sections_html: list[str] = []
+    for expert in ranking.experts:
+        if plan is not None:
+            protected = set(plan.protected(expert))
+        else:
+            protected = {layer.name for layer in ranking.experts[expert] if layer.entrance}
+        bars = out / f"{expert}_top.png"
+        _bars(plt, ranking, expert, fmt, protected, top, bars)
+        files.append(bars)
+        heat = out / f"{expert}_heatmap.png"
+        has_heatmap = _heatmap(plt, ranking, expert, fmt, heat)
+        if has_heatmap:
+            files.append(heat)
+        rows = ranking.ordered(expert, fmt)[:top]
+        table_md = ["| # | layer | params | " + " | ".join(ranking.formats) + " | kept in high precision |",
+                    "|---|---|---|" + "---|" * len(ranking.formats) + "---|"]
+        for layer in rows:
+            cells = " | ".join(f"{layer.value[f]:.4g}" for f in ranking.formats)
+            table_md.append(f"| {layer.rank[fmt]} | `{layer.name}` | {layer.params:,} | {cells} | "
+                            f"{'yes' if layer.name in protected else ''} |")
+        images = [bars] + ([heat] if has_heatmap else [])
+        sections_md.append(f"## {expert}-noise expert\n\n" + "\n".join(table_md) + "\n\n" +
+                           "\n".join(f"![{p.stem}]({p.name})" for p in images) + "\n")
+        embedded = "".join(
+            f'<img alt="{p.stem}" src="data:image/png;base64,{base64.b64encode(p.read_bytes()).decode()}">'
+            for p in images)
+        table_html = "<table><tr><th>#</th><th>layer</th><th>params</th>" + "".join(
+            f"<th>{html.escape(f)}</th>" for f in ranking.formats) + "<th>kept</th></tr>" + "".join(
+            f"<tr><td>{layer.rank[fmt]}</td><td><code>{html.escape(layer.name)}</code></td><td>{layer.params:,}</td>"
+            + "".join(f"<td>{layer.value[f]:.4g}</td>" for f in ranking.formats)
+            + f"<td>{'yes' if layer.name in protected else ''}</td></tr>" for layer in rows) + "</table>"
+        sections_html.append(f"<h2>{expert}-noise expert</h2>{table_html}{embedded}")
+    provenance = json.dumps(ranking.provenance, indent=1, default=str)
+    agreement = json.dumps(ranking.agreement, indent=1) if ranking.agreement else ""
+    reproduce = "\n".join(commands or [])
+    title = f"sensq ranking: {ranking.metric} ({ranking.reduce}), {', '.join(ranking.formats)}"
+    markdown = (f"# {title}\n\n" + "\n".join(sections_md)
+                + (f"\n## Format agreement\n\n```json\n{agreement}\n```\n" if agreement else "")
+                + f"\n## Provenance\n\n```json\n{provenance}\n```\n"
+                + (f"\n## Reproduce\n\n```bash\n{reproduce}\n```\n" if reproduce else ""))
+    page = (f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title><style>"
+            "body{font-family:sans-serif;max-width:1100px;margin:2em auto}table{border-collapse:collapse}"
+            "td,th{border:1px solid #ccc;padding:2px 8px;font-size:13px}img{max-width:100%;display:block;"
+            "margin:1em 0}</style></head><body>"
+            f"<h1>{html.escape(title)}</h1>{''.join(sections_html)}"
+            + (f"<h2>Format agreement</h2><pre>{html.escape(agreement)}</pre>" if agreement else "")
+            + f"<h2>Provenance</h2><pre>{html.escape(provenance)}</pre>"
+            + (f"<h2>Reproduce</h2><pre>{html.escape(reproduce)}</pre>" if reproduce else "")
+            + "</body></html>")
+    _atomic_write(out / "report.md", markdown.encode())
+    _atomic_write(out / "report.html", page.encode())
+    files += [out / "report.md", out / "report.html"]
+    return ReportResult(str(out), [str(p) for p in files])

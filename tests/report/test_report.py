@@ -1,0 +1,71 @@
+import builtins
+
+import pytest
+from click.testing import CliRunner
+
+from sensq.cli import main
+from sensq.errors import InputError
+from sensq.plan import build_plan
+from sensq.report.ranking import write_ranking_report
+from sensq.sensitivity.ranking import LayerRank, Ranking
+
+pytest.importorskip("matplotlib")
+
+
+def _ranking(per_step=True):
+    experts = {}
+    for expert in ("high", "low"):
+        layers = [LayerRank("patch_embedding", "conv3d", 10, 64, 8, True, False, {"hif4": 0.5},
+                            per_step={"hif4": [[0.5, 0.4], [0.6, 0.5]]} if per_step else {}, rank={"hif4": 1})]
+        for i in range(5):
+            layers.append(LayerRank(f"blocks.1.l{i}", "linear", 100, 64, 8, False, False, {"hif4": 0.1 / (i + 1)},
+                                    per_step={"hif4": [[0.1, 0.1], [0.1, 0.2]]} if per_step else {},
+                                    rank={"hif4": i + 2}))
+        experts[expert] = layers
+    return Ranking("mse", "mean", ["hif4"], experts, {"high": [0, 1], "low": [2, 3]},
+                   {"high": [1.0, 0.9], "low": [0.7, 0.5]}, ["cond", "uncond"], {"probe_file": "p.h5"})
+
+
+def test_report_files_and_self_contained_html(tmp_path):
+    ranking = _ranking()
+    plan = build_plan(ranking, top_k=1)
+    result = write_ranking_report(ranking, tmp_path, plan=plan, commands=["sensq rank p.h5"])
+    names = sorted(p.rsplit("/", 1)[-1] for p in result.files)
+    assert names == ["high_heatmap.png", "high_top.png", "low_heatmap.png", "low_top.png", "report.html",
+                     "report.md"]
+    page = (tmp_path / "report.html").read_text()
+    assert page.count("data:image/png;base64,") == 4 and "sensq rank p.h5" in page
+    markdown = (tmp_path / "report.md").read_text()
+    # plan protects the entrance and the top layer: both marked
+    assert "| 1 | `patch_embedding` | 10 | 0.5 | yes |" in markdown
+    assert "| 2 | `blocks.1.l0` | 100 | 0.1 | yes |" in markdown
+    assert "| 3 | `blocks.1.l1` | 100 | 0.05 |  |" in markdown
+    assert (tmp_path / "high_heatmap.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_e2e_ranking_has_no_heatmap(tmp_path):
+    result = write_ranking_report(_ranking(per_step=False), tmp_path)
+    assert not any("heatmap" in f for f in result.files)
+
+
+def test_missing_matplotlib_is_one_clear_error(tmp_path, monkeypatch):
+    real_import = builtins.__import__
+
+    def no_matplotlib(name, *args, **kwargs):
+        if name.startswith("matplotlib"):
+            raise ImportError(name)
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", no_matplotlib)
+    with pytest.raises(InputError, match=r"sensq report needs matplotlib: pip install 'sensq\[report\]'"):
+        write_ranking_report(_ranking(), tmp_path)
+
+
+def test_cli_report(tmp_path):
+    _ranking().save(tmp_path / "ranking.json")
+    runner = CliRunner()
+    result = runner.invoke(main, ["report", str(tmp_path / "ranking.json"), "--out", str(tmp_path / "rep")])
+    assert result.exit_code == 0, result.output
+    assert (tmp_path / "rep" / "report.html").is_file()
+    missing = runner.invoke(main, ["report", str(tmp_path / "none.json")])
+    assert missing.exit_code == 1 and "ranking file not found" in missing.output
