@@ -9,8 +9,6 @@ The plan file also carries the resolved per-layer table (for audit) and a summar
 
 from __future__ import annotations
 
-import json
-import os
 import re
 import time
 from dataclasses import dataclass, field
@@ -19,6 +17,7 @@ from pathlib import Path
 import sensq
 from sensq.errors import InputError
 from sensq.formats import get_format
+from sensq.store.files import read_json, write_json
 
 PLAN_SCHEMA = "sensq.plan/1"
 HIGH_PRECISION_BITS = 16  # protected layers stay in the model's bf16
@@ -128,24 +127,13 @@ class Plan:
         }
 
     def save(self, path: str | Path) -> None:
-        path = Path(path)
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text(json.dumps(self.to_dict(), indent=1))
-        os.replace(tmp, path)
+        write_json(path, self.to_dict())
 
     @classmethod
     def load(cls, path: str | Path) -> Plan:
         """Raises InputError for a missing file, bad JSON, another schema, malformed or unknown-format rules."""
         path = Path(path)
-        if not path.is_file():
-            raise InputError(f"plan file not found: {str(path)!r}")
-        try:
-            data = json.loads(path.read_text())
-        except json.JSONDecodeError as error:
-            raise InputError(f"{str(path)!r} is not valid JSON: {error}") from None
-        if not isinstance(data, dict) or data.get("schema") != PLAN_SCHEMA:
-            found = data.get("schema") if isinstance(data, dict) else type(data).__name__
-            raise InputError(f"{str(path)!r} has schema {found!r}; expected {PLAN_SCHEMA!r}")
+        data = read_json(path, PLAN_SCHEMA, "plan")
         rules = []
         for i, raw in enumerate(data.get("rules") or []):
             if not isinstance(raw, dict) or not isinstance(raw.get("match"), str):

@@ -7,13 +7,13 @@ import base64
 import html
 import json
 import math
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from sensq.errors import InputError
+from sensq.store.files import atomic_write_bytes
 
 
 @dataclass
@@ -34,18 +34,12 @@ def _pyplot():
     return plt
 
 
-def _atomic_write(path: Path, data: bytes) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
-
-
 def _save(fig, path: Path) -> None:
     import io
 
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png", dpi=110, bbox_inches="tight")
-    _atomic_write(path, buffer.getvalue())
+    atomic_write_bytes(path, buffer.getvalue())
 
 
 def _heatmap(plt, ranking, expert: str, fmt: str, path: Path) -> bool:
@@ -155,7 +149,7 @@ def write_ranking_report(ranking, out_dir: str | Path, *, plan=None, top: int = 
             + f"<h2>Provenance</h2><pre>{html.escape(provenance)}</pre>"
             + (f"<h2>Reproduce</h2><pre>{html.escape(reproduce)}</pre>" if reproduce else "")
             + "</body></html>")
-    _atomic_write(out / "report.md", markdown.encode())
-    _atomic_write(out / "report.html", page.encode())
+    atomic_write_bytes(out / "report.md", markdown.encode())
+    atomic_write_bytes(out / "report.html", page.encode())
     files += [out / "report.md", out / "report.html"]
     return ReportResult(str(out), [str(p) for p in files])

@@ -7,9 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import json
 import math
-import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -23,6 +21,7 @@ from sensq.formats import get_format
 from sensq.models import LoadedModel
 from sensq.sensitivity.e2e import GRANULARITIES, MODES, E2EJob, e2e_scores, layer_groups
 from sensq.sensitivity.local import LOCAL_METRICS, REDUCTIONS, higher_is_more_sensitive, layer_scores, reduce_steps
+from sensq.store.files import read_json, write_json
 from sensq.store.probe_file import ProbeFile
 from sensq.trajectory import Trajectory
 
@@ -77,24 +76,13 @@ class Ranking:
 
     def save(self, path: str | Path) -> None:
         """Write JSON atomically."""
-        path = Path(path)
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text(json.dumps(self.to_dict(), indent=1, allow_nan=True))
-        os.replace(tmp, path)
+        write_json(path, self.to_dict())
 
     @classmethod
     def load(cls, path: str | Path) -> Ranking:
         """Raises InputError for a missing file, bad JSON, another schema or an empty ranking."""
         path = Path(path)
-        if not path.is_file():
-            raise InputError(f"ranking file not found: {str(path)!r}")
-        try:
-            data = json.loads(path.read_text())
-        except json.JSONDecodeError as error:
-            raise InputError(f"{str(path)!r} is not valid JSON: {error}") from None
-        if not isinstance(data, dict) or data.get("schema") != RANKING_SCHEMA:
-            found = data.get("schema") if isinstance(data, dict) else type(data).__name__
-            raise InputError(f"{str(path)!r} has schema {found!r}; expected {RANKING_SCHEMA!r} (from sensq rank)")
+        data = read_json(path, RANKING_SCHEMA, "ranking")
         experts = {e: [LayerRank(**layer) for layer in layers] for e, layers in data.pop("experts").items()}
         if not any(experts.values()):
             raise InputError(f"{str(path)!r} ranks no layer (empty ranking)")
