@@ -1,6 +1,13 @@
 """Quantized layers and the swap that puts them into a model."""
 
-from sensq.quant.layers import QuantLinear, QuantPatchConv3d, original_module, quantize_module, swap
+from sensq.quant.layers import (
+    QuantLinear,
+    QuantPatchConv3d,
+    is_quantized,
+    original_module,
+    quantize_module,
+    swap,
+)
 
 
 def quantize_(model, plan, backend: str = "auto"):
@@ -17,5 +24,5 @@ def dequantize_(model) -> None:
     undo(model)
 
 
-__all__ = ["QuantLinear", "QuantPatchConv3d", "dequantize_", "original_module", "quantize_", "quantize_module",
-           "swap"]
+__all__ = ["QuantLinear", "QuantPatchConv3d", "dequantize_", "is_quantized", "original_module", "quantize_",
+           "quantize_module", "swap"]

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from sensq.models.wan import WanAdapter
 from sensq.plan import Plan, model_layers, validate_plan
-from sensq.quant.layers import original_module, quantize_module, swap
+from sensq.quant.layers import is_quantized, original_module, quantize_module, swap
 
 
 def quantize_(model, plan: Plan, backend: str = "auto") -> list[dict]:
@@ -22,8 +22,8 @@ def quantize_(model, plan: Plan, backend: str = "auto") -> list[dict]:
         if row["weight"] is None and row["activation"] is None:
             continue
         expert = adapter.expert_module(model.pipe, row["expert"])
-        module = original_module(expert.get_submodule(row["layer"]))
-        swap(expert, row["layer"], quantize_module(module, row["weight"], row["activation"], backend))
+        swap(expert, row["layer"], quantize_module(expert.get_submodule(row["layer"]), row["weight"],
+                                                   row["activation"], backend))
     return table
 
 
@@ -34,6 +34,6 @@ def dequantize_(model) -> None:
     for expert_name in model.adapter.experts(model.pipe):
         expert = model.adapter.expert_module(model.pipe, expert_name)
         for name, module in list(expert.named_modules()):
-            if module is not original_module(module):
+            if is_quantized(module):
                 swap(expert, name, original_module(module))
         quantizable_layers(expert)  # sanity: the inventory is plain again

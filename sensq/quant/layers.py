@@ -1,10 +1,16 @@
 """Fake-quantized layers (W4A4 simulation), made by a reversible swap.
 
-``QuantLinear.from_linear(linear, weight_format, act_format)`` keeps the original ``nn.Linear``
-inside; ``to_linear()`` returns it untouched (bit-identical weights, same object). Weights are
-quantized per output channel and activations per token, both in blocks along ``in_features``
-(the HiF4 QLinear convention, spec §2.5). The patch-embedding ``Conv3d`` (stride = kernel) is a
-GEMM over non-overlapping patches and gets the same treatment through its im2col view.
+``QuantLinear`` *is* an ``nn.Linear`` that shares the original's ``weight`` and ``bias``
+parameters (same tensors, same state-dict keys), so the model stays a plain diffusers model:
+``save_pretrained`` writes the full-precision weights, hooks and offloading see a Linear, and
+``to_linear()`` returns a plain ``nn.Linear`` holding the very same parameters (bit-identical).
+Weights are quantized per output channel and activations per token, both in blocks along
+``in_features`` (the HiF4 QLinear convention, spec §2.5). The patch-embedding ``Conv3d``
+(stride = kernel) is a GEMM over non-overlapping patches and gets the same treatment.
+
+Calibration: an optional clipping factor ``c`` in (0, 1] per operand; the operand is clamped to
+``c`` times its absmax (per output channel for weights, per token for activations) before it is
+quantized, so block scales come from the clipped range. ``c = 1`` is the format's own rule.
 """
 
 from __future__ import annotations
@@ -19,42 +25,64 @@ def _format(fmt: str | FormatSpec | None) -> FormatSpec | None:
     return None if fmt is None else get_format(fmt)
 
 
-class QuantLinear(torch.nn.Module):
+def clip_rows(x: torch.Tensor, clip: float) -> torch.Tensor:
+    """Clamp every row (last dim) of ``x`` to ``clip`` times its absmax; the identity for ``clip == 1``."""
+    if clip == 1.0:
+        return x
+    bound = x.abs().amax(dim=-1, keepdim=True) * clip
+    return torch.minimum(torch.maximum(x, -bound), bound)
+
+
+def fake_quantize(x: torch.Tensor, fmt: FormatSpec | None, clip: float = 1.0, backend: str = "auto") -> torch.Tensor:
+    """``Q(clip_rows(x))`` along the last dim (``x`` itself when ``fmt`` is None)."""
+    if fmt is None:
+        return x
+    return quantize_dequantize(clip_rows(x, clip), fmt, dim=-1, backend=backend)
+
+
+class QuantLinear(torch.nn.Linear):
     """``F.linear(Q_act(x), Q_w(W), b)``; ``None`` formats leave that operand as it is."""
 
-    def __init__(self, linear: torch.nn.Linear, weight_format: str | FormatSpec | None,
-                 act_format: str | FormatSpec | None, backend: str = "auto"):
-        super().__init__()
-        self.original = linear
-        self.weight_format = _format(weight_format)
-        self.act_format = _format(act_format)
-        self.backend = backend
-        weight = linear.weight.detach()
-        if self.weight_format is not None:
-            weight = quantize_dequantize(weight, self.weight_format, dim=-1, backend=backend)
-        self.register_buffer("weight_q", weight, persistent=False)
-        self.in_features, self.out_features = linear.in_features, linear.out_features
+    weight_format: FormatSpec | None
+    act_format: FormatSpec | None
 
     @classmethod
-    def from_linear(cls, linear: torch.nn.Linear, weight_format, act_format, backend: str = "auto") -> QuantLinear:
-        return cls(linear, weight_format, act_format, backend)
+    def from_linear(cls, linear: torch.nn.Linear, weight_format, act_format, *, weight_clip: float = 1.0,
+                    act_clip: float = 1.0, backend: str = "auto", weight_q: torch.Tensor | None = None) -> QuantLinear:
+        """Wrap ``linear`` (its parameters are shared, not copied).
+
+        ``weight_q`` supplies the already-quantized weight (e.g. unpacked from a checkpoint) instead of
+        quantizing ``linear.weight`` (HiF4 is not idempotent: never re-quantize a quantized weight).
+        """
+        quant = cls.__new__(cls)
+        torch.nn.Module.__init__(quant)
+        quant.in_features, quant.out_features = linear.in_features, linear.out_features
+        quant.weight = linear.weight
+        quant.bias = linear.bias
+        quant.weight_format = _format(weight_format)
+        quant.act_format = _format(act_format)
+        quant.weight_clip, quant.act_clip, quant.backend = float(weight_clip), float(act_clip), backend
+        if weight_q is None:
+            weight_q = fake_quantize(linear.weight.detach(), quant.weight_format, quant.weight_clip, backend)
+        quant.register_buffer("weight_q", weight_q, persistent=False)
+        return quant
 
     def to_linear(self) -> torch.nn.Linear:
-        return self.original
-
-    @property
-    def bias(self):
-        return self.original.bias
+        linear = torch.nn.Linear.__new__(torch.nn.Linear)
+        torch.nn.Module.__init__(linear)
+        linear.in_features, linear.out_features = self.in_features, self.out_features
+        linear.weight, linear.bias = self.weight, self.bias
+        return linear
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.act_format is not None:
-            x = quantize_dequantize(x, self.act_format, dim=-1, backend=self.backend)
-        return F.linear(x, self.weight_q, self.original.bias)
+        x = fake_quantize(x, self.act_format, self.act_clip, self.backend)
+        return F.linear(x, self.weight_q.to(x.dtype), self.bias)
 
     def extra_repr(self) -> str:
         w = self.weight_format.name if self.weight_format else None
         a = self.act_format.name if self.act_format else None
-        return f"{self.in_features}, {self.out_features}, weight={w}, act={a}"
+        return (f"{self.in_features}, {self.out_features}, weight={w} (clip {self.weight_clip:g}), "
+                f"act={a} (clip {self.act_clip:g})")
 
 
 def patches_to_rows(conv: torch.nn.Conv3d, x: torch.Tensor) -> torch.Tensor:
@@ -73,45 +101,72 @@ def rows_to_patches(conv: torch.nn.Conv3d, rows: torch.Tensor, shape: torch.Size
     return patches.permute(0, 4, 1, 5, 2, 6, 3, 7).reshape(shape)
 
 
-class QuantPatchConv3d(torch.nn.Module):
+class QuantPatchConv3d(torch.nn.Conv3d):
     """The patch-embedding Conv3d (stride = kernel) with weights and patch inputs fake-quantized."""
 
-    def __init__(self, conv: torch.nn.Conv3d, weight_format, act_format, backend: str = "auto"):
-        super().__init__()
+    weight_format: FormatSpec | None
+    act_format: FormatSpec | None
+
+    @classmethod
+    def from_conv(cls, conv: torch.nn.Conv3d, weight_format, act_format, *, weight_clip: float = 1.0,
+                  act_clip: float = 1.0, backend: str = "auto", weight_q: torch.Tensor | None = None
+                  ) -> QuantPatchConv3d:
         if tuple(conv.stride) != tuple(conv.kernel_size) or any(conv.padding):
             raise ValueError("QuantPatchConv3d needs stride == kernel_size and no padding (a patch embedding)")
-        self.original = conv
-        self.weight_format = _format(weight_format)
-        self.act_format = _format(act_format)
-        self.backend = backend
-        weight = conv.weight.detach()
-        if self.weight_format is not None:
-            flat = quantize_dequantize(weight.reshape(weight.shape[0], -1), self.weight_format, backend=backend)
-            weight = flat.reshape(weight.shape)
-        self.register_buffer("weight_q", weight, persistent=False)
+        quant = cls.__new__(cls)
+        torch.nn.Module.__init__(quant)
+        for attr in ("in_channels", "out_channels", "kernel_size", "stride", "padding", "dilation", "groups",
+                     "padding_mode", "transposed", "output_padding", "_reversed_padding_repeated_twice"):
+            setattr(quant, attr, getattr(conv, attr))
+        quant.weight, quant.bias = conv.weight, conv.bias
+        quant.weight_format, quant.act_format = _format(weight_format), _format(act_format)
+        quant.weight_clip, quant.act_clip, quant.backend = float(weight_clip), float(act_clip), backend
+        if weight_q is None:
+            flat = conv.weight.detach().reshape(conv.weight.shape[0], -1)
+            weight_q = fake_quantize(flat, quant.weight_format, quant.weight_clip, backend).reshape(conv.weight.shape)
+        quant.register_buffer("weight_q", weight_q, persistent=False)
+        return quant
 
     def to_conv(self) -> torch.nn.Conv3d:
-        return self.original
+        conv = torch.nn.Conv3d.__new__(torch.nn.Conv3d)
+        torch.nn.Module.__init__(conv)
+        for attr in ("in_channels", "out_channels", "kernel_size", "stride", "padding", "dilation", "groups",
+                     "padding_mode", "transposed", "output_padding", "_reversed_padding_repeated_twice"):
+            setattr(conv, attr, getattr(self, attr))
+        conv.weight, conv.bias = self.weight, self.bias
+        return conv
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.act_format is not None:
-            rows = quantize_dequantize(patches_to_rows(self.original, x), self.act_format, backend=self.backend)
-            x = rows_to_patches(self.original, rows, x.shape)
-        return F.conv3d(x, self.weight_q, self.original.bias, self.original.stride)
+            rows = fake_quantize(patches_to_rows(self, x), self.act_format, self.act_clip, self.backend)
+            x = rows_to_patches(self, rows, x.shape)
+        return F.conv3d(x, self.weight_q.to(x.dtype), self.bias, self.stride)
 
 
-def quantize_module(module: torch.nn.Module, weight_format, act_format, backend: str = "auto") -> torch.nn.Module:
-    """The fake-quantized twin of a Linear or patch Conv3d."""
+def quantize_module(module: torch.nn.Module, weight_format, act_format, backend: str = "auto", *,
+                    weight_clip: float = 1.0, act_clip: float = 1.0,
+                    weight_q: torch.Tensor | None = None) -> torch.nn.Module:
+    """The fake-quantized twin of a Linear or patch Conv3d (parameters shared)."""
+    module = original_module(module)
+    kwargs = {"weight_clip": weight_clip, "act_clip": act_clip, "backend": backend, "weight_q": weight_q}
     if isinstance(module, torch.nn.Linear):
-        return QuantLinear.from_linear(module, weight_format, act_format, backend)
+        return QuantLinear.from_linear(module, weight_format, act_format, **kwargs)
     if isinstance(module, torch.nn.Conv3d):
-        return QuantPatchConv3d(module, weight_format, act_format, backend)
+        return QuantPatchConv3d.from_conv(module, weight_format, act_format, **kwargs)
     raise TypeError(f"cannot quantize a {type(module).__name__}; sensq quantizes nn.Linear and the patch Conv3d")
 
 
+def is_quantized(module: torch.nn.Module) -> bool:
+    return isinstance(module, (QuantLinear, QuantPatchConv3d))
+
+
 def original_module(module: torch.nn.Module) -> torch.nn.Module:
-    """Undo :func:`quantize_module` (the identity on modules that are not quantized)."""
-    return module.original if isinstance(module, (QuantLinear, QuantPatchConv3d)) else module
+    """The plain layer behind a quantized twin (same parameters); the identity on other modules."""
+    if isinstance(module, QuantLinear):
+        return module.to_linear()
+    if isinstance(module, QuantPatchConv3d):
+        return module.to_conv()
+    return module
 
 
 def swap(root: torch.nn.Module, name: str, new: torch.nn.Module) -> torch.nn.Module:
