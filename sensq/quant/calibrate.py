@@ -1,0 +1,188 @@
+"""Calibration: per layer, the clipping factor of each operand that minimizes its quantization MSE.
+
+Branch-wise and layer-by-layer, as the method does. Each expert is calibrated on its own captured
+inputs (the probe file). Inside an expert, the layers outside the transformer blocks use the probe's
+captured rows; the blocks are processed in order, replaying the probe's ``blocks.0`` inputs: block i
+runs with blocks 0..i-1 already quantized, the inputs of its layers are captured, their factors
+chosen, the block is quantized and its outputs feed block i+1. So later layers are calibrated on
+inputs that carry the realistic upstream quantization error.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from sensq.errors import InputError
+from sensq.formats import FormatSpec, get_format
+from sensq.metrics import nmse
+from sensq.quant.layers import fake_quantize, patches_to_rows, quantize_module, swap
+
+CALIBRATIONS = ("none", "mse")
+CLIP_GRID = (1.0, 0.95, 0.9, 0.85, 0.8, 0.75, 0.7, 0.65, 0.6, 0.55, 0.5)
+
+
+@dataclass
+class LayerCalibration:
+    weight_clip: float = 1.0
+    act_clip: float = 1.0
+    weight_nmse: float | None = None
+    act_nmse: float | None = None
+    act_rows: int = 0
+
+
+def best_clip(rows: torch.Tensor, fmt: FormatSpec, backend: str = "auto") -> tuple[float, float]:
+    """The factor of :data:`CLIP_GRID` with the lowest NMSE of ``Q(clip(rows))`` against ``rows``;
+    ties go to the larger factor (the format's own rule when nothing helps)."""
+    best = (1.0, nmse(rows, fake_quantize(rows, fmt, 1.0, backend)))
+    for clip in CLIP_GRID[1:]:
+        error = nmse(rows, fake_quantize(rows, fmt, clip, backend))
+        if error < best[1]:
+            best = (clip, error)
+    return best
+
+
+def _weight_rows(module: torch.nn.Module) -> torch.Tensor:
+    return module.weight.detach().reshape(module.weight.shape[0], -1).float()
+
+
+def _calibrate_layer(module, weight_fmt, act_fmt, act_rows: torch.Tensor | None, backend) -> LayerCalibration:
+    result = LayerCalibration()
+    if weight_fmt is not None:
+        result.weight_clip, result.weight_nmse = best_clip(_weight_rows(module), weight_fmt, backend)
+    if act_fmt is not None:
+        if act_rows is None or act_rows.numel() == 0:
+            raise InputError("calibrating activations needs captured inputs: probe the model first (sensq probe)")
+        result.act_clip, result.act_nmse = best_clip(act_rows.float(), act_fmt, backend)
+        result.act_rows = int(act_rows.shape[0])
+    return result
+
+
+def _formats(row: dict) -> tuple[FormatSpec | None, FormatSpec | None]:
+    weight = get_format(row["weight"]) if row["weight"] is not None else None
+    activation = get_format(row["activation"]) if row["activation"] is not None else None
+    return weight, activation
+
+
+def calibrate_expert(expert_module: torch.nn.Module, expert: str, table: list[dict], probe, *, method: str = "mse",
+                     first_block: str = "blocks.0", max_rows: int = 4096, backend: str = "auto",
+                     progress: Callable[[str, int, int], None] | None = None) -> dict[str, LayerCalibration]:
+    """Quantize one expert in place according to ``table`` (the plan's resolved rows), calibrated.
+
+    Args:
+        probe: an open ``ProbeFile`` holding this expert's captured inputs (``samples`` and, for the
+            blocks, the ``blocks.0`` inputs).
+        method: ``none`` (format rule, clip 1) or ``mse``.
+        max_rows: cap on the captured rows per layer used to choose the activation clip.
+
+    Returns:
+        The calibration of every quantized layer.
+    """
+    if method not in CALIBRATIONS:
+        raise InputError(f"unknown calibration {method!r}; use one of {', '.join(CALIBRATIONS)}")
+    rows = {r["layer"]: r for r in table if r["expert"] == expert and (r["weight"] or r["activation"])}
+    results: dict[str, LayerCalibration] = {}
+    if method == "none":
+        for name, row in rows.items():
+            weight_fmt, act_fmt = _formats(row)
+            swap(expert_module, name, quantize_module(expert_module.get_submodule(name), weight_fmt, act_fmt, backend))
+            results[name] = LayerCalibration()
+        return results
+    if expert not in probe.experts:
+        raise InputError(f"the probe file has no captured inputs for the {expert!r} expert; probe it first")
+    block_prefix = first_block.rsplit(".", 1)[0] + "."  # "blocks."
+    outside = [name for name in rows if not name.startswith(block_prefix)]
+    for name in outside:
+        samples = probe.read(expert, name, "samples")
+        act_rows = torch.from_numpy(samples.reshape(-1, samples.shape[-1]))[:max_rows]
+        weight_fmt, act_fmt = _formats(rows[name])
+        module = expert_module.get_submodule(name)
+        results[name] = calib = _calibrate_layer(module, weight_fmt, act_fmt, act_rows, backend)
+        swap(expert_module, name, quantize_module(module, weight_fmt, act_fmt, backend,
+                                                  weight_clip=calib.weight_clip, act_clip=calib.act_clip))
+    if any(name.startswith(block_prefix) for name in rows):
+        _calibrate_blocks(expert_module, expert, rows, probe, block_prefix, max_rows, backend, results, progress)
+    return results
+
+
+def _block_inputs(probe, expert: str) -> list[tuple[torch.Tensor, ...]]:
+    names = ("hidden_states", "encoder_hidden_states", "temb", "rotary_cos", "rotary_sin")
+    if "first_block" not in probe.file[f"experts/{expert}"] or not len(probe.file[f"experts/{expert}/first_block"]):
+        raise InputError("block-by-block calibration needs the inputs of blocks.0: probe without --no-first-block")
+    arrays = [probe.first_block(expert, name) for name in names]
+    prompts, steps, branches = arrays[0].shape[:3]
+    calls = []
+    for p in range(prompts):
+        for s in range(steps):
+            for b in range(branches):
+                calls.append(tuple(torch.from_numpy(a[p, s, b]).unsqueeze(0) for a in arrays))
+    return calls
+
+
+def _calibrate_blocks(expert_module, expert, rows, probe, block_prefix, max_rows, backend, results, progress):
+    calls = _block_inputs(probe, expert)
+    dtype = next(expert_module.parameters()).dtype
+    device = next(expert_module.parameters()).device
+    hidden = [c[0] for c in calls]
+    blocks = expert_module.get_submodule(block_prefix[:-1])
+    generator = torch.Generator().manual_seed(0)
+    for index, block in enumerate(blocks):
+        prefix = f"{block_prefix}{index}."
+        names = [name for name in rows if name.startswith(prefix)]
+        captured: dict[str, list[torch.Tensor]] = {name: [] for name in names}
+        handles = []
+        for name in names:
+            module = expert_module.get_submodule(name)
+
+            def capture(mod, args, name=name):
+                x = args[0].detach()
+                flat = patches_to_rows(mod, x) if isinstance(mod, torch.nn.Conv3d) else x.reshape(-1, x.shape[-1])
+                captured[name].append(flat.float().cpu())
+
+            handles.append(module.register_forward_pre_hook(capture))
+        with torch.no_grad():
+            try:
+                for h, call in zip(hidden, calls, strict=True):
+                    _run_block(block, h, call, dtype, device)
+            finally:
+                for handle in handles:
+                    handle.remove()
+        for name in names:
+            act_rows = torch.cat(captured[name])
+            if act_rows.shape[0] > max_rows:
+                act_rows = act_rows[torch.randperm(act_rows.shape[0], generator=generator)[:max_rows].sort().values]
+            weight_fmt, act_fmt = _formats(rows[name])
+            module = expert_module.get_submodule(name)
+            results[name] = calib = _calibrate_layer(module, weight_fmt, act_fmt, act_rows, backend)
+            swap(expert_module, name, quantize_module(module, weight_fmt, act_fmt, backend,
+                                                      weight_clip=calib.weight_clip, act_clip=calib.act_clip))
+        with torch.no_grad():  # the quantized block's outputs feed the next block
+            hidden = [_run_block(block, h, call, dtype, device).cpu() for h, call in zip(hidden, calls, strict=True)]
+        if progress is not None:
+            progress(expert, index + 1, len(blocks))
+
+
+def _run_block(block, hidden, call, dtype, device) -> torch.Tensor:
+    _, text, temb, cos, sin = call
+    to = {"device": device}
+    return block(hidden.to(dtype=dtype, **to), text.to(dtype=dtype, **to), temb.to(**to),
+                 (cos.to(**to), sin.to(**to)))
+
+
+def summarize_calibration(results: dict[str, dict[str, LayerCalibration]]) -> dict:
+    """Mean NMSE and clip statistics per expert (for reports)."""
+    out = {}
+    for expert, layers in results.items():
+        weights = [c.weight_nmse for c in layers.values() if c.weight_nmse is not None]
+        acts = [c.act_nmse for c in layers.values() if c.act_nmse is not None]
+        out[expert] = {
+            "layers": len(layers),
+            "clipped_weights": sum(c.weight_clip < 1 for c in layers.values()),
+            "clipped_activations": sum(c.act_clip < 1 for c in layers.values()),
+            "mean_weight_nmse": float(np.mean(weights)) if weights else None,
+            "mean_act_nmse": float(np.mean(acts)) if acts else None,
+        }
+    return out
