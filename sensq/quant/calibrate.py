@@ -137,7 +137,7 @@ def _calibrate_blocks(expert_module, expert, rows, probe, block_prefix, max_rows
         for name in names:
             module = expert_module.get_submodule(name)
 
-            def capture(mod, args, name=name):
+            def capture(mod, args, name=name, captured=captured):
                 x = args[0].detach()
                 flat = patches_to_rows(mod, x) if isinstance(mod, torch.nn.Conv3d) else x.reshape(-1, x.shape[-1])
                 captured[name].append(flat.float().cpu())
