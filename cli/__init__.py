@@ -32,6 +32,7 @@ def main() -> None:
       sensq probe                record per-layer, per-expert, per-step activations into HDF5
       sensq rank PROBE.h5        rank each expert's layers by sensitivity (mse, sqnr, cosine, e2e, ...)
       sensq plan RANKING.json    protected entrance set + formats under a budget, as a plan file
+      sensq apply-plan PLAN.json quantize (calibrated) and write a packed checkpoint (--model DIR loads it)
       sensq report RANKING.json  heatmaps, top-layer bars, Markdown + self-contained HTML
     \b
     Formats and numerics:
@@ -42,6 +43,7 @@ def main() -> None:
     """
 
 
+from sensq.cli.apply_plan import apply_plan  # noqa: E402
 from sensq.cli.formats import formats  # noqa: E402
 from sensq.cli.plan import plan  # noqa: E402
 from sensq.cli.probe import probe  # noqa: E402
@@ -53,3 +55,4 @@ main.add_command(probe)
 main.add_command(rank)
 main.add_command(plan)
 main.add_command(report)
+main.add_command(apply_plan)

@@ -92,13 +92,18 @@ def _from_hub_cache(repo_id: str) -> Path:
 
 
 def load_model(model: str, device: torch.device, dtype: torch.dtype) -> LoadedModel:
-    """Load ``model``: an embedded name (``tiny``, ``tiny-realshape``), a local diffusers folder, or a
-    Hub id that is already in the local cache.
+    """Load ``model``: an embedded name (``tiny``, ``tiny-realshape``, ``small``), a local diffusers
+    folder, a sensq quantized checkpoint folder (``sensq apply-plan``), or a Hub id that is already in
+    the local cache.
 
     Raises:
         InputError: unknown name, folder without a pipeline, Hub id not cached, unsupported pipeline.
     """
     adapter = WanAdapter()
+    from sensq.quant.checkpoint import is_checkpoint, load_quantized
+
+    if is_checkpoint(model):
+        return load_quantized(model, device, None if dtype == torch.float32 else dtype)
     if model in TINY_SPECS:
         pipe = build_tiny_pipeline(model)
         resolution = TINY_SPECS[model].resolution

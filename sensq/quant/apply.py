@@ -37,3 +37,70 @@ def dequantize_(model) -> None:
             if is_quantized(module):
                 swap(expert, name, original_module(module))
         quantizable_layers(expert)  # sanity: the inventory is plain again
+
+
+def apply_plan(model, plan: Plan, *, probe_path=None, calibrate: str = "none", sequential_experts: bool = False,
+               backend: str = "auto", force: bool = False, progress=None) -> tuple[list[dict], dict]:
+    """Quantize ``model`` by ``plan`` expert by expert, calibrated on ``probe_path`` when asked.
+
+    With ``sequential_experts`` the low-noise expert is calibrated on a fresh probe of the trajectory
+    run with the already-quantized high-noise expert (same prompts, seeds and trajectory as the probe
+    file), so its calibration sees the high expert's quantization error.
+
+    Returns:
+        The resolved table and ``{expert: {layer: LayerCalibration}}``.
+
+    Raises:
+        InputError: a plan for another model (unless ``force``), unmatched rules, ``mse`` without a probe
+            file, a probe file from another model (unless ``force``).
+    """
+    import tempfile
+    from pathlib import Path
+
+    from sensq.errors import InputError
+    from sensq.quant.calibrate import calibrate_expert
+    from sensq.store.probe_file import ProbeFile
+
+    planned_for = (plan.model or {}).get("fingerprint")
+    if planned_for and planned_for != model.fingerprint and not force:
+        raise InputError(f"the plan was made for model fingerprint {planned_for} but this model has "
+                         f"{model.fingerprint}; pass --force to apply it anyway")
+    table = validate_plan(plan, model_layers(model))
+    if calibrate != "none" and probe_path is None:
+        raise InputError("--calibrate mse needs --probe PROBE.h5 (the captured inputs to calibrate on)")
+    calibration: dict = {}
+    experts = model.adapter.experts(model.pipe)
+    if calibrate == "none":
+        for expert in experts:
+            calibration[expert] = calibrate_expert(model.adapter.expert_module(model.pipe, expert), expert, table,
+                                                   None, method="none", backend=backend)
+        return table, calibration
+    with ProbeFile(probe_path) as probe:
+        if probe.model_fingerprint != model.fingerprint and not force:
+            raise InputError(f"{str(probe_path)!r} was probed on another model (fingerprint "
+                             f"{probe.model_fingerprint}, this model {model.fingerprint}); pass --force")
+        for expert in experts:
+            if sequential_experts and expert == "low":
+                continue
+            calibration[expert] = calibrate_expert(model.adapter.expert_module(model.pipe, expert), expert, table,
+                                                   probe, method=calibrate, backend=backend, progress=progress)
+        if sequential_experts and "low" in experts:
+            from sensq.probes.capture import ProbeConfig
+            from sensq.probes.recorder import ProbeRequest, run_probe
+            from sensq.prompts import Prompt
+            from sensq.trajectory import Trajectory
+
+            trajectory = Trajectory.from_dict(probe.attr_json("trajectory"))
+            done = probe.done
+            negatives = probe.file["prompts/negative"][...]
+            prompts = [Prompt(int(i), t, n.decode() if isinstance(n, bytes) else n)
+                       for i, t, n, d in zip(probe.prompt_index, probe.prompts, negatives, done, strict=True) if d]
+            config = ProbeConfig(**probe.attr_json("probe_config"))
+    if sequential_experts and "low" in experts:
+        with tempfile.TemporaryDirectory() as tmp:
+            reprobe = Path(tmp) / "low_after_quantized_high.h5"
+            run_probe(ProbeRequest(model, trajectory, prompts, ["low"], reprobe, config=config))
+            with ProbeFile(reprobe) as probe:
+                calibration["low"] = calibrate_expert(model.adapter.expert_module(model.pipe, "low"), "low", table,
+                                                      probe, method=calibrate, backend=backend, progress=progress)
+    return table, calibration

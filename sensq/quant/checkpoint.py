@@ -1,0 +1,242 @@
+"""Quantized checkpoints (``sensq.checkpoint/1``): packed weights in each format's bit layout.
+
+Layout of a checkpoint folder::
+
+    manifest.json                 schema, sensq version, source model, plan, per-layer formats and
+                                  calibration factors, file hashes, sizes
+    pipeline/                     the rest of the pipeline (text encoder, VAE, tokenizer, scheduler),
+                                  saved by diffusers with the two experts left out
+    transformer/config.json       the high-noise expert's config
+    transformer/weights.safetensors
+    transformer_2/...             the same for the low-noise expert
+
+In ``weights.safetensors`` every tensor of the expert's state dict is stored as it is, except the
+weights of quantized layers: those are stored packed (HiF4: ``<layer>.weight.blocks``, 36 bytes per
+64 values, spec §6; other formats: ``.codes`` and ``.scale``), with the packing headers in the file's
+metadata. With ``fake=True`` the quantized weights are stored dequantized instead (a quick
+experiment format; same outputs).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+import sensq
+from sensq.errors import InputError
+from sensq.formats import PackedTensor, pack, unpack
+from sensq.quant.layers import clip_rows, is_quantized, quantize_module, swap
+from sensq.store.files import write_json
+
+CHECKPOINT_SCHEMA = "sensq.checkpoint/1"
+CHECKPOINT_VERSION = 1
+WEIGHTS_FILE = "weights.safetensors"
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 24), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+@dataclass
+class CheckpointSizes:
+    disk_bytes: int
+    weight_bytes_bf16: int
+    quantized_params: int
+    quantized_weight_bytes: int
+    effective_bits_quantized: float
+    resident_weight_bytes_simulation: int
+
+
+def save_quantized(model, out_dir: str | Path, *, plan, calibration: dict, fake: bool = False) -> dict:
+    """Write a checkpoint of ``model`` (already quantized in memory by ``quantize_``/calibration).
+
+    Written under ``<out_dir>.tmp`` and renamed at the end: an interrupted save leaves no folder.
+    Returns the manifest.
+    """
+    out = Path(out_dir)
+    tmp = out.with_name(out.name + ".tmp")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir(parents=True)
+    pipe, adapter = model.pipe, model.adapter
+    layers_manifest: dict[str, dict] = {}
+    files: dict[str, dict] = {}
+    quantized_params = quantized_bytes = bf16_bytes = resident = 0
+    experts = {}
+    for expert in adapter.experts(pipe):
+        attr = adapter.expert_attrs[expert]
+        module = adapter.expert_module(pipe, expert)
+        experts[expert] = (attr, module)
+        (tmp / attr).mkdir()
+        module.save_config(tmp / attr)
+        tensors: dict[str, torch.Tensor] = {}
+        headers: dict[str, dict] = {}
+        for key, value in module.state_dict().items():
+            tensors[key] = value.detach().contiguous()
+            bf16_bytes += value.numel() * 2 if value.is_floating_point() else value.numel() * value.element_size()
+            resident += value.numel() * value.element_size()
+        for name, layer in module.named_modules():
+            if not is_quantized(layer):
+                continue
+            weight = layer.weight.detach()
+            flat = weight.reshape(weight.shape[0], -1)
+            entry = {"weight": layer.weight_format.name if layer.weight_format else None,
+                     "activation": layer.act_format.name if layer.act_format else None,
+                     "weight_clip": layer.weight_clip, "act_clip": layer.act_clip,
+                     **_calibration_entry(calibration, expert, name)}
+            layers_manifest[f"{expert}:{name}"] = entry
+            if layer.weight_format is None:
+                continue
+            del tensors[f"{name}.weight"]
+            quantized_params += weight.numel()
+            if fake:
+                tensors[f"{name}.weight"] = layer.weight_q.detach().contiguous()
+                quantized_bytes += weight.numel() * weight.element_size()
+                continue
+            packed = pack(clip_rows(flat, layer.weight_clip), layer.weight_format)
+            headers[name] = packed.header() | {"layer_shape": list(weight.shape)}
+            for field, value in packed.data.items():
+                tensors[f"{name}.weight.{field}"] = value.contiguous()
+            quantized_bytes += packed.nbytes
+        target = tmp / attr / WEIGHTS_FILE
+        save_file(tensors, str(target), metadata={"sensq.packed": json.dumps(headers)})
+    saved = {attr: getattr(pipe, attr) for attr in ("transformer", "transformer_2")}
+    try:
+        pipe.register_modules(transformer=None, transformer_2=None)
+        pipe.save_pretrained(tmp / "pipeline")
+    finally:
+        pipe.register_modules(**saved)
+    for path in sorted(tmp.rglob("*")):
+        if path.is_file():
+            files[str(path.relative_to(tmp))] = {"sha256": _sha256(path), "bytes": path.stat().st_size}
+    disk = sum(f["bytes"] for f in files.values())
+    sizes = CheckpointSizes(
+        disk_bytes=disk, weight_bytes_bf16=bf16_bytes, quantized_params=quantized_params,
+        quantized_weight_bytes=quantized_bytes,
+        effective_bits_quantized=8 * quantized_bytes / quantized_params if quantized_params else 0.0,
+        resident_weight_bytes_simulation=resident,
+    )
+    manifest = {
+        "schema": CHECKPOINT_SCHEMA, "version": CHECKPOINT_VERSION, "sensq_version": sensq.__version__,
+        "packed": not fake, "source_model": {"id": model.model_id, "fingerprint": model.fingerprint},
+        "experts": {expert: attr for expert, (attr, _) in experts.items()}, "layers": layers_manifest,
+        "plan": plan.to_dict(), "files": files, "sizes": sizes.__dict__,
+    }
+    write_json(tmp / "manifest.json", manifest)
+    if out.exists():
+        shutil.rmtree(out)
+    os.replace(tmp, out)
+    return manifest
+
+
+def _calibration_entry(calibration: dict, expert: str, name: str) -> dict:
+    calib = calibration.get(expert, {}).get(name)
+    if calib is None:
+        return {}
+    return {"weight_nmse": calib.weight_nmse, "act_nmse": calib.act_nmse, "act_rows": calib.act_rows}
+
+
+def is_checkpoint(path: str | Path) -> bool:
+    return (Path(path) / "manifest.json").is_file()
+
+
+def read_manifest(path: str | Path, verify: bool = True) -> dict:
+    """The manifest of a checkpoint folder, with every file checked against its recorded SHA-256.
+
+    Raises:
+        InputError: missing manifest, another or newer schema, a missing, truncated or corrupted file.
+    """
+    folder = Path(path)
+    manifest_path = folder / "manifest.json"
+    if not manifest_path.is_file():
+        raise InputError(f"{str(folder)!r} is not a sensq checkpoint (no manifest.json)")
+    try:
+        manifest = json.loads(manifest_path.read_text())
+    except json.JSONDecodeError as error:
+        raise InputError(f"{str(manifest_path)!r} is not valid JSON: {error}") from None
+    schema = manifest.get("schema", "")
+    if not str(schema).startswith("sensq.checkpoint/"):
+        raise InputError(f"{str(manifest_path)!r} has schema {schema!r}; expected {CHECKPOINT_SCHEMA!r}")
+    if manifest.get("version", 0) > CHECKPOINT_VERSION or schema != CHECKPOINT_SCHEMA:
+        raise InputError(f"{str(folder)!r} was written by a newer sensq (schema {schema!r}); upgrade sensq to "
+                         "load it")
+    if verify:
+        for name, info in manifest["files"].items():
+            file = folder / name
+            if not file.is_file():
+                raise InputError(f"checkpoint file missing: {str(file)!r}")
+            if file.stat().st_size != info["bytes"] or _sha256(file) != info["sha256"]:
+                raise InputError(f"checkpoint file {str(file)!r} is corrupted or truncated (SHA-256 mismatch); "
+                                 "write the checkpoint again with sensq apply-plan")
+    return manifest
+
+
+def load_quantized(path: str | Path, device: torch.device | str = "cpu", dtype: torch.dtype | None = None):
+    """Load a checkpoint folder into a runnable pipeline with the quantized layers in place.
+
+    Returns a :class:`sensq.models.LoadedModel`. Quantized weights are unpacked once (never
+    re-quantized: HiF4 is not idempotent), so outputs equal the in-memory quantized model's.
+    """
+    from accelerate import init_empty_weights
+    from diffusers import WanPipeline, WanTransformer3DModel
+
+    from sensq.models import LoadedModel, WanAdapter, _resolution_for, model_fingerprint
+
+    folder = Path(path)
+    manifest = read_manifest(folder)
+    adapter = WanAdapter()
+    experts = {}
+    for expert, attr in manifest["experts"].items():
+        config = WanTransformer3DModel.load_config(str(folder / attr))
+        with init_empty_weights(include_buffers=False):
+            module = WanTransformer3DModel.from_config(config)
+        weights_path = folder / attr / WEIGHTS_FILE
+        with safe_open(str(weights_path), "pt") as f:
+            headers = json.loads((f.metadata() or {}).get("sensq.packed", "{}"))
+            tensors = {key: f.get_tensor(key) for key in f.keys()}
+        state = {}
+        unpacked: dict[str, torch.Tensor] = {}
+        for name, header in headers.items():
+            prefix = f"{name}.weight."
+            data = {key[len(prefix):]: tensors.pop(key) for key in list(tensors) if key.startswith(prefix)}
+            packed = PackedTensor.from_header(header, data)
+            unpacked[name] = unpack(packed).reshape(header["layer_shape"])
+            state[f"{name}.weight"] = unpacked[name]
+        state.update(tensors)
+        missing, unexpected = module.load_state_dict(state, strict=False, assign=True)
+        if missing or unexpected:
+            raise InputError(f"checkpoint {str(folder)!r} does not fit its config: missing {missing[:3]}, "
+                             f"unexpected {unexpected[:3]}")
+        for qualified, entry in manifest["layers"].items():
+            owner, _, name = qualified.partition(":")
+            if owner != expert:
+                continue
+            layer = module.get_submodule(name)
+            weight_q = unpacked.get(name) if name in unpacked else (
+                layer.weight.detach() if entry["weight"] is not None else None)
+            swap(module, name, quantize_module(layer, entry["weight"], entry["activation"],
+                                               act_clip=entry["act_clip"], weight_clip=entry["weight_clip"],
+                                               weight_q=weight_q))
+        experts[attr] = module.eval()
+    pipe = WanPipeline.from_pretrained(str(folder / "pipeline"), **experts)
+    pipe.to(device=device)
+    if dtype is not None and dtype != next(experts["transformer"].parameters()).dtype:
+        raise InputError(f"this checkpoint holds {next(experts['transformer'].parameters()).dtype} weights; "
+                         f"load it without --dtype or write another checkpoint in {dtype}")
+    pipe.set_progress_bar_config(disable=True)
+    dtype = next(experts["transformer"].parameters()).dtype
+    return LoadedModel(pipe, adapter, str(folder), model_fingerprint(pipe, adapter), _resolution_for(pipe, adapter),
+                       torch.device(device), dtype)
+

@@ -1,0 +1,158 @@
+"""apply-plan: calibration, packed checkpoints that load back bit-identically, sizes, bad input."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+from click.testing import CliRunner
+
+from sensq.cli import main
+from sensq.errors import InputError
+from sensq.models import load_model
+from sensq.plan import Plan, Rule
+from sensq.probes.capture import ProbeConfig
+from sensq.probes.recorder import ProbeRequest, run_probe
+from sensq.prompts import load_prompts
+from sensq.quant import QuantLinear
+from sensq.quant.apply import apply_plan
+from sensq.quant.checkpoint import load_quantized, read_manifest, save_quantized
+from sensq.trajectory import Trajectory, apply_trajectory, run
+
+ENTRANCE = r"re:(high|low):(patch_embedding|condition_embedder\..*|blocks\.0\..*)"
+PLAN = Plan([Rule(ENTRANCE, None, None), Rule("re:high:.*", "hif4", "hif4"), Rule("re:low:.*", "nvfp4", "nvfp4")])
+
+
+@pytest.fixture(scope="module")
+def probed(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("apply")
+    model = load_model("tiny", torch.device("cpu"), torch.float32)
+    trajectory = Trajectory(steps=4).with_resolution(model.default_resolution)
+    run_probe(ProbeRequest(model, trajectory, load_prompts(None, 2), ["high", "low"], folder / "probe.h5"))
+    run_probe(ProbeRequest(model, trajectory, load_prompts(None, 1), ["high", "low"], folder / "nofirst.h5",
+                           config=ProbeConfig(first_block_inputs=False)))
+    return folder, trajectory
+
+
+def _latents(model, trajectory):
+    apply_trajectory(model.pipe, trajectory)
+    return run(model.pipe, "a red ball moving left", trajectory, seed=7)
+
+
+@pytest.mark.parametrize("calibrate", ["none", "mse"])
+def test_save_load_in_a_fresh_process_is_bit_identical(probed, calibrate, tmp_path):
+    folder, trajectory = probed
+    model = load_model("tiny", torch.device("cpu"), torch.float32)
+    _, calibration = apply_plan(model, PLAN, probe_path=folder / "probe.h5", calibrate=calibrate)
+    assert isinstance(model.pipe.transformer.blocks[1].attn1.to_q, QuantLinear)
+    assert type(model.pipe.transformer.blocks[0].attn1.to_q) is torch.nn.Linear  # protected: untouched
+    expected = _latents(model, trajectory)
+    manifest = save_quantized(model, tmp_path / "ckpt", plan=PLAN, calibration=calibration)
+    assert manifest["packed"] and manifest["layers"]["high:blocks.1.attn1.to_q"]["weight"] == "hif4"
+    torch.save(expected, tmp_path / "expected.pt")
+    code = (
+        "import torch, sys\n"
+        "from sensq.models import load_model\n"
+        "from sensq.trajectory import Trajectory, apply_trajectory, run\n"
+        f"model = load_model({str(tmp_path / 'ckpt')!r}, torch.device('cpu'), torch.float32)\n"
+        f"trajectory = Trajectory.from_dict({trajectory.to_dict()!r})\n"
+        "apply_trajectory(model.pipe, trajectory)\n"
+        "got = run(model.pipe, 'a red ball moving left', trajectory, seed=7)\n"
+        f"sys.exit(0 if torch.equal(got, torch.load({str(tmp_path / 'expected.pt')!r})) else 3)\n"
+    )
+    assert subprocess.run([sys.executable, "-c", code], capture_output=True).returncode == 0
+
+
+def test_mse_calibration_clips_only_when_it_helps(probed):
+    folder, _ = probed
+    model = load_model("tiny", torch.device("cpu"), torch.float32)
+    _, calibration = apply_plan(model, PLAN, probe_path=folder / "probe.h5", calibrate="mse")
+    for expert in ("high", "low"):
+        layers = calibration[expert]
+        assert set(layers) == {n for n in layers if not n.startswith(("blocks.0.", "condition_embedder", "patch"))}
+        for calib in layers.values():
+            assert 0.5 <= calib.act_clip <= 1.0 and 0.5 <= calib.weight_clip <= 1.0
+            assert calib.act_rows > 0 and calib.act_nmse is not None
+
+
+def test_sequential_experts_reprobes_the_low_expert(probed):
+    folder, _ = probed
+    model = load_model("tiny", torch.device("cpu"), torch.float32)
+    _, calibration = apply_plan(model, PLAN, probe_path=folder / "probe.h5", calibrate="mse", sequential_experts=True)
+    assert calibration["low"] and all(c.act_rows > 0 for c in calibration["low"].values())
+
+
+def test_fake_checkpoint_gives_the_same_outputs(probed, tmp_path):
+    _, trajectory = probed
+    model = load_model("tiny", torch.device("cpu"), torch.float32)
+    _, calibration = apply_plan(model, PLAN)
+    expected = _latents(model, trajectory)
+    manifest = save_quantized(model, tmp_path / "fake", plan=PLAN, calibration=calibration, fake=True)
+    assert not manifest["packed"]
+    assert torch.equal(_latents(load_quantized(tmp_path / "fake"), trajectory), expected)
+
+
+def test_hif4_checkpoint_is_4_5_bits_per_parameter_at_real_widths(tmp_path):
+    """tiny-realshape: every in_features is a multiple of 64, so no tail padding."""
+    model = load_model("tiny-realshape", torch.device("cpu"), torch.float32)
+    plan = Plan([Rule("re:(high|low):.*", "hif4", "hif4")])
+    _, calibration = apply_plan(model, plan)
+    sizes = save_quantized(model, tmp_path / "ckpt", plan=plan, calibration=calibration)["sizes"]
+    assert sizes["effective_bits_quantized"] == 4.5
+    assert sizes["quantized_weight_bytes"] * 8 == 4.5 * sizes["quantized_params"]
+
+
+def test_corrupted_truncated_and_newer_checkpoints(probed, tmp_path):
+    model = load_model("tiny", torch.device("cpu"), torch.float32)
+    _, calibration = apply_plan(model, PLAN)
+    save_quantized(model, tmp_path / "ckpt", plan=PLAN, calibration=calibration)
+    weights = tmp_path / "ckpt" / "transformer" / "weights.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-10] ^= 0xFF
+    weights.write_bytes(bytes(data))
+    with pytest.raises(InputError, match="is corrupted or truncated \\(SHA-256 mismatch\\)"):
+        load_quantized(tmp_path / "ckpt")
+    weights.write_bytes(bytes(data[:-100]))
+    with pytest.raises(InputError, match="is corrupted or truncated"):
+        read_manifest(tmp_path / "ckpt")
+    manifest_path = tmp_path / "ckpt" / "manifest.json"
+    manifest = json.loads(manifest_path.read_text())
+    manifest_path.write_text(json.dumps({**manifest, "schema": "sensq.checkpoint/2", "version": 2}))
+    with pytest.raises(InputError, match="was written by a newer sensq"):
+        read_manifest(tmp_path / "ckpt")
+    manifest_path.unlink()
+    with pytest.raises(InputError, match="is not a sensq checkpoint \\(no manifest.json\\)"):
+        read_manifest(tmp_path / "ckpt")
+
+
+def test_bad_apply_requests(probed):
+    folder, _ = probed
+    model = load_model("tiny", torch.device("cpu"), torch.float32)
+    foreign = Plan(PLAN.rules, model={"id": "other", "fingerprint": "0" * 16})
+    with pytest.raises(InputError, match="the plan was made for model fingerprint 0000000000000000"):
+        apply_plan(model, foreign)
+    with pytest.raises(InputError, match="match no layer of this model: 'high:blocks.7.attn1.to_q'"):
+        apply_plan(model, Plan([Rule("high:blocks.7.attn1.to_q", None, None)] + PLAN.rules))
+    with pytest.raises(InputError, match="--calibrate mse needs --probe"):
+        apply_plan(model, PLAN, calibrate="mse")
+    with pytest.raises(InputError, match="needs the inputs of blocks.0: probe without --no-first-block"):
+        apply_plan(load_model("tiny", torch.device("cpu"), torch.float32), PLAN, probe_path=folder / "nofirst.h5",
+                   calibrate="mse")
+
+
+def test_cli_apply_plan(probed, tmp_path):
+    folder, _ = probed
+    plan_path = tmp_path / "plan.json"
+    PLAN.save(plan_path)
+    runner = CliRunner()
+    result = runner.invoke(main, ["apply-plan", str(plan_path), "--probe", str(folder / "probe.h5"), "--calibrate",
+                                  "mse", "--out", str(tmp_path / "q"), "--json"])
+    assert result.exit_code == 0, result.output
+    summary = json.loads(result.stdout)
+    assert summary["packed"] and summary["layers_quantized"] == 22 and summary["calibration"]["high"]["layers"] == 11
+    probe_again = runner.invoke(main, ["probe", "--model", str(tmp_path / "q"), "--limit", "1", "--steps", "2",
+                                       "--out", str(tmp_path / "after.h5")])
+    assert probe_again.exit_code == 0, probe_again.output
+    missing = runner.invoke(main, ["apply-plan", str(tmp_path / "none.json")])
+    assert missing.exit_code == 1 and "plan file not found" in missing.output
