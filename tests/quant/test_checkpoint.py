@@ -156,3 +156,28 @@ def test_cli_apply_plan(probed, tmp_path):
     assert probe_again.exit_code == 0, probe_again.output
     missing = runner.invoke(main, ["apply-plan", str(tmp_path / "none.json")])
     assert missing.exit_code == 1 and "plan file not found" in missing.output
+
+
+def test_quantized_pipeline_stays_a_diffusers_pipeline(tmp_path):
+    """save_pretrained writes the full-precision weights under the usual keys; a plain WanPipeline loads them;
+    diffusers hooks attach to the quantized layers."""
+    from diffusers import WanPipeline
+    from diffusers.hooks import HookRegistry, ModelHook
+
+    model = load_model("tiny", torch.device("cpu"), torch.float32)
+    reference = {k: v.clone() for k, v in model.pipe.transformer.state_dict().items()}
+    apply_plan(model, PLAN)
+    seen = []
+
+    class Count(ModelHook):
+        def pre_forward(self, module, *args, **kwargs):
+            seen.append(type(module).__name__)
+            return args, kwargs
+
+    HookRegistry.check_if_exists_or_initialize(model.pipe.transformer.blocks[1].attn1.to_q).register_hook(Count(), "c")
+    trajectory = Trajectory(steps=2, guidance=1.0).with_resolution(model.default_resolution)
+    _latents(model, trajectory)
+    assert seen and seen[0] == "QuantLinear"
+    model.pipe.save_pretrained(tmp_path)
+    plain = WanPipeline.from_pretrained(tmp_path)
+    assert all(torch.equal(reference[k], v) for k, v in plain.transformer.state_dict().items())
