@@ -33,6 +33,8 @@ def main() -> None:
       sensq rank PROBE.h5        rank each expert's layers by sensitivity (mse, sqnr, cosine, e2e, ...)
       sensq plan RANKING.json    protected entrance set + formats under a budget, as a plan file
       sensq apply-plan PLAN.json quantize (calibrated) and write a packed checkpoint (--model DIR loads it)
+      sensq generate --out DIR   matched generations (mp4 + frames + latents + manifest), resumable
+      sensq eval DIR --reference FP_DIR   fidelity: latent NMSE, PSNR, SSIM, first-frame, temporal
       sensq report RANKING.json  heatmaps, top-layer bars, Markdown + self-contained HTML
     \b
     Formats and numerics:
@@ -45,6 +47,7 @@ def main() -> None:
 
 from sensq.cli.apply_plan import apply_plan  # noqa: E402
 from sensq.cli.formats import formats  # noqa: E402
+from sensq.cli.generate import eval_command, generate  # noqa: E402
 from sensq.cli.plan import plan  # noqa: E402
 from sensq.cli.probe import probe  # noqa: E402
 from sensq.cli.rank import rank  # noqa: E402
@@ -56,3 +59,5 @@ main.add_command(rank)
 main.add_command(plan)
 main.add_command(report)
 main.add_command(apply_plan)
+main.add_command(generate)
+main.add_command(eval_command)

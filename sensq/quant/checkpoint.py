@@ -19,7 +19,6 @@ experiment format; same outputs).
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -34,19 +33,11 @@ import sensq
 from sensq.errors import InputError
 from sensq.formats import PackedTensor, pack, unpack
 from sensq.quant.layers import clip_rows, is_quantized, quantize_module, swap
-from sensq.store.files import write_json
+from sensq.store.files import file_digest, write_json
 
 CHECKPOINT_SCHEMA = "sensq.checkpoint/1"
 CHECKPOINT_VERSION = 1
 WEIGHTS_FILE = "weights.safetensors"
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 24), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 @dataclass
@@ -120,7 +111,7 @@ def save_quantized(model, out_dir: str | Path, *, plan, calibration: dict, fake:
         pipe.register_modules(**saved)
     for path in sorted(tmp.rglob("*")):
         if path.is_file():
-            files[str(path.relative_to(tmp))] = {"sha256": _sha256(path), "bytes": path.stat().st_size}
+            files[str(path.relative_to(tmp))] = {"sha256": file_digest(path, length=64), "bytes": path.stat().st_size}
     disk = sum(f["bytes"] for f in files.values())
     sizes = CheckpointSizes(
         disk_bytes=disk, weight_bytes_bf16=bf16_bytes, quantized_params=quantized_params,
@@ -177,7 +168,7 @@ def read_manifest(path: str | Path, verify: bool = True) -> dict:
             file = folder / name
             if not file.is_file():
                 raise InputError(f"checkpoint file missing: {str(file)!r}")
-            if file.stat().st_size != info["bytes"] or _sha256(file) != info["sha256"]:
+            if file.stat().st_size != info["bytes"] or file_digest(file, length=64) != info["sha256"]:
                 raise InputError(f"checkpoint file {str(file)!r} is corrupted or truncated (SHA-256 mismatch); "
                                  "write the checkpoint again with sensq apply-plan")
     return manifest

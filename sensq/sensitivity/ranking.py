@@ -6,7 +6,6 @@ The ranking JSON (``sensq.ranking/1``) is what ``sensq plan`` and ``sensq report
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import math
 import time
 from collections.abc import Callable
@@ -21,7 +20,7 @@ from sensq.formats import get_format
 from sensq.models import LoadedModel
 from sensq.sensitivity.e2e import GRANULARITIES, MODES, E2EJob, e2e_scores, layer_groups
 from sensq.sensitivity.local import LOCAL_METRICS, REDUCTIONS, higher_is_more_sensitive, layer_scores, reduce_steps
-from sensq.store.files import read_json, write_json
+from sensq.store.files import file_digest, read_json, write_json
 from sensq.store.probe_file import ProbeFile
 from sensq.trajectory import Trajectory
 
@@ -87,14 +86,6 @@ class Ranking:
         if not any(experts.values()):
             raise InputError(f"{str(path)!r} ranks no layer (empty ranking)")
         return cls(experts=experts, **data)
-
-
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 24), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def _assign_ranks(layers: list[LayerRank], formats: list[str], metric: str) -> None:
@@ -213,7 +204,7 @@ def rank_layers(request: RankRequest, progress: Callable[[str, int, int], None] 
         for layers in ranked.values():
             _assign_ranks(layers, request.formats, request.metric)
         provenance = {
-            "probe_file": str(request.probe_path), "probe_sha256": file_sha256(request.probe_path),
+            "probe_file": str(request.probe_path), "probe_sha256": file_digest(request.probe_path, length=64),
             "probe_model_fingerprint": probe.model_fingerprint, "model_id": model.model_id,
             "model_fingerprint": model.fingerprint, "trajectory": probe.attr_json("trajectory"),
             "prompts": int(probe.done.sum()), "seconds": round(time.perf_counter() - started, 3),

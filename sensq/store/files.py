@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from pathlib import Path
@@ -39,3 +40,12 @@ def read_json(path: str | Path, schema: str, kind: str) -> dict:
         found = data.get("schema") if isinstance(data, dict) else type(data).__name__
         raise InputError(f"{str(path)!r} has schema {found!r}; expected {schema!r}")
     return data
+
+
+def file_digest(path: str | Path, length: int = 16) -> str:
+    """SHA-256 of a file's bytes (hex, first ``length`` digits)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 24), b""):
+            digest.update(chunk)
+    return digest.hexdigest()[:length]
