@@ -28,6 +28,9 @@ def main() -> None:
     """sensq: which layers of a video diffusion transformer can run in 4 bits.
 
     \b
+    Everything at once, on an embedded model (about a minute on a laptop CPU):
+      sensq demo --out sensq-demo
+    \b
     The method, step by step:
       sensq probe                record per-layer, per-expert, per-step activations into HDF5
       sensq rank PROBE.h5        rank each expert's layers by sensitivity (mse, sqnr, cosine, e2e, ...)
@@ -35,6 +38,7 @@ def main() -> None:
       sensq apply-plan PLAN.json quantize (calibrated) and write a packed checkpoint (--model DIR loads it)
       sensq generate --out DIR   matched generations (mp4 + frames + latents + manifest), resumable
       sensq eval DIR --reference FP_DIR   fidelity: latent NMSE, PSNR, SSIM, first-frame, temporal
+      sensq ablate RANKING.json  sweep protected sets (none, entrance, top-k, budgets, ModelOpt recipe)
       sensq report RANKING.json  heatmaps, top-layer bars, Markdown + self-contained HTML
     \b
     Formats and numerics:
@@ -45,6 +49,7 @@ def main() -> None:
     """
 
 
+from sensq.cli.ablate import ablate, demo  # noqa: E402
 from sensq.cli.apply_plan import apply_plan  # noqa: E402
 from sensq.cli.formats import formats  # noqa: E402
 from sensq.cli.generate import eval_command, generate  # noqa: E402
@@ -61,3 +66,5 @@ main.add_command(report)
 main.add_command(apply_plan)
 main.add_command(generate)
 main.add_command(eval_command)
+main.add_command(ablate)
+main.add_command(demo)

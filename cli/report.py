@@ -9,7 +9,7 @@ import click
 
 
 @click.command()
-@click.argument("ranking_file", type=click.Path(path_type=Path))
+@click.argument("ranking_file", metavar="RANKING_OR_ABLATION", type=click.Path(path_type=Path))
 @click.option("--plan", "plan_file", type=click.Path(path_type=Path), default=None,
               help="Mark this plan's protected layers (default: the entrance layers).")
 @click.option("--top", type=int, default=20, show_default=True, help="Layers in the bar charts and tables.")
@@ -19,12 +19,23 @@ import click
 def report(ranking_file, plan_file, top, out, as_json) -> None:
     """Render a ranking: per expert, a heatmap of the metric over layers x denoising steps and a bar
     chart of the most sensitive layers with the protected set marked, as PNGs, Markdown and one
-    self-contained HTML file (images embedded).
+    self-contained HTML file (images embedded). Given an ablation folder (from sensq ablate or sensq
+    demo), render its table and plots again into that folder.
 
     \b
-    Example:
+    Examples:
       sensq report ranking.json --plan plan.json --out report/
+      sensq report sensq-demo/ablation
     """
+    if ranking_file.is_dir():
+        from sensq.ablate import load_ablation, write_ablation_report
+
+        files = write_ablation_report(load_ablation(ranking_file), ranking_file)
+        if as_json:
+            click.echo(json.dumps({"out_dir": str(ranking_file), "files": files}, indent=1))
+        else:
+            click.echo(f"report written to {ranking_file / 'ablation.html'} ({len(files)} files)")
+        return
     from sensq.plan import Plan
     from sensq.report.ranking import write_ranking_report
     from sensq.sensitivity import Ranking

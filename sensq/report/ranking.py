@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
-from sensq.errors import InputError
+from sensq.report import pyplot, save_png
 from sensq.store.files import atomic_write_bytes
 
 
@@ -20,26 +20,6 @@ from sensq.store.files import atomic_write_bytes
 class ReportResult:
     out_dir: str
     files: list[str]
-
-
-def _pyplot():
-    try:
-        import matplotlib
-    except ImportError:
-        raise InputError("sensq report needs matplotlib: pip install 'sensq[report]' (or pip install matplotlib)") \
-            from None
-    matplotlib.use("Agg")  # files only, no display
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
-def _save(fig, path: Path) -> None:
-    import io
-
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=110, bbox_inches="tight")
-    atomic_write_bytes(path, buffer.getvalue())
 
 
 def _heatmap(plt, ranking, expert: str, fmt: str, path: Path) -> bool:
@@ -67,7 +47,7 @@ def _heatmap(plt, ranking, expert: str, fmt: str, path: Path) -> bool:
     label = "-SQNR dB" if ranking.metric == "sqnr" else ranking.metric
     ax.set_title(f"{expert}-noise expert: {label} per step ({fmt}, mean over CFG branches)")
     fig.colorbar(image, ax=ax, label=label)
-    _save(fig, path)
+    save_png(fig, path)
     plt.close(fig)
     return True
 
@@ -84,7 +64,7 @@ def _bars(plt, ranking, expert: str, fmt: str, protected: set[str], top: int, pa
         ax.set_xscale("log")
     ax.set_xlabel(f"{ranking.metric} ({ranking.reduce})")
     ax.set_title(f"{expert}-noise expert: top {len(layers)} layers, {fmt} (red = kept in high precision)")
-    _save(fig, path)
+    save_png(fig, path)
     plt.close(fig)
 
 
@@ -94,7 +74,7 @@ def write_ranking_report(ranking, out_dir: str | Path, *, plan=None, top: int = 
 
     The protected set shown is the plan's when one is given, else the entrance layers.
     """
-    plt = _pyplot()
+    plt = pyplot()
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     fmt = ranking.formats[0]

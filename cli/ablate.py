@@ -1,0 +1,156 @@
+"""``sensq ablate``: sweep protected sets at one format; ``sensq demo``: the whole method end to end."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import click
+
+
+def _ints(ctx, param, value: str) -> list[int]:
+    try:
+        return [int(v) for v in value.split(",") if v.strip()]
+    except ValueError:
+        raise click.BadParameter(f"expected comma-separated integers, got {value!r}") from None
+
+
+@click.command()
+@click.argument("ranking_file", type=click.Path(path_type=Path))
+@click.option("--model", default=None, help="Model (default: the one the ranking was made with).")
+@click.option("--format", "fmt", default="hif4", show_default=True, help="Format of every quantized layer (W4A4).")
+@click.option("--top-k", "top_ks", default="2,4", show_default=True, callback=_ints,
+              help="Entrance + top-k sets to include, comma-separated.")
+@click.option("--budget", "budgets", default="30%", show_default=True,
+              help="Budget sets to include, comma-separated (e.g. 5%,10%).")
+@click.option("--prompts", "prompts_path", type=click.Path(dir_okay=False), default=None)
+@click.option("--limit", type=int, default=None, help="Use only the first N prompts.")
+@click.option("--video/--no-video", default=False, show_default=True, help="Also write mp4 files.")
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=Path("ablation"), show_default=True)
+@click.option("--json", "as_json", is_flag=True, help="Print the ablation table as JSON.")
+def ablate(ranking_file, model, fmt, top_ks, budgets, prompts_path, limit, video, out, as_json) -> None:
+    """Sweep protected sets at one format: none, the entrance, entrance + top-k, budgets, the entrance in
+    one expert only, and ModelOpt's fixed Wan recipe (embedders, proj_out, first and last three blocks).
+    Each set is applied, generated and scored against full precision along the probe's own trajectory;
+    rerunning reuses finished generations. Writes ablation.json, ablation.md and ablation.html.
+
+    \b
+    Example:
+      sensq ablate ranking.json --top-k 2,4,8 --budget 5%,10% --out ablation/
+    """
+    import torch
+
+    from sensq.ablate import run_ablation, standard_sets, write_ablation_report
+    from sensq.models import load_model
+    from sensq.plan import parse_budget
+    from sensq.prompts import load_prompts
+    from sensq.sensitivity import Ranking
+    from sensq.trajectory import Trajectory
+
+    ranking = Ranking.load(ranking_file)
+    shares = [parse_budget(b) for b in budgets.split(",") if b.strip()]
+    loaded = load_model(model or ranking.provenance["model_id"], torch.device("cpu"), torch.float32)
+    trajectory = Trajectory.from_dict(ranking.provenance["trajectory"])
+    prompts = load_prompts(prompts_path, limit)
+    sets = standard_sets(loaded, ranking, fmt, top_ks=top_ks, budgets=shares)
+    result = run_ablation(loaded, trajectory, prompts, sets, out, fmt=fmt, write_video=video)
+    commands = [f"sensq ablate {ranking_file} --format {fmt} --top-k {','.join(map(str, top_ks))} "
+                f"--budget {budgets} --out {out}"]
+    write_ablation_report(result, out, commands)
+    if as_json:
+        click.echo(json.dumps(result, indent=1))
+        return
+    _print_rows(result)
+    click.echo(f"report: {out / 'ablation.html'}")
+
+
+def _print_rows(result: dict) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=f"ablation: {result['format']} W4A4 vs full precision")
+    for column in ("protected set", "kept high/low", "bits", "latent NMSE", "PSNR", "SSIM"):
+        table.add_column(column, justify="left" if column == "protected set" else "right")
+    for row in result["rows"]:
+        m = row["metrics"]
+        table.add_row(row["set"], " / ".join(f"{v:.0%}" for v in row["protected_share"].values()),
+                      f"{row['effective_bits']:.2f}", f"{m['latent_nmse']:.5f}", f"{m['psnr']:.1f}",
+                      f"{m['ssim']:.4f}")
+    Console().print(table)
+
+
+@click.command()
+@click.option("--model", default="small", show_default=True,
+              help="Embedded model to run the method on (tiny, small, tiny-realshape).")
+@click.option("--format", "fmt", default="hif4", show_default=True)
+@click.option("--prompts", "n_prompts", type=int, default=4, show_default=True, help="Built-in prompts to use.")
+@click.option("--steps", type=int, default=8, show_default=True)
+@click.option("--budget", default="30%", show_default=True, help="Protected budget of the demo plan.")
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=Path("sensq-demo"),
+              show_default=True)
+def demo(model, fmt, n_prompts, steps, budget, out) -> None:
+    """The whole method on an embedded two-expert Wan2.2 model, end to end, on the CPU:
+    probe -> rank -> plan -> apply-plan (mse calibration, packed checkpoint) -> generate -> eval ->
+    ablate -> report. Rerunning reuses what is finished.
+
+    \b
+    Example:
+      sensq demo --out sensq-demo && open sensq-demo/ablation/ablation.html
+    """
+    import torch
+
+    from sensq.ablate import run_ablation, standard_sets, write_ablation_report
+    from sensq.eval import evaluate_fidelity
+    from sensq.generate import GenerateRequest, generate
+    from sensq.models import load_model
+    from sensq.plan import build_plan, parse_budget
+    from sensq.probes.recorder import ProbeRequest, run_probe
+    from sensq.prompts import load_prompts
+    from sensq.quant.apply import apply_plan
+    from sensq.quant.checkpoint import save_quantized
+    from sensq.report.ranking import write_ranking_report
+    from sensq.sensitivity import RankRequest, rank_layers
+    from sensq.trajectory import Trajectory
+
+    out.mkdir(parents=True, exist_ok=True)
+    started = time.perf_counter()
+
+    def step(text: str) -> None:
+        click.echo(f"[{time.perf_counter() - started:6.1f} s] {text}")
+
+    loaded = load_model(model, torch.device("cpu"), torch.float32)
+    trajectory = Trajectory(steps=steps).with_resolution(loaded.default_resolution)
+    prompts = load_prompts(None, n_prompts)
+    probe_path = out / "probe.h5"
+    step(f"probe: {model}, {len(prompts)} prompts x {steps} UniPC steps with CFG, both experts -> {probe_path}")
+    run_probe(ProbeRequest(loaded, trajectory, prompts, ["high", "low"], probe_path, resume=probe_path.exists()))
+    step(f"rank: --metric mse --format {fmt},nvfp4 -> {out / 'ranking.json'}")
+    ranking = rank_layers(RankRequest(probe_path, loaded, [fmt, "nvfp4"]))
+    ranking.save(out / "ranking.json")
+    plan = build_plan(ranking, budget=parse_budget(budget), fmt=fmt)
+    plan.save(out / "plan.json")
+    protected = {e: len(plan.protected(e)) for e in ranking.experts}
+    step(f"plan: entrance + most sensitive within {budget}: {protected} layers kept in BF16 -> {out / 'plan.json'}")
+    write_ranking_report(ranking, out / "ranking-report", plan=plan)
+    apply_plan(loaded, plan, probe_path=probe_path, calibrate="mse")
+    manifest = save_quantized(loaded, out / "quantized", plan=plan, calibration={})
+    step(f"apply-plan: mse calibration, packed checkpoint -> {out / 'quantized'} "
+         f"({manifest['sizes']['disk_bytes'] / 1e6:.2f} MB on disk)")
+    fp = load_model(model, torch.device("cpu"), torch.float32)
+    generate(GenerateRequest(fp, trajectory, prompts, out / "runs" / "full-precision", label="full precision"))
+    quantized = load_model(str(out / "quantized"), torch.device("cpu"), torch.float32)
+    generate(GenerateRequest(quantized, trajectory, prompts, out / "runs" / "quantized", label="quantized (packed)"))
+    scores = evaluate_fidelity(out / "runs" / "quantized", out / "runs" / "full-precision")
+    aggregate = scores["aggregate"]
+    step(f"generate + eval: quantized vs full precision: latent NMSE {aggregate['latent_nmse']['mean']:.5f}, "
+         f"PSNR {aggregate['psnr']['mean']:.1f} dB, SSIM {aggregate['ssim']['mean']:.4f}")
+    sets = standard_sets(fp, ranking, fmt, top_ks=(2, 4), budgets=(parse_budget(budget),))
+    result = run_ablation(fp, trajectory, prompts, sets, out / "ablation", fmt=fmt,
+                          reference=out / "runs" / "full-precision")
+    write_ablation_report(result, out / "ablation", [f"sensq demo --model {model} --format {fmt} --prompts "
+                                                     f"{n_prompts} --steps {steps} --budget {budget} --out {out}"])
+    step(f"ablate: {len(sets)} protected sets")
+    _print_rows(result)
+    click.echo(f"done in {time.perf_counter() - started:.1f} s. Reports: {out / 'ablation' / 'ablation.html'}, "
+               f"{out / 'ranking-report' / 'report.html'}")
