@@ -107,3 +107,66 @@ def test_cli_generate_and_eval(runs, tmp_path):
     assert other.exit_code == 0
     mismatch = runner.invoke(main, ["eval", str(tmp_path / "fp2"), "--reference", str(folder / "fp")])
     assert mismatch.exit_code == 1 and "were generated with different trajectories" in mismatch.output
+
+
+def test_missing_video_backend_is_one_clear_error(runs, tmp_path, monkeypatch):
+    import builtins
+
+    folder, model, trajectory, prompts = runs
+    real_import = builtins.__import__
+
+    def no_ffmpeg(name, *args, **kwargs):
+        if name.startswith("imageio"):
+            raise ImportError(name)
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", no_ffmpeg)
+    with pytest.raises(InputError, match=r"writing mp4 needs imageio and imageio-ffmpeg: pip install 'sensq\[video\]'"):
+        generate(GenerateRequest(model, trajectory, prompts[:1], tmp_path / "novideo"))
+    # nothing half-written: the item is not in the manifest, so a rerun (with the backend) redoes it
+    assert not (tmp_path / "novideo" / "manifest.json").exists()
+
+
+def test_unwritable_output_folder(runs, tmp_path):
+    _, model, trajectory, prompts = runs
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    with pytest.raises(InputError, match="cannot write to"):
+        generate(GenerateRequest(model, trajectory, prompts[:1], blocker / "sub"))
+
+
+def test_kill_9_mid_run_then_rerun_completes_without_redoing(tmp_path):
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("\n".join(f"a small bird number {i} flying" for i in range(40)))
+    out = tmp_path / "run"
+    command = [sys.executable, "-m", "sensq.cli", "generate", "--prompts", str(prompts), "--steps", "2",
+               "--no-video", "--out", str(out)]
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    done = {}
+    while time.time() < deadline and process.poll() is None:
+        try:
+            done = json.loads((out / "manifest.json").read_text())["items"]
+        except (FileNotFoundError, json.JSONDecodeError):
+            done = {}
+        if len(done) >= 3:
+            break
+        time.sleep(0.05)
+    assert process.poll() is None, "finished before it could be killed"
+    os.kill(process.pid, signal.SIGKILL)
+    process.wait()
+    finished = json.loads((out / "manifest.json").read_text())["items"]  # valid JSON after kill -9
+    stamps = {k: (out / v["frames"]).stat().st_mtime_ns for k, v in finished.items()}
+    rerun = subprocess.run(command + ["--json"], capture_output=True, text=True)
+    assert rerun.returncode == 0, rerun.stderr[-2000:]
+    summary = json.loads(rerun.stdout)
+    assert summary["skipped"] == len(finished) and summary["generated"] == 40 - len(finished)
+    items = json.loads((out / "manifest.json").read_text())["items"]
+    assert len(items) == 40
+    assert all((out / finished[k]["frames"]).stat().st_mtime_ns == stamps[k] for k in finished)
