@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import re
@@ -63,13 +64,29 @@ def model_fingerprint(pipe, adapter: WanAdapter) -> str:
     return digest.hexdigest()[:16]
 
 
+@contextlib.contextmanager
+def quiet_hf_progress():
+    """Silence diffusers' and transformers' own progress bars (sensq reports its own progress)."""
+    from diffusers.utils import logging as diffusers_logging
+    from transformers.utils import logging as transformers_logging
+
+    diffusers_logging.disable_progress_bar()
+    transformers_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        diffusers_logging.enable_progress_bar()
+        transformers_logging.enable_progress_bar()
+
+
 def _from_folder(path: Path, dtype: torch.dtype):
     from diffusers import DiffusionPipeline, WanPipeline
 
     if not (path / "model_index.json").is_file():
         raise InputError(f"{str(path)!r} has no model_index.json: not a diffusers pipeline folder")
     try:
-        pipe = DiffusionPipeline.from_pretrained(str(path), dtype=dtype, local_files_only=True)
+        with quiet_hf_progress():
+            pipe = DiffusionPipeline.from_pretrained(str(path), dtype=dtype, local_files_only=True)
     except Exception as error:  # noqa: BLE001 - diffusers' loader raises many kinds; report any as one line
         first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         raise InputError(f"cannot load the pipeline in {str(path)!r}: {first_line}") from None

@@ -65,6 +65,8 @@ def save_quantized(model, out_dir: str | Path, *, plan, calibration: dict, fake:
     layers_manifest: dict[str, dict] = {}
     files: dict[str, dict] = {}
     quantized_params = quantized_bytes = bf16_bytes = resident = 0
+    from sensq.models import quiet_hf_progress
+
     experts = {}
     for expert in adapter.experts(pipe):
         attr = adapter.expert_attrs[expert]
@@ -106,7 +108,8 @@ def save_quantized(model, out_dir: str | Path, *, plan, calibration: dict, fake:
     saved = {attr: getattr(pipe, attr) for attr in ("transformer", "transformer_2")}
     try:
         pipe.register_modules(transformer=None, transformer_2=None)
-        pipe.save_pretrained(tmp / "pipeline")
+        with quiet_hf_progress():
+            pipe.save_pretrained(tmp / "pipeline")
     finally:
         pipe.register_modules(**saved)
     for path in sorted(tmp.rglob("*")):
@@ -183,7 +186,7 @@ def load_quantized(path: str | Path, device: torch.device | str = "cpu", dtype: 
     from accelerate import init_empty_weights
     from diffusers import WanPipeline, WanTransformer3DModel
 
-    from sensq.models import LoadedModel, WanAdapter, _resolution_for, model_fingerprint
+    from sensq.models import LoadedModel, WanAdapter, _resolution_for, model_fingerprint, quiet_hf_progress
 
     folder = Path(path)
     manifest = read_manifest(folder)
@@ -221,7 +224,8 @@ def load_quantized(path: str | Path, device: torch.device | str = "cpu", dtype: 
                                                act_clip=entry["act_clip"], weight_clip=entry["weight_clip"],
                                                weight_q=weight_q))
         experts[attr] = module.eval()
-    pipe = WanPipeline.from_pretrained(str(folder / "pipeline"), **experts)
+    with quiet_hf_progress():
+        pipe = WanPipeline.from_pretrained(str(folder / "pipeline"), **experts)
     pipe.to(device=device)
     if dtype is not None and dtype != next(experts["transformer"].parameters()).dtype:
         raise InputError(f"this checkpoint holds {next(experts['transformer'].parameters()).dtype} weights; "
