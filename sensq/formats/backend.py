@@ -22,10 +22,13 @@ class Backend(enum.Enum):
     REFERENCE = "reference"
     """Plain torch, the spec step by step (any device)."""
     CPU = "cpu"
-    """Fused numba loops on CPU tensors (HiF4, MXFP4, NVFP4)."""
+    """Fused numba loops on CPU tensors (HiF4)."""
+    TRITON = "triton"
+    """Fused Triton kernels on CUDA tensors (HiF4); CPU tensors under TRITON_INTERPRET=1 (tests)."""
 
 
 CPU_FAMILIES = (Family.HIF4,)
+TRITON_FAMILIES = (Family.HIF4,)
 
 
 def backend_names() -> list[str]:
@@ -55,7 +58,20 @@ def resolve_backend(backend: str | Backend, spec: FormatSpec, x: torch.Tensor) -
     backend = as_backend(backend)
     cpu_ok = x.device.type == "cpu" and spec.family in CPU_FAMILIES
     if backend is Backend.AUTO:
+        if x.device.type == "cuda" and spec.family in TRITON_FAMILIES and kernels.triton_available("cuda"):
+            return Backend.TRITON
         return Backend.CPU if cpu_ok and kernels.numba_available() else Backend.REFERENCE
+    if backend is Backend.TRITON:
+        if not kernels.triton_available(x.device.type):
+            raise BackendUnavailableError(
+                f"backend 'triton' cannot run on this {x.device.type} tensor: it needs triton (pip install "
+                "'sensq[triton]') and a CUDA GPU, or TRITON_INTERPRET=1 for CPU tensors; or use backend='reference'"
+            )
+        if spec.family not in TRITON_FAMILIES:
+            raise BackendUnavailableError(
+                f"backend 'triton' has no kernel for format {spec.name!r} (it has: hif4); use backend='reference'"
+            )
+        return backend
     if backend is Backend.CPU:
         if not kernels.numba_available():
             raise BackendUnavailableError(

@@ -1,0 +1,114 @@
+"""The triton backend against the reference: bit-exact quantize and pack, and the fused W4A4 linear.
+
+On CPU the kernels run under TRITON_INTERPRET=1 with small shapes; the same tests with real shapes are
+marked ``gpu`` and run only on a CUDA GPU.
+"""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+pytest.importorskip("triton")  # without a GPU, tests/conftest.py has set TRITON_INTERPRET=1
+
+from conftest import golden_cases, load_golden  # noqa: E402
+
+from sensq.errors import BackendUnavailableError  # noqa: E402
+from sensq.formats import get_format, pack, quantize_dequantize, unpack  # noqa: E402
+from sensq.formats.blocks import to_blocks  # noqa: E402
+from sensq.formats.reference import encode  # noqa: E402
+from sensq.kernels import triton_hif4  # noqa: E402
+from sensq.testing import assert_bitexact  # noqa: E402
+
+HIF4 = get_format("hif4")
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _awkward(shape, seed=0, dtype=torch.float32):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(shape, generator=g) * torch.exp2(torch.randint(-20, 20, shape, generator=g).float() / 2)
+    flat = x.view(-1)
+    flat[:: 97] = 0.0
+    flat[1:: 131] = -0.0
+    flat[2:: 389] = float("inf")
+    flat[3:: 1009] = float("nan")
+    flat[4:: 211] = 1e-40
+    return x.to(dtype)
+
+
+@pytest.mark.parametrize("name", [n for n in golden_cases() if load_golden(n)[2]["format"] == "hif4"])
+def test_golden(name):
+    x, expected, meta = load_golden(name)
+    got = quantize_dequantize(x.to(DEVICE), "hif4", dim=meta["axis"], backend="triton").cpu()
+    assert_bitexact(got, expected, name)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=["fp32", "bf16", "fp16"])
+@pytest.mark.parametrize("shape,dim", [((1, 1), -1), ((3, 63), -1), ((100, 130), -1), ((130, 7), 0),
+                                       ((2, 65, 33), 1)])
+def test_quantize_equals_reference(dtype, shape, dim):
+    x = _awkward(shape, seed=sum(shape), dtype=dtype)
+    assert_bitexact(quantize_dequantize(x.to(DEVICE), "hif4", dim=dim, backend="triton").cpu(),
+                    quantize_dequantize(x, "hif4", dim=dim, backend="reference"), f"{shape} {dtype}")
+
+
+@pytest.mark.parametrize("shape", [(5, 100), (3, 64), (17, 200), (1, 1)])
+def test_pack_fields_equal_the_reference_encoding(shape):
+    x = _awkward(shape, seed=3)
+    header, codes, _ = triton_hif4.pack_fields(x.to(DEVICE), dim=1)
+    encoded = encode(to_blocks(x, 1, 64)[0], HIF4)
+    assert torch.equal(header[..., 0].cpu(), encoded.meta["scale"].int())
+    assert torch.equal(header[..., 1].cpu(), encoded.meta["lv2"].int())
+    assert torch.equal(header[..., 2].cpu(), encoded.meta["lv3"].int())
+    low, high = encoded.codes[..., 0::2], encoded.codes[..., 1::2]
+    assert torch.equal(codes.cpu(), low | (high << 4))
+    # the same bytes as sensq.formats.pack's spec §6 layout
+    blocks = pack(x, "hif4").data["blocks"]
+    assert torch.equal(blocks[..., 4:], codes.cpu()) and torch.equal(blocks[..., 0].int(), header[..., 0].cpu())
+
+
+LINEAR_TOLERANCE = "|out - ref| <= K * 2^-23 * (|Q(x)| @ |W|^T) + 1e-6 (fp32 accumulation order)"
+
+
+@pytest.mark.parametrize("m,k,n", [(1, 64, 48), (100, 200, 64), (37, 100, 80), (64, 130, 16)])
+@pytest.mark.parametrize("bias", [True, False])
+def test_fused_linear_matches_f_linear_on_dequantized_operands(m, k, n, bias):
+    g = torch.Generator().manual_seed(m + k + n)
+    x = torch.randn(m, k, generator=g)
+    weight = torch.randn(n, k, generator=g) * 0.1
+    b = torch.randn(n, generator=g) if bias else None
+    header, codes, _ = triton_hif4.pack_fields(weight.to(DEVICE), dim=1)
+    out = triton_hif4.hif4_linear(x.to(DEVICE), header, codes, b.to(DEVICE) if bias else None, n).cpu()
+    x_q, w_q = quantize_dequantize(x, "hif4"), unpack(pack(weight, "hif4"))
+    reference = F.linear(x_q, w_q, b)
+    bound = (x_q.abs() @ w_q.abs().T) * k * 2.0**-23 + 1e-6
+    assert ((out - reference).abs() <= bound).all(), LINEAR_TOLERANCE
+
+
+def test_unavailable_triton_is_a_clear_error(monkeypatch):
+    from sensq import kernels
+
+    monkeypatch.setattr(kernels, "triton_available", lambda device_type="cuda": False)
+    with pytest.raises(BackendUnavailableError, match="backend 'triton' cannot run on this cpu tensor"):
+        quantize_dequantize(torch.zeros(4, 64), "hif4", backend="triton")
+
+
+def test_triton_has_only_hif4():
+    with pytest.raises(BackendUnavailableError, match="backend 'triton' has no kernel for format 'mxfp4'"):
+        quantize_dequantize(torch.zeros(4, 64, device=DEVICE), "mxfp4", backend="triton")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("m", [1, 100, 32760])
+@pytest.mark.parametrize("k,n", [(5120, 5120), (5120, 13824), (13824, 5120)])
+def test_real_shapes_on_gpu(m, k, n):
+    x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+    weight = torch.randn(n, k, device="cuda", dtype=torch.bfloat16) * 0.02
+    assert_bitexact(quantize_dequantize(x, "hif4", backend="triton"),
+                    quantize_dequantize(x, "hif4", backend="reference"), "quantize")
+    header, codes, _ = triton_hif4.pack_fields(weight, dim=1)
+    out = triton_hif4.hif4_linear(x, header, codes, None, n).float()
+    x_q = quantize_dequantize(x, "hif4").float()
+    w_q = quantize_dequantize(weight, "hif4").float()
+    reference = F.linear(x_q, w_q)
+    bound = (x_q.abs() @ w_q.abs().T) * k * 2.0**-23 + reference.abs() * 2.0**-8 + 1e-6  # + bf16 output rounding
+    assert ((out - reference).abs() <= bound).all(), LINEAR_TOLERANCE
