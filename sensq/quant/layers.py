@@ -25,6 +25,10 @@ def _format(fmt: str | FormatSpec | None) -> FormatSpec | None:
     return None if fmt is None else get_format(fmt)
 
 
+def _is_hif4(fmt: FormatSpec | None) -> bool:
+    return fmt is not None and fmt.name == "hif4"
+
+
 def clip_rows(x: torch.Tensor, clip: float) -> torch.Tensor:
     """Clamp every row (last dim) of ``x`` to ``clip`` times its absmax; the identity for ``clip == 1``."""
     if clip == 1.0:
@@ -65,6 +69,15 @@ class QuantLinear(torch.nn.Linear):
         if weight_q is None:
             weight_q = fake_quantize(linear.weight.detach(), quant.weight_format, quant.weight_clip, backend)
         quant.register_buffer("weight_q", weight_q, persistent=False)
+        quant.fused = backend == "triton" and _is_hif4(quant.weight_format) and _is_hif4(quant.act_format)
+        if quant.fused:
+            # the fused W4A4 kernel reads the weight packed (spec §6) and quantizes activations on the fly;
+            # buffers, so that .to(device) moves them with the layer
+            from sensq.kernels import triton_hif4
+
+            header, codes, _ = triton_hif4.pack_fields(clip_rows(linear.weight.detach(), quant.weight_clip), dim=1)
+            quant.register_buffer("packed_header", header, persistent=False)
+            quant.register_buffer("packed_codes", codes, persistent=False)
         return quant
 
     def to_linear(self) -> torch.nn.Linear:
@@ -75,6 +88,11 @@ class QuantLinear(torch.nn.Linear):
         return linear
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.fused:
+            from sensq.kernels import triton_hif4
+
+            return triton_hif4.hif4_linear(clip_rows(x, self.act_clip), self.packed_header, self.packed_codes,
+                                           self.bias, self.out_features)
         x = fake_quantize(x, self.act_format, self.act_clip, self.backend)
         return F.linear(x, self.weight_q.to(x.dtype), self.bias)
 

@@ -112,3 +112,19 @@ def test_real_shapes_on_gpu(m, k, n):
     reference = F.linear(x_q, w_q)
     bound = (x_q.abs() @ w_q.abs().T) * k * 2.0**-23 + reference.abs() * 2.0**-8 + 1e-6  # + bf16 output rounding
     assert ((out - reference).abs() <= bound).all(), LINEAR_TOLERANCE
+
+
+def test_quant_linear_uses_the_fused_kernel_with_backend_triton():
+    from sensq.quant import QuantLinear
+    from sensq.quant.layers import clip_rows
+
+    torch.manual_seed(0)
+    linear = torch.nn.Linear(130, 40).to(DEVICE)
+    x = torch.randn(3, 7, 130, device=DEVICE)
+    fused = QuantLinear.from_linear(linear, "hif4", "hif4", backend="triton", weight_clip=0.9, act_clip=0.95)
+    simulated = QuantLinear.from_linear(linear, "hif4", "hif4", backend="reference", weight_clip=0.9, act_clip=0.95)
+    assert fused.fused and not simulated.fused
+    got, expected = fused(x).detach(), simulated(x).detach()
+    x_q = quantize_dequantize(clip_rows(x, 0.95), "hif4")
+    bound = (x_q.abs().reshape(-1, 130) @ simulated.weight_q.abs().T).reshape(got.shape) * 130 * 2.0**-23 + 1e-5
+    assert ((got - expected).abs() <= bound).all(), LINEAR_TOLERANCE
