@@ -73,26 +73,77 @@ def generate(**kwargs) -> None:
                f"there; {result.out}")
 
 
+def _dims(ctx, param, value: str) -> list[str]:
+    return [v.strip() for v in value.split(",") if v.strip()]
+
+
 @click.command("eval")
-@click.argument("run_dir", type=click.Path(file_okay=False, path_type=Path))
-@click.option("--reference", type=click.Path(file_okay=False, path_type=Path), required=True,
-              help="The full-precision generations with the same prompts, seeds and trajectory.")
+@click.argument("run_dir", required=False, type=click.Path(file_okay=False, path_type=Path))
+@click.option("--reference", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Full-precision generations with the same prompts, seeds and trajectory: fidelity metrics.")
+@click.option("--vbench", is_flag=True, help="Also score the videos with VBench (its own environment).")
+@click.option("--dims", default="subject_consistency,aesthetic_quality,imaging_quality,overall_consistency,"
+              "motion_smoothness", callback=_dims, show_default=True, help="VBench dimensions.")
+@click.option("--vbench-python", default=None, help="Interpreter of the VBench environment [env SENSQ_VBENCH_PYTHON].")
+@click.option("--vbench-cache", default=None, help="VBench weights folder [env VBENCH_CACHE_DIR, ~/.cache/vbench].")
+@click.option("--torch-home", default=None, help="Holds hub/checkpoints/dino_vitbase16_pretrain.pth [env TORCH_HOME].")
+@click.option("--vbench-device", default="cpu", show_default=True, help="Device VBench runs on (cpu, cuda).")
+@click.option("--setup-vbench", "setup_dir", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Create a VBench environment in this folder (pip, from PyPI) and exit.")
+@click.option("--dry-run", is_flag=True, help="With --setup-vbench: print the commands instead of running them.")
 @click.option("--json", "as_json", is_flag=True, help="Print the scores as JSON.")
-def eval_command(run_dir, reference, as_json) -> None:
-    """Score a generation folder against full precision (offline, no weights): final-latent NMSE,
-    per-frame PSNR and SSIM, first-frame error, temporal error. Writes RUN_DIR/scores.json. Fails,
-    listing them, when a prompt index lacks its generation.
+def eval_command(run_dir, reference, vbench, dims, vbench_python, vbench_cache, torch_home, vbench_device, setup_dir,
+                 dry_run, as_json) -> None:
+    """Score a generation folder. Against full precision (--reference, offline, no weights): final-latent
+    NMSE, per-frame PSNR and SSIM, first-frame error, temporal error -> RUN_DIR/scores.json. With VBench
+    (--vbench): subject_consistency, aesthetic_quality, imaging_quality, overall_consistency,
+    motion_smoothness, run by the VBench environment's interpreter on local weights only ->
+    RUN_DIR/vbench.json. Fails, listing them, when a prompt index lacks its generation or a weight file
+    is missing.
 
     \b
-    Example:
+    Examples:
       sensq eval runs/hif4 --reference runs/fp
+      sensq eval --setup-vbench ~/vbench-env            # once; then put the weights in VBENCH_CACHE_DIR
+      sensq eval runs/hif4 --vbench --vbench-python ~/vbench-env/bin/python
     """
+    from sensq.eval.vbench_eval import run_vbench, setup_commands
+
+    if setup_dir is not None:
+        import shlex
+        import subprocess
+        import sys
+
+        commands = setup_commands(setup_dir, sys.executable)
+        for command in commands:
+            click.echo(f"$ {command}")
+            if not dry_run and subprocess.run(shlex.split(command)).returncode != 0:
+                raise click.ClickException(f"command failed: {command}")
+        if not dry_run:
+            click.echo(f"VBench environment ready: --vbench-python {setup_dir / 'bin' / 'python'}")
+        return
+    if run_dir is None:
+        raise click.UsageError("give RUN_DIR (a folder from sensq generate), or --setup-vbench DIR")
+    if reference is None and not vbench:
+        raise click.UsageError("give --reference FP_DIR (fidelity) and/or --vbench")
     from sensq.eval import evaluate_fidelity
 
-    scores = evaluate_fidelity(run_dir, reference)
+    result = {}
+    if reference is not None:
+        result["fidelity"] = evaluate_fidelity(run_dir, reference)
+    if vbench:
+        result["vbench"] = run_vbench(run_dir, dims, python=vbench_python, cache_dir=vbench_cache,
+                                      torch_home=torch_home, device=vbench_device)
     if as_json:
-        click.echo(json.dumps(scores, indent=1))
+        click.echo(json.dumps(result["fidelity"] if list(result) == ["fidelity"] else result, indent=1))
         return
-    click.echo(f"{run_dir} vs {reference} ({len(scores['per_item'])} prompts):")
-    for key, value in scores["aggregate"].items():
-        click.echo(f"  {key:18s} mean {value['mean']:.6g}  worst {value['worst']:.6g}")
+    if "fidelity" in result:
+        scores = result["fidelity"]
+        click.echo(f"{run_dir} vs {reference} ({len(scores['per_item'])} prompts):")
+        for key, value in scores["aggregate"].items():
+            click.echo(f"  {key:18s} mean {value['mean']:.6g}  worst {value['worst']:.6g}")
+    if "vbench" in result:
+        click.echo(f"VBench ({result['vbench']['videos']} videos):")
+        for dimension, value in result["vbench"]["dimensions"].items():
+            shown = f"{value['mean']:.4f}" if value["mean"] is not None else f"error: {value['error']}"
+            click.echo(f"  {dimension:20s} {shown}")

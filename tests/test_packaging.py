@@ -37,3 +37,16 @@ def test_import_does_not_load_numba_or_diffusers(tmp_path):
                   "print(sorted(m for m in ('numba', 'diffusers', 'rich') if m in sys.modules))", tmp_path)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "[]"
+
+
+def test_every_subpackage_is_listed_in_setup_cfg():
+    """A non-editable install only ships the packages setup.cfg lists: keep the list complete."""
+    import configparser
+
+    config = configparser.ConfigParser()
+    config.read(REPO / "setup.cfg")
+    listed = set(config["options"]["packages"].split())
+    found = {"sensq." + p.parent.relative_to(REPO / "sensq").as_posix().replace("/", ".")
+             for p in (REPO / "sensq").rglob("__init__.py") if p.parent != REPO / "sensq"}
+    found |= {"sensq", "sensq.cli", "sensq.probes", "sensq.kernels"}
+    assert found == listed
