@@ -27,12 +27,14 @@ from sensq.cli.common import model_options
 @click.option("--backend", type=click.Choice(["auto", "reference", "cpu", "triton"]), default="auto", show_default=True,
               help="Quantization backend (triton: fused W4A4 HiF4 linear on a GPU). Quantization is bit-exact on every "
                    "backend; the fused linear equals F.linear on the dequantized operands up to fp32 summation order.")
+@click.option("--offload", is_flag=True, help="Keep only the block being calibrated on the GPU (diffusers group "
+              "offloading; the rest of each expert waits on the host).")
 @click.option("--force", is_flag=True, help="Apply a plan or probe made for another model.")
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=Path("quantized"),
               show_default=True, help="Checkpoint folder to write (replaced atomically).")
 @click.option("--json", "as_json", is_flag=True, help="Print the manifest summary as JSON.")
-def apply_plan(plan_file, model, device, dtype, probe_file, calibrate, sequential_experts, fake, backend, force,
-               out, as_json) -> None:
+def apply_plan(plan_file, model, device, dtype, probe_file, calibrate, sequential_experts, fake, backend, offload,
+               force, out, as_json) -> None:
     """Quantize the model by the plan, expert by expert, and write a checkpoint that
     `--model DIR` (any command) and `sensq.load_quantized(DIR)` load back.
 
@@ -58,7 +60,7 @@ def apply_plan(plan_file, model, device, dtype, probe_file, calibrate, sequentia
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
     _, calibration = run_apply(loaded, plan, probe_path=probe_file, calibrate=calibrate,
-                               sequential_experts=sequential_experts, force=force, backend=backend)
+                               sequential_experts=sequential_experts, force=force, backend=backend, offload=offload)
     manifest = save_quantized(loaded, out, plan=plan, calibration=calibration, fake=fake)
     peak_host = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     summary = {

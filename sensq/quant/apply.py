@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import torch
+
 from sensq.models.wan import WanAdapter
 from sensq.plan import Plan, model_layers, validate_plan
 from sensq.quant.layers import is_quantized, original_module, quantize_module, swap
@@ -39,8 +41,20 @@ def dequantize_(model) -> None:
         quantizable_layers(expert)  # sanity: the inventory is plain again
 
 
+def offload_experts(model) -> None:
+    """Keep only the running block of each expert on the execution device (diffusers group offloading,
+    block level; the rest waits on the host). A no-op in effect when the model runs on the CPU."""
+    from diffusers.hooks import apply_group_offloading
+
+    for expert in model.adapter.experts(model.pipe):
+        apply_group_offloading(model.adapter.expert_module(model.pipe, expert), onload_device=model.device,
+                               offload_device=torch.device("cpu"), offload_type="block_level",
+                               num_blocks_per_group=1)
+
+
 def apply_plan(model, plan: Plan, *, probe_path=None, calibrate: str = "none", sequential_experts: bool = False,
-               backend: str = "auto", force: bool = False, progress=None) -> tuple[list[dict], dict]:
+               backend: str = "auto", force: bool = False, offload: bool = False,
+               progress=None) -> tuple[list[dict], dict]:
     """Quantize ``model`` by ``plan`` expert by expert, calibrated on ``probe_path`` when asked.
 
     With ``sequential_experts`` the low-noise expert is calibrated on a fresh probe of the trajectory
@@ -66,6 +80,8 @@ def apply_plan(model, plan: Plan, *, probe_path=None, calibrate: str = "none", s
         raise InputError(f"the plan was made for model fingerprint {planned_for} but this model has "
                          f"{model.fingerprint}; pass --force to apply it anyway")
     table = validate_plan(plan, model_layers(model))
+    if offload:
+        offload_experts(model)
     if calibrate != "none" and probe_path is None:
         raise InputError("--calibrate mse needs --probe PROBE.h5 (the captured inputs to calibrate on)")
     calibration: dict = {}
@@ -83,7 +99,8 @@ def apply_plan(model, plan: Plan, *, probe_path=None, calibrate: str = "none", s
             if sequential_experts and expert == "low":
                 continue
             calibration[expert] = calibrate_expert(model.adapter.expert_module(model.pipe, expert), expert, table,
-                                                   probe, method=calibrate, backend=backend, progress=progress)
+                                                   probe, method=calibrate, backend=backend, device=model.device,
+                                                   progress=progress)
         if sequential_experts and "low" in experts:
             from sensq.probes.capture import ProbeConfig
             from sensq.probes.recorder import ProbeRequest, run_probe
@@ -102,5 +119,6 @@ def apply_plan(model, plan: Plan, *, probe_path=None, calibrate: str = "none", s
             run_probe(ProbeRequest(model, trajectory, prompts, ["low"], reprobe, config=config))
             with ProbeFile(reprobe) as probe:
                 calibration["low"] = calibrate_expert(model.adapter.expert_module(model.pipe, "low"), "low", table,
-                                                      probe, method=calibrate, backend=backend, progress=progress)
+                                                      probe, method=calibrate, backend=backend, device=model.device,
+                                                      progress=progress)
     return table, calibration

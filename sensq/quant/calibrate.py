@@ -69,6 +69,7 @@ def _formats(row: dict) -> tuple[FormatSpec | None, FormatSpec | None]:
 
 def calibrate_expert(expert_module: torch.nn.Module, expert: str, table: list[dict], probe, *, method: str = "mse",
                      first_block: str = "blocks.0", max_rows: int = 4096, backend: str = "auto",
+                     device: torch.device | None = None,
                      progress: Callable[[str, int, int], None] | None = None) -> dict[str, LayerCalibration]:
     """Quantize one expert in place according to ``table`` (the plan's resolved rows), calibrated.
 
@@ -77,6 +78,8 @@ def calibrate_expert(expert_module: torch.nn.Module, expert: str, table: list[di
             blocks, the ``blocks.0`` inputs).
         method: ``none`` (format rule, clip 1) or ``mse``.
         max_rows: cap on the captured rows per layer used to choose the activation clip.
+        device: where the blocks run (default: where the expert's parameters are; pass it when the expert
+            is group-offloaded, so that the replayed inputs go to the execution device).
 
     Returns:
         The calibration of every quantized layer.
@@ -104,7 +107,8 @@ def calibrate_expert(expert_module: torch.nn.Module, expert: str, table: list[di
         swap(expert_module, name, quantize_module(module, weight_fmt, act_fmt, backend,
                                                   weight_clip=calib.weight_clip, act_clip=calib.act_clip))
     if any(name.startswith(block_prefix) for name in rows):
-        _calibrate_blocks(expert_module, expert, rows, probe, block_prefix, max_rows, backend, results, progress)
+        _calibrate_blocks(expert_module, expert, rows, probe, block_prefix, max_rows, backend, results, progress,
+                          device)
     return results
 
 
@@ -122,10 +126,11 @@ def _block_inputs(probe, expert: str) -> list[tuple[torch.Tensor, ...]]:
     return calls
 
 
-def _calibrate_blocks(expert_module, expert, rows, probe, block_prefix, max_rows, backend, results, progress):
+def _calibrate_blocks(expert_module, expert, rows, probe, block_prefix, max_rows, backend, results, progress,
+                      device=None):
     calls = _block_inputs(probe, expert)
     dtype = next(expert_module.parameters()).dtype
-    device = next(expert_module.parameters()).device
+    device = device or next(expert_module.parameters()).device
     hidden = [c[0] for c in calls]
     blocks = expert_module.get_submodule(block_prefix[:-1])
     generator = torch.Generator().manual_seed(0)

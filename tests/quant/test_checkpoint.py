@@ -181,3 +181,16 @@ def test_quantized_pipeline_stays_a_diffusers_pipeline(tmp_path):
     model.pipe.save_pretrained(tmp_path)
     plain = WanPipeline.from_pretrained(tmp_path)
     assert all(torch.equal(reference[k], v) for k, v in plain.transformer.state_dict().items())
+
+
+def test_calibration_under_group_offloading_gives_the_same_model(probed):
+    """diffusers group offloading (block level) around the block-by-block calibration: same factors,
+    same outputs (on the CPU the onload and offload devices coincide, so this checks the hooks, not memory)."""
+    folder, trajectory = probed
+    plain = load_model("tiny", torch.device("cpu"), torch.float32)
+    _, expected = apply_plan(plain, PLAN, probe_path=folder / "probe.h5", calibrate="mse")
+    offloaded = load_model("tiny", torch.device("cpu"), torch.float32)
+    _, got = apply_plan(offloaded, PLAN, probe_path=folder / "probe.h5", calibrate="mse", offload=True)
+    assert {e: {n: (c.weight_clip, c.act_clip) for n, c in v.items()} for e, v in got.items()} == \
+           {e: {n: (c.weight_clip, c.act_clip) for n, c in v.items()} for e, v in expected.items()}
+    assert torch.equal(_latents(offloaded, trajectory), _latents(plain, trajectory))
