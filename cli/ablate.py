@@ -52,7 +52,9 @@ def ablate(ranking_file, model, fmt, top_ks, budgets, prompts_path, limit, video
     shares = [parse_budget(b) for b in budgets.split(",") if b.strip()]
     loaded = load_model(model or ranking.provenance["model_id"], torch.device("cpu"), torch.float32)
     trajectory = Trajectory.from_dict(ranking.provenance["trajectory"])
-    prompts = load_prompts(prompts_path, limit)
+    from sensq.models import PROCEDURAL_MODELS
+
+    prompts = load_prompts(prompts_path, limit, procedural=loaded.model_id in PROCEDURAL_MODELS)
     sets = standard_sets(loaded, ranking, fmt, top_ks=top_ks, budgets=shares)
     result = run_ablation(loaded, trajectory, prompts, sets, out, fmt=fmt, write_video=video)
     commands = [f"sensq ablate {ranking_file} --format {fmt} --top-k {','.join(map(str, top_ks))} "
@@ -70,13 +72,21 @@ def _print_rows(result: dict) -> None:
     from rich.table import Table
 
     table = Table(title=f"ablation: {result['format']} W4A4 vs full precision")
-    for column in ("protected set", "kept high/low", "bits", "latent NMSE", "PSNR", "SSIM"):
+    procedural = "procedural" in result["rows"][0]
+    columns = ["protected set", "kept high/low", "bits", "latent NMSE", "PSNR", "SSIM"]
+    columns += ["procedural avg"] if procedural else []
+    for column in columns:
         table.add_column(column, justify="left" if column == "protected set" else "right")
+    if procedural:
+        reference = f"{result['reference_procedural']:.3f}"
+        table.add_row("full precision", "100% / 100%", "16.00", "0", "inf", "1", reference)
     for row in result["rows"]:
         m = row["metrics"]
-        table.add_row(row["set"], " / ".join(f"{v:.0%}" for v in row["protected_share"].values()),
-                      f"{row['effective_bits']:.2f}", f"{m['latent_nmse']:.5f}", f"{m['psnr']:.1f}",
-                      f"{m['ssim']:.4f}")
+        cells = [row["set"], " / ".join(f"{v:.0%}" for v in row["protected_share"].values()),
+                 f"{row['effective_bits']:.2f}", f"{m['latent_nmse']:.5f}", f"{m['psnr']:.1f}", f"{m['ssim']:.4f}"]
+        if procedural:
+            cells.append(f"{row['procedural']['average']:.3f}")
+        table.add_row(*cells)
     Console().print(table)
 
 
@@ -121,7 +131,9 @@ def demo(model, fmt, n_prompts, steps, budget, out) -> None:
 
     loaded = load_model(model, torch.device("cpu"), torch.float32)
     trajectory = Trajectory(steps=steps).with_resolution(loaded.default_resolution)
-    prompts = load_prompts(None, n_prompts)
+    from sensq.models import PROCEDURAL_MODELS
+
+    prompts = load_prompts(None, n_prompts, procedural=model in PROCEDURAL_MODELS)
     probe_path = out / "probe.h5"
     step(f"probe: {model}, {len(prompts)} prompts x {steps} UniPC steps with CFG, both experts -> {probe_path}")
     run_probe(ProbeRequest(loaded, trajectory, prompts, ["high", "low"], probe_path, resume=probe_path.exists()))

@@ -39,7 +39,7 @@ def generate(**kwargs) -> None:
     """
     from sensq.generate import GenerateRequest
     from sensq.generate import generate as run_generate
-    from sensq.models import load_model
+    from sensq.models import PROCEDURAL_MODELS, load_model
     from sensq.plan import Plan
     from sensq.prompts import load_prompts
     from sensq.quant.apply import apply_plan
@@ -47,7 +47,7 @@ def generate(**kwargs) -> None:
     from sensq.store.files import file_digest
 
     trajectory = build_trajectory(kwargs)
-    prompts = load_prompts(kwargs["prompts_path"], kwargs["limit"])
+    prompts = load_prompts(kwargs["prompts_path"], kwargs["limit"], procedural=kwargs["model"] in PROCEDURAL_MODELS)
     device = resolve_device(kwargs["device"])
     model = load_model(kwargs["model"], device, resolve_dtype(kwargs["dtype"], device))
     plan_digest = None
@@ -124,11 +124,15 @@ def eval_command(run_dir, reference, vbench, dims, vbench_python, vbench_cache, 
         return
     if run_dir is None:
         raise click.UsageError("give RUN_DIR (a folder from sensq generate), or --setup-vbench DIR")
-    if reference is None and not vbench:
-        raise click.UsageError("give --reference FP_DIR (fidelity) and/or --vbench")
-    from sensq.eval import evaluate_fidelity
+    from sensq.eval import evaluate_fidelity, evaluate_procedural, is_procedural
+    from sensq.generate import load_generation
 
+    procedural = is_procedural([text for _, text, _ in load_generation(run_dir)["config"]["prompts"]])
+    if reference is None and not vbench and not procedural:
+        raise click.UsageError("give --reference FP_DIR (fidelity) and/or --vbench")
     result = {}
+    if procedural:
+        result["procedural"] = evaluate_procedural(run_dir)
     if reference is not None:
         result["fidelity"] = evaluate_fidelity(run_dir, reference)
     if vbench:
@@ -137,6 +141,10 @@ def eval_command(run_dir, reference, vbench, dims, vbench_python, vbench_cache, 
     if as_json:
         click.echo(json.dumps(result["fidelity"] if list(result) == ["fidelity"] else result, indent=1))
         return
+    if "procedural" in result:
+        scores = result["procedural"]["aggregate"]
+        click.echo(f"procedural evaluator (exact ground truth, {len(result['procedural']['per_item'])} prompts): "
+                   + ", ".join(f"{k} {v:.3f}" for k, v in scores.items()))
     if "fidelity" in result:
         scores = result["fidelity"]
         click.echo(f"{run_dir} vs {reference} ({len(scores['per_item'])} prompts):")

@@ -45,7 +45,7 @@ def probe(**kwargs) -> None:
       sensq probe --model ./Wan2.2-T2V-A14B-Diffusers --prompts prompts.txt --limit 16 --tokens 64
       torchrun --nproc-per-node 2 -m sensq.cli probe ...   # prompts sharded across ranks, merged at the end
     """
-    from sensq.models import load_model
+    from sensq.models import PROCEDURAL_MODELS, load_model
     from sensq.models.lora import fuse_loras
     from sensq.probes.capture import ProbeConfig
     from sensq.probes.recorder import ProbeRequest, run_probe
@@ -53,7 +53,7 @@ def probe(**kwargs) -> None:
     from sensq.runtime import resolve_device, resolve_dtype
 
     trajectory = build_trajectory(kwargs)
-    prompts = load_prompts(kwargs["prompts_path"], kwargs["limit"])
+    prompts = load_prompts(kwargs["prompts_path"], kwargs["limit"], procedural=kwargs["model"] in PROCEDURAL_MODELS)
     if kwargs["tokens"] < 1:
         raise click.BadParameter("must be at least 1", param_hint="--tokens")
     device = resolve_device(kwargs["device"])

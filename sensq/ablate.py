@@ -66,10 +66,13 @@ def run_ablation(model, trajectory, prompts, sets: list[ProtectedSet], out: Path
                  reference: Path | None = None, write_video: bool = False,
                  progress: Callable[[str, int, int], None] | None = None) -> dict:
     """Run every set (resuming what is done) and write ``ablation.json`` plus the report."""
+    from sensq.eval import evaluate_procedural, is_procedural
+
     out.mkdir(parents=True, exist_ok=True)
     reference = reference or out / "full-precision"
     generate(GenerateRequest(model, trajectory, prompts, reference, label="full precision",
                              write_video=write_video))
+    procedural = is_procedural([p.text for p in prompts])
     layers = model_layers(model)
     rows = []
     for position, protected in enumerate(sets):
@@ -87,7 +90,9 @@ def run_ablation(model, trajectory, prompts, sets: list[ProtectedSet], out: Path
         finally:
             dequantize_(model)
         scores = evaluate_fidelity(folder / "run", reference)
+        extra = {"procedural": evaluate_procedural(folder / "run")["aggregate"]} if procedural else {}
         rows.append({
+            **extra,
             "set": protected.name, "folder": str(folder.relative_to(out)),
             "protected_share": {e: summary[e]["protected_share"] for e in summary if e != "total"},
             "effective_bits": summary["total"]["effective_bits"],
@@ -102,6 +107,8 @@ def run_ablation(model, trajectory, prompts, sets: list[ProtectedSet], out: Path
               "model": {"id": model.model_id, "fingerprint": model.fingerprint},
               "trajectory": trajectory.to_dict(), "prompts": [[p.index, p.text] for p in prompts],
               "reference": str(reference), "rows": rows}
+    if procedural:
+        result["reference_procedural"] = evaluate_procedural(reference)["aggregate"]["average"]
     write_json(out / "ablation.json", result)
     return result
 

@@ -14,7 +14,21 @@ DEFAULT_PROMPTS = (
     "a city street at night in the rain, cars passing by",
     "a small bird flying over a green forest, slow motion",
 )
-"""Used when no ``--prompts`` file is given."""
+"""Used when no ``--prompts`` file is given (for models outside the procedural world)."""
+
+PROCEDURAL_PROMPTS = tuple(
+    f"a {colour} {shape} moving {direction} on a {background} background"
+    for colour, shape, direction, background in (
+        ("red", "circle", "left", "dark"), ("green", "square", "right", "gray"), ("blue", "triangle", "up", "dark"),
+        ("yellow", "circle", "down", "gray"), ("white", "square", "left", "dark"), ("red", "triangle", "right", "gray"),
+        ("green", "circle", "up", "dark"), ("blue", "square", "down", "gray"), ("yellow", "triangle", "left", "dark"),
+        ("white", "circle", "right", "gray"), ("red", "square", "up", "gray"), ("green", "triangle", "down", "dark"),
+        ("blue", "circle", "left", "gray"), ("yellow", "square", "right", "dark"), ("white", "triangle", "up", "gray"),
+        ("red", "circle", "down", "dark"),
+    )
+)
+"""The default prompts of the procedural-world model (``tiny-trained``): every colour, shape, direction
+and background appears."""
 
 
 @dataclass(frozen=True)
@@ -46,8 +60,8 @@ def _from_record(record: dict, position: int, path: Path) -> Prompt:
     return Prompt(position, text.strip(), negative)
 
 
-def load_prompts(path: str | Path | None, limit: int | None = None) -> list[Prompt]:
-    """Read prompts; ``None`` gives :data:`DEFAULT_PROMPTS`.
+def load_prompts(path: str | Path | None, limit: int | None = None, *, procedural: bool = False) -> list[Prompt]:
+    """Read prompts; ``None`` gives :data:`DEFAULT_PROMPTS` (:data:`PROCEDURAL_PROMPTS` with ``procedural``).
 
     Formats: ``.txt`` (one prompt per line; blank lines skipped, indices count non-blank lines),
     ``.json`` with a list of strings, a list of records (OpenS2V: ``face_cap_qwen`` else ``cap[0]``;
@@ -60,7 +74,7 @@ def load_prompts(path: str | Path | None, limit: int | None = None) -> list[Prom
     if limit is not None and limit < 1:
         raise InputError(f"--limit must be at least 1, got {limit}")
     if path is None:
-        prompts = [Prompt(i, text) for i, text in enumerate(DEFAULT_PROMPTS)]
+        prompts = [Prompt(i, text) for i, text in enumerate(PROCEDURAL_PROMPTS if procedural else DEFAULT_PROMPTS)]
         return prompts[:limit]
     path = Path(path)
     if not path.is_file():

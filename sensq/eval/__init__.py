@@ -63,3 +63,47 @@ def evaluate_fidelity(run_dir: str | Path, reference_dir: str | Path) -> dict:
               "label": run["config"].get("label"), "per_item": per_item, "aggregate": aggregate}
     write_json(run_dir / SCORES_FILE, scores)
     return scores
+
+
+PROCEDURAL_FILE = "procedural.json"
+
+
+def is_procedural(prompts: list[str]) -> bool:
+    """True when every prompt belongs to the procedural world (its ground truth is known)."""
+    from sensq.eval.procedural import Scene
+
+    try:
+        for prompt in prompts:
+            Scene.parse(prompt)
+    except ValueError:
+        return False
+    return bool(prompts)
+
+
+def evaluate_procedural(run_dir: str | Path) -> dict:
+    """Score every generation of a folder with the procedural evaluator (exact ground truth, offline);
+    writes ``procedural.json`` there.
+
+    Raises:
+        InputError: a prompt outside the procedural world, or a prompt index without its frames.
+    """
+    from sensq.eval.procedural import DIMENSIONS, score_clip
+
+    run_dir = Path(run_dir)
+    run = load_generation(run_dir)
+    prompts = {str(index): text for index, text, _ in run["config"]["prompts"]}
+    if not is_procedural(list(prompts.values())):
+        raise InputError(f"{str(run_dir)!r} has prompts outside the procedural world; the procedural evaluator "
+                         "scores prompts like 'a red circle moving left on a dark background'")
+    missing = sorted(int(i) for i in prompts if i not in run["items"])
+    if missing:
+        raise InputError(f"prompt indices {missing} lack a finished generation in {str(run_dir)!r}")
+    per_item = {}
+    for index, text in prompts.items():
+        frames = np.load(run_dir / run["items"][index]["frames"]).astype(np.float64) / 255.0
+        per_item[index] = score_clip(frames, text)
+    aggregate = {d: float(np.mean([scores[d] for scores in per_item.values()])) for d in DIMENSIONS}
+    aggregate["average"] = float(np.mean([aggregate[d] for d in DIMENSIONS]))
+    result = {"schema": "sensq.procedural/1", "run": str(run_dir), "per_item": per_item, "aggregate": aggregate}
+    write_json(run_dir / PROCEDURAL_FILE, result)
+    return result

@@ -152,6 +152,8 @@ def score_clip(clip: np.ndarray, prompt: str) -> dict[str, float]:
                for i in range(1, len(areas)) for j in (i - 1, 0)]
     subject = float(np.clip(1.0 - np.mean(changes), 0.0, 1.0)) * found.mean()
     bg = np.concatenate([p.reshape(-1, 3) for p in track.background_pixels])
+    if len(bg) == 0:  # nothing looks like the background: no clean background, no contrast to speak of
+        bg = np.ones((1, 3))
     aesthetic = float(max(0.0, 1.0 - np.abs(bg - background).mean()))
     target = np.array(COLOURS[scene.colour])
     contrast = np.abs(colours.mean(axis=0) - background).max() / np.abs(target - background).max()

@@ -17,6 +17,10 @@ from sensq.models.wan import EXPERTS, TINY_SPECS, WanAdapter, build_tiny_pipelin
 __all__ = ["EXPERTS", "LoadedModel", "WanAdapter", "load_model", "model_fingerprint", "quantizable_layers"]
 
 _HUB_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
+TRAINED_DIR = Path(__file__).parent / "weights"
+PROCEDURAL_MODELS = ("tiny-trained",)
+"""Embedded models trained on the procedural world (sensq.eval.procedural): their default prompts are
+procedural ones and sensq eval scores them against exact ground truth."""
 
 
 @dataclass
@@ -42,7 +46,7 @@ class LoadedModel:
 
 def model_names() -> list[str]:
     """Embedded model names (a local folder or a cached Hub id work too)."""
-    return list(TINY_SPECS)
+    return list(TINY_SPECS) + list(PROCEDURAL_MODELS)
 
 
 def model_fingerprint(pipe, adapter: WanAdapter) -> str:
@@ -121,6 +125,13 @@ def load_model(model: str, device: torch.device, dtype: torch.dtype) -> LoadedMo
 
     if is_checkpoint(model):
         return load_quantized(model, device, None if dtype == torch.float32 else dtype)
+    if model in PROCEDURAL_MODELS:
+        folder = TRAINED_DIR / model
+        if not (folder / "model_index.json").is_file():
+            raise InputError(f"the embedded model {model!r} is not in this installation ({str(folder)!r} is missing)")
+        loaded = load_model(str(folder), device, dtype)
+        loaded.model_id = model
+        return loaded
     if model in TINY_SPECS:
         pipe = build_tiny_pipeline(model)
         resolution = TINY_SPECS[model].resolution
@@ -134,7 +145,7 @@ def load_model(model: str, device: torch.device, dtype: torch.dtype) -> LoadedMo
             pipe = _from_folder(_from_hub_cache(model), dtype)
         else:
             raise InputError(
-                f"unknown model {model!r}: not an embedded model ({', '.join(TINY_SPECS)}), "
+                f"unknown model {model!r}: not an embedded model ({', '.join(model_names())}), "
                 "not a folder, not a Hub id (org/name)"
             )
         resolution = _resolution_for(pipe, adapter)

@@ -52,3 +52,33 @@ def test_an_empty_clip_scores_zero_except_its_clean_background():
     scores = score_clip(blank, SCENE.prompt)
     assert scores["aesthetic_quality"] == pytest.approx(1.0)
     assert all(scores[d] == 0.0 for d in DIMENSIONS if d != "aesthetic_quality")
+
+
+def test_procedural_evaluation_of_a_generation_folder(tmp_path):
+    """A generation folder whose frames are replaced by the ground truth scores like the ground truth; the
+    random tiny model's own frames score lower on prompt consistency."""
+    import json
+
+    import torch
+
+    from sensq.eval import evaluate_procedural, is_procedural
+    from sensq.generate import GenerateRequest, generate
+    from sensq.models import load_model
+    from sensq.prompts import PROCEDURAL_PROMPTS, load_prompts
+    from sensq.trajectory import Trajectory
+
+    prompts = load_prompts(None, 3, procedural=True)
+    assert [p.text for p in prompts] == list(PROCEDURAL_PROMPTS[:3]) and is_procedural([p.text for p in prompts])
+    assert not is_procedural(["a cat on a beach"])
+    model = load_model("tiny", torch.device("cpu"), torch.float32)
+    trajectory = Trajectory(steps=2).with_resolution(model.default_resolution)
+    generate(GenerateRequest(model, trajectory, prompts, tmp_path / "run", write_video=False))
+    random_model = evaluate_procedural(tmp_path / "run")
+    manifest = json.loads((tmp_path / "run" / "manifest.json").read_text())
+    for item in manifest["items"].values():
+        truth = render(Scene.parse(item["prompt"]))
+        np.save(tmp_path / "run" / item["frames"], np.round(truth * 255).astype(np.uint8))
+    truth_scores = evaluate_procedural(tmp_path / "run")
+    assert truth_scores["aggregate"]["overall_consistency"] == 1.0
+    assert truth_scores["aggregate"]["average"] > random_model["aggregate"]["average"]
+    assert (tmp_path / "run" / "procedural.json").is_file()
