@@ -32,3 +32,22 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip_gpu)
+
+
+@pytest.fixture
+def hide_package(monkeypatch):
+    """``hide_package("matplotlib")``: make importing that package (and its submodules) fail, as if it
+    were not installed, for the rest of the test."""
+    import builtins
+
+    real_import = builtins.__import__
+
+    def hide(prefix: str) -> None:
+        def fake_import(name, *args, **kwargs):
+            if name == prefix or name.startswith(prefix + "."):
+                raise ImportError(name)
+            return real_import(name, *args, **kwargs)
+
+        monkeypatch.setattr(builtins, "__import__", fake_import)
+
+    return hide

@@ -109,18 +109,9 @@ def test_cli_generate_and_eval(runs, tmp_path):
     assert mismatch.exit_code == 1 and "were generated with different trajectories" in mismatch.output
 
 
-def test_missing_video_backend_is_one_clear_error(runs, tmp_path, monkeypatch):
-    import builtins
-
+def test_missing_video_backend_is_one_clear_error(runs, tmp_path, hide_package):
     folder, model, trajectory, prompts = runs
-    real_import = builtins.__import__
-
-    def no_ffmpeg(name, *args, **kwargs):
-        if name.startswith("imageio"):
-            raise ImportError(name)
-        return real_import(name, *args, **kwargs)
-
-    monkeypatch.setattr(builtins, "__import__", no_ffmpeg)
+    hide_package("imageio_ffmpeg")
     with pytest.raises(InputError, match=r"writing mp4 needs imageio and imageio-ffmpeg: pip install 'sensq\[video\]'"):
         generate(GenerateRequest(model, trajectory, prompts[:1], tmp_path / "novideo"))
     # nothing half-written: the item is not in the manifest, so a rerun (with the backend) redoes it

@@ -1,5 +1,3 @@
-import builtins
-
 import pytest
 from click.testing import CliRunner
 
@@ -48,15 +46,8 @@ def test_e2e_ranking_has_no_heatmap(tmp_path):
     assert not any("heatmap" in f for f in result.files)
 
 
-def test_missing_matplotlib_is_one_clear_error(tmp_path, monkeypatch):
-    real_import = builtins.__import__
-
-    def no_matplotlib(name, *args, **kwargs):
-        if name.startswith("matplotlib"):
-            raise ImportError(name)
-        return real_import(name, *args, **kwargs)
-
-    monkeypatch.setattr(builtins, "__import__", no_matplotlib)
+def test_missing_matplotlib_is_one_clear_error(tmp_path, hide_package):
+    hide_package("matplotlib")
     with pytest.raises(InputError, match=r"sensq report needs matplotlib: pip install 'sensq\[report\]'"):
         write_ranking_report(_ranking(), tmp_path)
 
