@@ -17,7 +17,7 @@ from sensq.plan import Plan, Rule
 from sensq.prompts import load_prompts
 from sensq.quant import dequantize_
 from sensq.quant.apply import apply_plan
-from sensq.trajectory import Trajectory
+from sensq.trajectory import Trajectory, get_preset
 
 ENTRANCE = r"re:(high|low):(patch_embedding|condition_embedder\..*|blocks\.0\..*)"
 
@@ -25,6 +25,7 @@ ENTRANCE = r"re:(high|low):(patch_embedding|condition_embedder\..*|blocks\.0\..*
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="tiny-trained")
+    parser.add_argument("--student", default="tiny-trained-4step")
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
     model = load_model(args.model, torch.device("cpu"), torch.float32)
@@ -60,6 +61,20 @@ def main() -> None:
                 dequantize_(model)
             scores = evaluate_procedural(folder)["aggregate"]
             rows.append({"setting": setting, "model": label, **{k: round(v, 3) for k, v in scores.items()}})
+    student = load_model(args.student, torch.device("cpu"), torch.float32)
+    lightning = get_preset("lightning-4step").with_resolution(student.default_resolution)
+    for label, plan in plans.items():
+        if plan is not None:
+            apply_plan(student, plan)
+        try:
+            folder = out / f"student-{label}".replace(" ", "_").replace(",", "")
+            generate(GenerateRequest(student, lightning, prompts, folder, label=label, write_video=False,
+                                     plan_digest=label))
+        finally:
+            dequantize_(student)
+        scores = evaluate_procedural(folder)["aggregate"]
+        rows.append({"setting": "student, 4 steps (Lightning schedule), cfg 1", "model": label,
+                     **{k: round(v, 3) for k, v in scores.items()}})
     keys = ["subject_consistency", "aesthetic_quality", "imaging_quality", "overall_consistency", "motion_smoothness",
             "average"]
     print("| setting | model | " + " | ".join(keys) + " |")
