@@ -91,12 +91,13 @@ def _print_rows(result: dict) -> None:
 
 
 @click.command()
-@click.option("--model", default="small", show_default=True,
-              help="Embedded model to run the method on (tiny, small, tiny-realshape).")
+@click.option("--model", default="tiny-trained", show_default=True,
+              help="Embedded model to run the method on: tiny-trained (trained on the procedural world, scored "
+                   "against exact ground truth), tiny-trained-4step, small, tiny, tiny-realshape.")
 @click.option("--format", "fmt", default="hif4", show_default=True)
 @click.option("--prompts", "n_prompts", type=int, default=4, show_default=True, help="Built-in prompts to use.")
 @click.option("--steps", type=int, default=8, show_default=True)
-@click.option("--budget", default="30%", show_default=True, help="Protected budget of the demo plan.")
+@click.option("--budget", default="40%", show_default=True, help="Protected budget of the demo plan.")
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=Path("sensq-demo"),
               show_default=True)
 def demo(model, fmt, n_prompts, steps, budget, out) -> None:
