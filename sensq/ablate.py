@@ -7,7 +7,6 @@ table and a Markdown + self-contained HTML report.
 
 from __future__ import annotations
 
-import base64
 import html
 import re
 from collections.abc import Callable
@@ -125,7 +124,7 @@ def load_ablation(folder: str | Path) -> dict:
 
 def write_ablation_report(result: dict, out: Path, commands: list[str] | None = None) -> list[str]:
     """``ablation.md``, ``ablation.html`` (self-contained) and PNG plots from an ablation result."""
-    from sensq.report import pyplot, save_png
+    from sensq.report import embedded_png, html_page, pyplot, save_png
 
     plt = pyplot()
     rows = result["rows"]
@@ -173,14 +172,9 @@ def write_ablation_report(result: dict, out: Path, commands: list[str] | None = 
     table_html = "<table>" + "".join(
         "<tr>" + "".join(f"<td>{html.escape(c.strip())}</td>" for c in line.strip("|").split("|")) + "</tr>"
         for i, line in enumerate(lines) if i != 1) + "</table>"
-    images = "".join(f'<img alt="{p.stem}" src="data:image/png;base64,{base64.b64encode(p.read_bytes()).decode()}">'
-                     for p in files)
-    page = (f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title><style>"
-            "body{font-family:sans-serif;max-width:1100px;margin:2em auto}table{border-collapse:collapse}"
-            "td{border:1px solid #ccc;padding:2px 8px;font-size:13px}img{max-width:100%;display:block}</style>"
-            f"</head><body><h1>{html.escape(title)}</h1><p>All metrics against the same-step full-precision run.</p>"
-            f"{table_html}{images}" + (f"<h2>Reproduce</h2><pre>{html.escape(reproduce)}</pre>" if reproduce else "")
-            + "</body></html>")
+    images = "".join(embedded_png(p) for p in files)
+    page = html_page(title, "<p>All metrics against the same-step full-precision run.</p>" + table_html + images
+                     + (f"<h2>Reproduce</h2><pre>{html.escape(reproduce)}</pre>" if reproduce else ""))
     atomic_write_bytes(out / "ablation.md", markdown.encode())
     atomic_write_bytes(out / "ablation.html", page.encode())
     return [str(p) for p in files] + [str(out / "ablation.md"), str(out / "ablation.html")]

@@ -125,33 +125,38 @@ def load_model(model: str, device: torch.device, dtype: torch.dtype) -> LoadedMo
 
     if is_checkpoint(model):
         return load_quantized(model, device, None if dtype == torch.float32 else dtype)
-    if model in PROCEDURAL_MODELS:
-        folder = TRAINED_DIR / model
-        if not (folder / "model_index.json").is_file():
-            raise InputError(f"the embedded model {model!r} is not in this installation ({str(folder)!r} is missing)")
-        loaded = load_model(str(folder), device, dtype)
-        loaded.model_id = model
-        return loaded
     if model in TINY_SPECS:
         pipe = build_tiny_pipeline(model)
         resolution = TINY_SPECS[model].resolution
         if dtype != torch.float32:
             pipe.to(dtype=dtype)
     else:
-        path = Path(model).expanduser()
-        if path.is_dir():
-            pipe = _from_folder(path, dtype)
-        elif _HUB_ID.match(model) and not path.exists():
-            pipe = _from_folder(_from_hub_cache(model), dtype)
-        else:
-            raise InputError(
-                f"unknown model {model!r}: not an embedded model ({', '.join(model_names())}), "
-                "not a folder, not a Hub id (org/name)"
-            )
+        pipe = _from_folder(model_folder(model), dtype)
         resolution = _resolution_for(pipe, adapter)
     pipe.to(device=device)
     pipe.set_progress_bar_config(disable=True)  # sensq shows its own progress
     return LoadedModel(pipe, adapter, model, model_fingerprint(pipe, adapter), resolution, device, dtype)
+
+
+def model_folder(model: str) -> Path:
+    """The folder holding ``model``: a shipped trained model, a local folder, or a cached Hub id.
+
+    Raises:
+        InputError: none of those (the message lists the embedded models), a shipped model missing from
+            this installation, a Hub id not in the local cache.
+    """
+    if model in PROCEDURAL_MODELS:
+        folder = TRAINED_DIR / model
+        if not (folder / "model_index.json").is_file():
+            raise InputError(f"the embedded model {model!r} is not in this installation ({str(folder)!r} is missing)")
+        return folder
+    path = Path(model).expanduser()
+    if path.is_dir():
+        return path
+    if _HUB_ID.match(model) and not path.exists():
+        return _from_hub_cache(model)
+    raise InputError(f"unknown model {model!r}: not an embedded model ({', '.join(model_names())}), "
+                     "not a folder, not a Hub id (org/name)")
 
 
 def layer_inventory(model: str) -> list:
@@ -163,18 +168,13 @@ def layer_inventory(model: str) -> list:
     """
     from diffusers import WanTransformer3DModel
 
-    from sensq.plan import LayerInfo
+    from sensq.plan import layer_infos
 
     adapter = WanAdapter()
     if model in TINY_SPECS:
         experts = {e: adapter.expert_module(build_tiny_pipeline(model), e) for e in EXPERTS}
     else:
-        path = Path(model).expanduser()
-        if not path.is_dir():
-            if not _HUB_ID.match(model):
-                raise InputError(f"unknown model {model!r}: not an embedded model ({', '.join(TINY_SPECS)}), "
-                                 "not a folder, not a Hub id (org/name)")
-            path = _from_hub_cache(model)
+        path = model_folder(model)
         experts = {}
         for expert, attr in adapter.expert_attrs.items():
             config_file = path / attr / "config.json"
@@ -184,12 +184,7 @@ def layer_inventory(model: str) -> list:
                     experts[expert] = WanTransformer3DModel.from_config(config)
         if not experts:
             raise InputError(f"{str(path)!r} has no transformer/config.json: not a Wan pipeline folder")
-    infos = []
-    for expert, module in experts.items():
-        for name, layer in quantizable_layers(module):
-            infos.append(LayerInfo(expert, name, sum(p.numel() for p in layer.parameters(recurse=False)),
-                                   int(layer.weight[0].numel())))
-    return infos
+    return layer_infos(experts)
 
 
 def _resolution_for(pipe, adapter: WanAdapter) -> tuple[int, int, int]:

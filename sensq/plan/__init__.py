@@ -233,18 +233,22 @@ def build_plan(ranking, *, budget: float | None = None, top_k: int | None = None
     )
 
 
-def model_layers(model) -> list[LayerInfo]:
-    """Every quantizable layer of every expert of a loaded model."""
+def layer_infos(experts: dict) -> list[LayerInfo]:
+    """Every quantizable layer of the given expert modules (``{expert name: module}``; meta device is fine)."""
     from sensq.models.wan import quantizable_layers
-    from sensq.quant.layers import original_module
 
     infos = []
-    for expert in model.adapter.experts(model.pipe):
-        for name, module in quantizable_layers(model.adapter.expert_module(model.pipe, expert)):
-            module = original_module(module)
-            infos.append(LayerInfo(expert, name, sum(p.numel() for p in module.parameters(recurse=False)),
-                                   int(module.weight[0].numel())))
+    for expert, module in experts.items():
+        for name, layer in quantizable_layers(module):
+            infos.append(LayerInfo(expert, name, sum(p.numel() for p in layer.parameters(recurse=False)),
+                                   int(layer.weight[0].numel())))
     return infos
+
+
+def model_layers(model) -> list[LayerInfo]:
+    """Every quantizable layer of every expert of a loaded model (quantized twins share the originals'
+    parameters, so a quantized model lists the same layers)."""
+    return layer_infos({e: model.adapter.expert_module(model.pipe, e) for e in model.adapter.experts(model.pipe)})
 
 
 def validate_plan(plan: Plan, layers: list[LayerInfo]) -> list[dict]:

@@ -96,10 +96,8 @@ def apply_plan(model, plan: Plan, *, probe_path=None, calibrate: str = "none", s
             from sensq.trajectory import Trajectory
 
             trajectory = Trajectory.from_dict(probe.attr_json("trajectory"))
-            done = probe.done
-            negatives = probe.file["prompts/negative"][...]
-            prompts = [Prompt(int(i), t, n.decode() if isinstance(n, bytes) else n)
-                       for i, t, n, d in zip(probe.prompt_index, probe.prompts, negatives, done, strict=True) if d]
+            prompts = [Prompt(int(i), t, n) for i, t, n, d in
+                       zip(probe.prompt_index, probe.prompts, probe.negatives, probe.done, strict=True) if d]
             config = ProbeConfig(**probe.attr_json("probe_config"))
     if sequential_experts and "low" in experts:
         with tempfile.TemporaryDirectory() as tmp:

@@ -19,7 +19,7 @@ import torch
 from sensq.errors import InputError
 from sensq.formats import FormatSpec, get_format
 from sensq.metrics import nmse
-from sensq.quant.layers import fake_quantize, patches_to_rows, quantize_module, swap
+from sensq.quant.layers import fake_quantize, gemm_weight, patches_to_rows, quantize_module, swap
 
 CALIBRATIONS = ("none", "mse")
 CLIP_GRID = (1.0, 0.95, 0.9, 0.85, 0.8, 0.75, 0.7, 0.65, 0.6, 0.55, 0.5)
@@ -45,14 +45,10 @@ def best_clip(rows: torch.Tensor, fmt: FormatSpec, backend: str = "auto") -> tup
     return best
 
 
-def _weight_rows(module: torch.nn.Module) -> torch.Tensor:
-    return module.weight.detach().reshape(module.weight.shape[0], -1).float()
-
-
 def _calibrate_layer(module, weight_fmt, act_fmt, act_rows: torch.Tensor | None, backend) -> LayerCalibration:
     result = LayerCalibration()
     if weight_fmt is not None:
-        result.weight_clip, result.weight_nmse = best_clip(_weight_rows(module), weight_fmt, backend)
+        result.weight_clip, result.weight_nmse = best_clip(gemm_weight(module), weight_fmt, backend)
     if act_fmt is not None:
         if act_rows is None or act_rows.numel() == 0:
             raise InputError("calibrating activations needs captured inputs: probe the model first (sensq probe)")

@@ -29,6 +29,12 @@ def _is_hif4(fmt: FormatSpec | None) -> bool:
     return fmt is not None and fmt.name == "hif4"
 
 
+def gemm_weight(module: torch.nn.Module) -> torch.Tensor:
+    """The layer's weight as the float32 ``[out, in]`` matrix of its GEMM (Conv3d: flattened patches)."""
+    weight = module.weight.detach()
+    return weight.reshape(weight.shape[0], -1).float()
+
+
 def clip_rows(x: torch.Tensor, clip: float) -> torch.Tensor:
     """Clamp every row (last dim) of ``x`` to ``clip`` times its absmax; the identity for ``clip == 1``."""
     if clip == 1.0:

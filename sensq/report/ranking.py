@@ -3,7 +3,6 @@ marked, and a self-contained HTML page plus Markdown."""
 
 from __future__ import annotations
 
-import base64
 import html
 import json
 import math
@@ -12,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
-from sensq.report import pyplot, save_png
+from sensq.report import embedded_png, html_page, pyplot, save_png
 from sensq.store.files import atomic_write_bytes
 
 
@@ -103,9 +102,7 @@ def write_ranking_report(ranking, out_dir: str | Path, *, plan=None, top: int = 
         images = [bars] + ([heat] if has_heatmap else [])
         sections_md.append(f"## {expert}-noise expert\n\n" + "\n".join(table_md) + "\n\n" +
                            "\n".join(f"![{p.stem}]({p.name})" for p in images) + "\n")
-        embedded = "".join(
-            f'<img alt="{p.stem}" src="data:image/png;base64,{base64.b64encode(p.read_bytes()).decode()}">'
-            for p in images)
+        embedded = "".join(embedded_png(p) for p in images)
         table_html = "<table><tr><th>#</th><th>layer</th><th>params</th>" + "".join(
             f"<th>{html.escape(f)}</th>" for f in ranking.formats) + "<th>kept</th></tr>" + "".join(
             f"<tr><td>{layer.rank[fmt]}</td><td><code>{html.escape(layer.name)}</code></td><td>{layer.params:,}</td>"
@@ -120,15 +117,10 @@ def write_ranking_report(ranking, out_dir: str | Path, *, plan=None, top: int = 
                 + (f"\n## Format agreement\n\n```json\n{agreement}\n```\n" if agreement else "")
                 + f"\n## Provenance\n\n```json\n{provenance}\n```\n"
                 + (f"\n## Reproduce\n\n```bash\n{reproduce}\n```\n" if reproduce else ""))
-    page = (f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title><style>"
-            "body{font-family:sans-serif;max-width:1100px;margin:2em auto}table{border-collapse:collapse}"
-            "td,th{border:1px solid #ccc;padding:2px 8px;font-size:13px}img{max-width:100%;display:block;"
-            "margin:1em 0}</style></head><body>"
-            f"<h1>{html.escape(title)}</h1>{''.join(sections_html)}"
-            + (f"<h2>Format agreement</h2><pre>{html.escape(agreement)}</pre>" if agreement else "")
-            + f"<h2>Provenance</h2><pre>{html.escape(provenance)}</pre>"
-            + (f"<h2>Reproduce</h2><pre>{html.escape(reproduce)}</pre>" if reproduce else "")
-            + "</body></html>")
+    page = html_page(title, "".join(sections_html)
+                     + (f"<h2>Format agreement</h2><pre>{html.escape(agreement)}</pre>" if agreement else "")
+                     + f"<h2>Provenance</h2><pre>{html.escape(provenance)}</pre>"
+                     + (f"<h2>Reproduce</h2><pre>{html.escape(reproduce)}</pre>" if reproduce else ""))
     atomic_write_bytes(out / "report.md", markdown.encode())
     atomic_write_bytes(out / "report.html", page.encode())
     files += [out / "report.md", out / "report.html"]

@@ -17,6 +17,7 @@ import torch.nn.functional as F
 
 from sensq.formats import FormatSpec, quantize_dequantize
 from sensq.metrics import cosine_distance, nmse, sqnr_db
+from sensq.quant.layers import gemm_weight
 
 LOCAL_METRICS = ("mse", "sqnr", "cosine", "weight-mse", "act-mse")
 METRIC_HELP = {
@@ -31,12 +32,6 @@ METRIC_HELP = {
 
 def higher_is_more_sensitive(metric: str) -> bool:
     return metric != "sqnr"
-
-
-def gemm_weight(module: torch.nn.Module) -> torch.Tensor:
-    """The layer's weight as the ``[out, in]`` matrix of its GEMM (Conv3d: flattened patches)."""
-    weight = module.weight.detach()
-    return weight.reshape(weight.shape[0], -1).float()
 
 
 @dataclass

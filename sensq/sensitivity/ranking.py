@@ -229,7 +229,7 @@ def _rank_e2e(request, probe, model, expert, expert_module, layer_names, formats
         trajectory=Trajectory.from_dict(probe.attr_json("trajectory")),
         prompts=[probe.prompts[i] for i in done],
         seeds=[int(s) for s in probe.file["prompts/seed"][done]],
-        negatives=[n.decode() if isinstance(n, bytes) else n for n in probe.file["prompts/negative"][done]],
+        negatives=[probe.negatives[i] for i in done],
     )
     values = {}
     for fmt in formats:

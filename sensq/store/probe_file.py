@@ -228,6 +228,10 @@ class ProbeFile:
     def prompts(self) -> list[str]:
         return [s.decode() if isinstance(s, bytes) else s for s in self.file["prompts/text"][...]]
 
+    @property
+    def negatives(self) -> list[str]:
+        return [s.decode() if isinstance(s, bytes) else s for s in self.file["prompts/negative"][...]]
+
     def trajectory_table(self) -> list[dict]:
         table = self.file["trajectory"]
         experts = [e.decode() if isinstance(e, bytes) else e for e in table["expert"][...]]

@@ -46,3 +46,12 @@ def test_the_4_step_student_follows_its_prompts(tmp_path):
     aggregate = json.loads(scored.stdout)["procedural"]["aggregate"]
     assert aggregate["overall_consistency"] > 2 * RANDOM_CHANCE
     assert Path(out / "procedural.json").is_file()
+
+
+def test_plans_validate_against_the_shipped_models_without_loading_weights():
+    from sensq.models import layer_inventory
+
+    for name in PROCEDURAL_MODELS:
+        layers = layer_inventory(name)
+        assert {layer.expert for layer in layers} == {"high", "low"}
+        assert len([layer for layer in layers if layer.expert == "high"]) == 6 + 10 * 4 + 1
