@@ -32,6 +32,7 @@ def main() -> None:
       sensq demo --out sensq-demo
     \b
     The method, step by step:
+      sensq prompts SOURCE       filter OpenS2V / VBench prompts into a study's prompt file
       sensq probe                record per-layer, per-expert, per-step activations into HDF5
       sensq rank PROBE.h5        rank each expert's layers by sensitivity (mse, sqnr, cosine, e2e, ...)
       sensq plan RANKING.json    protected entrance set + formats under a budget, as a plan file
@@ -55,10 +56,12 @@ from sensq.cli.formats import formats  # noqa: E402
 from sensq.cli.generate import eval_command, generate  # noqa: E402
 from sensq.cli.plan import plan  # noqa: E402
 from sensq.cli.probe import probe  # noqa: E402
+from sensq.cli.prompts import prompts  # noqa: E402
 from sensq.cli.rank import rank  # noqa: E402
 from sensq.cli.report import report  # noqa: E402
 
 main.add_command(formats)
+main.add_command(prompts)
 main.add_command(probe)
 main.add_command(rank)
 main.add_command(plan)

@@ -24,7 +24,8 @@ def _ints(ctx, param, value: str) -> list[int]:
               help="Entrance + top-k sets to include, comma-separated.")
 @click.option("--budget", "budgets", default="30%", show_default=True,
               help="Budget sets to include, comma-separated (e.g. 5%,10%).")
-@click.option("--prompts", "prompts_path", type=click.Path(dir_okay=False), default=None)
+@click.option("--prompts", "prompts_path", type=click.Path(dir_okay=False), default=None,
+              help="Prompt file (see sensq probe --help). Default: the model's built-in prompts.")
 @click.option("--limit", type=int, default=None, help="Use only the first N prompts.")
 @click.option("--video/--no-video", default=False, show_default=True, help="Also write mp4 files.")
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=Path("ablation"), show_default=True)

@@ -17,8 +17,8 @@ from sensq.cli.common import build_trajectory, model_options, trajectory_options
 @click.option("--expert", type=click.Choice(["high", "low", "both"]), default="both", show_default=True,
               help="Which expert's layers to record.")
 @click.option("--prompts", "prompts_path", type=click.Path(dir_okay=False), default=None,
-              help="Prompt file: .txt (one per line), .json list, OpenS2V records, VBench lists. "
-                   "Default: 4 built-in prompts.")
+              help="Prompt file: .txt (one per line), .json/.jsonl list, OpenS2V-Eval or OpenS2V-5M records, "
+                   "VBench lists (filter one with sensq prompts). Default: 4 built-in prompts.")
 @click.option("--limit", type=int, default=None, help="Use only the first N prompts.")
 @click.option("--tokens", type=int, default=32, show_default=True,
               help="Token rows sampled from every layer's input per step and branch (same rows every time).")
