@@ -8,6 +8,8 @@ from pathlib import Path
 
 import click
 
+from sensq.cli.common import model_options
+
 
 def _ints(ctx, param, value: str) -> list[int]:
     try:
@@ -18,7 +20,7 @@ def _ints(ctx, param, value: str) -> list[int]:
 
 @click.command()
 @click.argument("ranking_file", type=click.Path(path_type=Path))
-@click.option("--model", default=None, help="Model (default: the one the ranking was made with).")
+@model_options(default_model=None)
 @click.option("--format", "fmt", default="hif4", show_default=True, help="Format of every quantized layer (W4A4).")
 @click.option("--top-k", "top_ks", default="2,4", show_default=True, callback=_ints,
               help="Entrance + top-k sets to include, comma-separated.")
@@ -30,20 +32,21 @@ def _ints(ctx, param, value: str) -> list[int]:
 @click.option("--video/--no-video", default=False, show_default=True, help="Also write mp4 files.")
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=Path("ablation"), show_default=True)
 @click.option("--json", "as_json", is_flag=True, help="Print the ablation table as JSON.")
-def ablate(ranking_file, model, fmt, top_ks, budgets, prompts_path, limit, video, out, as_json) -> None:
+def ablate(ranking_file, model, device, dtype, lora_high, lora_low, fmt, top_ks, budgets, prompts_path, limit, video,
+           out, as_json) -> None:
     """Sweep protected sets at one format: none, the entrance, entrance + top-k, budgets, the entrance in
     one expert only, and ModelOpt's fixed Wan recipe (embedders, proj_out, first and last three blocks).
     Each set is applied, generated and scored against full precision along the probe's own trajectory;
     rerunning reuses finished generations. Writes ablation.json, ablation.md and ablation.html.
 
+    The model defaults to the ranking's own (with the LoRAs it was probed with).
+
     \b
     Example:
       sensq ablate ranking.json --top-k 2,4,8 --budget 5%,10% --out ablation/
     """
-    import torch
-
     from sensq.ablate import run_ablation, standard_sets, write_ablation_report
-    from sensq.models import load_model
+    from sensq.cli.common import load_cli_model
     from sensq.plan import parse_budget
     from sensq.prompts import load_prompts
     from sensq.sensitivity import Ranking
@@ -51,11 +54,10 @@ def ablate(ranking_file, model, fmt, top_ks, budgets, prompts_path, limit, video
 
     ranking = Ranking.load(ranking_file)
     shares = [parse_budget(b) for b in budgets.split(",") if b.strip()]
-    loaded = load_model(model or ranking.provenance["model_id"], torch.device("cpu"), torch.float32)
+    recorded = ranking.provenance.get("loras") if model is None else None
+    loaded = load_cli_model(model or ranking.provenance["model_id"], device, dtype, lora_high, lora_low, recorded)
     trajectory = Trajectory.from_dict(ranking.provenance["trajectory"])
-    from sensq.models import PROCEDURAL_MODELS
-
-    prompts = load_prompts(prompts_path, limit, procedural=loaded.model_id in PROCEDURAL_MODELS)
+    prompts = load_prompts(prompts_path, limit, procedural=loaded.procedural)
     sets = standard_sets(loaded, ranking, fmt, top_ks=top_ks, budgets=shares)
     result = run_ablation(loaded, trajectory, prompts, sets, out, fmt=fmt, write_video=video)
     commands = [f"sensq ablate {ranking_file} --format {fmt} --top-k {','.join(map(str, top_ks))} "
@@ -133,9 +135,7 @@ def demo(model, fmt, n_prompts, steps, budget, out) -> None:
 
     loaded = load_model(model, torch.device("cpu"), torch.float32)
     trajectory = Trajectory(steps=steps).with_resolution(loaded.default_resolution)
-    from sensq.models import PROCEDURAL_MODELS
-
-    prompts = load_prompts(None, n_prompts, procedural=model in PROCEDURAL_MODELS)
+    prompts = load_prompts(None, n_prompts, procedural=loaded.procedural)
     probe_path = out / "probe.h5"
     step(f"probe: {model}, {len(prompts)} prompts x {steps} UniPC steps with CFG, both experts -> {probe_path}")
     run_probe(ProbeRequest(loaded, trajectory, prompts, ["high", "low"], probe_path, resume=probe_path.exists()))

@@ -33,8 +33,8 @@ from sensq.cli.common import model_options
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=Path("quantized"),
               show_default=True, help="Checkpoint folder to write (replaced atomically).")
 @click.option("--json", "as_json", is_flag=True, help="Print the manifest summary as JSON.")
-def apply_plan(plan_file, model, device, dtype, probe_file, calibrate, sequential_experts, fake, backend, offload,
-               force, out, as_json) -> None:
+def apply_plan(plan_file, model, device, dtype, lora_high, lora_low, probe_file, calibrate, sequential_experts, fake,
+               backend, offload, force, out, as_json) -> None:
     """Quantize the model by the plan, expert by expert, and write a checkpoint that
     `--model DIR` (any command) and `sensq.load_quantized(DIR)` load back.
 
@@ -46,16 +46,15 @@ def apply_plan(plan_file, model, device, dtype, probe_file, calibrate, sequentia
     """
     import torch
 
-    from sensq.models import load_model
+    from sensq.cli.common import load_cli_model
     from sensq.plan import Plan
     from sensq.quant.apply import apply_plan as run_apply
     from sensq.quant.calibrate import summarize_calibration
     from sensq.quant.checkpoint import save_quantized
-    from sensq.runtime import resolve_device, resolve_dtype
 
     plan = Plan.load(plan_file)
-    device = resolve_device(device)
-    loaded = load_model(model, device, resolve_dtype(dtype, device))
+    loaded = load_cli_model(model, device, dtype, lora_high, lora_low)
+    device = loaded.device
     started = time.perf_counter()
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()

@@ -20,11 +20,42 @@ def model_options(func=None, *, default_model: str | None = "tiny"):
     @click.option("--device", default=None, help="cpu, cuda, cuda:N. Default: the GPU if present, else cpu.")
     @click.option("--dtype", default=None, type=click.Choice(["fp32", "bf16", "fp16"]),
                   help="Model dtype. Default: bf16 on GPU, fp32 on CPU.")
+    @lora_options
     @functools.wraps(func)
     def wrapper(*args, **kwargs):
         return func(*args, **kwargs)
 
     return wrapper
+
+
+def lora_options(func):
+    """--lora-high/--lora-low: a few-step student shipped as LoRAs (e.g. Wan2.2-Lightning), fused at load."""
+
+    @click.option("--lora-high", type=click.Path(exists=True, dir_okay=False), default=None,
+                  help="LoRA fused into the high-noise expert (e.g. Wan2.2-Lightning high_noise_model.safetensors).")
+    @click.option("--lora-low", type=click.Path(exists=True, dir_okay=False), default=None,
+                  help="LoRA fused into the low-noise expert.")
+    @functools.wraps(func)
+    def wrapper(*args, **kwargs):
+        return func(*args, **kwargs)
+
+    return wrapper
+
+
+def load_cli_model(model: str, device: str | None, dtype: str | None, lora_high: str | None = None,
+                   lora_low: str | None = None, recorded_loras: dict | None = None):
+    """Load ``model`` on the resolved device/dtype and fuse its LoRAs: the ones given, else (when the model
+    was taken from a probe or ranking file) the ones recorded there."""
+    from sensq.models import load_model
+    from sensq.models.lora import fuse_loras
+    from sensq.runtime import resolve_device, resolve_dtype
+
+    if lora_high is None and lora_low is None and recorded_loras:
+        lora_high, lora_low = recorded_loras.get("high"), recorded_loras.get("low")
+    resolved = resolve_device(device)
+    loaded = load_model(model, resolved, resolve_dtype(dtype, resolved))
+    fuse_loras(loaded, high=lora_high, low=lora_low)
+    return loaded
 
 
 def _sigmas(ctx, param, value):

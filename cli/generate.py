@@ -37,19 +37,17 @@ def generate(**kwargs) -> None:
       sensq generate --model quantized/ --out runs/hif4-packed  # a checkpoint from sensq apply-plan
       sensq eval runs/hif4 --reference runs/fp
     """
+    from sensq.cli.common import load_cli_model
     from sensq.generate import GenerateRequest
     from sensq.generate import generate as run_generate
-    from sensq.models import PROCEDURAL_MODELS, load_model
     from sensq.plan import Plan
     from sensq.prompts import load_prompts
     from sensq.quant.apply import apply_plan
-    from sensq.runtime import resolve_device, resolve_dtype
     from sensq.store.files import file_digest
 
     trajectory = build_trajectory(kwargs)
-    prompts = load_prompts(kwargs["prompts_path"], kwargs["limit"], procedural=kwargs["model"] in PROCEDURAL_MODELS)
-    device = resolve_device(kwargs["device"])
-    model = load_model(kwargs["model"], device, resolve_dtype(kwargs["dtype"], device))
+    model = load_cli_model(kwargs["model"], kwargs["device"], kwargs["dtype"], kwargs["lora_high"], kwargs["lora_low"])
+    prompts = load_prompts(kwargs["prompts_path"], kwargs["limit"], procedural=model.procedural)
     plan_digest = None
     label = kwargs["label"]
     if kwargs["plan_file"] is not None:

@@ -24,10 +24,6 @@ from sensq.cli.common import build_trajectory, model_options, trajectory_options
               help="Token rows sampled from every layer's input per step and branch (same rows every time).")
 @click.option("--first-block/--no-first-block", default=True, show_default=True,
               help="Also store the full inputs of blocks.0 (what block-by-block calibration replays).")
-@click.option("--lora-high", type=click.Path(exists=True, dir_okay=False), default=None,
-              help="LoRA for the high-noise expert, fused and unloaded before the hooks attach (needs peft).")
-@click.option("--lora-low", type=click.Path(exists=True, dir_okay=False), default=None,
-              help="LoRA for the low-noise expert (needs peft).")
 @click.option("--out", type=click.Path(dir_okay=False, path_type=Path), default=Path("probe.h5"),
               show_default=True, help="The HDF5 file to write.")
 @click.option("--resume", is_flag=True, help="Complete an interrupted file made with the same settings.")
@@ -45,20 +41,16 @@ def probe(**kwargs) -> None:
       sensq probe --model ./Wan2.2-T2V-A14B-Diffusers --prompts prompts.txt --limit 16 --tokens 64
       torchrun --nproc-per-node 2 -m sensq.cli probe ...   # prompts sharded across ranks, merged at the end
     """
-    from sensq.models import PROCEDURAL_MODELS, load_model
-    from sensq.models.lora import fuse_loras
+    from sensq.cli.common import load_cli_model
     from sensq.probes.capture import ProbeConfig
     from sensq.probes.recorder import ProbeRequest, run_probe
     from sensq.prompts import load_prompts
-    from sensq.runtime import resolve_device, resolve_dtype
 
     trajectory = build_trajectory(kwargs)
-    prompts = load_prompts(kwargs["prompts_path"], kwargs["limit"], procedural=kwargs["model"] in PROCEDURAL_MODELS)
     if kwargs["tokens"] < 1:
         raise click.BadParameter("must be at least 1", param_hint="--tokens")
-    device = resolve_device(kwargs["device"])
-    model = load_model(kwargs["model"], device, resolve_dtype(kwargs["dtype"], device))
-    fuse_loras(model, high=kwargs["lora_high"], low=kwargs["lora_low"])
+    model = load_cli_model(kwargs["model"], kwargs["device"], kwargs["dtype"], kwargs["lora_high"], kwargs["lora_low"])
+    prompts = load_prompts(kwargs["prompts_path"], kwargs["limit"], procedural=model.procedural)
     experts = ["high", "low"] if kwargs["expert"] == "both" else [kwargs["expert"]]
     request = ProbeRequest(
         model=model, trajectory=trajectory.with_resolution(model.default_resolution), prompts=prompts,

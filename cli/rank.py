@@ -37,8 +37,8 @@ def _formats(ctx, param, value: str) -> list[str]:
 @click.option("--out", type=click.Path(dir_okay=False, path_type=Path), default=Path("ranking.json"),
               show_default=True, help="The ranking JSON to write.")
 @click.option("--json", "as_json", is_flag=True, help="Print the ranking JSON instead of the table.")
-def rank(probe_file, model, device, dtype, formats, metric, reduce, expert, mode, granularity, limit, top, force,
-         out, as_json) -> None:
+def rank(probe_file, model, device, dtype, lora_high, lora_low, formats, metric, reduce, expert, mode, granularity,
+         limit, top, force, out, as_json) -> None:
     """Rank the layers of each expert by how much W4A4 quantization hurts them.
 
     Local metrics (mse, sqnr, cosine, weight-mse, act-mse) use the probe file's captured inputs and
@@ -48,21 +48,20 @@ def rank(probe_file, model, device, dtype, formats, metric, reduce, expert, mode
 
     \b
     Examples:
-      sensq rank probe.h5                                  # model taken from the probe file
+      sensq rank probe.h5                                  # model (and LoRAs) taken from the probe file
       sensq rank probe.h5 --format hif4,mxfp4,nvfp4,int4   # formats side by side, with their agreement
       sensq rank probe.h5 --metric e2e --granularity block --limit 2
       torchrun --nproc-per-node 4 -m sensq.cli rank probe.h5 --metric e2e   # layers split across ranks
     """
-    from sensq.models import load_model
-    from sensq.runtime import resolve_device, resolve_dtype
+    from sensq.cli.common import load_cli_model
     from sensq.sensitivity import RankRequest, rank_layers
     from sensq.store.probe_file import ProbeFile
 
-    if model is None:
+    recorded = {}
+    if model is None:  # the probe's model, with the LoRAs it was probed with
         with ProbeFile(probe_file) as probe:
-            model = probe.model_id
-    device = resolve_device(device)
-    loaded = load_model(model, device, resolve_dtype(dtype, device))
+            model, recorded = probe.model_id, probe.loras
+    loaded = load_cli_model(model, device, dtype, lora_high, lora_low, recorded)
     request = RankRequest(probe_path=probe_file, model=loaded, formats=formats, metric=metric, reduce=reduce,
                           experts=None if expert == "both" else [expert], mode=mode, granularity=granularity,
                           limit=limit, force=force)

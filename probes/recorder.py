@@ -127,7 +127,7 @@ def run_probe(request: ProbeRequest, progress: Callable[[ProgressEvent], None] |
         writer = ProbeWriter.resume(request.out)
     else:
         attrs = {
-            "model_id": model.model_id, "model_fingerprint": model.fingerprint,
+            "model_id": model.model_id, "model_fingerprint": model.fingerprint, "loras": dict(model.loras),
             "trajectory": trajectory.to_dict(), "probe_config": request.config.__dict__,
             "run_digest": digest, "device": str(model.device), "dtype": str(model.dtype).removeprefix("torch."),
             "shard": list(request.shard), "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),

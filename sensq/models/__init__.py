@@ -6,7 +6,7 @@ import contextlib
 import hashlib
 import json
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -33,6 +33,8 @@ class LoadedModel:
         model_id: what the user passed (``tiny``, a folder, a Hub id).
         fingerprint: see :func:`model_fingerprint`.
         default_resolution: (height, width, frames) when the user passes none.
+        loras: expert -> LoRA file fused into it (:func:`sensq.models.lora.fuse_loras`); empty for none.
+        source_id: for a quantized checkpoint, the model it was made from; else ``""``.
     """
 
     pipe: object
@@ -42,6 +44,13 @@ class LoadedModel:
     default_resolution: tuple[int, int, int]
     device: torch.device
     dtype: torch.dtype
+    loras: dict[str, str] = field(default_factory=dict)
+    source_id: str = ""
+
+    @property
+    def procedural(self) -> bool:
+        """Trained on the procedural world (or quantized from such a model): procedural default prompts."""
+        return (self.source_id or self.model_id) in PROCEDURAL_MODELS
 
 
 def model_names() -> list[str]:

@@ -7,7 +7,9 @@ from sensq.errors import InputError
 
 def fuse_loras(model, *, high: str | None = None, low: str | None = None, scale: float = 1.0) -> None:
     """Fuse a LoRA into each expert and unload the LoRA layers, so that probes and quantization see
-    plain ``nn.Linear`` layers holding the student's weights.
+    plain ``nn.Linear`` layers holding the student's weights. Records the files in ``model.loras`` and
+    refreshes ``model.fingerprint`` (the weights changed), so that a probe, ranking or plan made on the
+    student does not match the base model.
 
     Raises:
         InputError: peft is not installed, or a LoRA does not fit the expert.
@@ -29,3 +31,7 @@ def fuse_loras(model, *, high: str | None = None, low: str | None = None, scale:
         except (ValueError, KeyError, RuntimeError) as error:
             raise InputError(f"cannot apply LoRA {path!r} to the {expert}-noise expert: {error}") from None
     pipe.unload_lora_weights()
+    from sensq.models import model_fingerprint
+
+    model.loras = {**model.loras, **{e: str(p) for e, p in (("high", high), ("low", low)) if p is not None}}
+    model.fingerprint = model_fingerprint(pipe, model.adapter)

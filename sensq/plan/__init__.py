@@ -225,7 +225,8 @@ def build_plan(ranking, *, budget: float | None = None, top_k: int | None = None
     table, _ = resolve(rules, infos)
     return Plan(
         rules=rules, layers=table, summary=summarize(table, infos),
-        model={"id": ranking.provenance.get("model_id"), "fingerprint": ranking.provenance.get("model_fingerprint")},
+        model={"id": ranking.provenance.get("model_id"), "fingerprint": ranking.provenance.get("model_fingerprint"),
+               "loras": ranking.provenance.get("loras") or {}},
         source={"ranking_metric": ranking.metric, "ranking_format": rank_format, "reduce": ranking.reduce,
                 "budget": budget, "top_k": top_k, "protect_entrance": protect_entrance, "protect": protect or [],
                 "probe_sha256": ranking.provenance.get("probe_sha256"), "warnings": warnings,

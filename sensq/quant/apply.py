@@ -65,8 +65,11 @@ def apply_plan(model, plan: Plan, *, probe_path=None, calibrate: str = "none", s
 
     planned_for = (plan.model or {}).get("fingerprint")
     if planned_for and planned_for != model.fingerprint and not force:
+        loras = (plan.model or {}).get("loras") or {}
+        hint = (f" (it was made with LoRAs {', '.join(f'{e}={p}' for e, p in sorted(loras.items()))}: pass the same "
+                "--lora-high/--lora-low)" if loras != model.loras else "")
         raise InputError(f"the plan was made for model fingerprint {planned_for} but this model has "
-                         f"{model.fingerprint}; pass --force to apply it anyway")
+                         f"{model.fingerprint}{hint}; pass --force to apply it anyway")
     table = validate_plan(plan, model_layers(model))
     if offload:
         offload_experts(model)
@@ -81,8 +84,10 @@ def apply_plan(model, plan: Plan, *, probe_path=None, calibrate: str = "none", s
         return table, calibration
     with ProbeFile(probe_path) as probe:
         if probe.model_fingerprint != model.fingerprint and not force:
+            hint = (f"; it was probed with LoRAs {probe.loras}: pass the same --lora-high/--lora-low"
+                    if probe.loras != model.loras else "")
             raise InputError(f"{str(probe_path)!r} was probed on another model (fingerprint "
-                             f"{probe.model_fingerprint}, this model {model.fingerprint}); pass --force")
+                             f"{probe.model_fingerprint}, this model {model.fingerprint}){hint}; or pass --force")
         for expert in experts:
             if sequential_experts and expert == "low":
                 continue

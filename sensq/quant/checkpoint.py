@@ -124,7 +124,8 @@ def save_quantized(model, out_dir: str | Path, *, plan, calibration: dict, fake:
     )
     manifest = {
         "schema": CHECKPOINT_SCHEMA, "version": CHECKPOINT_VERSION, "sensq_version": sensq.__version__,
-        "packed": not fake, "source_model": {"id": model.model_id, "fingerprint": model.fingerprint},
+        "packed": not fake, "source_model": {"id": model.model_id, "fingerprint": model.fingerprint,
+                                          "loras": dict(model.loras), "source_id": model.source_id},
         "experts": {expert: attr for expert, (attr, _) in experts.items()}, "layers": layers_manifest,
         "plan": plan.to_dict(), "files": files, "sizes": sizes.__dict__,
     }
@@ -232,6 +233,8 @@ def load_quantized(path: str | Path, device: torch.device | str = "cpu", dtype: 
                          f"load it without --dtype or write another checkpoint in {dtype}")
     pipe.set_progress_bar_config(disable=True)
     dtype = next(experts["transformer"].parameters()).dtype
+    source = manifest.get("source_model", {})
     return LoadedModel(pipe, adapter, str(folder), model_fingerprint(pipe, adapter), _resolution_for(pipe, adapter),
-                       torch.device(device), dtype)
+                       torch.device(device), dtype, loras=source.get("loras", {}),
+                       source_id=source.get("source_id") or source.get("id", ""))
 

@@ -166,7 +166,8 @@ def rank_layers(request: RankRequest, progress: Callable[[str, int, int], None] 
             raise InputError(
                 f"{str(request.probe_path)!r} was probed on model {probe.model_id!r} (fingerprint "
                 f"{probe.model_fingerprint}) but --model {model.model_id!r} has fingerprint {model.fingerprint}; "
-                "rank with the same model, or pass --force"
+                + (f"it was probed with LoRAs {probe.loras}: pass the same --lora-high/--lora-low, "
+                   if probe.loras != model.loras else "") + "rank with the same model, or pass --force"
             )
         experts = request.experts or probe.experts
         for expert in experts:
@@ -206,7 +207,8 @@ def rank_layers(request: RankRequest, progress: Callable[[str, int, int], None] 
         provenance = {
             "probe_file": str(request.probe_path), "probe_sha256": file_digest(request.probe_path, length=64),
             "probe_model_fingerprint": probe.model_fingerprint, "model_id": model.model_id,
-            "model_fingerprint": model.fingerprint, "trajectory": probe.attr_json("trajectory"),
+            "model_fingerprint": model.fingerprint, "loras": dict(model.loras),
+            "trajectory": probe.attr_json("trajectory"),
             "prompts": int(probe.done.sum()), "seconds": round(time.perf_counter() - started, 3),
             "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         }

@@ -12,7 +12,7 @@ import numpy as np
 from sensq.errors import InputError
 from sensq.store.probe_file import ProbeFile, ProbeWriter, _create_allocated
 
-_RUN_ATTRS = ("model_id", "model_fingerprint", "trajectory", "probe_config", "branches", "experts")
+_RUN_ATTRS = ("model_id", "model_fingerprint", "loras", "trajectory", "probe_config", "branches", "experts")
 
 
 def merge_probe_files(parts: list[Path], out: Path) -> None:
@@ -26,7 +26,7 @@ def merge_probe_files(parts: list[Path], out: Path) -> None:
         first = files[0]
         for part in files:
             for key in _RUN_ATTRS:
-                if part.file.attrs[key] != first.file.attrs[key]:
+                if part.file.attrs.get(key) != first.file.attrs.get(key):
                     raise InputError(f"{str(part.path)!r} differs from {str(first.path)!r} in {key}: not one run")
             if not part.done.all():
                 missing = part.prompt_index[~part.done].tolist()

@@ -209,6 +209,11 @@ class ProbeFile:
         return self.file.attrs["model_fingerprint"]
 
     @property
+    def loras(self) -> dict[str, str]:
+        """Expert -> LoRA file fused into the probed model (empty: none; files older than this field: none)."""
+        return json.loads(self.file.attrs["loras"]) if "loras" in self.file.attrs else {}
+
+    @property
     def experts(self) -> list[str]:
         return self.attr_json("experts")
 

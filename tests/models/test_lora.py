@@ -52,3 +52,42 @@ def test_lora_that_does_not_fit(tmp_path):
     save_file(lora, tmp_path / "bad.safetensors")
     with pytest.raises(InputError, match="cannot apply LoRA .*bad.safetensors' to the high-noise expert"):
         fuse_loras(model, high=str(tmp_path / "bad.safetensors"))
+
+
+def test_student_loras_follow_the_probe_through_rank_plan_apply(tmp_path):
+    """A probe of the LoRA student records its LoRAs; rank/ablate reuse them, and the base model (or apply-plan
+    without them) is refused by fingerprint with a hint, instead of ranking the teacher's weights silently."""
+    import json
+
+    from click.testing import CliRunner
+
+    from sensq.cli import main
+    from sensq.store.probe_file import ProbeFile
+
+    for name, seed in (("high", 1), ("low", 2)):
+        save_file(_lightning_style_lora(seed), tmp_path / f"{name}.safetensors")
+    loras = ["--lora-high", str(tmp_path / "high.safetensors"), "--lora-low", str(tmp_path / "low.safetensors")]
+    run = CliRunner().invoke
+    probe, ranking, plan = tmp_path / "probe.h5", tmp_path / "ranking.json", tmp_path / "plan.json"
+    result = run(main, ["probe", "--limit", "1", "--steps", "2", *loras, "--out", str(probe)])
+    assert result.exit_code == 0, result.output
+    with ProbeFile(probe) as file:
+        assert file.loras == {"high": str(tmp_path / "high.safetensors"), "low": str(tmp_path / "low.safetensors")}
+        student = file.model_fingerprint
+    assert student != load_model("tiny", torch.device("cpu"), torch.float32).fingerprint
+
+    result = run(main, ["rank", str(probe), "--model", "tiny", "--out", str(ranking)])
+    assert result.exit_code == 1 and "probed with LoRAs" in result.output and "--lora-high" in result.output
+    result = run(main, ["rank", str(probe), "--out", str(ranking)])  # model and LoRAs from the probe
+    assert result.exit_code == 0, result.output
+    assert json.loads(ranking.read_text())["provenance"]["model_fingerprint"] == student
+    assert run(main, ["plan", str(ranking), "--top-k", "1", "--out", str(plan)]).exit_code == 0
+    assert json.loads(plan.read_text())["model"]["loras"]["low"].endswith("low.safetensors")
+
+    result = run(main, ["apply-plan", str(plan), "--out", str(tmp_path / "q")])
+    assert result.exit_code == 1 and "made with LoRAs high=" in result.output
+    result = run(main, ["apply-plan", str(plan), *loras, "--out", str(tmp_path / "q")])
+    assert result.exit_code == 0, result.output
+    manifest = json.loads((tmp_path / "q" / "manifest.json").read_text())
+    assert manifest["source_model"]["fingerprint"] == student and manifest["source_model"]["id"] == "tiny"
+    assert set(manifest["source_model"]["loras"]) == {"high", "low"}
