@@ -71,8 +71,9 @@ def ablate(ranking_file, model, device, dtype, lora_high, lora_low, fmt, top_ks,
 
 
 def _print_rows(result: dict) -> None:
-    from rich.console import Console
     from rich.table import Table
+
+    from sensq.cli.common import console as make_console
 
     table = Table(title=f"ablation: {result['format']} W4A4 vs full precision")
     procedural = "procedural" in result["rows"][0]
@@ -90,7 +91,7 @@ def _print_rows(result: dict) -> None:
         if procedural:
             cells.append(f"{row['procedural']['average']:.3f}")
         table.add_row(*cells)
-    Console().print(table)
+    make_console().print(table)
 
 
 @click.command()

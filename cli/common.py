@@ -28,6 +28,19 @@ def model_options(func=None, *, default_model: str | None = "tiny"):
     return wrapper
 
 
+def console(stderr: bool = False):
+    """A rich console for sensq's tables. When the output is a file or a pipe (a log, CI) and COLUMNS is unset,
+    it is 160 columns wide instead of rich's 80, so that tables in logs are not cut to ellipses."""
+    import os
+
+    from rich.console import Console
+
+    plain = Console(stderr=stderr)
+    if plain.is_terminal or "COLUMNS" in os.environ:
+        return plain
+    return Console(stderr=stderr, width=160)
+
+
 def lora_options(func):
     """--lora-high/--lora-low: a few-step student shipped as LoRAs (e.g. Wan2.2-Lightning), fused at load."""
 

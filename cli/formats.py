@@ -36,8 +36,9 @@ def formats(as_json: bool, measure: bool, seed: int) -> None:
     if as_json:
         click.echo(json.dumps(rows, indent=2))
         return
-    from rich.console import Console
     from rich.table import Table
+
+    from sensq.cli.common import console as make_console
 
     table = Table(title="sensq formats", caption=f"* per channel / per token: bits at K={FORMAT_TABLE_DIM}")
     columns = ["name", "bits/elem", "block", "scale", "largest", "smallest nonzero", "values"]
@@ -58,4 +59,4 @@ def formats(as_json: bool, measure: bool, seed: int) -> None:
         if measure:
             cells += [f"{row['sqnr_weight_db']:.2f}", f"{row['sqnr_activation_db']:.2f}"]
         table.add_row(*cells)
-    Console().print(table)
+    make_console().print(table)

@@ -59,10 +59,11 @@ def generate(**kwargs) -> None:
     if kwargs["as_json"]:
         click.echo(json.dumps(dataclasses.asdict(run_generate(request)), indent=1))
         return
-    from rich.console import Console
     from rich.progress import Progress
 
-    console = Console(stderr=True)
+    from sensq.cli.common import console as make_console
+
+    console = make_console(stderr=True)
     with Progress(console=console, transient=True) as progress:
         task = progress.add_task("generate", total=len(prompts))
         result = run_generate(request, lambda done, total, prompt: progress.update(

@@ -90,10 +90,11 @@ def _validate(path: Path, model_name: str, as_json: bool) -> None:
 
 
 def _table(plan, out: Path, export_path) -> None:
-    from rich.console import Console
     from rich.table import Table
 
-    console = Console()
+    from sensq.cli.common import console as make_console
+
+    console = make_console()
     table = Table(title=f"plan: {out}")
     for column in ("expert", "layers", "protected", "protected params", "effective bits", "weight MB before",
                    "after"):

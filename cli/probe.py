@@ -73,12 +73,13 @@ class _progress:
     """A rich progress bar over prompts x steps (on stderr, so --json output stays clean)."""
 
     def __init__(self, total_prompts: int, total_steps: int):
-        from rich.console import Console
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+        from sensq.cli.common import console as make_console
 
         self.progress = Progress(TextColumn("[bold]probe"), BarColumn(), MofNCompleteColumn(),
                                  TextColumn("{task.description}"), TimeRemainingColumn(),
-                                 console=Console(stderr=True), transient=True)
+                                 console=make_console(stderr=True), transient=True)
         self.task = self.progress.add_task("", total=total_prompts * total_steps)
         self.total_steps = total_steps
 
@@ -95,8 +96,9 @@ class _progress:
 
 
 def _summary(result) -> None:
-    from rich.console import Console
     from rich.table import Table
+
+    from sensq.cli.common import console as make_console
 
     table = Table(title=f"probe: {result.path}")
     for column in ("expert", "layers", "steps", "branches"):
@@ -104,7 +106,7 @@ def _summary(result) -> None:
     for expert in result.experts:
         table.add_row(expert, str(result.layers[expert]), ",".join(map(str, result.steps[expert])),
                       ",".join(result.branches))
-    console = Console()
+    console = make_console()
     console.print(table)
     console.print(
         f"prompts: {result.prompts_run} run, {result.prompts_skipped} already complete, {result.prompts_total} total; "

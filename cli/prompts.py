@@ -77,10 +77,11 @@ def _dropped_line(dropped: dict[str, int]) -> str:
 
 
 def _summary(source, loaded, kept, dropped, out) -> None:
-    from rich.console import Console
     from rich.table import Table
 
-    console = Console()
+    from sensq.cli.common import console as make_console
+
+    console = make_console()
     types = sorted({p.meta.get("type") for p in loaded if p.meta.get("type")})
     if types:
         table = Table(title=f"{source}: prompts per type")

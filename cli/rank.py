@@ -82,10 +82,11 @@ def _fmt(value: float) -> str:
 
 
 def _table(ranking, top: int, out: Path) -> None:
-    from rich.console import Console
     from rich.table import Table
 
-    console = Console()
+    from sensq.cli.common import console as make_console
+
+    console = make_console()
     for expert in ranking.experts:
         layers = ranking.ordered(expert)
         table = Table(title=f"{expert}-noise expert: top {min(top, len(layers))} of {len(layers)} by "

@@ -39,12 +39,13 @@ RESUME=()
 $SENSQ probe --model "$MODEL" "${LORA_ARGS[@]}" $PROBE_ARGS "${PROMPT_ARGS[@]}" --tokens "$TOKENS" \
     --out "$OUT/probe.h5" "${RESUME[@]}"
 # 2. rank each expert's layers (model and LoRAs from the probe), the formats side by side; the plan; its report
+# (files already there are kept: delete ranking.json to rank again, plan.json to plan again)
 say "rank, plan, report"
-$SENSQ rank "$OUT/probe.h5" --format "$FORMATS" --out "$OUT/ranking.json"
-$SENSQ plan "$OUT/ranking.json" --budget "$BUDGET" --out "$OUT/plan.json"
+[[ -f "$OUT/ranking.json" ]] || $SENSQ rank "$OUT/probe.h5" --format "$FORMATS" --out "$OUT/ranking.json"
+[[ -f "$OUT/plan.json" ]] || $SENSQ plan "$OUT/ranking.json" --budget "$BUDGET" --out "$OUT/plan.json"
 $SENSQ report "$OUT/ranking.json" --plan "$OUT/plan.json" --out "$OUT/ranking-report"
 # 3. quantize by the plan, calibrated block by block on the probe; a packed checkpoint
-say "apply-plan"
+say "apply-plan"  # (an existing checkpoint is kept: delete quantized/ to quantize again)
 if [[ ! -f "$OUT/quantized/manifest.json" ]]; then
   # shellcheck disable=SC2086
   $SENSQ apply-plan "$OUT/plan.json" --model "$MODEL" "${LORA_ARGS[@]}" --probe "$OUT/probe.h5" $APPLY_ARGS \
