@@ -97,13 +97,14 @@ def prompt_map(generation_dir: Path) -> dict[str, str]:
 
 def normalize(raw: dict) -> dict:
     """VBench's ``{dim: [aggregate, [{video_path, video_results}, ...]]}`` -> per-video values on one
-    scale (imaging_quality per-video values are 0-100, divided by 100) and the mean over videos."""
+    scale (imaging_quality per-video values are 0-100, divided by 100), their mean over videos (``mean``),
+    and VBench's own aggregate (``vbench_aggregate``: frame-weighted for subject_consistency)."""
     out = {}
     for dimension, entry in raw.items():
         if entry.get("raw") is None:
-            out[dimension] = {"mean": None, "per_video": {}, "error": entry.get("error")}
+            out[dimension] = {"mean": None, "vbench_aggregate": None, "per_video": {}, "error": entry.get("error")}
             continue
-        _, videos = entry["raw"]
+        aggregate, videos = entry["raw"]
         per_video = {}
         for video in videos:
             value = float(video["video_results"])
@@ -111,8 +112,32 @@ def normalize(raw: dict) -> dict:
                 value /= 100.0
             per_video[Path(video["video_path"]).name] = value
         mean = sum(per_video.values()) / len(per_video) if per_video else None
-        out[dimension] = {"mean": mean, "per_video": per_video, "error": None}
+        out[dimension] = {"mean": mean, "vbench_aggregate": float(aggregate), "per_video": per_video, "error": None}
     return out
+
+
+MIN_SIDE = {"motion_smoothness": 64}
+"""Smallest frame side (px) a dimension's network accepts: AMT-S fails below 64 (measured: 48 fails, 64 runs)."""
+
+
+def _check_frame_size(generation_dir: Path, dimensions: list[str]) -> None:
+    trajectory = load_generation(generation_dir)["config"]["trajectory"]
+    side = min(trajectory.get("height") or 0, trajectory.get("width") or 0)
+    too_small = [d for d in dimensions if side and side < MIN_SIDE.get(d, 0)]
+    if too_small:
+        raise InputError(f"{', '.join(too_small)} needs frames of at least {MIN_SIDE[too_small[0]]} px a side; "
+                         f"{str(generation_dir)!r} has {trajectory['height']}x{trajectory['width']}: generate with "
+                         "larger --height/--width, or leave it out with --dims")
+
+
+def _incomplete(scores: dict, videos: dict) -> list[str]:
+    problems = []
+    for dimension, value in scores.items():
+        if value["error"]:
+            problems.append(f"{dimension} failed ({value['error']})")
+        elif missing := sorted(set(videos) - set(value["per_video"])):
+            problems.append(f"{dimension} has no score for {missing}")
+    return problems
 
 
 def run_vbench(generation_dir: str | Path, dimensions: list[str], *, python: str | None = None,
@@ -137,6 +162,7 @@ def run_vbench(generation_dir: str | Path, dimensions: list[str], *, python: str
     if missing:
         raise InputError(_missing_message(missing))
     videos = prompt_map(generation_dir)
+    _check_frame_size(generation_dir, dimensions)
     with tempfile.TemporaryDirectory() as tmp:
         config = {"videos": str(generation_dir.resolve()), "prompt_list": videos, "dimensions": dimensions,
                   "device": device, "work_dir": tmp, "out": str(Path(tmp) / "results.json"),
@@ -159,6 +185,10 @@ def run_vbench(generation_dir: str | Path, dimensions: list[str], *, python: str
         raw = json.loads(Path(config["out"]).read_text())
     scores = {"schema": VBENCH_SCHEMA, "dimensions": normalize(raw), "videos": len(videos), "device": device}
     write_json(generation_dir / "vbench.json", scores)
+    problems = _incomplete(scores["dimensions"], videos)
+    if problems:  # the method's rule: a run counts only when every video has every score
+        raise InputError(f"VBench scores incomplete (what finished is in {str(generation_dir / 'vbench.json')!r}): "
+                         + "; ".join(problems))
     return scores
 
 
