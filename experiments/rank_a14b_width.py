@@ -12,11 +12,7 @@ import tempfile
 import time
 from pathlib import Path
 
-import torch
-from diffusers import WanTransformer3DModel
-
-from sensq.models import load_model, model_fingerprint
-from sensq.models.wan import A14B_TRANSFORMER_CONFIG
+from sensq.models import load_a14b_width
 from sensq.probes.recorder import ProbeRequest, run_probe
 from sensq.prompts import load_prompts
 from sensq.sensitivity import RankRequest, rank_layers
@@ -29,11 +25,7 @@ def main() -> None:
     parser.add_argument("--format", default="hif4")
     args = parser.parse_args()
     started = time.perf_counter()
-    model = load_model("tiny-realshape", torch.device("cpu"), torch.float32)
-    for seed, attr in ((1, "transformer"), (2, "transformer_2")):
-        torch.manual_seed(seed)
-        setattr(model.pipe, attr, WanTransformer3DModel(**{**A14B_TRANSFORMER_CONFIG, "num_layers": 1}).eval())
-    model.fingerprint = model_fingerprint(model.pipe, model.adapter)
+    model = load_a14b_width(num_layers=1)
     params = sum(p.numel() for p in model.pipe.transformer.parameters())
     print(f"built 2 experts of {params / 1e6:.0f} M parameters in {time.perf_counter() - started:.1f} s")
     trajectory = get_preset("lightning-4step").with_resolution(model.default_resolution)

@@ -201,3 +201,22 @@ def _resolution_for(pipe, adapter: WanAdapter) -> tuple[int, int, int]:
     expert = adapter.expert_module(pipe, "high")
     hidden = expert.config.num_attention_heads * expert.config.attention_head_dim
     return (32, 32, 9) if hidden < 1024 else adapter.default_resolution
+
+
+def load_a14b_width(num_layers: int = 1, seed: int = 1) -> LoadedModel:
+    """A measurement model with Wan2.2-T2V-A14B's layer widths on the CPU: the ``tiny-realshape`` pipeline
+    (4096-wide text input) whose two experts are ``WanTransformer3DModel`` with the real A14B config except
+    ``num_layers`` (585 M parameters per expert at 1 block: the 5120/13824-wide blocks, the real condition
+    embedder and proj_out), random weights, fp32. For timing sensq's work at real widths (benchmarks,
+    experiments/rank_a14b_width.py), not for generating anything."""
+    from diffusers import WanTransformer3DModel
+
+    from sensq.models.wan import A14B_TRANSFORMER_CONFIG
+
+    model = load_model("tiny-realshape", torch.device("cpu"), torch.float32)
+    for offset, attr in enumerate(("transformer", "transformer_2")):
+        torch.manual_seed(seed + offset)
+        setattr(model.pipe, attr, WanTransformer3DModel(**{**A14B_TRANSFORMER_CONFIG, "num_layers": num_layers}).eval())
+    model.model_id = f"a14b-width-{num_layers}"
+    model.fingerprint = model_fingerprint(model.pipe, model.adapter)
+    return model

@@ -4,7 +4,9 @@
         --benchmark-json=probe.json && python experiments/bench_table.py probe.json
 
 Group "probe overhead": the same 2 prompts x 4 CFG steps on tiny-realshape, plain generation
-(baseline) vs ``run_probe`` (hooks, statistics, HDF5 writes), in one run.
+(baseline) vs ``run_probe`` (hooks, statistics, HDF5 writes), in one run. Group "probe overhead A14B
+width": the same at A14B's layer widths (``load_a14b_width``: 1 block of 5120/13824 per expert, 2.3 GB
+each), 1 prompt x the Lightning 4 steps (no CFG), 64x64x9 (192 video tokens) and 128x128x17 (1280).
 """
 
 from pathlib import Path
@@ -63,6 +65,49 @@ A14B_BLOCK = {  # in_features, tokens at 480p (S = 21 * 30 * 52 = 32760 video to
     "attn2.to_v": (5120, 512), "attn2.to_out.0": (5120, 32760), "ffn.net.0.proj": (5120, 32760),
     "ffn.net.2": (13824, 32760),
 }
+
+
+@pytest.fixture(scope="module")
+def a14b_width():
+    from sensq.models import load_a14b_width
+
+    return load_a14b_width(num_layers=1)
+
+
+A14B_RESOLUTIONS = pytest.mark.parametrize("resolution", [(64, 64, 9), (128, 128, 17)], ids=["192tok", "1280tok"])
+
+
+def _a14b_case(model, resolution):
+    from sensq.trajectory import get_preset
+
+    height, width, frames = resolution
+    trajectory = get_preset("lightning-4step").with_resolution((height, width, frames))
+    return trajectory, f"probe overhead A14B width {height}x{width}x{frames} lightning 4 steps", load_prompts(None, 1)
+
+
+@A14B_RESOLUTIONS
+def test_a14b_width_generate_without_probe(benchmark, a14b_width, resolution):
+    trajectory, group, prompts = _a14b_case(a14b_width, resolution)
+    benchmark.group = group
+    benchmark.extra_info["baseline"] = True
+
+    def generate():
+        apply_trajectory(a14b_width.pipe, trajectory)
+        run(a14b_width.pipe, prompts[0].text, trajectory, seed=0)
+
+    benchmark.pedantic(generate, rounds=3, warmup_rounds=1)
+
+
+@A14B_RESOLUTIONS
+def test_a14b_width_generate_with_probe(benchmark, a14b_width, resolution, tmp_path):
+    trajectory, group, prompts = _a14b_case(a14b_width, resolution)
+    benchmark.group = group
+    out = tmp_path / "p.h5"
+
+    def probe():
+        run_probe(ProbeRequest(a14b_width, trajectory, prompts, ["high", "low"], out, overwrite=True))
+
+    benchmark.pedantic(probe, rounds=3, warmup_rounds=1)
 
 
 def test_hdf5_write_throughput(benchmark, tmp_path):
