@@ -28,7 +28,8 @@ def quantize_dequantize(
         x: a float32, bfloat16, float16 or float64 tensor.
         fmt: a format name (``sensq.formats.format_names()``) or ``FormatSpec``.
         dim: the dim blocks run along (``in_features`` for Linear weights and activations).
-        backend: ``"auto"`` (default), ``"reference"``, ``"cpu"`` (numba) or ``"triton"``.
+        backend: ``"auto"`` (default), ``"reference"``, ``"cpu"`` (numba, HiF4) or ``"triton"`` (HiF4, MXFP4,
+            NVFP4).
 
     Returns:
         A tensor with ``x``'s shape, dtype and device.
@@ -48,8 +49,14 @@ def quantize_dequantize(
 
         return cpu.quantize_dequantize(x, spec, dim)
     if chosen is Backend.TRITON:
-        from sensq.kernels import triton_hif4
+        from sensq.formats.spec import Family
 
-        return triton_hif4.quantize_dequantize(x, spec, dim)
+        if spec.family is Family.HIF4:
+            from sensq.kernels import triton_hif4
+
+            return triton_hif4.quantize_dequantize(x, spec, dim)
+        from sensq.kernels import triton_fp4
+
+        return triton_fp4.quantize_dequantize(x, spec, dim)
     blocks, layout = to_blocks(x, dim, spec.block_size)
     return from_blocks(reference.quantize_dequantize_blocks(blocks, spec), layout, x.dtype)

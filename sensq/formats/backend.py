@@ -24,11 +24,11 @@ class Backend(enum.Enum):
     CPU = "cpu"
     """Fused numba loops on CPU tensors (HiF4)."""
     TRITON = "triton"
-    """Fused Triton kernels on CUDA tensors (HiF4); CPU tensors under TRITON_INTERPRET=1 (tests)."""
+    """Fused Triton kernels on CUDA tensors (HiF4, MXFP4, NVFP4); CPU tensors under TRITON_INTERPRET=1 (tests)."""
 
 
 CPU_FAMILIES = (Family.HIF4,)
-TRITON_FAMILIES = (Family.HIF4,)
+TRITON_FAMILIES = (Family.HIF4, Family.MXFP4, Family.NVFP4)
 
 
 def backend_names() -> list[str]:
@@ -69,7 +69,8 @@ def resolve_backend(backend: str | Backend, spec: FormatSpec, x: torch.Tensor) -
             )
         if spec.family not in TRITON_FAMILIES:
             raise BackendUnavailableError(
-                f"backend 'triton' has no kernel for format {spec.name!r} (it has: hif4); use backend='reference'"
+                f"backend 'triton' has no kernel for format {spec.name!r} (it has: "
+                f"{', '.join(f.value for f in TRITON_FAMILIES)}); use backend='reference'"
             )
         return backend
     if backend is Backend.CPU:

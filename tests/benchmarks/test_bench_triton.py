@@ -3,8 +3,9 @@
     python -m pytest -o addopts="" tests/benchmarks/test_bench_triton.py --benchmark-only \
         --benchmark-json=triton.json && python experiments/bench_table.py triton.json
 
-Group "fused quantize": HiF4 quantize-dequantize of 32760 x 5120 bf16 (an A14B activation at 480p):
-torch clone (the HBM copy floor), the reference, the triton kernel. Group "linear": M = 32760 tokens at
+Group "fused quantize": HiF4, MXFP4 and NVFP4 (both variants each) quantize-dequantize of 32760 x 5120
+bf16 (an A14B activation at 480p): torch clone (the HBM copy floor), the reference, the triton kernel.
+Group "linear": M = 32760 tokens at
 A14B shapes: BF16 F.linear (cuBLAS, the baseline), the unfused simulation (quantize x and W, then
 F.linear), and the fused W4A4 kernel over packed weights.
 """
@@ -38,14 +39,16 @@ def test_quantize_clone(benchmark, activation):
     benchmark(_sync, activation.clone)
 
 
-def test_quantize_reference(benchmark, activation):
+@pytest.mark.parametrize("fmt", ["hif4", "mxfp4", "mxfp4_ocp", "nvfp4", "nvfp4_ts"])
+def test_quantize_reference(benchmark, activation, fmt):
     benchmark.group = f"fused quantize {M}x5120 bf16 ({torch.cuda.get_device_name()})"
-    benchmark(_sync, quantize_dequantize, activation, "hif4", backend="reference")
+    benchmark(_sync, quantize_dequantize, activation, fmt, backend="reference")
 
 
-def test_quantize_triton(benchmark, activation):
+@pytest.mark.parametrize("fmt", ["hif4", "mxfp4", "mxfp4_ocp", "nvfp4", "nvfp4_ts"])
+def test_quantize_triton(benchmark, activation, fmt):
     benchmark.group = f"fused quantize {M}x5120 bf16 ({torch.cuda.get_device_name()})"
-    benchmark(_sync, quantize_dequantize, activation, "hif4", backend="triton")
+    benchmark(_sync, quantize_dequantize, activation, fmt, backend="triton")
 
 
 @pytest.fixture(scope="module", params=list(SHAPES))

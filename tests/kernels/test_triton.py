@@ -92,9 +92,10 @@ def test_unavailable_triton_is_a_clear_error(monkeypatch):
         quantize_dequantize(torch.zeros(4, 64), "hif4", backend="triton")
 
 
-def test_triton_has_only_hif4():
-    with pytest.raises(BackendUnavailableError, match="backend 'triton' has no kernel for format 'mxfp4'"):
-        quantize_dequantize(torch.zeros(4, 64, device=DEVICE), "mxfp4", backend="triton")
+def test_triton_has_no_int_kernel():
+    with pytest.raises(BackendUnavailableError, match="backend 'triton' has no kernel for format 'int4' .it has: "
+                                                      "hif4, mxfp4, nvfp4."):
+        quantize_dequantize(torch.zeros(4, 64, device=DEVICE), "int4", backend="triton")
 
 
 @pytest.mark.gpu
