@@ -20,10 +20,15 @@ def fuse_loras(model, *, high: str | None = None, low: str | None = None, scale:
 
     if not USE_PEFT_BACKEND:
         raise InputError("LoRA students need peft: pip install 'sensq[lora]' (or pip install peft)")
+    from pathlib import Path
+
     pipe = model.pipe
     for expert, path in (("high", high), ("low", low)):
         if path is None:
             continue
+        if not Path(path).is_file():
+            raise InputError(f"LoRA file for the {expert}-noise expert not found: {str(path)!r} (a probe or ranking "
+                             f"records where its LoRAs were: pass --lora-{expert} with the file's new place)")
         component = model.adapter.expert_attrs[expert]
         try:
             pipe.load_lora_weights(path, adapter_name=f"sensq_{expert}", load_into_transformer_2=(expert == "low"))

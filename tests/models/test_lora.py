@@ -91,3 +91,9 @@ def test_student_loras_follow_the_probe_through_rank_plan_apply(tmp_path):
     manifest = json.loads((tmp_path / "q" / "manifest.json").read_text())
     assert manifest["source_model"]["fingerprint"] == student and manifest["source_model"]["id"] == "tiny"
     assert set(manifest["source_model"]["loras"]) == {"high", "low"}
+
+
+def test_missing_lora_file_is_one_clear_error(tmp_path):
+    model = load_model("tiny", torch.device("cpu"), torch.float32)
+    with pytest.raises(InputError, match="LoRA file for the low-noise expert not found: '.*gone.safetensors'"):
+        fuse_loras(model, low=str(tmp_path / "gone.safetensors"))
