@@ -90,9 +90,11 @@ def _dims(ctx, param, value: str) -> list[str]:
 @click.option("--setup-vbench", "setup_dir", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="Create a VBench environment in this folder (pip, from PyPI) and exit.")
 @click.option("--dry-run", is_flag=True, help="With --setup-vbench: print the commands instead of running them.")
+@click.option("--check-vbench", is_flag=True, help="Check the VBench environment and the weights of --dims, without "
+              "videos, and exit (0 ready, 1 with what is missing).")
 @click.option("--json", "as_json", is_flag=True, help="Print the scores as JSON.")
 def eval_command(run_dir, reference, vbench, dims, vbench_python, vbench_cache, torch_home, vbench_device, setup_dir,
-                 dry_run, as_json) -> None:
+                 dry_run, check_vbench, as_json) -> None:
     """Score a generation folder. Against full precision (--reference, offline, no weights): final-latent
     NMSE, per-frame PSNR and SSIM, first-frame error, temporal error -> RUN_DIR/scores.json. With VBench
     (--vbench): subject_consistency, aesthetic_quality, imaging_quality, overall_consistency,
@@ -104,9 +106,16 @@ def eval_command(run_dir, reference, vbench, dims, vbench_python, vbench_cache, 
     Examples:
       sensq eval runs/hif4 --reference runs/fp
       sensq eval --setup-vbench ~/vbench-env            # once; then put the weights in VBENCH_CACHE_DIR
+      sensq eval --check-vbench --vbench-python ~/vbench-env/bin/python   # ready? (no videos needed)
       sensq eval runs/hif4 --vbench --vbench-python ~/vbench-env/bin/python
     """
     from sensq.eval.vbench_eval import run_vbench, setup_commands
+
+    if check_vbench:
+        from sensq.eval.vbench_eval import check_vbench as check
+
+        click.echo(check(dims, python=vbench_python, cache_dir=vbench_cache, torch_home=torch_home))
+        return
 
     if setup_dir is not None:
         import shlex

@@ -16,6 +16,14 @@ SENSQ=${SENSQ:-sensq}
 mkdir -p "$OUT"
 say() { printf '\n== %s\n' "$*"; }
 
+# pre-flight: what the last steps need is checked before hours of GPU work
+for NAME in OPENS2V LORA_HIGH LORA_LOW; do
+  if [[ -n "${!NAME:-}" && ! -f "${!NAME}" ]]; then echo "run_study.sh: $NAME file not found: ${!NAME}" >&2; exit 1; fi
+done
+if [[ "${VBENCH:-0}" == 1 ]]; then
+  $SENSQ eval --check-vbench --vbench-python "$VBENCH_PYTHON"
+fi
+
 # 0. the prompt set: an OpenS2V (or any) source filtered into one prompt file, else PROMPTS, else built-ins
 if [[ -n "${OPENS2V:-}" ]]; then
   say "prompts: filter $OPENS2V"

@@ -140,6 +140,39 @@ def _incomplete(scores: dict, videos: dict) -> list[str]:
     return problems
 
 
+def _interpreter(python: str | None) -> str:
+    python = python or os.environ.get("SENSQ_VBENCH_PYTHON")
+    if not python:
+        raise InputError("VBench runs in its own environment: pass --vbench-python PATH or set SENSQ_VBENCH_PYTHON "
+                         "(create one with: sensq eval --setup-vbench DIR)")
+    if not Path(python).is_file():
+        raise InputError(f"VBench interpreter not found: {python!r} (create one with: sensq eval --setup-vbench DIR)")
+    return python
+
+
+def check_vbench(dimensions: list[str], *, python: str | None = None, cache_dir: str | Path | None = None,
+                 torch_home: str | Path | None = None) -> str:
+    """Everything ``run_vbench`` needs, checked without videos: the interpreter, that it imports vbench,
+    every weight file of ``dimensions``. Returns a one-line summary.
+
+    Raises:
+        InputError: the first thing missing (all missing weight files listed at once).
+    """
+    dimensions = check_dimensions(dimensions)
+    python = _interpreter(python)
+    cache, torch_dir = cache_dirs(cache_dir, torch_home)
+    missing = missing_files(dimensions, cache, torch_dir)
+    if missing:
+        raise InputError(_missing_message(missing))
+    done = subprocess.run([python, "-c", "import vbench, sys; print(vbench.__file__)"], capture_output=True,
+                          text=True)
+    if done.returncode != 0:
+        last = (done.stderr.strip().splitlines() or ["no output"])[-1]
+        raise InputError(f"{python!r} cannot import vbench: {last} (create an environment with: sensq eval "
+                         "--setup-vbench DIR)")
+    return f"VBench ready: {python} imports vbench; weights of {', '.join(dimensions)} in {cache} and {torch_dir}"
+
+
 def run_vbench(generation_dir: str | Path, dimensions: list[str], *, python: str | None = None,
                cache_dir: str | Path | None = None, torch_home: str | Path | None = None, device: str = "cpu",
                timeout: float | None = None) -> dict:
@@ -151,12 +184,7 @@ def run_vbench(generation_dir: str | Path, dimensions: list[str], *, python: str
     """
     generation_dir = Path(generation_dir)
     dimensions = check_dimensions(dimensions)
-    python = python or os.environ.get("SENSQ_VBENCH_PYTHON")
-    if not python:
-        raise InputError("VBench runs in its own environment: pass --vbench-python PATH or set SENSQ_VBENCH_PYTHON "
-                         "(create one with: sensq eval --setup-vbench DIR)")
-    if not Path(python).is_file():
-        raise InputError(f"VBench interpreter not found: {python!r} (create one with: sensq eval --setup-vbench DIR)")
+    python = _interpreter(python)
     cache, torch_dir = cache_dirs(cache_dir, torch_home)
     missing = missing_files(dimensions, cache, torch_dir)
     if missing:

@@ -198,3 +198,23 @@ def test_real_vbench_package_with_standin_weights(tmp_path):
         value = scores["dimensions"][dimension]
         assert value["error"] is None and sorted(value["per_video"]) == videos, (dimension, value)
         assert all(v == v and abs(v) < 10 for v in value["per_video"].values()), (dimension, value)  # finite
+
+
+def test_check_vbench_without_videos(tmp_path, monkeypatch):
+    cache, torch_home = tmp_path / "c", tmp_path / "t"
+    runner = CliRunner()
+    args = ["eval", "--check-vbench", "--vbench-python", sys.executable, "--vbench-cache", str(cache), "--torch-home",
+            str(torch_home), "--dims", "imaging_quality"]
+    result = runner.invoke(main, args)
+    assert result.exit_code == 1 and "VBench weights missing" in result.output and "musiq_spaq" in result.output
+    for f in required_files(["imaging_quality"], cache, torch_home):
+        Path(f["path"]).parent.mkdir(parents=True, exist_ok=True)
+        Path(f["path"]).touch()
+    result = runner.invoke(main, args)  # this interpreter has no vbench
+    assert result.exit_code == 1 and "cannot import vbench: ModuleNotFoundError" in result.output
+    fake = tmp_path / "site"
+    (fake / "vbench").mkdir(parents=True)
+    (fake / "vbench" / "__init__.py").write_text("")
+    monkeypatch.setenv("PYTHONPATH", str(fake))
+    result = runner.invoke(main, args)
+    assert result.exit_code == 0 and result.output.startswith(f"VBench ready: {sys.executable} imports vbench")
