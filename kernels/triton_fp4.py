@@ -11,7 +11,7 @@ Two choices make that exact on every device rather than on the interpreter only:
   floors torch's float32 ``log2``, which is correctly rounded: near a power of two it rounds *up* to the
   next integer (``torch.log2(4 - ulp) == 2.0``), so the floor is not the exponent field. Here it is the
   exponent field plus one when ``y`` reaches a per-binade threshold computed once on the host
-  (:func:`log2_floor_thresholds`); tests/kernels/test_triton_fp4.py checks the rule against torch on
+  (``kernels/fp4_common.log2_floor_thresholds``); tests/kernels/test_triton_fp4.py checks the rule against torch on
   every float32 near a power of two.
 * divisions by non-powers of two use ``div_rn`` (IEEE round-to-nearest; Triton's ``/`` on fp32 is not),
   rounding to E4M3 and half-even rounding are done on exact float32 values, powers of two come from bits.
@@ -19,42 +19,14 @@ Two choices make that exact on every device rather than on the interpreter only:
 
 from __future__ import annotations
 
-import functools
-
-import numpy as np
 import torch
 import triton
 import triton.language as tl
 
 from sensq.formats.spec import Family, FormatSpec, MXVariant
+from sensq.kernels.fp4_common import log2_floor_thresholds, nvfp4_tensor_scale
 
 BLOCK_G = 64  # blocks per program
-
-
-@functools.cache
-def log2_floor_thresholds() -> np.ndarray:
-    """``t[e + 126]`` for each float32 binade ``[2^e, 2^(e+1))``, e in [-126, 127]: the smallest float32 ``y``
-    of the binade whose correctly rounded float32 ``log2`` is ``e + 1`` (``inf`` when none is)."""
-    out = np.full(254, np.inf, dtype=np.float32)
-    for e in range(-126, 128):
-        low = int(np.array(np.float32(2.0) ** np.float32(e), dtype=np.float32).view(np.int32))
-        high = low + (1 << 23) - 1  # the largest float32 of the binade
-
-        def rounds_up(bits: int, e: int = e) -> bool:
-            y = np.array(bits, dtype=np.int32).view(np.float32)
-            return np.floor(np.float32(np.log2(np.float64(y)))) > e
-
-        if not rounds_up(high):
-            continue
-        lo, hi = low, high  # invariant: rounds_up(hi); the band that rounds up is the binade's top
-        while lo < hi:
-            mid = (lo + hi) // 2
-            if rounds_up(mid):
-                hi = mid
-            else:
-                lo = mid + 1
-        out[e + 126] = np.array(lo, dtype=np.int32).view(np.float32)
-    return out
 
 
 @triton.jit
@@ -213,15 +185,7 @@ def _launch_args(spec: FormatSpec, rows: torch.Tensor) -> tuple[dict, float]:
         variant = 0 if spec.mx_variant is MXVariant.HIFLOAT4_REPO else 1
     else:
         variant = 1 if spec.tensor_scale_bits > 0 else 0
-    tensor_scale = 1.0
-    if family == 1 and variant == 1:
-        # the per-tensor FP32 scale amax / (448 * 6) over the blocks whose maximum is finite (a block with
-        # an inf or a NaN does not count), one reduction on the host
-        n_rows, length = rows.shape
-        padded = torch.nn.functional.pad(rows, (0, -length % spec.block_size))
-        block_max = padded.abs().reshape(n_rows, -1, spec.block_size).amax(-1)
-        amax = torch.where(torch.isfinite(block_max), block_max, 0.0).amax()
-        tensor_scale = float(amax / (448.0 * 6.0)) if amax > 0 else 1.0
+    tensor_scale = nvfp4_tensor_scale(rows, spec.block_size) if family == 1 and variant == 1 else 1.0
     return {"FAMILY": family, "VARIANT": variant, "BLOCK": BLOCK_G, "GROUP": spec.block_size}, tensor_scale
 
 

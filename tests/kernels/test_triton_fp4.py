@@ -87,7 +87,9 @@ def test_encode_fields_equal_the_reference_encoding(fmt, shape):
 def test_floor_log2_rule_matches_torch_next_to_every_power_of_two():
     """torch's float32 log2 is correctly rounded, so just below 2^k it rounds up to k for k >= 2 (and for
     k <= -2): the floor there is not the exponent field. The threshold table reproduces that exactly."""
-    thresholds = triton_fp4.log2_floor_thresholds()
+    from sensq.kernels.fp4_common import log2_floor_thresholds
+
+    thresholds = log2_floor_thresholds()
     ys = []
     for e in range(-126, 128):
         top = np.array(np.float32(2.0) ** np.float32(e + 1) if e < 127 else np.finfo(np.float32).max,
