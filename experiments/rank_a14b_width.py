@@ -22,7 +22,7 @@ from sensq.trajectory import get_preset
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--prompts", type=int, default=2)
-    parser.add_argument("--format", default="hif4")
+    parser.add_argument("--format", default="hif4", help="comma-separated, e.g. hif4,mxfp4,nvfp4,int4")
     args = parser.parse_args()
     started = time.perf_counter()
     model = load_a14b_width(num_layers=1)
@@ -36,7 +36,7 @@ def main() -> None:
         print(f"probe: {args.prompts} prompts x 4 steps (lightning, no CFG) in {time.perf_counter() - t0:.1f} s, "
               f"{result.file_bytes / 1e6:.0f} MB")
         t0 = time.perf_counter()
-        ranking = rank_layers(RankRequest(probe, model, [args.format], metric="mse"))
+        ranking = rank_layers(RankRequest(probe, model, args.format.split(","), metric="mse"))
         seconds = time.perf_counter() - t0
     layers = sum(len(v) for v in ranking.experts.values())
     print(f"rank --metric mse --format {args.format}: {layers} layers of 2 experts in {seconds:.1f} s "
