@@ -17,6 +17,8 @@ def _names(value: str | None) -> tuple[str, ...]:
 @click.option("--type", "types", default=None, help="Keep only these OpenS2V-Eval types, comma-separated "
               "(the id's prefix: singleobj, multiobject, humanobj, singlehuman, singleface, ...).")
 @click.option("--exclude-type", default=None, help="Drop these types, comma-separated.")
+@click.option("--dimension", "dimensions", default=None, help="VBench full info: keep prompts that serve any of these "
+              "dimensions, comma-separated (e.g. subject_consistency,overall_consistency).")
 @click.option("--min-words", type=int, default=None, help="Drop prompts with fewer words.")
 @click.option("--max-words", type=int, default=None, help="Drop prompts with more words.")
 @click.option("--min-aesthetic", type=float, default=None, help="OpenS2V-5M: drop clips scoring lower in aesthetics.")
@@ -31,8 +33,8 @@ def _names(value: str | None) -> tuple[str, ...]:
 @click.option("--out", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="Write the kept prompts here (JSON list of records; any sensq --prompts reads it).")
 @click.option("--json", "as_json", is_flag=True, help="Print the kept prompts and the drop counts as JSON.")
-def prompts(source, types, exclude_type, min_words, max_words, min_aesthetic, min_motion, min_tech, exclude, dedupe,
-            per_type, sample, seed, out, as_json) -> None:
+def prompts(source, types, exclude_type, dimensions, min_words, max_words, min_aesthetic, min_motion, min_tech,
+            exclude, dedupe, per_type, sample, seed, out, as_json) -> None:
     """Filter a prompt source into the prompt file of a study, and show what was kept and why the rest went.
 
     SOURCE is any file --prompts reads: OpenS2V-Eval (`Open-Domain_Eval.json`: {id: {prompt, img_paths,
@@ -47,13 +49,15 @@ def prompts(source, types, exclude_type, min_words, max_words, min_aesthetic, mi
       sensq prompts Open-Domain_Eval.json --exclude-type singleface --min-words 8 --dedupe \\
           --per-type 8 --out prompts.json                        # a text-to-video set, 8 per type
       sensq prompts OpenS2V-5M_part1.json --min-aesthetic 5.5 --min-motion 2 --sample 64 --out prompts.json
+      sensq prompts VBench_full_info.json --dimension subject_consistency,overall_consistency --dedupe
       sensq generate --prompts prompts.json --out runs/fp
     """
     from sensq.prompts import PromptFilter, filter_prompts, load_prompts, write_prompts
 
     loaded = load_prompts(source)
     spec = PromptFilter(
-        types=_names(types), exclude_types=_names(exclude_type), min_words=min_words, max_words=max_words,
+        types=_names(types), exclude_types=_names(exclude_type), dimensions=_names(dimensions), min_words=min_words,
+        max_words=max_words,
         min_aesthetic=min_aesthetic, min_motion=min_motion, min_tech=min_tech, exclude=exclude, dedupe=dedupe,
         per_type=per_type, sample=sample, seed=seed,
     )

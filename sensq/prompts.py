@@ -39,8 +39,9 @@ class Prompt:
 
     ``key`` is the prompt's id in a keyed source (an OpenS2V sample id such as ``singleobj_3``, an
     OpenS2V-5M clip key), ``""`` otherwise. ``meta`` holds what the source says about it: ``type``
-    (OpenS2V-Eval category), ``aesthetic``/``motion``/``tech`` (OpenS2V-5M scores), ``class_label``,
-    ``source_index`` (its index in the file a filtered file was made from).
+    (OpenS2V-Eval category), ``dimension`` (VBench full info: the dimensions it serves),
+    ``aesthetic``/``motion``/``tech`` (OpenS2V-5M scores), ``class_label``, ``source_index`` (its index
+    in the file a filtered file was made from).
     """
 
     index: int
@@ -50,7 +51,7 @@ class Prompt:
     meta: dict = field(default_factory=dict, compare=False, hash=False, repr=False)
 
 
-META_KEYS = ("type", "aesthetic", "motion", "tech", "class_label", "synthesis_flag", "source_index")
+META_KEYS = ("type", "dimension", "aesthetic", "motion", "tech", "class_label", "synthesis_flag", "source_index")
 """Record fields kept in :attr:`Prompt.meta` (read from the record or its ``metadata`` object)."""
 
 _EVAL_ID = re.compile(r"^([A-Za-z]+)_\d+$")  # OpenS2V-Eval sample ids: singleobj_1, multiobject_30, ...
@@ -154,7 +155,8 @@ class PromptFilter:
     """Which prompts of a source to keep (``sensq prompts``). Steps run in field order; ``None``/empty skips one.
 
     ``types``/``exclude_types`` select OpenS2V-Eval categories (the id's prefix: ``singleobj``,
-    ``humanobj``, ...); ``min_words``/``max_words`` bound the length; ``min_aesthetic``/``min_motion``/
+    ``humanobj``, ...); ``dimensions`` keeps VBench full-info prompts that serve any of these VBench
+    dimensions; ``min_words``/``max_words`` bound the length; ``min_aesthetic``/``min_motion``/
     ``min_tech`` threshold OpenS2V-5M's scores; ``exclude`` drops texts matching a regex
     (case-insensitive); ``dedupe`` drops repeats (case and spacing ignored); ``per_type`` keeps the
     first N of each type; ``sample`` then draws N at random with ``seed`` (kept in file order).
@@ -162,6 +164,7 @@ class PromptFilter:
 
     types: tuple[str, ...] = ()
     exclude_types: tuple[str, ...] = ()
+    dimensions: tuple[str, ...] = ()
     min_words: int | None = None
     max_words: int | None = None
     min_aesthetic: float | None = None
@@ -203,6 +206,12 @@ def filter_prompts(prompts: list[Prompt], spec: PromptFilter) -> tuple[list[Prom
         keep(f"type not in {','.join(spec.types)}", lambda p: p.meta.get("type") in spec.types)
     if spec.exclude_types:
         keep(f"type in {','.join(spec.exclude_types)}", lambda p: p.meta.get("type") not in spec.exclude_types)
+    if spec.dimensions:
+        if not any("dimension" in p.meta for p in prompts):
+            raise InputError("the prompt file has no VBench dimensions (VBench_full_info.json records have them); "
+                             "drop --dimension")
+        keep(f"no dimension in {','.join(spec.dimensions)}",
+             lambda p: bool(set(p.meta.get("dimension") or ()) & set(spec.dimensions)))
     if spec.min_words:
         keep(f"fewer than {spec.min_words} words", lambda p: len(p.text.split()) >= spec.min_words)
     if spec.max_words:

@@ -199,3 +199,20 @@ def test_prompts_cli(tmp_path):
     assert [p["index"] for p in data["prompts"]] == [3, 4, 5]
     result = CliRunner().invoke(main, ["prompts", str(source), "--type", "nope"])
     assert result.exit_code == 1 and "no prompt of 6" in result.output and "6 type not in nope" in result.output
+
+
+def test_vbench_full_info_dimension_filter(tmp_path):
+    from sensq.prompts import PromptFilter, filter_prompts
+
+    path = _write(tmp_path, "VBench_full_info.json", [
+        {"prompt_en": "a dog running", "dimension": ["subject_consistency", "motion_smoothness"]},
+        {"prompt_en": "a quiet lake", "dimension": ["aesthetic_quality"]},
+        {"prompt_en": "a cat", "dimension": ["object_class"]},
+    ])
+    prompts = load_prompts(path)
+    assert prompts[0].meta["dimension"] == ["subject_consistency", "motion_smoothness"]
+    kept, dropped = filter_prompts(prompts, PromptFilter(dimensions=("motion_smoothness", "aesthetic_quality")))
+    assert [p.text for p in kept] == ["a dog running", "a quiet lake"]
+    assert dropped == {"no dimension in motion_smoothness,aesthetic_quality": 1}
+    with pytest.raises(InputError, match="no VBench dimensions"):
+        filter_prompts(load_prompts(None), PromptFilter(dimensions=("aesthetic_quality",)))
