@@ -22,6 +22,10 @@ def fuse_loras(model, *, high: str | None = None, low: str | None = None, scale:
         raise InputError("LoRA students need peft: pip install 'sensq[lora]' (or pip install peft)")
     from pathlib import Path
 
+    if model.source_id:
+        raise InputError(f"{model.model_id!r} is a quantized checkpoint: LoRAs cannot be fused into packed weights; "
+                         "pass them to apply-plan (--lora-high/--lora-low) when writing the checkpoint"
+                         + (f" (this one already holds {model.loras})" if model.loras else ""))
     pipe = model.pipe
     for expert, path in (("high", high), ("low", low)):
         if path is None:

@@ -97,3 +97,18 @@ def test_missing_lora_file_is_one_clear_error(tmp_path):
     model = load_model("tiny", torch.device("cpu"), torch.float32)
     with pytest.raises(InputError, match="LoRA file for the low-noise expert not found: '.*gone.safetensors'"):
         fuse_loras(model, low=str(tmp_path / "gone.safetensors"))
+
+
+def test_loras_are_refused_on_a_quantized_checkpoint(tmp_path):
+    from sensq.plan import Plan, Rule
+    from sensq.quant.apply import apply_plan
+    from sensq.quant.checkpoint import save_quantized
+
+    model = load_model("tiny", torch.device("cpu"), torch.float32)
+    plan = Plan([Rule("re:(high|low):blocks\\..*", "hif4", "hif4"), Rule("re:(high|low):.*", None, None)])
+    apply_plan(model, plan)
+    save_quantized(model, tmp_path / "q", plan=plan, calibration={})
+    quantized = load_model(str(tmp_path / "q"), torch.device("cpu"), torch.float32)
+    save_file(_lightning_style_lora(1), tmp_path / "high.safetensors")
+    with pytest.raises(InputError, match="is a quantized checkpoint: LoRAs cannot be fused into packed weights"):
+        fuse_loras(quantized, high=str(tmp_path / "high.safetensors"))
