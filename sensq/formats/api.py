@@ -28,8 +28,8 @@ def quantize_dequantize(
         x: a float32, bfloat16, float16 or float64 tensor.
         fmt: a format name (``sensq.formats.format_names()``) or ``FormatSpec``.
         dim: the dim blocks run along (``in_features`` for Linear weights and activations).
-        backend: ``"auto"`` (default), ``"reference"``, ``"cpu"`` (numba) or ``"triton"``; both fast
-            backends run HiF4, MXFP4 and NVFP4.
+        backend: ``"auto"`` (default), ``"reference"``, ``"cpu"`` (numba: every format but bf16) or
+            ``"triton"`` (HiF4, MXFP4, NVFP4).
 
     Returns:
         A tensor with ``x``'s shape, dtype and device.
@@ -45,15 +45,12 @@ def quantize_dequantize(
         return x.clone()
     chosen = resolve_backend(backend, spec, x)
     if chosen is Backend.CPU:
+        import importlib
+
         from sensq.formats.spec import Family
 
-        if spec.family is Family.HIF4:
-            from sensq.kernels import cpu
-
-            return cpu.quantize_dequantize(x, spec, dim)
-        from sensq.kernels import cpu_fp4
-
-        return cpu_fp4.quantize_dequantize(x, spec, dim)
+        module = {Family.HIF4: "cpu", Family.MXFP4: "cpu_fp4", Family.NVFP4: "cpu_fp4"}.get(spec.family, "cpu_scaled")
+        return importlib.import_module(f"sensq.kernels.{module}").quantize_dequantize(x, spec, dim)
     if chosen is Backend.TRITON:
         from sensq.formats.spec import Family
 

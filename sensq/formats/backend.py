@@ -22,12 +22,12 @@ class Backend(enum.Enum):
     REFERENCE = "reference"
     """Plain torch, the spec step by step (any device)."""
     CPU = "cpu"
-    """Fused numba loops on CPU tensors (HiF4, MXFP4, NVFP4)."""
+    """Fused numba loops on CPU tensors (HiF4, MXFP4, NVFP4, INT, FP8)."""
     TRITON = "triton"
     """Fused Triton kernels on CUDA tensors (HiF4, MXFP4, NVFP4); CPU tensors under TRITON_INTERPRET=1 (tests)."""
 
 
-CPU_FAMILIES = (Family.HIF4, Family.MXFP4, Family.NVFP4)
+CPU_FAMILIES = (Family.HIF4, Family.MXFP4, Family.NVFP4, Family.INT, Family.FP8)
 TRITON_FAMILIES = (Family.HIF4, Family.MXFP4, Family.NVFP4)
 
 

@@ -1,5 +1,5 @@
-"""HiF4 speed: the reference, the numba cpu backend and the memory-copy floor, in one run; MXFP4/NVFP4: the
-numba cpu backend against the reference (the baseline of those groups).
+"""HiF4 speed: the reference, the numba cpu backend and the memory-copy floor, in one run; the other formats
+(MXFP4, NVFP4, INT, FP8): the numba cpu backend against the reference (the baseline of those groups).
 
 Run (not part of the default test run):
     python -m pytest -o addopts="" tests/benchmarks --benchmark-only --benchmark-json=bench.json
@@ -62,25 +62,25 @@ def test_unpack(benchmark, tensor):
     benchmark.pedantic(unpack, args=(packed,), rounds=3)
 
 
-FP4 = ["mxfp4", "mxfp4_ocp", "nvfp4", "nvfp4_ts"]
+OTHER_FORMATS = ["mxfp4", "mxfp4_ocp", "nvfp4", "nvfp4_ts", "int4", "int8", "fp8_e4m3"]  # every cpu format besides hif4
 
 
 @pytest.fixture(scope="module")
 def fp32_tensor():
     x = torch.randn(SHAPE, generator=torch.Generator().manual_seed(0))
-    for fmt in FP4:
+    for fmt in OTHER_FORMATS:
         quantize_dequantize(x[:64], fmt, backend="cpu")  # compile outside the timing
     return x
 
 
-@pytest.mark.parametrize("fmt", FP4)
-def test_fp4_reference(benchmark, fp32_tensor, fmt):
+@pytest.mark.parametrize("fmt", OTHER_FORMATS)
+def test_other_format_reference(benchmark, fp32_tensor, fmt):
     benchmark.group = f"{fmt} qdq fp32 4096x4096"
     benchmark.extra_info["baseline"] = True
     benchmark.pedantic(quantize_dequantize, args=(fp32_tensor, fmt), kwargs={"backend": "reference"}, rounds=3)
 
 
-@pytest.mark.parametrize("fmt", FP4)
-def test_fp4_cpu_backend(benchmark, fp32_tensor, fmt):
+@pytest.mark.parametrize("fmt", OTHER_FORMATS)
+def test_other_format_cpu_backend(benchmark, fp32_tensor, fmt):
     benchmark.group = f"{fmt} qdq fp32 4096x4096"
     benchmark.pedantic(quantize_dequantize, args=(fp32_tensor, fmt), kwargs={"backend": "cpu"}, rounds=5)

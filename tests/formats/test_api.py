@@ -136,8 +136,8 @@ def test_unknown_backend():
 
 
 def test_cpu_backend_refuses_formats_it_lacks():
-    with pytest.raises(BackendUnavailableError, match="no kernel for format 'int4'.*backend='reference'"):
-        quantize_dequantize(torch.zeros(4, 64), "int4", backend=Backend.CPU)
+    with pytest.raises(BackendUnavailableError, match="no kernel for format 'bf16'.*backend='reference'"):
+        quantize_dequantize(torch.zeros(4, 64), "bf16", backend=Backend.CPU)
 
 
 def test_cpu_backend_without_numba_is_a_clear_error(monkeypatch):

@@ -53,9 +53,10 @@ def test_cpu_equals_reference_on_bf16_bit_patterns():
                     quantize_dequantize(x, "hif4", backend="reference"), "bf16 patterns")
 
 
-# --- MXFP4 / NVFP4 (kernels/cpu_fp4.py) ---------------------------------------------------------------
+# --- MXFP4 / NVFP4 (kernels/cpu_fp4.py), INT and FP8 (kernels/cpu_scaled.py) ------------------------------
 
 FP4 = ["mxfp4", "mxfp4_ocp", "nvfp4", "nvfp4_ts"]
+SCALED = ["int4", "int8", "fp8_e4m3"]  # kernels/cpu_scaled.py
 
 
 def _near_boundaries(shape, seed):
@@ -72,7 +73,7 @@ def _near_boundaries(shape, seed):
     return (value * sign).reshape(shape)
 
 
-@pytest.mark.parametrize("fmt", FP4)
+@pytest.mark.parametrize("fmt", FP4 + SCALED)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=["fp32", "bf16", "fp16"])
 @pytest.mark.parametrize("shape,dim", [((1, 1), -1), ((3, 33), -1), ((257, 1000), -1), ((1000, 257), 0),
                                        ((2, 65, 129), 1)])
@@ -82,14 +83,14 @@ def test_fp4_cpu_equals_reference(fmt, dtype, shape, dim):
                     quantize_dequantize(x, fmt, dim=dim, backend="reference"), f"{fmt} {shape} {dtype}")
 
 
-@pytest.mark.parametrize("fmt", FP4)
+@pytest.mark.parametrize("fmt", FP4 + SCALED)
 def test_fp4_cpu_equals_reference_next_to_powers_of_two_and_ties(fmt):
     x = _near_boundaries((512, 256), seed=5)
     assert_bitexact(quantize_dequantize(x, fmt, backend="cpu"), quantize_dequantize(x, fmt, backend="reference"),
                     fmt)
 
 
-@pytest.mark.parametrize("fmt", FP4)
+@pytest.mark.parametrize("fmt", FP4 + SCALED)
 def test_fp4_cpu_equals_reference_on_random_bit_patterns(fmt):
     bits = torch.randint(-(2**31), 2**31 - 1, (2048, 1024), generator=torch.Generator().manual_seed(7),
                          dtype=torch.int64).to(torch.int32)
@@ -100,7 +101,7 @@ def test_fp4_cpu_equals_reference_on_random_bit_patterns(fmt):
                     quantize_dequantize(mixed, fmt, backend="reference"), f"{fmt} random bits")
 
 
-@pytest.mark.parametrize("fmt", FP4)
+@pytest.mark.parametrize("fmt", FP4 + SCALED)
 def test_fp4_cpu_equals_reference_on_bf16_bit_patterns(fmt):
     all_bits = torch.arange(-(2**15), 2**15, dtype=torch.int32).to(torch.int16)
     x = all_bits.view(torch.bfloat16).reshape(-1, 256)
