@@ -53,6 +53,14 @@ def _floor_log2(y, thresholds):  # pragma: no cover - compiled by numba
 
 
 @njit(cache=True)
+def _exponent(y):  # pragma: no cover - compiled by numba
+    """The exact floor(log2 y) for y > 0 (the exponent field; subnormals give -127, inf gives 1000)."""
+    if y == np.inf:
+        return 1000
+    return max(np.int32((_f32_bits(y) >> np.uint32(23)) & np.uint32(0xFF)) - 127, -127)
+
+
+@njit(cache=True)
 def _round_half_even(v):  # pragma: no cover - compiled by numba
     r = np.floor(v)
     frac = v - r
@@ -97,8 +105,8 @@ def _fp4_block(xb, ob, variant, tensor_scale, thresholds):  # pragma: no cover -
             value = np.floor(scaled * _pow2(-elem) * _F32(2.0) + _F32(0.5)) * _F32(0.5) * _pow2(elem)
             magnitude = min(value, _SIX) * scale
             ob[k] = -magnitude if xb[k] < 0 else magnitude
-    elif variant == MX_OCP:
-        shared = -127 if amax == _F32(0.0) else min(max(_floor_log2(amax, thresholds) - 2, -127), 127)
+    elif variant == MX_OCP:  # the exact exponent of amax (OCP's floor(log2)), not the rounded-log2 floor
+        shared = -127 if amax == _F32(0.0) else min(max(_exponent(amax) - 2, -127), 127)
         inv, scale = _pow2(-shared), _pow2(shared)
         for k in range(n):
             magnitude = _e2m1_rne(abs(xb[k]) * inv, thresholds) * scale

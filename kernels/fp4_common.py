@@ -16,7 +16,7 @@ def log2_floor_thresholds() -> np.ndarray:
 
     ``floor(torch.log2(y))`` (torch's float32 log2 is correctly rounded) is then the exponent field of ``y``
     plus one when ``y >= t[e + 126]``: just below most powers of two log2 rounds up to the next integer,
-    e.g. ``torch.log2(4 - ulp) == 2``.
+    e.g. ``torch.log2(8 - ulp) == 3``.
     """
     out = np.full(254, np.inf, dtype=np.float32)
     for e in range(-126, 128):

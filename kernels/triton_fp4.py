@@ -9,7 +9,7 @@ Two choices make that exact on every device rather than on the interpreter only:
 
 * ``floor(log2(y))`` is never computed with ``tl.log2`` (``lg2.approx`` on NVIDIA GPUs). The reference
   floors torch's float32 ``log2``, which is correctly rounded: near a power of two it rounds *up* to the
-  next integer (``torch.log2(4 - ulp) == 2.0``), so the floor is not the exponent field. Here it is the
+  next integer (``torch.log2(8 - ulp) == 3.0``), so the floor is not the exponent field. Here it is the
   exponent field plus one when ``y`` reaches a per-binade threshold computed once on the host
   (``kernels/fp4_common.log2_floor_thresholds``); tests/kernels/test_triton_fp4.py checks the rule against torch on
   every float32 near a power of two.
@@ -109,8 +109,10 @@ def _fp4_tile(x, thr_ptr, tensor_scale, FAMILY: tl.constexpr, VARIANT: tl.conste
             elem = tl.minimum(tl.maximum(_floor_log2(scaled + 9.6e-7, thr_ptr), 0.0), 2.0).to(tl.int32)
             value = tl.minimum(tl.floor(scaled * _pow2(-elem) * 2.0 + 0.5) * 0.5 * _pow2(elem), 6.0)
             shared = tl.maximum(shared, -127.0)
-        else:  # OCP MX v1.0
-            shared = tl.minimum(tl.maximum(_floor_log2(amax, thr_ptr) - 2.0, -127.0), 127.0)
+        else:  # OCP MX v1.0: the exact exponent of amax (the spec's floor(log2)), not the rounded-log2 floor
+            exact = (((amax.to(tl.uint32, bitcast=True) >> 23) & 0xFF).to(tl.int32) - 127).to(tl.float32)
+            exact = tl.where(amax == float("inf"), 1000.0, exact)
+            shared = tl.minimum(tl.maximum(exact - 2.0, -127.0), 127.0)
             shared = tl.where(amax == 0, -127.0, shared)
             scaled = a * _pow2(-shared.to(tl.int32))[:, None]
             value = _e2m1_rne(scaled, thr_ptr)

@@ -165,8 +165,12 @@ def _mxfp4_encode(blocks: torch.Tensor, variant: MXVariant) -> Encoded:
         value = torch.where((shared_exp < -127)[..., None], 0.0, value)
         shared_exp = shared_exp.clamp(min=-127)
     else:
-        # OCP MX v1.0 §6.3: X = 2^(floor(log2 amax) - emax_elem), emax_elem = 2; all-zero -> 2^-127
-        shared_exp = (torch.floor(torch.log2(amax)) - 2).clamp(-127, 127)
+        # OCP MX v1.0 §6.3: X = 2^(floor(log2 amax) - emax_elem), emax_elem = 2; all-zero -> 2^-127.
+        # floor(log2 amax) is the exact exponent of amax (frexp), not floor(torch.log2(amax)): torch's
+        # float32 log2 is correctly rounded and reaches the next integer just below most powers of two
+        # (log2(8 - ulp) == 3.0), which would pick an exponent one too high there.
+        exact = (torch.frexp(amax).exponent - 1).to(torch.float32)
+        shared_exp = torch.where(torch.isinf(amax), 127.0, exact - 2).clamp(-127, 127)
         shared_exp = torch.where(amax == 0, -127.0, shared_exp)
         scaled = magnitude / torch.exp2(shared_exp)[..., None]
         value = _e2m1_rne(scaled)

@@ -149,3 +149,20 @@ def test_cpu_backend_without_numba_is_a_clear_error(monkeypatch):
     # auto quietly uses the reference: same bits, so nothing the user asked for changes
     x = torch.randn(4, 64)
     assert_bitexact(quantize_dequantize(x, "hif4"), quantize_dequantize(x, "hif4", backend="reference"), "auto")
+
+
+@pytest.mark.parametrize("backend", ["reference", "cpu"])
+def test_mxfp4_ocp_uses_the_exact_floor_log2_below_a_power_of_two(backend):
+    """OCP MX: X = 2^(floor(log2 amax) - 2) with the exact floor. For amax = 8 - ulp that is 2^0, the block
+    scales to 7.9999995 and saturates at 6: 6.0. torch.floor(torch.log2(8 - ulp)) is 3 (float32 log2 rounds
+    up to 3.0), which would give X = 2 and keep 8.0; the repo variant `mxfp4` does follow torch's log2 (its
+    reference does)."""
+    if backend == "cpu":
+        pytest.importorskip("numba")
+    below = torch.tensor(8.0).nextafter(torch.tensor(0.0))
+    assert torch.floor(torch.log2(below)) == 3  # the trap
+    x = torch.zeros(1, 32)
+    x[0, 0] = below
+    assert quantize_dequantize(x, "mxfp4_ocp", backend=backend)[0, 0] == 6.0
+    x[0, 0] = 8.0
+    assert quantize_dequantize(x, "mxfp4_ocp", backend=backend)[0, 0] == 8.0

@@ -85,7 +85,7 @@ def test_encode_fields_equal_the_reference_encoding(fmt, shape):
 
 
 def test_floor_log2_rule_matches_torch_next_to_every_power_of_two():
-    """torch's float32 log2 is correctly rounded, so just below 2^k it rounds up to k for k >= 2 (and for
+    """torch's float32 log2 is correctly rounded, so just below 2^k it rounds up to k for k >= 3 (and for
     k <= -2): the floor there is not the exponent field. The threshold table reproduces that exactly."""
     from sensq.kernels.fp4_common import log2_floor_thresholds
 
