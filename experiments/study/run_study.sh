@@ -44,7 +44,8 @@ say "probe"
 RESUME=()
 [[ -f "$OUT/probe.h5" ]] && RESUME=(--resume)
 # shellcheck disable=SC2086
-$SENSQ probe --model "$MODEL" "${LORA_ARGS[@]}" $PROBE_ARGS "${PROMPT_ARGS[@]}" --tokens "$TOKENS" \
+$SENSQ probe --model "$MODEL" "${LORA_ARGS[@]}" $PROBE_ARGS "${PROMPT_ARGS[@]}" --limit "${PROBE_LIMIT:-$LIMIT}" \
+    --tokens "$TOKENS" \
     --out "$OUT/probe.h5" "${RESUME[@]}"
 # 2. rank each expert's layers (model and LoRAs from the probe), the formats side by side; the plan; its report
 # (files already there are kept: delete ranking.json to rank again, plan.json to plan again)
