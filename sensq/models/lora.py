@@ -42,5 +42,7 @@ def fuse_loras(model, *, high: str | None = None, low: str | None = None, scale:
     pipe.unload_lora_weights()
     from sensq.models import model_fingerprint
 
-    model.loras = {**model.loras, **{e: str(p) for e, p in (("high", high), ("low", low)) if p is not None}}
+    # absolute paths: probes and rankings record them, and rank/ablate may run from another directory
+    model.loras = {**model.loras, **{e: str(Path(p).resolve()) for e, p in (("high", high), ("low", low))
+                                      if p is not None}}
     model.fingerprint = model_fingerprint(pipe, model.adapter)

@@ -72,7 +72,8 @@ def test_student_loras_follow_the_probe_through_rank_plan_apply(tmp_path):
     result = run(main, ["probe", "--limit", "1", "--steps", "2", *loras, "--out", str(probe)])
     assert result.exit_code == 0, result.output
     with ProbeFile(probe) as file:
-        assert file.loras == {"high": str(tmp_path / "high.safetensors"), "low": str(tmp_path / "low.safetensors")}
+        assert file.loras == {"high": str((tmp_path / "high.safetensors").resolve()),
+                              "low": str((tmp_path / "low.safetensors").resolve())}
         student = file.model_fingerprint
     assert student != load_model("tiny", torch.device("cpu"), torch.float32).fingerprint
 
