@@ -24,6 +24,9 @@ from sensq.cli.common import build_trajectory, model_options, trajectory_options
               help="Token rows sampled from every layer's input per step and branch (same rows every time).")
 @click.option("--first-block/--no-first-block", default=True, show_default=True,
               help="Also store the full inputs of blocks.0 (what block-by-block calibration replays).")
+@click.option("--outputs", is_flag=True, help="Also store every layer's output at the sampled rows: sensq rank "
+              "then uses them as the full-precision reference instead of recomputing that GEMM (about 40% faster "
+              "mse ranking; about as many bytes again as the samples).")
 @click.option("--out", type=click.Path(dir_okay=False, path_type=Path), default=Path("probe.h5"),
               show_default=True, help="The HDF5 file to write.")
 @click.option("--resume", is_flag=True, help="Complete an interrupted file made with the same settings.")
@@ -55,7 +58,8 @@ def probe(**kwargs) -> None:
     request = ProbeRequest(
         model=model, trajectory=trajectory.with_resolution(model.default_resolution), prompts=prompts,
         experts=experts, out=kwargs["out"],
-        config=ProbeConfig(tokens=kwargs["tokens"], first_block_inputs=kwargs["first_block"]),
+        config=ProbeConfig(tokens=kwargs["tokens"], first_block_inputs=kwargs["first_block"],
+                           outputs=kwargs["outputs"]),
         resume=kwargs["resume"], overwrite=kwargs["overwrite"],
     )
     from sensq.probes.distributed import run_probe_sharded

@@ -35,11 +35,15 @@ class ProbeConfig:
         first_block_inputs: also keep the full inputs of ``blocks.0`` (what block-by-block
             calibration replays from).
         sample_seed: seed of the token subsample (the same rows at every step and prompt).
+        outputs: also keep every layer's output at the sampled rows: ``rank`` then takes them as the
+            full-precision reference instead of recomputing the GEMM (what the model really computed, in
+            its own dtype; about as many bytes again as the samples).
     """
 
     tokens: int = 32
     first_block_inputs: bool = True
     sample_seed: int = 0
+    outputs: bool = False
 
 
 class _ContextCatcher(StateManager):
@@ -92,6 +96,15 @@ class _LayerHook(ModelHook):
         self.session.record_layer(self.expert, self.name, module, rows)
         return args, kwargs
 
+    def post_forward(self, module, output):
+        if self.session.config.outputs:
+            out = output.detach()
+            # Conv3d [B, C, F', H', W'] -> one row per patch, in patches_to_rows' order
+            rows = out.permute(0, 2, 3, 4, 1).reshape(-1, out.shape[1]) if out.dim() == 5 else \
+                out.reshape(-1, out.shape[-1])
+            self.session.record_output(self.name, rows)
+        return output
+
 
 class _FirstBlockHook(ModelHook):
     def __init__(self, session: ProbeSession, expert: str):
@@ -110,6 +123,7 @@ class _FirstBlockHook(ModelHook):
 
 
 STATS = ("channel_absmax", "token_absmax", "samples")
+OUTPUTS = "outputs"
 
 
 @dataclass
@@ -174,6 +188,11 @@ class ProbeSession:
             params = sum(p.numel() for p in module.parameters(recurse=False))
             self.layer_meta[(expert, name)] = (kind, rows.shape[1], out_features, params, rows.shape[0])
 
+    def record_output(self, name: str, rows: torch.Tensor) -> None:
+        stats = self._layers[name][self.branch]
+        if OUTPUTS not in stats:  # the first call of the branch, as for the inputs
+            stats[OUTPUTS] = rows.index_select(0, self.rows_for(rows.shape[0], rows.device)).float()
+
     def record_first_block(self, expert: str, values: dict[str, torch.Tensor]) -> None:
         self._first[self.branch] = {k: v[0].float() for k, v in values.items()}  # batch 1 per call
 
@@ -187,7 +206,7 @@ class ProbeSession:
         packed = {
             stat: torch.stack([torch.cat([self._layers[name][b][stat].reshape(-1) for name in order])
                                for b in range(n)]).cpu().numpy()
-            for stat in STATS
+            for stat in STATS + ((OUTPUTS,) if self.config.outputs else ())
         }
         first = {}
         if self._first:

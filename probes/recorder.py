@@ -152,7 +152,8 @@ def run_probe(request: ProbeRequest, progress: Callable[[ProgressEvent], None] |
                     for name in data.order
                     for meta in [session.layer_meta[(expert, name)]]
                 }
-                writer.create_layers(expert, shapes, {k: v.shape[1:] for k, v in data.first_block.items()})
+                writer.create_layers(expert, shapes, {k: v.shape[1:] for k, v in data.first_block.items()},
+                                     outputs=request.config.outputs)
             bytes_written += writer.write_step(slot, expert, local_step[expert][i], data.packed, data.first_block)
         if progress is not None:
             progress(ProgressEvent(prompts_run, len(request.prompts), i + 1, len(steps), prompt))

@@ -50,7 +50,7 @@ def _value(metric: str, reference: torch.Tensor, approx: torch.Tensor) -> float:
 
 
 def layer_scores(module: torch.nn.Module, samples: np.ndarray, formats: list[FormatSpec], metric: str,
-                 backend: str = "auto") -> LocalScores:
+                 backend: str = "auto", outputs: np.ndarray | None = None) -> LocalScores:
     """Scores of one layer for every format.
 
     Args:
@@ -58,6 +58,9 @@ def layer_scores(module: torch.nn.Module, samples: np.ndarray, formats: list[For
         samples: probe samples ``[prompt, step, branch, rows, in_features]``.
         formats: formats for both weights and activations (W4A4 in the method).
         metric: one of :data:`LOCAL_METRICS`.
+        outputs: the layer's recorded outputs at the same rows ``[prompt, step, branch, rows, out_features]``
+            (``sensq probe --outputs``): the full-precision reference of mse/sqnr/cosine without recomputing
+            the GEMM. ``None``: ``Y = X W^T + b`` from the samples.
     """
     prompts, steps, branches, rows, width = samples.shape
     weight = gemm_weight(module)
@@ -65,7 +68,13 @@ def layer_scores(module: torch.nn.Module, samples: np.ndarray, formats: list[For
     # [step, branch, prompt * rows, in]: one GEMM over everything, metrics per (step, branch) slice
     x = torch.from_numpy(np.ascontiguousarray(samples.transpose(1, 2, 0, 3, 4))).reshape(steps * branches, -1, width)
     groups = range(steps * branches)
-    reference = F.linear(x, weight, bias) if metric in ("mse", "sqnr", "cosine") else None
+    reference = None
+    if metric in ("mse", "sqnr", "cosine"):
+        if outputs is not None:
+            reference = torch.from_numpy(np.ascontiguousarray(outputs.transpose(1, 2, 0, 3, 4))).reshape(
+                steps * branches, -1, outputs.shape[-1])
+        else:
+            reference = F.linear(x, weight, bias)
     out = {}
     for fmt in formats:
         if metric == "weight-mse":

@@ -174,6 +174,10 @@ def rank_layers(request: RankRequest, progress: Callable[[str, int, int], None] 
             if expert not in probe.experts:
                 raise InputError(f"expert {expert!r} is not in {str(request.probe_path)!r} (it has "
                                  f"{', '.join(probe.experts)})")
+        # recorded outputs are the full-precision reference only for the model that produced them
+        same_model = probe.model_fingerprint == model.fingerprint
+        use_outputs = {e: same_model and request.metric in ("mse", "sqnr", "cosine") and probe.has_outputs(e)
+                       for e in experts}
         table = probe.trajectory_table()
         sigma_of = {row["step"]: row["sigma"] for row in table}
         ranked: dict[str, list[LayerRank]] = {}
@@ -189,8 +193,9 @@ def rank_layers(request: RankRequest, progress: Callable[[str, int, int], None] 
             layers = []
             for i, name in enumerate(layer_names):
                 info = probe.layer_attrs(expert, name)
+                recorded = probe.read(expert, name, "outputs") if use_outputs[expert] else None
                 scores = layer_scores(expert_module.get_submodule(name), probe.read(expert, name, "samples"),
-                                      formats, request.metric, request.backend)
+                                      formats, request.metric, request.backend, outputs=recorded)
                 layers.append(LayerRank(
                     name=name, kind=info["kind"], params=info["params"], in_features=info["in_features"],
                     out_features=info["out_features"], entrance=model.adapter.is_entrance(name),
@@ -208,6 +213,7 @@ def rank_layers(request: RankRequest, progress: Callable[[str, int, int], None] 
             "probe_file": str(request.probe_path), "probe_sha256": file_digest(request.probe_path, length=64),
             "probe_model_fingerprint": probe.model_fingerprint, "model_id": model.model_id,
             "model_fingerprint": model.fingerprint, "loras": dict(model.loras),
+            "reference": "recorded outputs" if any(use_outputs.values()) else "recomputed from the samples",
             "trajectory": probe.attr_json("trajectory"),
             "prompts": int(probe.done.sum()), "seconds": round(time.perf_counter() - started, 3),
             "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),

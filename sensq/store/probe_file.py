@@ -95,8 +95,10 @@ class ProbeWriter:
     def has_layers(self, expert: str) -> bool:
         return "layer_table" in self.file[f"experts/{expert}"]
 
-    def create_layers(self, expert: str, layers: dict[str, LayerShape], first_block: dict[str, tuple[int, ...]]):
-        """Allocate every dataset of ``expert`` (called once, during the first prompt).
+    def create_layers(self, expert: str, layers: dict[str, LayerShape], first_block: dict[str, tuple[int, ...]],
+                      outputs: bool = False):
+        """Allocate every dataset of ``expert`` (called once, during the first prompt); with ``outputs`` also
+        the layers' outputs at the sampled rows.
 
         ``layers`` is ordered: the statistics of all layers are packed along the last axis in
         this order (one write per statistic per step, whatever the number of layers).
@@ -112,6 +114,7 @@ class ProbeWriter:
             "channel": [s.in_features for s in shapes],
             "token": [s.tokens for s in shapes],
             "sample": [len(s.sample_rows) * s.in_features for s in shapes],
+            "output": [len(s.sample_rows) * s.out_features for s in shapes],
         }
         table = self.file.require_group(f"experts/{expert}/layer_table")
         table.create_dataset("name", data=list(layers), dtype=_STR)
@@ -125,7 +128,8 @@ class ProbeWriter:
         table.create_dataset("row_offset", data=np.concatenate([[0], np.cumsum(counts)[:-1]]).astype(np.int64))
         table.create_dataset("sample_rows", data=np.concatenate([s.sample_rows for s in shapes]).astype(np.int64))
         group = self.file[f"experts/{expert}"]
-        for stat, key in (("channel_absmax", "channel"), ("token_absmax", "token"), ("samples", "sample")):
+        stats = (("channel_absmax", "channel"), ("token_absmax", "token"), ("samples", "sample"))
+        for stat, key in stats + ((("outputs", "output"),) if outputs else ()):
             _create_allocated(group, stat, lead + (int(sum(sizes[key])),), np.float32)
         block = self.file.require_group(f"experts/{expert}/first_block")
         for name, tensor_shape in first_block.items():
@@ -285,20 +289,28 @@ class ProbeFile:
     def read(self, expert: str, layer: str, stat: str) -> np.ndarray:
         """One statistic of one layer over the complete prompts, ``[prompt, step, branch, ...]``:
         ``channel_absmax`` ``[..., in_features]``, ``token_absmax`` ``[..., tokens]``, ``samples``
-        ``[..., samples, in_features]``."""
+        ``[..., samples, in_features]``, ``outputs`` ``[..., samples, out_features]`` (probes made with
+        ``--outputs``: the layer's output at the sampled rows)."""
         info = self.layer_attrs(expert, layer)
-        dataset = self.file[f"experts/{expert}/{stat}"]
         if stat == "channel_absmax":
             start, shape = info["channel_offset"], (info["in_features"],)
         elif stat == "token_absmax":
             start, shape = info["token_offset"], (info["tokens"],)
         elif stat == "samples":
             start, shape = info["sample_offset"], (info["samples"], info["in_features"])
+        elif stat == "outputs" and self.has_outputs(expert):
+            start, shape = info["output_offset"], (info["samples"], info["out_features"])
+        elif stat == "outputs":
+            raise InputError(f"{str(self.path)!r} holds no layer outputs (probe with --outputs to record them)")
         else:
-            raise InputError(f"unknown statistic {stat!r}; use channel_absmax, token_absmax or samples")
+            raise InputError(f"unknown statistic {stat!r}; use channel_absmax, token_absmax, samples or outputs")
         size = int(np.prod(shape))
-        data = dataset[self._complete(), :, :, start:start + size]
+        data = self.file[f"experts/{expert}/{stat}"][self._complete(), :, :, start:start + size]
         return data.reshape(data.shape[:3] + shape)
+
+    def has_outputs(self, expert: str) -> bool:
+        """True when the probe recorded the layers' outputs at the sampled rows (``--outputs``)."""
+        return "outputs" in self.file[f"experts/{expert}"]
 
     def first_block(self, expert: str, name: str) -> np.ndarray:
         return self.file[f"experts/{expert}/first_block/{name}"][self._complete()]

@@ -5,7 +5,7 @@
 
 A14B layer shapes; 1024 sample rows (e.g. 16 prompts x 2 steps x 1 branch x 32 rows). The mse
 score needs the full-precision GEMM (the baseline itself), the W4A4 GEMM, and the quantization of
-the weight and of the rows.
+the weight and of the rows; with outputs recorded by the probe (``--outputs``) the first GEMM is not run.
 """
 
 import numpy as np
@@ -46,3 +46,13 @@ def test_mse_score(benchmark, layer):
     with torch.no_grad():
         benchmark.pedantic(layer_scores, args=(linear, samples, [get_format("hif4")], "mse"), rounds=5,
                            warmup_rounds=1)
+
+
+def test_mse_score_with_recorded_outputs(benchmark, layer):
+    """``sensq probe --outputs``: the full-precision outputs come from the probe, only the W4A4 GEMM runs."""
+    name, linear, samples = layer
+    benchmark.group = f"rank mse cost, {name}, {ROWS} rows"
+    with torch.no_grad():
+        outputs = F.linear(torch.from_numpy(samples), linear.weight, linear.bias).numpy()
+        benchmark.pedantic(layer_scores, args=(linear, samples, [get_format("hif4")], "mse"),
+                           kwargs={"outputs": outputs}, rounds=5, warmup_rounds=1)

@@ -221,3 +221,34 @@ def test_kill_9_then_resume_equals_an_uninterrupted_run(tmp_path):
     clean = tmp_path / "clean.h5"
     subprocess.run(command + ["--out", str(clean)], check=True, capture_output=True)
     _files_equal(killed, clean)
+
+
+def test_outputs_are_the_layers_outputs_at_the_sampled_rows(tiny, tmp_path):
+    """--outputs: recorded outputs equal an independent capture (a plain forward hook) bit for bit, Conv3d
+    included (rows in patch order); a probe without them says how to get them."""
+    run_probe(_request(tiny, tmp_path / "o.h5", n_prompts=1, config=ProbeConfig(outputs=True)))
+    trajectory = Trajectory(steps=4).with_resolution(tiny.default_resolution)
+    apply_trajectory(tiny.pipe, trajectory)
+    captured = {"blocks.1.ffn.net.2": [], "patch_embedding": []}
+    expert = tiny.pipe.transformer_2
+    handles = [expert.get_submodule(name).register_forward_hook(lambda m, a, out, name=name: captured[name].append(
+        out.detach())) for name in captured]
+    try:
+        run(tiny.pipe, load_prompts(None, 1)[0].text, trajectory, seed=0)
+    finally:
+        for handle in handles:
+            handle.remove()
+    with ProbeFile(tmp_path / "o.h5") as probe:
+        assert probe.has_outputs("low")
+        for name, outs in captured.items():
+            recorded = probe.read("low", name, "outputs")[0]
+            rows = torch.from_numpy(probe.layer_attrs("low", name)["sample_rows"])
+            assert recorded.shape[-1] == probe.layer_attrs("low", name)["out_features"]
+            for k, out in enumerate(outs):
+                step, branch = divmod(k, 2)
+                flat = out.permute(0, 2, 3, 4, 1).reshape(-1, out.shape[1]) if out.dim() == 5 else \
+                    out.reshape(-1, out.shape[-1])
+                np.testing.assert_array_equal(recorded[step, branch], flat[rows].numpy())
+    run_probe(_request(tiny, tmp_path / "plain.h5", n_prompts=1))
+    with ProbeFile(tmp_path / "plain.h5") as probe, pytest.raises(InputError, match="probe with --outputs"):
+        probe.read("low", "proj_out", "outputs")

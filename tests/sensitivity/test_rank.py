@@ -159,3 +159,27 @@ def test_cli_rank(tmp_path):
     assert table.exit_code == 0 and "high-noise expert: top 3 of 27" in table.output
     missing = runner.invoke(main, ["rank", str(Path(tmp_path / "none.h5"))])
     assert missing.exit_code == 1 and "probe file not found" in missing.output
+
+
+@pytest.mark.parametrize("metric", ["mse", "sqnr", "cosine"])
+def test_recorded_outputs_give_the_same_ranking(fragile, tmp_path, metric):
+    """A probe with --outputs: the reference comes from the recorded outputs (no FP GEMM), the values equal the
+    recomputed ones to fp32 summation order, and the order of the layers is the same."""
+    from sensq.probes.capture import ProbeConfig
+
+    model, probe_path = fragile
+    with_outputs = tmp_path / "outputs.h5"
+    trajectory = Trajectory(steps=4).with_resolution(model.default_resolution)
+    run_probe(ProbeRequest(model, trajectory, load_prompts(None, 2), ["high", "low"], with_outputs,
+                           config=ProbeConfig(outputs=True)))
+    recorded = rank_layers(RankRequest(with_outputs, model, ["hif4"], metric=metric))
+    recomputed = rank_layers(RankRequest(probe_path, model, ["hif4"], metric=metric))
+    assert recorded.provenance["reference"] == "recorded outputs"
+    assert recomputed.provenance["reference"] == "recomputed from the samples"
+    for expert in ("high", "low"):
+        names = [layer.name for layer in recorded.ordered(expert)]
+        assert names == [layer.name for layer in recomputed.ordered(expert)]
+        by_name = {layer.name: layer.value["hif4"] for layer in recomputed.experts[expert]}
+        for layer in recorded.experts[expert]:
+            assert layer.value["hif4"] == pytest.approx(by_name[layer.name], rel=1e-4, abs=1e-9)
+    assert recorded.ordered("low")[0].name == FRAGILE
