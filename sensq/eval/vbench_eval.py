@@ -150,6 +150,17 @@ def _interpreter(python: str | None) -> str:
     return python
 
 
+def _preflight(dimensions: list[str], python: str | None, cache_dir, torch_home) -> tuple[list[str], str, Path, Path]:
+    """What every VBench entry point checks first: the dimensions, the interpreter, every weight file."""
+    dimensions = check_dimensions(dimensions)
+    python = _interpreter(python)
+    cache, torch_dir = cache_dirs(cache_dir, torch_home)
+    missing = missing_files(dimensions, cache, torch_dir)
+    if missing:
+        raise InputError(_missing_message(missing))
+    return dimensions, python, cache, torch_dir
+
+
 def check_vbench(dimensions: list[str], *, python: str | None = None, cache_dir: str | Path | None = None,
                  torch_home: str | Path | None = None) -> str:
     """Everything ``run_vbench`` needs, checked without videos: the interpreter, that it imports vbench,
@@ -158,14 +169,8 @@ def check_vbench(dimensions: list[str], *, python: str | None = None, cache_dir:
     Raises:
         InputError: the first thing missing (all missing weight files listed at once).
     """
-    dimensions = check_dimensions(dimensions)
-    python = _interpreter(python)
-    cache, torch_dir = cache_dirs(cache_dir, torch_home)
-    missing = missing_files(dimensions, cache, torch_dir)
-    if missing:
-        raise InputError(_missing_message(missing))
-    done = subprocess.run([python, "-c", "import vbench, sys; print(vbench.__file__)"], capture_output=True,
-                          text=True)
+    dimensions, python, cache, torch_dir = _preflight(dimensions, python, cache_dir, torch_home)
+    done = subprocess.run([python, "-c", "import vbench"], capture_output=True, text=True)
     if done.returncode != 0:
         last = (done.stderr.strip().splitlines() or ["no output"])[-1]
         raise InputError(f"{python!r} cannot import vbench: {last} (create an environment with: sensq eval "
@@ -183,12 +188,7 @@ def run_vbench(generation_dir: str | Path, dimensions: list[str], *, python: str
             vbench not importable there, the runner failing.
     """
     generation_dir = Path(generation_dir)
-    dimensions = check_dimensions(dimensions)
-    python = _interpreter(python)
-    cache, torch_dir = cache_dirs(cache_dir, torch_home)
-    missing = missing_files(dimensions, cache, torch_dir)
-    if missing:
-        raise InputError(_missing_message(missing))
+    dimensions, python, cache, torch_dir = _preflight(dimensions, python, cache_dir, torch_home)
     videos = prompt_map(generation_dir)
     _check_frame_size(generation_dir, dimensions)
     with tempfile.TemporaryDirectory() as tmp:
