@@ -77,8 +77,10 @@ def _store_impl(out, k, value):
 
 @njit
 def _pow2(exponent):
-    """2**exponent as float32 for a normal exponent (-126..127), built from its bits."""
-    return _bits_f32(np.uint32((exponent + 127) << 23))
+    """2**exponent as float32 for an integer exponent in [-149, 127], built from its bits (subnormals too)."""
+    if exponent >= -126:
+        return _bits_f32(np.uint32((exponent + 127) << 23))
+    return _bits_f32(np.uint32(1) << np.uint32(exponent + 149))
 
 
 @njit

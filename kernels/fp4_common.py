@@ -1,5 +1,5 @@
-"""What the E2M1-format kernels of both backends (kernels/cpu_fp4.py, kernels/triton_fp4.py) take from the host:
-numpy and torch only, so that neither backend needs the other's compiler."""
+"""What the E2M1-format kernels of both backends (kernels/cpu_blocks.py, kernels/triton_fp4.py) take from the
+host: numpy and torch only, so that neither backend needs the other's compiler."""
 
 from __future__ import annotations
 
@@ -7,6 +7,16 @@ import functools
 
 import numpy as np
 import torch
+
+from sensq.formats.spec import Family, FormatSpec, MXVariant
+
+
+def fp4_kind(spec: FormatSpec) -> tuple[int, int]:
+    """``(family, variant)`` of an E2M1 format as the kernels number them: family 0 MXFP4 (variant 0 the
+    HiFloat4 repo's, 1 OCP MX), family 1 NVFP4 (variant 0 the repo's single-level, 1 the two-level one)."""
+    if spec.family is Family.MXFP4:
+        return 0, 0 if spec.mx_variant is MXVariant.HIFLOAT4_REPO else 1
+    return 1, 1 if spec.tensor_scale_bits > 0 else 0
 
 
 @functools.cache

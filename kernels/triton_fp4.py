@@ -23,8 +23,8 @@ import torch
 import triton
 import triton.language as tl
 
-from sensq.formats.spec import Family, FormatSpec, MXVariant
-from sensq.kernels.fp4_common import log2_floor_thresholds, nvfp4_tensor_scale
+from sensq.formats.spec import FormatSpec
+from sensq.kernels.fp4_common import fp4_kind, log2_floor_thresholds, nvfp4_tensor_scale
 
 BLOCK_G = 64  # blocks per program
 
@@ -177,16 +177,8 @@ def _fp4_encode_kernel(x_ptr, codes_ptr, scale_ptr, thr_ptr, tensor_scale, rows,
              mask=valid[:, None])
 
 
-def supports(spec: FormatSpec) -> bool:
-    return spec.family in (Family.MXFP4, Family.NVFP4)
-
-
 def _launch_args(spec: FormatSpec, rows: torch.Tensor) -> tuple[dict, float]:
-    family = 0 if spec.family is Family.MXFP4 else 1
-    if family == 0:
-        variant = 0 if spec.mx_variant is MXVariant.HIFLOAT4_REPO else 1
-    else:
-        variant = 1 if spec.tensor_scale_bits > 0 else 0
+    family, variant = fp4_kind(spec)
     tensor_scale = nvfp4_tensor_scale(rows, spec.block_size) if family == 1 and variant == 1 else 1.0
     return {"FAMILY": family, "VARIANT": variant, "BLOCK": BLOCK_G, "GROUP": spec.block_size}, tensor_scale
 

@@ -45,12 +45,15 @@ def quantize_dequantize(
         return x.clone()
     chosen = resolve_backend(backend, spec, x)
     if chosen is Backend.CPU:
-        import importlib
-
         from sensq.formats.spec import Family
 
-        module = {Family.HIF4: "cpu", Family.MXFP4: "cpu_fp4", Family.NVFP4: "cpu_fp4"}.get(spec.family, "cpu_scaled")
-        return importlib.import_module(f"sensq.kernels.{module}").quantize_dequantize(x, spec, dim)
+        if spec.family is Family.HIF4:
+            from sensq.kernels import cpu
+
+            return cpu.quantize_dequantize(x, spec, dim)
+        from sensq.kernels import cpu_blocks
+
+        return cpu_blocks.quantize_dequantize(x, spec, dim)
     if chosen is Backend.TRITON:
         from sensq.formats.spec import Family
 

@@ -1,14 +1,19 @@
-"""The ``cpu`` backend for the E2M1 formats: fused numba loops for MXFP4 (the HiFloat4 repo's variant and
-OCP MX v1.0) and NVFP4 (the repo's single-level variant and the two-level one), one pass per block,
-parallel over blocks.
+"""The ``cpu`` backend for every format but HiF4 (kernels/cpu.py) and BF16 (a cast): fused numba loops,
+one pass per block or group, parallel over them.
 
-Matches ``sensq.formats.reference._mxfp4_encode``/``_mxfp4_decode`` and ``_nvfp4_encode``/``_nvfp4_decode``
-bit for bit. As in kernels/cpu.py every arithmetic op is a float32 op (no fastmath, no FMA contraction).
-``floor(log2 y)`` is the exponent field plus one when ``y`` reaches its binade's threshold
-(``kernels/fp4_common.log2_floor_thresholds``): torch's float32 log2 is correctly rounded and rounds up to
-the next integer just below most powers of two, which neither the exponent field nor a libm call
-reproduces by itself. Powers of two come from bits (subnormals included), rounding half-to-even from
-``v - floor(v)`` (exact).
+* MXFP4 (the HiFloat4 repo's variant and OCP MX v1.0) and NVFP4 (the repo's single-level variant and the
+  two-level one) match ``sensq.formats.reference._mxfp4_encode``/``_mxfp4_decode`` and
+  ``_nvfp4_encode``/``_nvfp4_decode`` bit for bit. ``floor(log2 y)`` as the reference computes it is the
+  exponent field plus one when ``y`` reaches its binade's threshold (``kernels/fp4_common.
+  log2_floor_thresholds``): torch's float32 log2 is correctly rounded and rounds up to the next integer
+  just below most powers of two, which neither the exponent field nor a libm call reproduces by itself.
+* INT (``int4``, ``int8``) and FP8 E4M3 (``fp8_e4m3``) with an FP32 absmax scale per group (a block, or the
+  whole row for per-channel/per-token) match ``reference._int_encode``/``_int_decode`` and
+  ``_fp8_encode``/``_fp8_decode``.
+
+As in kernels/cpu.py every arithmetic op is a float32 op (no fastmath, no FMA contraction). Powers of two
+come from bits (subnormals included), rounding half-to-even from ``v - floor(v)`` (exact), E4M3 rounding on
+the exponent taken from the bits (subnormals 2^-9 apart).
 """
 
 from __future__ import annotations
@@ -17,9 +22,9 @@ import numpy as np
 import torch
 from numba import njit, prange
 
-from sensq.formats.spec import Family, FormatSpec, MXVariant
-from sensq.kernels.cpu import _bits_f32, _f32_bits
-from sensq.kernels.fp4_common import log2_floor_thresholds, nvfp4_tensor_scale
+from sensq.formats.spec import Family, FormatSpec
+from sensq.kernels.cpu import _f32_bits, _pow2
+from sensq.kernels.fp4_common import fp4_kind, log2_floor_thresholds, nvfp4_tensor_scale
 
 _F32 = np.float32
 _MX_BIAS = _F32(9.6e-7)  # the HiFloat4 repo's log2 bias (spec §7)
@@ -27,15 +32,9 @@ _NV_BIAS = _F32(2.0**-45)
 _SIX = _F32(6.0)
 _E4M3_MAX = _F32(448.0)
 
-MX_REPO, MX_OCP, NV_REPO, NV_TWO_LEVEL = 0, 1, 2, 3
-
-
-@njit(cache=True)
-def _pow2(exponent):  # pragma: no cover - compiled by numba
-    """2**exponent as float32 for integer exponents in [-149, 127], from its bits."""
-    if exponent >= -126:
-        return _bits_f32(np.uint32((exponent + 127) << 23))
-    return _bits_f32(np.uint32(1) << np.uint32(exponent + 149))
+MX_REPO, MX_OCP, NV_REPO, NV_TWO_LEVEL, INT, FP8 = 0, 1, 2, 3, 4, 5
+"""What a row of blocks holds: the four E2M1 variants (``2 * family + variant`` of
+``fp4_common.fp4_kind``), then symmetric INT and FP8 E4M3 with an FP32 absmax scale."""
 
 
 @njit(cache=True)
@@ -138,11 +137,39 @@ def _fp4_block(xb, ob, variant, tensor_scale, thresholds):  # pragma: no cover -
             ob[k] = -magnitude if xb[k] < 0 else magnitude
 
 
+@njit(cache=True)
+def _scaled_block(xg, og, qmax, fp8):  # pragma: no cover - compiled by numba
+    """One group of float32 ``xg`` -> ``og``: symmetric INT in [-qmax, qmax] or FP8 E4M3 (qmax = 448), FP32
+    scale absmax / qmax (1 for an all-zero group); a group holding a NaN or an inf is all NaN. Both roundings
+    are symmetric, so they run on |v| and the sign is put back: an integer code has no -0 (+0.0), an FP8 one
+    keeps it (the sign bit, as torch's cast does)."""
+    n = xg.shape[0]
+    amax = _F32(0.0)
+    for k in range(n):
+        a = abs(xg[k])
+        if not np.isfinite(a):
+            for j in range(n):
+                og[j] = np.nan
+            return
+        amax = a if a > amax else amax
+    scale = _F32(1.0) if amax == _F32(0.0) else amax / qmax
+    for k in range(n):
+        v = xg[k] / scale
+        if fp8:
+            q = _e4m3_rne(min(abs(v), _E4M3_MAX))
+            q = -q if _f32_bits(v) >> np.uint32(31) else q
+        else:
+            q = min(_round_half_even(abs(v)), qmax)
+            q = (-q if v < 0 else q) + _F32(0.0)
+        og[k] = q * scale
+
+
 _BLOCKS_PER_TASK = 128
 
 
 @njit(parallel=True, cache=True)
-def _fp4_rows(x, out, group, variant, tensor_scale, thresholds):  # pragma: no cover - compiled by numba
+def _rows(x, out, group, kind, param, thresholds):  # pragma: no cover - compiled by numba
+    """Every ``group``-wide block of every row; ``param`` is the NVFP4 tensor scale or the INT qmax."""
     rows, length = x.shape
     n_blocks = (length + group - 1) // group
     chunks = (n_blocks + _BLOCKS_PER_TASK - 1) // _BLOCKS_PER_TASK
@@ -153,27 +180,32 @@ def _fp4_rows(x, out, group, variant, tensor_scale, thresholds):  # pragma: no c
             start = block * group
             stop = min(start + group, length)
             if stop - start == group:
-                _fp4_block(x[r, start:stop], out[r, start:stop], variant, tensor_scale, thresholds)
+                xb, ob = x[r, start:stop], out[r, start:stop]
             else:  # the tail, zero-padded to a full block as the reference does
-                padded = np.zeros(group, dtype=np.float32)
-                padded[: stop - start] = x[r, start:stop]
-                result = np.empty(group, dtype=np.float32)
-                _fp4_block(padded, result, variant, tensor_scale, thresholds)
-                out[r, start:stop] = result[: stop - start]
-
-
-def _variant(spec: FormatSpec) -> int:
-    if spec.family is Family.MXFP4:
-        return MX_REPO if spec.mx_variant is MXVariant.HIFLOAT4_REPO else MX_OCP
-    return NV_TWO_LEVEL if spec.tensor_scale_bits > 0 else NV_REPO
+                xb = np.zeros(group, dtype=np.float32)
+                xb[: stop - start] = x[r, start:stop]
+                ob = np.empty(group, dtype=np.float32)
+            if kind <= NV_TWO_LEVEL:
+                _fp4_block(xb, ob, kind, param, thresholds)
+            else:
+                _scaled_block(xb, ob, param, kind == FP8)
+            if stop - start != group:
+                out[r, start:stop] = ob[: stop - start]
 
 
 def quantize_dequantize(x: torch.Tensor, spec: FormatSpec, dim: int) -> torch.Tensor:
-    """MXFP4/NVFP4 quantize-dequantize of a CPU tensor along ``dim`` (already validated, non-empty)."""
+    """Quantize-dequantize of a CPU tensor along ``dim`` (already validated, non-empty), any format but HiF4
+    and BF16."""
     moved = x.detach().movedim(dim, -1)
     rows = moved.to(torch.float32).reshape(-1, moved.shape[-1]).contiguous()
-    variant = _variant(spec)
-    scale = nvfp4_tensor_scale(rows, spec.block_size) if variant == NV_TWO_LEVEL else 1.0
+    if spec.family in (Family.MXFP4, Family.NVFP4):
+        family, variant = fp4_kind(spec)
+        kind = 2 * family + variant
+        param = nvfp4_tensor_scale(rows, spec.block_size) if kind == NV_TWO_LEVEL else 1.0
+    else:
+        kind = FP8 if spec.family is Family.FP8 else INT
+        param = 448.0 if kind == FP8 else spec.qmax
     out = torch.empty_like(rows)
-    _fp4_rows(rows.numpy(), out.numpy(), spec.block_size, variant, np.float32(scale), log2_floor_thresholds())
+    _rows(rows.numpy(), out.numpy(), spec.block_size or rows.shape[1], kind, np.float32(param),
+          log2_floor_thresholds())
     return out.reshape(moved.shape).movedim(-1, dim).to(x.dtype).contiguous()
