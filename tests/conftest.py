@@ -51,3 +51,24 @@ def hide_package(monkeypatch):
         monkeypatch.setattr(builtins, "__import__", fake_import)
 
     return hide
+
+
+def awkward_tensor(shape, seed: int = 0, dtype=torch.float32, spread: int = 20, boundaries: bool = False):
+    """Seeded test input for the kernels: Gaussian values times 2^(k/2) for k in [-spread, spread), with zeros of
+    both signs, inf, NaN and subnormals at fixed strides; with ``boundaries`` also values a few ulp below powers
+    of two and on E2M1 rounding ties (where an inexact log2 or round would show)."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(shape, generator=g) * torch.exp2(torch.randint(-spread, spread, shape, generator=g).float() / 2)
+    flat = x.view(-1)
+    if boundaries:
+        near = torch.exp2(torch.randint(-20, 20, flat[5::7].shape, generator=g).float())
+        flat[5::7] = near * (1 - 2.0**-24 * torch.randint(0, 4, near.shape, generator=g).float())
+        tie_values = torch.tensor([0.25, 0.75, 1.25, 1.75, 2.5, 3.5, 5.0])
+        ties = tie_values[torch.randint(0, 7, flat[6::11].shape, generator=g)]
+        flat[6::11] = ties * 2.0 ** torch.randint(-3, 3, (1,), generator=g).item()
+    flat[::97] = 0.0
+    flat[1::131] = -0.0
+    flat[2::389] = float("inf")
+    flat[3::1009] = float("nan")
+    flat[4::211] = 1e-40
+    return x.to(dtype)

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 
 pytest.importorskip("triton")  # without a GPU, tests/conftest.py has set TRITON_INTERPRET=1
 
-from conftest import golden_cases, load_golden  # noqa: E402
+from conftest import awkward_tensor, golden_cases, load_golden  # noqa: E402
 
 from sensq.errors import BackendUnavailableError  # noqa: E402
 from sensq.formats import get_format, pack, quantize_dequantize, unpack  # noqa: E402
@@ -24,15 +24,7 @@ DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def _awkward(shape, seed=0, dtype=torch.float32):
-    g = torch.Generator().manual_seed(seed)
-    x = torch.randn(shape, generator=g) * torch.exp2(torch.randint(-20, 20, shape, generator=g).float() / 2)
-    flat = x.view(-1)
-    flat[:: 97] = 0.0
-    flat[1:: 131] = -0.0
-    flat[2:: 389] = float("inf")
-    flat[3:: 1009] = float("nan")
-    flat[4:: 211] = 1e-40
-    return x.to(dtype)
+    return awkward_tensor(shape, seed, dtype)
 
 
 @pytest.mark.parametrize("name", [n for n in golden_cases() if load_golden(n)[2]["format"] == "hif4"])

@@ -10,7 +10,7 @@ import torch
 
 pytest.importorskip("triton")  # without a GPU, tests/conftest.py has set TRITON_INTERPRET=1
 
-from conftest import golden_cases, load_golden  # noqa: E402
+from conftest import awkward_tensor, golden_cases, load_golden  # noqa: E402
 
 from sensq.formats import get_format, quantize_dequantize  # noqa: E402
 from sensq.formats.blocks import to_blocks  # noqa: E402
@@ -27,21 +27,8 @@ DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def _awkward(shape, seed=0, dtype=torch.float32):
-    """Wide magnitudes, zeros of both signs, inf, NaN, subnormals, and values next to powers of two and to
-    the E2M1 rounding boundaries (where an inexact log2 or round would show)."""
-    g = torch.Generator().manual_seed(seed)
-    x = torch.randn(shape, generator=g) * torch.exp2(torch.randint(-30, 30, shape, generator=g).float() / 2)
-    flat = x.view(-1)
-    near = torch.exp2(torch.randint(-20, 20, flat[5::7].shape, generator=g).float())
-    flat[5::7] = near * (1 - 2.0**-24 * torch.randint(0, 4, near.shape, generator=g).float())
-    flat[6::11] = torch.tensor([0.25, 0.75, 1.25, 1.75, 2.5, 3.5, 5.0])[
-        torch.randint(0, 7, flat[6::11].shape, generator=g)] * 2.0 ** torch.randint(-3, 3, (1,), generator=g).item()
-    flat[::97] = 0.0
-    flat[1::131] = -0.0
-    flat[2::389] = float("inf")
-    flat[3::1009] = float("nan")
-    flat[4::211] = 1e-40
-    return x.to(dtype)
+    """Wider magnitudes than the HiF4 tests, and values next to powers of two and on E2M1 ties."""
+    return awkward_tensor(shape, seed, dtype, spread=30, boundaries=True)
 
 
 @pytest.mark.parametrize("name", [n for n in golden_cases() if load_golden(n)[2]["format"] in ("mxfp4", "nvfp4")])
