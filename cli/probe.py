@@ -42,6 +42,7 @@ def probe(**kwargs) -> None:
       sensq probe                                        # tiny model, 4 built-in prompts, both experts
       sensq probe --expert high --preset lightning-4step --out high.h5
       sensq probe --model ./Wan2.2-T2V-A14B-Diffusers --prompts prompts.txt --limit 16 --tokens 64
+      sensq probe --outputs --out probe.h5   # + layer outputs: sensq rank skips the full-precision GEMM
       torchrun --nproc-per-node 2 -m sensq.cli probe ...   # prompts sharded across ranks, merged at the end
     """
     from sensq.cli.common import load_cli_model
