@@ -17,9 +17,22 @@ class _Group(click.Group):
         try:
             return super().invoke(ctx)
         except SensqError as error:
-            exc = click.ClickException(str(error))
-            exc.exit_code = error.exit_code
-            raise exc from None
+            raise _one_line(str(error), error.exit_code) from None
+        except KeyboardInterrupt:
+            raise _one_line("interrupted; what was complete is kept (outputs are written atomically): run the same "
+                            "command again to resume", 130) from None
+        except OSError as error:
+            if error.errno is None:  # not an operating-system error with a cause we can name: a real bug
+                raise
+            from sensq.store.files import describe_os_error
+
+            raise _one_line(describe_os_error(error, error.filename or "the output"), 1) from None
+
+
+def _one_line(message: str, exit_code: int) -> click.ClickException:
+    exc = click.ClickException(message.strip().splitlines()[0] if message.strip() else "failed")
+    exc.exit_code = exit_code
+    return exc
 
 
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})

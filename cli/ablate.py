@@ -28,7 +28,7 @@ def _ints(ctx, param, value: str) -> list[int]:
               help="Budget sets to include, comma-separated (e.g. 5%,10%).")
 @click.option("--prompts", "prompts_path", type=click.Path(dir_okay=False), default=None,
               help="Prompt file (see sensq probe --help). Default: the model's built-in prompts.")
-@click.option("--limit", type=int, default=None, help="Use only the first N prompts.")
+@click.option("--limit", type=click.IntRange(min=1), default=None, help="Use only the first N prompts.")
 @click.option("--video/--no-video", default=False, show_default=True, help="Also write mp4 files.")
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=Path("ablation"), show_default=True)
 @click.option("--json", "as_json", is_flag=True, help="Print the ablation table as JSON.")
@@ -39,23 +39,27 @@ def ablate(ranking_file, model, device, dtype, lora_high, lora_low, fmt, top_ks,
     Each set is applied, generated and scored against full precision along the probe's own trajectory;
     rerunning reuses finished generations. Writes ablation.json, ablation.md and ablation.html.
 
-    The model defaults to the ranking's own (with the LoRAs it was probed with).
+    The model defaults to the ranking's own when it is an embedded model; for a folder or Hub id, or a
+    student probed with LoRAs, pass --model and --lora-high/--lora-low yourself (the ranking names them).
 
     \b
     Example:
       sensq ablate ranking.json --top-k 2,4,8 --budget 5%,10% --out ablation/
     """
-    from sensq.ablate import run_ablation, standard_sets, write_ablation_report
-    from sensq.cli.common import load_cli_model
+    from sensq.ablate import ABLATION_SCHEMA, run_ablation, standard_sets, write_ablation_report
+    from sensq.cli.common import load_cli_model, model_named_by_file
     from sensq.plan import parse_budget
     from sensq.prompts import load_prompts
     from sensq.sensitivity import Ranking
+    from sensq.store.files import check_output_folder
     from sensq.trajectory import Trajectory
 
     ranking = Ranking.load(ranking_file)
+    check_output_folder(out, "ablation.json", ABLATION_SCHEMA, "ablation folder")  # before any work
     shares = [parse_budget(b) for b in budgets.split(",") if b.strip()]
-    recorded = ranking.provenance.get("loras") if model is None else None
-    loaded = load_cli_model(model or ranking.provenance["model_id"], device, dtype, lora_high, lora_low, recorded)
+    model = model_named_by_file(ranking_file, str(ranking.provenance.get("model_id")),
+                                ranking.provenance.get("loras") or {}, model, lora_high, lora_low)
+    loaded = load_cli_model(model, device, dtype, lora_high, lora_low)
     trajectory = Trajectory.from_dict(ranking.provenance["trajectory"])
     prompts = load_prompts(prompts_path, limit, procedural=loaded.procedural)
     sets = standard_sets(loaded, ranking, fmt, top_ks=top_ks, budgets=shares)
@@ -126,9 +130,10 @@ def demo(model, fmt, n_prompts, steps, budget, out) -> None:
     from sensq.quant.checkpoint import save_quantized
     from sensq.report.ranking import write_ranking_report
     from sensq.sensitivity import RankRequest, rank_layers
+    from sensq.store.files import claim_output_folder
     from sensq.trajectory import Trajectory
 
-    out.mkdir(parents=True, exist_ok=True)
+    claim_output_folder(out, ".sensq-output.json", "sensq.demo/1", "demo folder")
     started = time.perf_counter()
 
     def step(text: str) -> None:

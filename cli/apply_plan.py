@@ -31,12 +31,16 @@ from sensq.cli.common import model_options
               "offloading; the rest of each expert waits on the host).")
 @click.option("--force", is_flag=True, help="Apply a plan or probe made for another model.")
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=Path("quantized"),
-              show_default=True, help="Checkpoint folder to write (replaced atomically).")
+              show_default=True, help="Checkpoint folder to write: new, empty, or a sensq checkpoint (replaced only "
+              "when the new one is complete).")
 @click.option("--json", "as_json", is_flag=True, help="Print the manifest summary as JSON.")
 def apply_plan(plan_file, model, device, dtype, lora_high, lora_low, probe_file, calibrate, sequential_experts, fake,
                backend, offload, force, out, as_json) -> None:
     """Quantize the model by the plan, expert by expert, and write a checkpoint that
-    `--model DIR` (any command) and `sensq.load_quantized(DIR)` load back.
+    `--model DIR` (any command) and `sensq.quant.checkpoint.load_quantized(DIR)` load back.
+
+    --out must be a new or empty folder, or a checkpoint sensq wrote (it is replaced only once the new
+    one is complete); any other folder is refused and left as it is.
 
     \b
     Examples:
@@ -50,17 +54,26 @@ def apply_plan(plan_file, model, device, dtype, lora_high, lora_low, probe_file,
     from sensq.plan import Plan
     from sensq.quant.apply import apply_plan as run_apply
     from sensq.quant.calibrate import summarize_calibration
-    from sensq.quant.checkpoint import save_quantized
+    from sensq.quant.checkpoint import CHECKPOINT_SCHEMA, save_quantized
+    from sensq.store.files import check_output_folder, output_lock
 
     plan = Plan.load(plan_file)
-    loaded = load_cli_model(model, device, dtype, lora_high, lora_low)
-    device = loaded.device
-    started = time.perf_counter()
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats()
-    _, calibration = run_apply(loaded, plan, probe_path=probe_file, calibrate=calibrate,
-                               sequential_experts=sequential_experts, force=force, backend=backend, offload=offload)
-    manifest = save_quantized(loaded, out, plan=plan, calibration=calibration, fake=fake)
+    check_output_folder(out, "manifest.json", CHECKPOINT_SCHEMA, "checkpoint")  # before any work
+    if probe_file is not None:
+        from sensq.store.probe_file import ProbeFile
+
+        ProbeFile(probe_file).close()  # a missing, damaged or unsafe probe file is refused before loading the model
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with output_lock(out):
+        loaded = load_cli_model(model, device, dtype, lora_high, lora_low)
+        device = loaded.device
+        started = time.perf_counter()
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats()
+        _, calibration = run_apply(loaded, plan, probe_path=probe_file, calibrate=calibrate,
+                                   sequential_experts=sequential_experts, force=force, backend=backend,
+                                   offload=offload)
+        manifest = save_quantized(loaded, out, plan=plan, calibration=calibration, fake=fake, lock=False)
     peak_host = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     summary = {
         "out": str(out), "packed": manifest["packed"], "calibrate": calibrate, "sizes": manifest["sizes"],

@@ -56,19 +56,43 @@ def lora_options(func):
 
 
 def load_cli_model(model: str, device: str | None, dtype: str | None, lora_high: str | None = None,
-                   lora_low: str | None = None, recorded_loras: dict | None = None):
-    """Load ``model`` on the resolved device/dtype and fuse its LoRAs: the ones given, else (when the model
-    was taken from a probe or ranking file) the ones recorded there."""
+                   lora_low: str | None = None):
+    """Load ``model`` on the resolved device/dtype and fuse the LoRAs given."""
     from sensq.models import load_model
     from sensq.models.lora import fuse_loras
     from sensq.runtime import resolve_device, resolve_dtype
 
-    if lora_high is None and lora_low is None and recorded_loras:
-        lora_high, lora_low = recorded_loras.get("high"), recorded_loras.get("low")
     resolved = resolve_device(device)
     loaded = load_model(model, resolved, resolve_dtype(dtype, resolved))
     fuse_loras(loaded, high=lora_high, low=lora_low)
     return loaded
+
+
+def model_named_by_file(source, recorded_model: str, recorded_loras: dict, model: str | None,
+                        lora_high: str | None, lora_low: str | None) -> str:
+    """The model to load for a file (probe, ranking) that records the model and LoRAs it was made with.
+
+    A file may come from someone else, so what it names is followed only when it is an embedded model;
+    a folder, Hub id or LoRA path recorded in it is shown and must be confirmed by the user's own
+    --model / --lora-high / --lora-low.
+
+    Raises:
+        InputError: the file names a non-embedded model and --model is not given, or it records LoRAs and
+            neither --lora flag is given (the message spells out the flags to pass).
+    """
+    from sensq.errors import InputError
+    from sensq.models import model_names
+
+    if model is None:
+        if recorded_model not in model_names():
+            raise InputError(f"{str(source)!r} was made on model {recorded_model!r}; pass --model with that folder or "
+                             "Hub id to use it (sensq does not load a model that a file names)")
+        model = recorded_model
+    if recorded_loras and lora_high is None and lora_low is None:
+        flags = " ".join(f"--lora-{expert} {path}" for expert, path in sorted(recorded_loras.items()))
+        raise InputError(f"{str(source)!r} was made with LoRAs fused; pass them yourself to use the same student: "
+                         f"{flags}")
+    return model
 
 
 def _sigmas(ctx, param, value):

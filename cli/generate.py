@@ -18,11 +18,12 @@ from sensq.cli.common import build_trajectory, model_options, trajectory_options
               help="Apply this plan as fake-quant in memory (or pass a checkpoint folder as --model).")
 @click.option("--prompts", "prompts_path", type=click.Path(dir_okay=False), default=None,
               help="Prompt file (see sensq probe --help). Default: 4 built-in prompts.")
-@click.option("--limit", type=int, default=None, help="Use only the first N prompts.")
+@click.option("--limit", type=click.IntRange(min=1), default=None, help="Use only the first N prompts.")
 @click.option("--label", default=None, help="Name of this variant in manifests and reports.")
+@click.option("--force", is_flag=True, help="With --plan: apply a plan made for another model.")
 @click.option("--video/--no-video", default=True, show_default=True,
               help="Write {prompt}-{index}.mp4 (VBench custom-input naming; needs the video extra).")
-@click.option("--fps", type=int, default=16, show_default=True)
+@click.option("--fps", type=click.IntRange(min=1), default=16, show_default=True, help="Frames per second of the mp4.")
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), required=True,
               help="Folder for this variant (one configuration per folder; reruns resume).")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
@@ -38,20 +39,22 @@ def generate(**kwargs) -> None:
       sensq eval runs/hif4 --reference runs/fp
     """
     from sensq.cli.common import load_cli_model
-    from sensq.generate import GenerateRequest
+    from sensq.generate import GENERATION_SCHEMA, MANIFEST, GenerateRequest
     from sensq.generate import generate as run_generate
     from sensq.plan import Plan
     from sensq.prompts import load_prompts
     from sensq.quant.apply import apply_plan
-    from sensq.store.files import file_digest
+    from sensq.store.files import check_output_folder, file_digest
 
     trajectory = build_trajectory(kwargs)
+    check_output_folder(kwargs["out"], MANIFEST, GENERATION_SCHEMA, "generation folder")  # before any work
+    plan = Plan.load(kwargs["plan_file"]) if kwargs["plan_file"] is not None else None
     model = load_cli_model(kwargs["model"], kwargs["device"], kwargs["dtype"], kwargs["lora_high"], kwargs["lora_low"])
     prompts = load_prompts(kwargs["prompts_path"], kwargs["limit"], procedural=model.procedural)
     plan_digest = None
     label = kwargs["label"]
     if kwargs["plan_file"] is not None:
-        apply_plan(model, Plan.load(kwargs["plan_file"]))
+        apply_plan(model, plan, force=kwargs["force"])
         plan_digest = file_digest(kwargs["plan_file"])
     label = label or ("fake-quant " + Path(kwargs["plan_file"]).name if kwargs["plan_file"] else model.model_id)
     request = GenerateRequest(model, trajectory.with_resolution(model.default_resolution), prompts, kwargs["out"],

@@ -12,7 +12,8 @@ import click
 @click.argument("ranking_file", required=False, type=click.Path(path_type=Path))
 @click.option("--budget", default=None, help="Share of each expert's quantizable parameters kept in high "
               "precision (entrance included), e.g. 5% or 0.05.")
-@click.option("--top-k", type=int, default=None, help="Instead of --budget: protect the K most sensitive layers "
+@click.option("--top-k", type=click.IntRange(min=0), default=None,
+              help="Instead of --budget: protect the K most sensitive layers "
               "per expert (besides the entrance).")
 @click.option("--protect-entrance/--no-protect-entrance", default=True, show_default=True,
               help="Keep the entrance layers (patch_embedding, condition_embedder.*, blocks.0.*) in high precision.")
@@ -52,11 +53,16 @@ def plan(ranking_file, budget, top_k, protect_entrance, protect, fmt, act_format
         return
     if ranking_file is None:
         raise click.UsageError("give a RANKING_FILE (from sensq rank), or --validate PLAN")
+    from sensq.plan import PLAN_SCHEMA
     from sensq.sensitivity import Ranking
+    from sensq.store.files import check_output_file
 
     ranking = Ranking.load(ranking_file)
     if budget is not None and top_k is not None:
         raise InputError("give exactly one of --budget and --top-k")
+    check_output_file(out, PLAN_SCHEMA, "plan")  # before any work
+    if export:
+        check_output_file(out.with_name(f"{out.stem}.{export}.json"), f"sensq.export.{export}/1", f"{export} export")
     result: Plan = build_plan(
         ranking, budget=parse_budget(budget) if budget is not None else None, top_k=top_k,
         protect_entrance=protect_entrance, protect=list(protect), fmt=fmt,
@@ -65,9 +71,10 @@ def plan(ranking_file, budget, top_k, protect_entrance, protect, fmt, act_format
     result.source["ranking_file"] = str(ranking_file)
     result.save(out)
     if export:
+        from sensq.store.files import write_json
+
         data = export_torchao(result) if export == "torchao" else export_modelopt(result)
-        target = out.with_name(f"{out.stem}.{export}.json")
-        target.write_text(json.dumps(data, indent=1))
+        write_json(out.with_name(f"{out.stem}.{export}.json"), {"schema": f"sensq.export.{export}/1", **data})
     if as_json:
         click.echo(json.dumps(result.to_dict(), indent=1))
         return

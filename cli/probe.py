@@ -19,7 +19,7 @@ from sensq.cli.common import build_trajectory, model_options, trajectory_options
 @click.option("--prompts", "prompts_path", type=click.Path(dir_okay=False), default=None,
               help="Prompt file: .txt (one per line), .json/.jsonl list, OpenS2V-Eval or OpenS2V-5M records, "
                    "VBench lists (filter one with sensq prompts). Default: 4 built-in prompts.")
-@click.option("--limit", type=int, default=None, help="Use only the first N prompts.")
+@click.option("--limit", type=click.IntRange(min=1), default=None, help="Use only the first N prompts.")
 @click.option("--tokens", type=int, default=32, show_default=True,
               help="Token rows sampled from every layer's input per step and branch (same rows every time).")
 @click.option("--first-block/--no-first-block", default=True, show_default=True,
@@ -30,7 +30,9 @@ from sensq.cli.common import build_trajectory, model_options, trajectory_options
 @click.option("--out", type=click.Path(dir_okay=False, path_type=Path), default=Path("probe.h5"),
               show_default=True, help="The HDF5 file to write.")
 @click.option("--resume", is_flag=True, help="Complete an interrupted file made with the same settings.")
-@click.option("--overwrite", is_flag=True, help="Replace an existing file.")
+@click.option("--overwrite", is_flag=True, help="Replace an existing file (the old one stays until the new one holds "
+              "its first complete prompt).")
+@click.option("--yes", is_flag=True, help="Write the file even when its estimated size exceeds the free disk space.")
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
 def probe(**kwargs) -> None:
     """Record what every Linear (and the patch-embedding Conv3d) of each expert sees along a real
@@ -61,7 +63,7 @@ def probe(**kwargs) -> None:
         experts=experts, out=kwargs["out"],
         config=ProbeConfig(tokens=kwargs["tokens"], first_block_inputs=kwargs["first_block"],
                            outputs=kwargs["outputs"]),
-        resume=kwargs["resume"], overwrite=kwargs["overwrite"],
+        resume=kwargs["resume"], overwrite=kwargs["overwrite"], yes=kwargs["yes"],
     )
     from sensq.probes.distributed import run_probe_sharded
 

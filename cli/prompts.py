@@ -52,8 +52,11 @@ def prompts(source, types, exclude_type, dimensions, min_words, max_words, min_a
       sensq prompts VBench_full_info.json --dimension subject_consistency,overall_consistency --dedupe
       sensq generate --prompts prompts.json --out runs/fp
     """
-    from sensq.prompts import PromptFilter, filter_prompts, load_prompts, write_prompts
+    from sensq.prompts import PromptFilter, filter_prompts, is_written_prompt_file, load_prompts, write_prompts
+    from sensq.store.files import check_output_file
 
+    if out is not None:
+        check_output_file(out, None, "prompt", recognise=is_written_prompt_file)  # before any work
     loaded = load_prompts(source)
     spec = PromptFilter(
         types=_names(types), exclude_types=_names(exclude_type), dimensions=_names(dimensions), min_words=min_words,

@@ -31,8 +31,9 @@ def _formats(ctx, param, value: str) -> list[str]:
               help="e2e only: quantize just this layer, or everything but this layer.")
 @click.option("--granularity", default="layer", show_default=True, type=click.Choice(["layer", "block"]),
               help="e2e only: score layers or whole blocks (blocks.N) to make big models affordable.")
-@click.option("--limit", type=int, default=None, help="e2e only: use the first N prompts of the probe file.")
-@click.option("--top", type=int, default=15, show_default=True, help="Rows of the table per expert.")
+@click.option("--limit", type=click.IntRange(min=1), default=None,
+              help="e2e only: use the first N prompts of the probe file.")
+@click.option("--top", type=click.IntRange(min=1), default=15, show_default=True, help="Rows of the table per expert.")
 @click.option("--force", is_flag=True, help="Rank even if the probe file was made with another model.")
 @click.option("--out", type=click.Path(dir_okay=False, path_type=Path), default=Path("ranking.json"),
               show_default=True, help="The ranking JSON to write.")
@@ -48,20 +49,22 @@ def rank(probe_file, model, device, dtype, lora_high, lora_low, formats, metric,
 
     \b
     Examples:
-      sensq rank probe.h5                                  # model (and LoRAs) taken from the probe file
+      sensq rank probe.h5                                  # embedded model: taken from the probe file
+      sensq rank probe.h5 --model ./Wan2.2-T2V-A14B-Diffusers --lora-high high.safetensors --lora-low low.safetensors
       sensq rank probe.h5 --format hif4,mxfp4,nvfp4,int4   # formats side by side, with their agreement
       sensq rank probe.h5 --metric e2e --granularity block --limit 2
       torchrun --nproc-per-node 4 -m sensq.cli rank probe.h5 --metric e2e   # layers split across ranks
     """
-    from sensq.cli.common import load_cli_model
+    from sensq.cli.common import load_cli_model, model_named_by_file
     from sensq.sensitivity import RankRequest, rank_layers
+    from sensq.sensitivity.ranking import RANKING_SCHEMA
+    from sensq.store.files import check_output_file
     from sensq.store.probe_file import ProbeFile
 
-    recorded = {}
-    if model is None:  # the probe's model, with the LoRAs it was probed with
-        with ProbeFile(probe_file) as probe:
-            model, recorded = probe.model_id, probe.loras
-    loaded = load_cli_model(model, device, dtype, lora_high, lora_low, recorded)
+    check_output_file(out, RANKING_SCHEMA, "ranking")  # before any work
+    with ProbeFile(probe_file) as probe:
+        model = model_named_by_file(probe_file, probe.model_id, probe.loras, model, lora_high, lora_low)
+    loaded = load_cli_model(model, device, dtype, lora_high, lora_low)
     request = RankRequest(probe_path=probe_file, model=loaded, formats=formats, metric=metric, reduce=reduce,
                           experts=None if expert == "both" else [expert], mode=mode, granularity=granularity,
                           limit=limit, force=force)

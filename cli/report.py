@@ -12,7 +12,8 @@ import click
 @click.argument("ranking_file", metavar="RANKING_OR_ABLATION", type=click.Path(path_type=Path))
 @click.option("--plan", "plan_file", type=click.Path(path_type=Path), default=None,
               help="Mark this plan's protected layers (default: the entrance layers).")
-@click.option("--top", type=int, default=20, show_default=True, help="Layers in the bar charts and tables.")
+@click.option("--top", type=click.IntRange(min=1), default=20, show_default=True,
+              help="Layers in the bar charts and tables.")
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=Path("report"), show_default=True,
               help="Folder for the PNGs, report.md and report.html.")
 @click.option("--json", "as_json", is_flag=True, help="Print the list of written files as JSON.")

@@ -10,10 +10,13 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
+
 from sensq.errors import InputError
 from sensq.models import LoadedModel
 from sensq.probes.capture import ProbeConfig, ProbeSession, apply_probe, remove_probe
 from sensq.prompts import Prompt
+from sensq.store.files import output_lock
 from sensq.store.probe_file import LayerShape, ProbeWriter
 from sensq.trajectory import Trajectory, apply_trajectory, plan_steps, run
 
@@ -31,6 +34,8 @@ class ProbeRequest:
     resume: bool = False
     overwrite: bool = False
     shard: tuple[int, int] = (0, 1)
+    yes: bool = False
+    """Allocate the file even when it looks larger than the free disk space."""
 
 
 @dataclass
@@ -78,8 +83,7 @@ def _check_output(request: ProbeRequest, digest: str) -> bool:
         raise InputError(f"output folder {str(parent)!r} is not writable")
     if not out.exists():
         return False
-    if request.overwrite:
-        out.unlink()
+    if request.overwrite:  # the old file stays until the new one holds its first complete prompt
         return False
     if not request.resume:
         raise InputError(f"{str(out)!r} exists; pass --resume to complete it or --overwrite to replace it")
@@ -96,6 +100,13 @@ def _check_output(request: ProbeRequest, digest: str) -> bool:
 
 
 def run_probe(request: ProbeRequest, progress: Callable[[ProgressEvent], None] | None = None) -> ProbeResult:
+    """Probe while holding the output's lock (a second probe into the same file is refused); see
+    :func:`_run_probe`."""
+    with output_lock(request.out):
+        return _run_probe(request, progress)
+
+
+def _run_probe(request: ProbeRequest, progress: Callable[[ProgressEvent], None] | None = None) -> ProbeResult:
     """Probe ``request.experts`` along the trajectory for every prompt; resumable.
 
     Raises:
@@ -110,6 +121,7 @@ def run_probe(request: ProbeRequest, progress: Callable[[ProgressEvent], None] |
         if expert not in available:
             raise InputError(f"unknown expert {expert!r}; this model has: {', '.join(available)}")
     apply_trajectory(pipe, trajectory)
+    adapter.check_resolution(pipe, trajectory.height, trajectory.width, trajectory.frames, model.dtype, model.device)
     steps = plan_steps(pipe, adapter, trajectory)
     expert_steps = {e: [s.index for s in steps if s.expert == e] for e in request.experts}
     for expert, indices in expert_steps.items():
@@ -153,7 +165,13 @@ def run_probe(request: ProbeRequest, progress: Callable[[ProgressEvent], None] |
                     for meta in [session.layer_meta[(expert, name)]]
                 }
                 writer.create_layers(expert, shapes, {k: v.shape[1:] for k, v in data.first_block.items()},
-                                     outputs=request.config.outputs)
+                                     outputs=request.config.outputs, yes=request.yes)
+            for stat, array in [*data.packed.items(), *data.first_block.items()]:
+                if not np.isfinite(array).all():
+                    raise InputError(
+                        f"the model produced NaN or Inf activations ({stat}, {expert} expert, prompt {prompt.index}, "
+                        f"step {i}); nothing of this prompt was recorded: probe in fp32 (--dtype fp32) or check the "
+                        "model's weights")
             bytes_written += writer.write_step(slot, expert, local_step[expert][i], data.packed, data.first_block)
         if progress is not None:
             progress(ProgressEvent(prompts_run, len(request.prompts), i + 1, len(steps), prompt))

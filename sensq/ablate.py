@@ -20,7 +20,7 @@ from sensq.generate import GenerateRequest, generate
 from sensq.plan import Plan, Rule, build_plan, model_layers, summarize, validate_plan
 from sensq.quant import dequantize_
 from sensq.quant.apply import apply_plan
-from sensq.store.files import atomic_write_bytes, read_json, write_json
+from sensq.store.files import atomic_write_bytes, claim_output_folder, read_json, write_json
 
 ABLATION_SCHEMA = "sensq.ablation/1"
 METRICS = ("latent_nmse", "psnr", "ssim", "first_frame_nmse", "temporal_nmse")
@@ -67,7 +67,7 @@ def run_ablation(model, trajectory, prompts, sets: list[ProtectedSet], out: Path
     """Run every set (resuming what is done) and write ``ablation.json`` plus the report."""
     from sensq.eval import evaluate_procedural, is_procedural
 
-    out.mkdir(parents=True, exist_ok=True)
+    out = claim_output_folder(out, "ablation.json", ABLATION_SCHEMA, "ablation folder")
     reference = reference or out / "full-precision"
     generate(GenerateRequest(model, trajectory, prompts, reference, label="full precision",
                              write_video=write_video))

@@ -21,3 +21,15 @@ class InputError(SensqError, ValueError):
 
 class BackendUnavailableError(SensqError, RuntimeError):
     """A backend was asked for explicitly but cannot run here (missing package or device)."""
+
+
+class OutputError(InputError):
+    """An output cannot be written: a missing or unwritable folder, someone else's file in the way, a full
+    disk, another sensq command writing the same output."""
+
+
+class InterruptedRun(SensqError):
+    """The user interrupted a long command (Ctrl-C); what is complete is kept and the same command resumes."""
+
+    exit_code = 130
+

@@ -17,11 +17,22 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from safetensors.torch import load as load_safetensors
+from safetensors.torch import save as save_safetensors
 
 import sensq
-from sensq.errors import InputError
+from sensq.errors import InputError, OutputError
 from sensq.prompts import Prompt
-from sensq.store.files import atomic_write_bytes, read_json, write_json
+from sensq.store.files import (
+    atomic_write_bytes,
+    check_output_folder,
+    describe_os_error,
+    inside,
+    output_lock,
+    read_json,
+    write_json,
+)
+from sensq.store.schema import Fields, ListOf, MapOf, validate_document
 from sensq.trajectory import Trajectory, apply_trajectory, run
 
 GENERATION_SCHEMA = "sensq.generation/1"
@@ -70,13 +81,17 @@ def config_digest(config: dict) -> str:
     return hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def _write_mp4(frames: np.ndarray, path: Path, fps: int) -> None:
+def _check_video_backend() -> None:
     try:
         import imageio  # noqa: F401
         import imageio_ffmpeg  # noqa: F401
     except ImportError:
         raise InputError("writing mp4 needs imageio and imageio-ffmpeg: pip install 'sensq[video]', or pass "
                          "--no-video to keep frames only") from None
+
+
+def _write_mp4(frames: np.ndarray, path: Path, fps: int) -> None:
+    _check_video_backend()
     from diffusers.utils import export_to_video
 
     tmp = path.with_name(path.stem + ".tmp.mp4")
@@ -85,12 +100,29 @@ def _write_mp4(frames: np.ndarray, path: Path, fps: int) -> None:
 
 
 def generate(request: GenerateRequest, progress: Callable[[int, int, Prompt], None] | None = None) -> GenerateResult:
-    """Generate every prompt of ``request`` that the folder does not hold yet.
+    """Generate every prompt of ``request`` that the folder does not hold yet, holding the folder's lock
+    (a second generate into the same folder is refused while this one runs).
 
     Raises:
-        InputError: the folder holds generations of another configuration; an unwritable folder;
-            mp4 writing without imageio-ffmpeg.
+        InputError: the folder holds generations of another configuration, a resolution the model or
+            the memory cannot take.
+        OutputError: the folder is someone else's, unwritable, or locked by another command; mp4 writing
+            without imageio-ffmpeg.
     """
+    out = check_output_folder(request.out, MANIFEST, GENERATION_SCHEMA, "generation folder")
+    if request.fps < 1:
+        raise InputError(f"--fps must be at least 1, got {request.fps}")
+    if request.write_video:
+        _check_video_backend()  # before any work
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise OutputError(describe_os_error(error, out)) from None
+    with output_lock(out):
+        return _generate(request, progress)
+
+
+def _generate(request: GenerateRequest, progress: Callable[[int, int, Prompt], None] | None) -> GenerateResult:
     out = request.out
     config = _config(request)
     digest = config_digest(config)
@@ -100,20 +132,25 @@ def generate(request: GenerateRequest, progress: Callable[[int, int, Prompt], No
         if request.keep_latents:
             (out / "latents").mkdir(exist_ok=True)
     except OSError as error:
-        raise InputError(f"cannot write to {str(out)!r}: {error.strerror}") from None
+        raise OutputError(describe_os_error(error, out)) from None
     manifest_path = out / MANIFEST
     if manifest_path.exists():
         manifest = read_json(manifest_path, GENERATION_SCHEMA, "generation manifest")
-        if manifest["config_digest"] != digest:
+        if manifest.get("config_digest") != digest:
             raise InputError(
-                f"{str(out)!r} holds generations of another configuration (digest {manifest['config_digest']} != "
-                f"{digest}: model, plan, trajectory or prompts differ); a folder never mixes two: use another --out"
+                f"{str(out)!r} holds generations of another configuration (digest {manifest.get('config_digest')} "
+                f"!= {digest}: model, plan, trajectory or prompts differ); a folder never mixes two: use another --out"
             )
+        if not isinstance(manifest.get("items"), dict):
+            raise InputError(f"{str(manifest_path)!r} is not a valid generation manifest: 'items' must be an object")
     else:
         manifest = {"schema": GENERATION_SCHEMA, "sensq_version": sensq.__version__, "config_digest": digest,
                     "config": config, "items": {}}
+        write_json(manifest_path, manifest)  # claims the folder for this configuration at once
     pipe, trajectory = request.model.pipe, request.trajectory
     apply_trajectory(pipe, trajectory)
+    request.model.adapter.check_resolution(pipe, trajectory.height, trajectory.width, trajectory.frames,
+                                           request.model.dtype, request.model.device)
     generated, seconds = 0, 0.0
     for position, prompt in enumerate(request.prompts):
         key = str(prompt.index)
@@ -136,12 +173,8 @@ def generate(request: GenerateRequest, progress: Callable[[int, int, Prompt], No
         buffer = _npy_bytes(frames_u8)
         atomic_write_bytes(out / item["frames"], buffer)
         if request.keep_latents:
-            item["latents"] = f"latents/{prompt.index:05d}.pt"
-            import io
-
-            data = io.BytesIO()
-            torch.save(final["latents"], data)
-            atomic_write_bytes(out / item["latents"], data.getvalue())
+            item["latents"] = f"latents/{prompt.index:05d}.safetensors"
+            atomic_write_bytes(out / item["latents"], save_safetensors({"latents": final["latents"].contiguous()}))
         if request.write_video:
             item["video"] = video_name(prompt)
             _write_mp4(frames_u8, out / item["video"], request.fps)
@@ -166,5 +199,73 @@ def _npy_bytes(array: np.ndarray) -> bytes:
     return buffer.getvalue()
 
 
+_ITEM_SPEC = Fields(required={"index": int, "prompt": str, "seed": int, "frames": str},
+                    optional={"latents": str, "video": str, "seconds": float})
+_GENERATION_SPEC = Fields(
+    required={"schema": str, "config_digest": str, "items": MapOf(_ITEM_SPEC),
+              "config": Fields(required={"trajectory": dict, "prompts": ListOf(ListOf((int, str, None)))}, extra=True)},
+    optional={"sensq_version": str},
+    extra=True,
+)
+
+
 def load_generation(folder: str | Path) -> dict:
-    return read_json(Path(folder) / MANIFEST, GENERATION_SCHEMA, "generation manifest")
+    """The manifest of a generation folder, checked: its shape, and that every file it names stays inside
+    the folder.
+
+    Raises:
+        InputError: no manifest, another schema, a manifest of the wrong shape, a path leading outside.
+    """
+    folder = Path(folder)
+    path = folder / MANIFEST
+    if not path.is_file():
+        raise InputError(f"{str(folder)!r} is not a generation folder (no {MANIFEST}; make one with sensq generate)")
+    manifest = validate_document(read_json(path, GENERATION_SCHEMA, "generation manifest"), _GENERATION_SPEC, path,
+                                 "generation manifest")
+    for item in manifest["items"].values():
+        for key in ("frames", "latents", "video"):
+            if key in item:
+                inside(folder, item[key], f"the {key} file of prompt {item['index']}")
+    return manifest
+
+
+def read_frames(folder: str | Path, item: dict) -> np.ndarray:
+    """An item's frames, ``uint8 [frames, height, width, 3]`` (never unpickled).
+
+    Raises:
+        InputError: a missing, truncated or malformed frames file (named, with the fix).
+    """
+    path = inside(folder, item["frames"], f"the frames file of prompt {item['index']}")
+    try:
+        frames = np.load(path, allow_pickle=False)
+    except FileNotFoundError:
+        raise InputError(f"frames of prompt {item['index']} missing: {str(path)!r}; delete the folder's {MANIFEST} "
+                         "entry or generate into a new folder") from None
+    except (ValueError, OSError, EOFError) as error:
+        raise InputError(f"frames file {str(path)!r} of prompt {item['index']} is truncated or not a .npy array "
+                         f"({error}); generate into a new folder") from None
+    if frames.dtype != np.uint8 or frames.ndim != 4 or frames.shape[-1] != 3:
+        raise InputError(f"frames file {str(path)!r} holds {frames.dtype} {list(frames.shape)}; expected uint8 "
+                         "[frames, height, width, 3]")
+    return frames
+
+
+def read_latents(folder: str | Path, item: dict) -> torch.Tensor | None:
+    """An item's final latents from ``.safetensors`` (older folders: ``.pt``, read with ``weights_only``);
+    None when the item kept none.
+
+    Raises:
+        InputError: a missing or unreadable latents file.
+    """
+    if "latents" not in item:
+        return None
+    path = inside(folder, item["latents"], f"the latents file of prompt {item['index']}")
+    if not path.is_file():
+        raise InputError(f"latents of prompt {item['index']} missing: {str(path)!r}; generate into a new folder")
+    try:
+        if path.suffix == ".safetensors":
+            return load_safetensors(path.read_bytes())["latents"]
+        return torch.load(path, weights_only=True, map_location="cpu")
+    except Exception as error:  # noqa: BLE001 - safetensors and torch raise several kinds for a damaged file
+        raise InputError(f"latents file {str(path)!r} of prompt {item['index']} is damaged ({type(error).__name__}); "
+                         "generate into a new folder") from None

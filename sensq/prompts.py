@@ -254,6 +254,16 @@ def filter_prompts(prompts: list[Prompt], spec: PromptFilter) -> tuple[list[Prom
     return kept, dropped
 
 
+def is_written_prompt_file(path: str | Path) -> bool:
+    """True for a prompt file :func:`write_prompts` wrote (a JSON list of records with ``source_index``)."""
+    try:
+        records = json.loads(Path(path).read_bytes().decode("utf-8"))
+    except (OSError, ValueError, RecursionError):
+        return False
+    return isinstance(records, list) and all(isinstance(r, dict) and "prompt" in r and "source_index" in r
+                                             for r in records)
+
+
 def write_prompts(path: str | Path, prompts: list[Prompt]) -> None:
     """Write ``prompts`` atomically as a JSON list of records that :func:`load_prompts` (and any JSON reader)
     reads back: ``prompt``, ``negative_prompt`` when set, ``key`` when set, ``source_index`` (the index in

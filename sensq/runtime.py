@@ -24,6 +24,17 @@ def resolve_device(device: str | torch.device | None) -> torch.device:
         raise InputError(f"unknown device {device!r}; use cpu, cuda or cuda:N") from None
     if resolved.type == "cuda" and not torch.cuda.is_available():
         raise InputError(f"device {device!r} asked for, but no CUDA GPU is available here; use --device cpu")
+    if resolved.type == "cuda" and resolved.index is not None and resolved.index >= torch.cuda.device_count():
+        raise InputError(f"device {device!r} asked for, but this machine has {torch.cuda.device_count()} CUDA "
+                         f"device(s) (cuda:0..cuda:{torch.cuda.device_count() - 1})")
+    if resolved.type not in ("cpu", "cuda", "meta"):
+        backend = getattr(torch, resolved.type, None)
+        available = getattr(backend, "is_available", None)
+        if available is None or not available():
+            raise InputError(f"device {device!r} is not available in this torch build; use cpu"
+                             + (" or cuda" if torch.cuda.is_available() else ""))
+    if resolved.type == "meta":
+        raise InputError("--device meta holds no data and cannot run a model; use cpu or cuda")
     return resolved
 
 

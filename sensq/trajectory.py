@@ -18,6 +18,7 @@ import functools
 import hashlib
 import inspect
 import json
+import math
 from dataclasses import dataclass
 
 import torch
@@ -64,8 +65,20 @@ class Trajectory:
                 raise InputError(f"--{name} must be a positive multiple of 16, got {value}")
         if self.frames is not None and (self.frames < 1 or (self.frames - 1) % 4):
             raise InputError(f"--frames must be 4k+1 (1, 5, 9, ..., 81), got {self.frames}")
+        for name in ("guidance", "guidance_2", "shift"):
+            value = getattr(self, name)
+            if value is not None and not math.isfinite(value):
+                raise InputError(f"--{name.replace('_', '-')} must be a finite number, got {value!r}")
+        if self.sigmas is not None and not all(math.isfinite(s) and 0 < s <= 1 for s in self.sigmas):
+            raise InputError(f"--sigmas must be numbers in (0, 1], got {','.join(map(str, self.sigmas))}")
+        if self.shift is not None and self.shift <= 0:
+            raise InputError(f"--shift must be positive, got {self.shift}")
         if self.guidance < 1:
             raise InputError(f"--guidance must be >= 1 (1 = no classifier-free guidance), got {self.guidance}")
+        if self.guidance_2 is not None and self.guidance_2 < 1:
+            raise InputError(f"--guidance-2 must be >= 1, got {self.guidance_2}")
+        if self.max_sequence_length < 1:
+            raise InputError(f"--max-sequence-length must be at least 1, got {self.max_sequence_length}")
 
     @property
     def cfg(self) -> bool:

@@ -72,3 +72,24 @@ def awkward_tensor(shape, seed: int = 0, dtype=torch.float32, spread: int = 20, 
     flat[3::1009] = float("nan")
     flat[4::211] = 1e-40
     return x.to(dtype)
+
+
+@pytest.fixture(scope="session")
+def workspace(tmp_path_factory):
+    """One real run of the chain on the embedded tiny model, through the CLI: ``probe.h5`` (2 prompts, 3 steps,
+    CFG), ``ranking.json``, ``plan.json``, a packed checkpoint ``ckpt/`` and a generation folder ``fp/`` (1
+    prompt, no video). Tests copy what they tamper with; nothing here may be changed."""
+    from click.testing import CliRunner
+
+    from sensq.cli import main
+
+    folder = tmp_path_factory.mktemp("workspace")
+    runner = CliRunner()
+    for args in (["probe", "--limit", "2", "--steps", "3", "--out", str(folder / "probe.h5")],
+                 ["rank", str(folder / "probe.h5"), "--out", str(folder / "ranking.json")],
+                 ["plan", str(folder / "ranking.json"), "--budget", "70%", "--out", str(folder / "plan.json")],
+                 ["apply-plan", str(folder / "plan.json"), "--out", str(folder / "ckpt")],
+                 ["generate", "--limit", "1", "--steps", "3", "--no-video", "--out", str(folder / "fp")]):
+        result = runner.invoke(main, args)
+        assert result.exit_code == 0, (args, result.output)
+    return folder

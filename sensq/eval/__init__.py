@@ -10,15 +10,35 @@ import math
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from sensq.errors import InputError
 from sensq.eval.fidelity import fidelity
-from sensq.generate import load_generation
+from sensq.generate import load_generation, read_frames, read_latents
 from sensq.store.files import write_json
 
 SCORES_SCHEMA = "sensq.scores/1"
 SCORES_FILE = "scores.json"
+
+
+def check_comparable(run: dict, reference: dict, run_dir: Path, reference_dir: Path) -> None:
+    """A fidelity comparison is meaningful only between generations of the same prompts, seeds, resolution
+    and trajectory.
+
+    Raises:
+        InputError: the first difference, named.
+    """
+    trajectory, ref_trajectory = run["config"]["trajectory"], reference["config"]["trajectory"]
+    for key in sorted(set(trajectory) | set(ref_trajectory)):
+        if trajectory.get(key) != ref_trajectory.get(key):
+            raise InputError(f"{str(run_dir)!r} and {str(reference_dir)!r} were generated with different "
+                             f"trajectories ({key}: {trajectory.get(key)!r} vs {ref_trajectory.get(key)!r}); compare "
+                             "generations of the same schedule, resolution, guidance and seed")
+    prompts = {int(i): (text, negative) for i, text, negative in run["config"]["prompts"]}
+    ref_prompts = {int(i): (text, negative) for i, text, negative in reference["config"]["prompts"]}
+    for index, (text, negative) in sorted(prompts.items()):
+        if index in ref_prompts and ref_prompts[index] != (text, negative):
+            raise InputError(f"prompt {index} is {text!r} in {str(run_dir)!r} but {ref_prompts[index][0]!r} in the "
+                             "reference; compare generations of the same prompt file")
 
 
 def evaluate_fidelity(run_dir: str | Path, reference_dir: str | Path) -> dict:
@@ -32,9 +52,7 @@ def evaluate_fidelity(run_dir: str | Path, reference_dir: str | Path) -> dict:
     """
     run_dir, reference_dir = Path(run_dir), Path(reference_dir)
     run, reference = load_generation(run_dir), load_generation(reference_dir)
-    if run["config"]["trajectory"] != reference["config"]["trajectory"]:
-        raise InputError(f"{str(run_dir)!r} and {str(reference_dir)!r} were generated with different trajectories; "
-                         "compare generations of the same schedule, resolution, guidance and seed")
+    check_comparable(run, reference, run_dir, reference_dir)
     wanted = sorted(int(index) for index, _, _ in run["config"]["prompts"])
     missing = [i for i in wanted if str(i) not in run["items"] or str(i) not in reference["items"]]
     if missing:
@@ -45,12 +63,14 @@ def evaluate_fidelity(run_dir: str | Path, reference_dir: str | Path) -> dict:
         item, ref_item = run["items"][str(index)], reference["items"][str(index)]
         if item["seed"] != ref_item["seed"]:
             raise InputError(f"prompt {index} used seed {item['seed']} here and {ref_item['seed']} in the reference")
-        frames = np.load(run_dir / item["frames"]).astype(np.float64) / 255.0
-        ref_frames = np.load(reference_dir / ref_item["frames"]).astype(np.float64) / 255.0
+        frames = read_frames(run_dir, item).astype(np.float64) / 255.0
+        ref_frames = read_frames(reference_dir, ref_item).astype(np.float64) / 255.0
+        if frames.shape != ref_frames.shape:
+            raise InputError(f"prompt {index}: frames {list(frames.shape)} here but {list(ref_frames.shape)} in the "
+                             "reference; compare generations of the same resolution")
         latents = ref_latents = None
         if "latents" in item and "latents" in ref_item:
-            latents = torch.load(run_dir / item["latents"])
-            ref_latents = torch.load(reference_dir / ref_item["latents"])
+            latents, ref_latents = read_latents(run_dir, item), read_latents(reference_dir, ref_item)
         per_item[str(index)] = fidelity(ref_frames, frames, ref_latents, latents)
     keys = sorted({k for scores in per_item.values() for k in scores})
     aggregate = {}
@@ -100,7 +120,7 @@ def evaluate_procedural(run_dir: str | Path) -> dict:
         raise InputError(f"prompt indices {missing} lack a finished generation in {str(run_dir)!r}")
     per_item = {}
     for index, text in prompts.items():
-        frames = np.load(run_dir / run["items"][index]["frames"]).astype(np.float64) / 255.0
+        frames = read_frames(run_dir, run["items"][index]).astype(np.float64) / 255.0
         per_item[index] = score_clip(frames, text)
     aggregate = {d: float(np.mean([scores[d] for scores in per_item.values()])) for d in DIMENSIONS}
     aggregate["average"] = float(np.mean([aggregate[d] for d in DIMENSIONS]))

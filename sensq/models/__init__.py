@@ -147,6 +147,14 @@ def load_model(model: str, device: torch.device, dtype: torch.dtype) -> LoadedMo
     return LoadedModel(pipe, adapter, model, model_fingerprint(pipe, adapter), resolution, device, dtype)
 
 
+def looks_like_path(model: str) -> bool:
+    """A model argument meant as a path (``./x``, ``../x``, ``/x``, ``~/x``, ``a/b/c``, ``x\\y``): never taken
+    for a Hub id (``org/name``), whose two parts cannot start with a dot."""
+    parts = model.replace("\\", "/").split("/")
+    return (model.startswith(("/", "~", ".")) or "\\" in model or len(parts) > 2
+            or (len(parts) == 2 and (not parts[0] or not parts[1])))
+
+
 def model_folder(model: str) -> Path:
     """The folder holding ``model``: a shipped trained model, a local folder, or a cached Hub id.
 
@@ -162,6 +170,10 @@ def model_folder(model: str) -> Path:
     path = Path(model).expanduser()
     if path.is_dir():
         return path
+    if looks_like_path(model):
+        what = "is a file, not a folder" if path.exists() else "does not exist"
+        raise InputError(f"model folder {model!r} {what}; give a diffusers or sensq checkpoint folder, an embedded "
+                         f"model ({', '.join(model_names())}) or a cached Hub id (org/name)")
     if _HUB_ID.match(model) and not path.exists():
         return _from_hub_cache(model)
     raise InputError(f"unknown model {model!r}: not an embedded model ({', '.join(model_names())}), "

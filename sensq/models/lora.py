@@ -4,6 +4,27 @@ from __future__ import annotations
 
 from sensq.errors import InputError
 
+_LORA_KEY_PARTS = ("lora_A", "lora_B", "lora_down", "lora_up", "lora.down", "lora.up", "lora_")
+
+
+def check_lora_file(path: str, expert: str) -> None:
+    """A LoRA must be a safetensors file (never a pickle) holding LoRA weights.
+
+    Raises:
+        InputError: not safetensors, or no LoRA keys in it.
+    """
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(path), "pt") as f:
+            keys = list(f.keys())
+    except (SafetensorError, OSError, ValueError):
+        raise InputError(f"--lora-{expert} {str(path)!r} is not a safetensors file (sensq loads LoRAs from "
+                         ".safetensors only, never from pickles)") from None
+    if not any(part in key for key in keys for part in _LORA_KEY_PARTS):
+        raise InputError(f"--lora-{expert} {str(path)!r} holds no LoRA weights (no lora_A/lora_B or lora_down/lora_up "
+                         f"keys among its {len(keys)} tensors)")
+
 
 def fuse_loras(model, *, high: str | None = None, low: str | None = None, scale: float = 1.0) -> None:
     """Fuse a LoRA into each expert and unload the LoRA layers, so that probes and quantization see
@@ -33,6 +54,7 @@ def fuse_loras(model, *, high: str | None = None, low: str | None = None, scale:
         if not Path(path).is_file():
             raise InputError(f"LoRA file for the {expert}-noise expert not found: {str(path)!r} (a probe or ranking "
                              f"records where its LoRAs were: pass --lora-{expert} with the file's new place)")
+        check_lora_file(path, expert)
         component = model.adapter.expert_attrs[expert]
         try:
             pipe.load_lora_weights(path, adapter_name=f"sensq_{expert}", load_into_transformer_2=(expert == "low"))

@@ -61,11 +61,65 @@ class WanAdapter:
         boundary = self.boundary_timestep(pipe)
         return "high" if boundary is None or timestep >= boundary else "low"
 
+    def check_resolution(self, pipe, height: int, width: int, frames: int, dtype: torch.dtype,
+                         device: torch.device) -> int:
+        """Refuse, before allocating anything, a resolution the model cannot run or this machine cannot hold.
+
+        The estimate is a lower bound on the peak: the transformer's widest activation (tokens x
+        (ffn_dim + 8 dim)) plus the VAE decoder's full-resolution feature maps (frames x H x W x base_dim)
+        and the decoded frames. Returns the estimate in bytes.
+
+        Raises:
+            InputError: more latent positions than the rotary embedding covers, or an estimate above the
+                memory available on ``device``.
+        """
+        from sensq.errors import InputError
+
+        expert = self.expert_module(pipe, self.experts(pipe)[0])
+        config = expert.config
+        p_t, p_h, p_w = config.patch_size
+        scale_s = getattr(pipe, "vae_scale_factor_spatial", 8)
+        scale_t = getattr(pipe, "vae_scale_factor_temporal", 4)
+        grid = ((frames - 1) // scale_t + 1) // p_t, height // scale_s // p_h, width // scale_s // p_w
+        limit = config.rope_max_seq_len
+        if max(grid) > limit:
+            raise InputError(f"{height}x{width}x{frames} needs {max(grid)} positions along one axis; this model's "
+                             "rotary "
+                             f"embedding covers {limit}: use a smaller --height/--width/--frames")
+        tokens = grid[0] * grid[1] * grid[2]
+        element = torch.finfo(dtype).bits // 8
+        dim = config.num_attention_heads * config.attention_head_dim
+        vae = getattr(pipe, "vae", None)
+        base_dim = vae.config.get("base_dim", 96) if vae is not None else 96
+        needed = tokens * (config.ffn_dim + 8 * dim) * element + frames * height * width * (base_dim + 12) * 4
+        available = _available_memory(device)
+        if available is not None and needed > available:
+            raise InputError(f"{height}x{width}x{frames} needs at least {needed / 1e9:.1f} GB on {device} and "
+                             f"{available / 1e9:.1f} GB are available: use fewer --frames or a smaller "
+                             "--height/--width")
+        return needed
+
     def is_entrance(self, layer: str) -> bool:
         return any(re.fullmatch(pattern, layer) for pattern in self.entrance)
 
     def is_exit(self, layer: str) -> bool:
         return any(re.fullmatch(pattern, layer) for pattern in self.exit)
+
+
+def _available_memory(device: torch.device) -> int | None:
+    """Bytes free on ``device`` (MemAvailable on a CPU, cudaMemGetInfo on a GPU); None when unknown."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    if device.type == "cpu":
+        try:
+            with open("/proc/meminfo") as f:
+                for line in f:
+                    if line.startswith("MemAvailable:"):
+                        return int(line.split()[1]) * 1024
+        except OSError:
+            return None
+    return None
 
 
 def quantizable_layers(expert: torch.nn.Module) -> list[tuple[str, torch.nn.Module]]:

@@ -5,11 +5,15 @@ expert-qualified layer name (``high:blocks.0.attn1.to_q``) or a regex over the s
 (``re:low:blocks\\.3[0-9]\\..*``); the first rule that matches a layer decides its formats; a
 ``null`` format keeps that operand in high precision. A rule that matches no layer is an error.
 The plan file also carries the resolved per-layer table (for audit) and a summary.
+
+``re:`` rules are matched with RE2 (google-re2): linear time in the layer name whatever the pattern,
+so a plan from someone else cannot stall sensq with catastrophic backtracking (``(.*.*.*)*X``).
+RE2 has no look-around or back-references; layer patterns never need them.
 """
 
 from __future__ import annotations
 
-import re
+import functools
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,9 +22,41 @@ import sensq
 from sensq.errors import InputError
 from sensq.formats import get_format
 from sensq.store.files import read_json, write_json
+from sensq.store.schema import Fields, ListOf, validate_document
 
 PLAN_SCHEMA = "sensq.plan/1"
 HIGH_PRECISION_BITS = 16  # protected layers stay in the model's bf16
+MAX_PATTERN_LENGTH = 2000
+
+_RULE_SPEC = Fields(required={"match": str}, optional={"weight": (str, None), "activation": (str, None), "why": str})
+_PLAN_SPEC = Fields(
+    required={"schema": str, "rules": ListOf(_RULE_SPEC)},
+    optional={"sensq_version": str, "model": dict, "source": dict, "layers": ListOf(dict), "summary": dict},
+    extra=True,
+)
+
+
+@functools.lru_cache(maxsize=4096)
+def compile_pattern(pattern: str):
+    """A layer-name pattern compiled with RE2 (linear-time matching, bounded memory).
+
+    Raises:
+        InputError: too long, not valid RE2 syntax (look-around, back-references), or too large.
+    """
+    import re2
+
+    if len(pattern) > MAX_PATTERN_LENGTH:
+        raise InputError(f"regex {pattern[:40]!r}... is {len(pattern)} characters long; layer patterns are limited "
+                         f"to {MAX_PATTERN_LENGTH}")
+    options = re2.Options()
+    options.log_errors = False
+    options.max_mem = 8 << 20
+    try:
+        return re2.compile(pattern, options=options)
+    except re2.error as error:
+        reason = error.args[0].decode(errors="replace") if error.args and isinstance(error.args[0], bytes) else error
+        raise InputError(f"regex {pattern!r} is not valid (RE2 syntax: no look-around or back-references): "
+                         f"{reason}") from None
 
 
 @dataclass(frozen=True)
@@ -33,7 +69,7 @@ class Rule:
     def matches(self, expert: str, layer: str) -> bool:
         qualified = f"{expert}:{layer}"
         if self.match.startswith("re:"):
-            return re.fullmatch(self.match[3:], qualified) is not None
+            return compile_pattern(self.match[3:]).fullmatch(qualified) is not None
         return self.match == qualified
 
 
@@ -58,10 +94,7 @@ def resolve(rules: list[Rule], layers: list[LayerInfo]) -> tuple[list[dict], lis
     """
     for rule in rules:
         if rule.match.startswith("re:"):
-            try:
-                re.compile(rule.match[3:])
-            except re.error as error:
-                raise InputError(f"rule {rule.match!r} is not a valid regex: {error}") from None
+            compile_pattern(rule.match[3:])
     used = [False] * len(rules)
     table = []
     for layer in layers:
@@ -133,14 +166,14 @@ class Plan:
     def load(cls, path: str | Path) -> Plan:
         """Raises InputError for a missing file, bad JSON, another schema, malformed or unknown-format rules."""
         path = Path(path)
-        data = read_json(path, PLAN_SCHEMA, "plan")
+        data = validate_document(read_json(path, PLAN_SCHEMA, "plan"), _PLAN_SPEC, path, "plan")
         rules = []
-        for i, raw in enumerate(data.get("rules") or []):
-            if not isinstance(raw, dict) or not isinstance(raw.get("match"), str):
-                raise InputError(f"{str(path)!r}: rule {i} needs a 'match' string")
+        for raw in data["rules"]:
             for key in ("weight", "activation"):
                 if raw.get(key) is not None:
                     get_format(raw[key])
+            if raw["match"].startswith("re:"):
+                compile_pattern(raw["match"][3:])
             rules.append(Rule(raw["match"], raw.get("weight"), raw.get("activation"), raw.get("why", "")))
         if not rules:
             raise InputError(f"{str(path)!r} has no rules")
@@ -149,16 +182,19 @@ class Plan:
 
 
 def parse_budget(text: str) -> float:
-    """``"5%"`` or ``"0.05"`` -> 0.05.
+    """``"5%"`` or ``"0.05"`` -> 0.05. A bare number above 1 (``"5"``) is refused: it would mean 500%.
 
     Raises:
-        InputError: not a number, or outside 0..100%.
+        InputError: not a number, a bare number above 1, or outside 0..100%.
     """
     value = text.strip()
     try:
         share = float(value[:-1]) / 100 if value.endswith("%") else float(value)
     except ValueError:
         raise InputError(f"--budget must be a share like 5% or 0.05, got {text!r}") from None
+    if not value.endswith("%") and share > 1.0:
+        raise InputError(f"--budget {text!r} would mean {share:.0%}; write {value}% or {share / 100:g} for "
+                         f"{value} percent")
     if not 0.0 <= share <= 1.0:
         raise InputError(f"--budget must be within 0..100%, got {text!r}")
     return share
@@ -187,7 +223,7 @@ def build_plan(ranking, *, budget: float | None = None, top_k: int | None = None
     rank_format = rank_format or ranking.formats[0]
     if rank_format not in ranking.formats:
         raise InputError(f"the ranking has no {rank_format!r} scores (it has {', '.join(ranking.formats)})")
-    patterns = [re.compile(p) for p in (protect or [])]
+    patterns = [compile_pattern(p) for p in (protect or [])]
     rules: list[Rule] = []
     infos: list[LayerInfo] = []
     warnings: list[str] = []

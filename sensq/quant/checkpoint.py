@@ -19,8 +19,9 @@ experiment format; same outputs).
 
 from __future__ import annotations
 
+import contextlib
 import json
-import os
+import re
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,14 +31,35 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 import sensq
-from sensq.errors import InputError
+from sensq.errors import InputError, OutputError
 from sensq.formats import PackedTensor, pack, unpack
 from sensq.quant.layers import clip_rows, is_quantized, quantize_module, swap
-from sensq.store.files import file_digest, write_json
+from sensq.store.files import (
+    check_output_folder,
+    describe_os_error,
+    file_digest,
+    inside,
+    output_lock,
+    replace_folder,
+    temporary_sibling,
+    write_json,
+)
+from sensq.store.schema import Fields, MapOf, validate_document
 
 CHECKPOINT_SCHEMA = "sensq.checkpoint/1"
 CHECKPOINT_VERSION = 1
 WEIGHTS_FILE = "weights.safetensors"
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
+"""Files a checkpoint may not hold: they load with pickle, which runs code (every component is safetensors)."""
+
+_MANIFEST_SPEC = Fields(
+    required={"schema": str, "files": MapOf(Fields(required={"sha256": str, "bytes": int})),
+              "experts": MapOf(str), "layers": MapOf(Fields(
+                  required={"weight": (str, None), "activation": (str, None), "weight_clip": float, "act_clip": float},
+                  extra=True)), "plan": dict},
+    optional={"version": int, "sensq_version": str, "packed": bool, "source_model": dict, "sizes": dict},
+    extra=True,
+)
 
 
 @dataclass
@@ -50,17 +72,44 @@ class CheckpointSizes:
     resident_weight_bytes_simulation: int
 
 
-def save_quantized(model, out_dir: str | Path, *, plan, calibration: dict, fake: bool = False) -> dict:
+def save_quantized(model, out_dir: str | Path, *, plan, calibration: dict, fake: bool = False,
+                   lock: bool = True) -> dict:
     """Write a checkpoint of ``model`` (already quantized in memory by ``quantize_``/calibration).
 
-    Written under ``<out_dir>.tmp`` and renamed at the end: an interrupted save leaves no folder.
+    Written under a unique hidden temporary folder next to ``out_dir`` and moved into place at the end; an
+    existing checkpoint there stays until the new one is complete. ``out_dir`` must be missing, empty or a
+    sensq checkpoint: anything else is refused, never deleted. ``lock=False`` when the caller already holds
+    the output's lock (:func:`sensq.store.files.output_lock`).
+
     Returns the manifest.
+
+    Raises:
+        OutputError: ``out_dir`` is someone else's folder, a file, unwritable, or being written by another
+            sensq command; the disk filled up (the old checkpoint is kept, nothing half-written is left).
     """
-    out = Path(out_dir)
-    tmp = out.with_name(out.name + ".tmp")
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir(parents=True)
+    out = check_output_folder(out_dir, "manifest.json", CHECKPOINT_SCHEMA, "checkpoint")
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise OutputError(describe_os_error(error, out)) from None
+    with output_lock(out) if lock else _no_lock():
+        tmp = temporary_sibling(out, ".tmp")
+        tmp.mkdir(parents=True)
+        try:
+            manifest = _write_checkpoint(model, tmp, plan=plan, calibration=calibration, fake=fake)
+            replace_folder(tmp, out)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+    return manifest
+
+
+@contextlib.contextmanager
+def _no_lock():
+    yield
+
+
+def _write_checkpoint(model, tmp: Path, *, plan, calibration: dict, fake: bool) -> dict:
     pipe, adapter = model.pipe, model.adapter
     layers_manifest: dict[str, dict] = {}
     files: dict[str, dict] = {}
@@ -130,9 +179,6 @@ def save_quantized(model, out_dir: str | Path, *, plan, calibration: dict, fake:
         "plan": plan.to_dict(), "files": files, "sizes": sizes.__dict__,
     }
     write_json(tmp / "manifest.json", manifest)
-    if out.exists():
-        shutil.rmtree(out)
-    os.replace(tmp, out)
     return manifest
 
 
@@ -150,26 +196,55 @@ def is_checkpoint(path: str | Path) -> bool:
 def read_manifest(path: str | Path, verify: bool = True) -> dict:
     """The manifest of a checkpoint folder, with every file checked against its recorded SHA-256.
 
+    The hashes guard against corruption (a truncated copy, a flipped bit), not tampering: whoever can
+    write the folder can write a matching manifest (docs/threat-model.md). What the checks do guarantee:
+    every path the manifest names stays inside the folder, every file in the folder is listed and
+    verified (the loader opens nothing unverified), and no file that loads with pickle is present.
+
     Raises:
-        InputError: missing manifest, another or newer schema, a missing, truncated or corrupted file.
+        InputError: missing manifest, another or newer schema, a manifest of the wrong shape, a path leading
+            outside the folder, an unlisted or pickle file, a missing, truncated or corrupted file.
     """
     folder = Path(path)
     manifest_path = folder / "manifest.json"
     if not manifest_path.is_file():
         raise InputError(f"{str(folder)!r} is not a sensq checkpoint (no manifest.json)")
     try:
-        manifest = json.loads(manifest_path.read_text())
+        manifest = json.loads(manifest_path.read_bytes().decode("utf-8"))
+    except UnicodeDecodeError:
+        raise InputError(f"{str(manifest_path)!r} is not a checkpoint manifest (not UTF-8 text)") from None
     except json.JSONDecodeError as error:
         raise InputError(f"{str(manifest_path)!r} is not valid JSON: {error}") from None
+    if not isinstance(manifest, dict):
+        raise InputError(f"{str(manifest_path)!r} is not a checkpoint manifest (a JSON {type(manifest).__name__}, "
+                         "not an object)")
     schema = manifest.get("schema", "")
     if not str(schema).startswith("sensq.checkpoint/"):
         raise InputError(f"{str(manifest_path)!r} has schema {schema!r}; expected {CHECKPOINT_SCHEMA!r}")
-    if manifest.get("version", 0) > CHECKPOINT_VERSION or schema != CHECKPOINT_SCHEMA:
+    version = manifest.get("version", 0)
+    if (isinstance(version, int) and version > CHECKPOINT_VERSION) or schema != CHECKPOINT_SCHEMA:
         raise InputError(f"{str(folder)!r} was written by a newer sensq (schema {schema!r}); upgrade sensq to "
                          "load it")
+    validate_document(manifest, _MANIFEST_SPEC, manifest_path, "checkpoint manifest")
+    for expert, attr in manifest["experts"].items():
+        if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", expert) or not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", attr):
+            raise InputError(f"{str(manifest_path)!r} names expert {expert!r} -> {attr!r}; expert folders are plain "
+                             "names (transformer, transformer_2): refusing it")
+    listed = {str(inside(folder, name, "file")) for name in manifest["files"]}
+    for file in sorted(folder.rglob("*")):
+        if file == manifest_path or file.is_dir():
+            continue
+        relative = str(file.relative_to(folder))
+        if file.suffix.lower() in PICKLE_SUFFIXES:
+            raise InputError(f"checkpoint {str(folder)!r} holds {relative!r}, a pickle-format file (loading it could "
+                             "run code); sensq checkpoints hold safetensors only: refusing to load it")
+        if file.is_symlink() or str(folder / relative) not in listed:
+            raise InputError(f"checkpoint {str(folder)!r} holds {relative!r}, which its manifest does not list"
+                             + (" (a symbolic link)" if file.is_symlink() else "")
+                             + "; sensq loads only verified files: remove it or write the checkpoint again")
     if verify:
         for name, info in manifest["files"].items():
-            file = folder / name
+            file = inside(folder, name, "file")
             if not file.is_file():
                 raise InputError(f"checkpoint file missing: {str(file)!r}")
             if file.stat().st_size != info["bytes"] or file_digest(file, length=64) != info["sha256"]:
@@ -194,22 +269,46 @@ def load_quantized(path: str | Path, device: torch.device | str = "cpu", dtype: 
     adapter = WanAdapter()
     experts = {}
     for expert, attr in manifest["experts"].items():
+        if expert not in adapter.expert_attrs or adapter.expert_attrs[expert] != attr:
+            raise InputError(f"checkpoint {str(folder)!r} names expert {expert!r} -> {attr!r}; this model family has "
+                             + ", ".join(f"{e} -> {a}" for e, a in adapter.expert_attrs.items()))
         config = WanTransformer3DModel.load_config(str(folder / attr))
         with init_empty_weights(include_buffers=False):
             module = WanTransformer3DModel.from_config(config)
         weights_path = folder / attr / WEIGHTS_FILE
-        with safe_open(str(weights_path), "pt") as f:
-            headers = json.loads((f.metadata() or {}).get("sensq.packed", "{}"))
-            tensors = {key: f.get_tensor(key) for key in f.keys()}
+        try:
+            with safe_open(str(weights_path), "pt") as f:
+                headers = json.loads((f.metadata() or {}).get("sensq.packed", "{}"))
+                tensors = {key: f.get_tensor(key) for key in f.keys()}
+        except (OSError, ValueError) as error:  # SafetensorError is a ValueError/OSError subclass by version
+            raise InputError(f"checkpoint file {str(weights_path)!r} cannot be read ({error})") from None
+        expected = {key: tuple(value.shape) for key, value in module.state_dict().items()}
         state = {}
         unpacked: dict[str, torch.Tensor] = {}
+        if not isinstance(headers, dict):
+            raise InputError(f"checkpoint file {str(weights_path)!r} has malformed packing headers")
         for name, header in headers.items():
             prefix = f"{name}.weight."
             data = {key[len(prefix):]: tensors.pop(key) for key in list(tensors) if key.startswith(prefix)}
-            packed = PackedTensor.from_header(header, data)
-            unpacked[name] = unpack(packed).reshape(header["layer_shape"])
+            shape = tuple(header.get("layer_shape", ())) if isinstance(header, dict) else ()
+            if f"{name}.weight" not in expected:
+                raise InputError(f"checkpoint {str(folder)!r} packs a weight for {expert}:{name}, a layer its config "
+                                 "does not have")
+            if shape != expected[f"{name}.weight"]:
+                raise InputError(f"checkpoint {str(folder)!r} packs {expert}:{name} as {list(shape)} but its config "
+                                 f"needs {list(expected[f'{name}.weight'])}")
+            try:
+                packed = PackedTensor.from_header(header, data)
+                unpacked[name] = unpack(packed).reshape(shape)
+            except (KeyError, ValueError, TypeError, RuntimeError, InputError) as error:
+                raise InputError(f"checkpoint {str(folder)!r}: the packed weight of {expert}:{name} does not fit its "
+                                 f"header ({error})") from None
             state[f"{name}.weight"] = unpacked[name]
         state.update(tensors)
+        for key, tensor in state.items():
+            if key in expected and tuple(tensor.shape) != expected[key]:
+                raise InputError(f"checkpoint {str(folder)!r} holds {attr}.{key} as {list(tensor.shape)} but its "
+                                 f"config needs {list(expected[key])}")
         missing, unexpected = module.load_state_dict(state, strict=False, assign=True)
         if missing or unexpected:
             raise InputError(f"checkpoint {str(folder)!r} does not fit its config: missing {missing[:3]}, "
@@ -218,7 +317,11 @@ def load_quantized(path: str | Path, device: torch.device | str = "cpu", dtype: 
             owner, _, name = qualified.partition(":")
             if owner != expert:
                 continue
-            layer = module.get_submodule(name)
+            try:
+                layer = module.get_submodule(name)
+            except AttributeError:
+                raise InputError(f"checkpoint {str(folder)!r} lists layer {qualified!r}, which its config does not "
+                                 "have") from None
             weight_q = unpacked.get(name) if name in unpacked else (
                 layer.weight.detach() if entry["weight"] is not None else None)
             swap(module, name, quantize_module(layer, entry["weight"], entry["activation"],
@@ -226,7 +329,8 @@ def load_quantized(path: str | Path, device: torch.device | str = "cpu", dtype: 
                                                weight_q=weight_q))
         experts[attr] = module.eval()
     with quiet_hf_progress():
-        pipe = WanPipeline.from_pretrained(str(folder / "pipeline"), **experts)
+        pipe = WanPipeline.from_pretrained(str(folder / "pipeline"), use_safetensors=True, local_files_only=True,
+                                           **experts)
     pipe.to(device=device)
     if dtype is not None and dtype != next(experts["transformer"].parameters()).dtype:
         raise InputError(f"this checkpoint holds {next(experts['transformer'].parameters()).dtype} weights; "

@@ -12,7 +12,11 @@ from pathlib import Path
 import numpy as np
 
 from sensq.report import embedded_png, html_page, pyplot, save_png
-from sensq.store.files import atomic_write_bytes
+from sensq.store.files import atomic_write_bytes, claim_output_folder, write_json
+
+REPORT_SCHEMA = "sensq.report/1"
+REPORT_MARKER = "report.json"
+"""Written last into a report folder: marks it as sensq's, so a later report may replace it."""
 
 
 @dataclass
@@ -28,6 +32,9 @@ def _heatmap(plt, ranking, expert: str, fmt: str, path: Path) -> bool:
     values = np.array([np.mean(layer.per_step[fmt], axis=1) for layer in layers])  # [layer, step]
     if ranking.metric == "sqnr":
         values = -values  # show sensitivity: higher = worse
+    if not np.isfinite(values).any():
+        return False  # nothing to draw: the table shows the nan/inf values
+    values = np.where(np.isfinite(values), values, np.nan)  # non-finite cells stay blank
     positive = values[np.isfinite(values) & (values > 0)]
     fig, ax = plt.subplots(figsize=(2.0 + 0.6 * values.shape[1], 0.5 + 0.18 * len(layers)))
     if positive.size and ranking.metric != "sqnr":
@@ -54,12 +61,17 @@ def _heatmap(plt, ranking, expert: str, fmt: str, path: Path) -> bool:
 def _bars(plt, ranking, expert: str, fmt: str, protected: set[str], top: int, path: Path) -> None:
     layers = ranking.ordered(expert, fmt)[:top]
     values = [layer.value[fmt] for layer in layers]
+    finite = [v for v in values if math.isfinite(v)]
     colors = ["#c0392b" if layer.name in protected else "#2e86c1" for layer in layers]
     fig, ax = plt.subplots(figsize=(8, 0.6 + 0.28 * len(layers)))
-    ax.barh(range(len(layers)), values, color=colors)
+    # a non-finite value gets no bar but its label (nan, inf): a log axis cannot draw it, nor can a linear one
+    ax.barh(range(len(layers)), [v if math.isfinite(v) else 0.0 for v in values], color=colors)
+    for position, value in enumerate(values):
+        if not math.isfinite(value):
+            ax.annotate(f" {value}", (0, position), va="center", fontsize=8, color="#555")
     ax.set_yticks(range(len(layers)), [layer.name for layer in layers], fontsize=8)
     ax.invert_yaxis()
-    if ranking.metric != "sqnr" and all(v > 0 for v in values if math.isfinite(v)) and values:
+    if ranking.metric != "sqnr" and finite and all(v > 0 for v in finite) and len(finite) == len(values):
         ax.set_xscale("log")
     ax.set_xlabel(f"{ranking.metric} ({ranking.reduce})")
     ax.set_title(f"{expert}-noise expert: top {len(layers)} layers, {fmt} (red = kept in high precision)")
@@ -73,9 +85,8 @@ def write_ranking_report(ranking, out_dir: str | Path, *, plan=None, top: int = 
 
     The protected set shown is the plan's when one is given, else the entrance layers.
     """
+    out = claim_output_folder(out_dir, REPORT_MARKER, REPORT_SCHEMA, "report folder")
     plt = pyplot()
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
     fmt = ranking.formats[0]
     files: list[Path] = []
     sections_md: list[str] = []
@@ -124,4 +135,5 @@ def write_ranking_report(ranking, out_dir: str | Path, *, plan=None, top: int = 
     atomic_write_bytes(out / "report.md", markdown.encode())
     atomic_write_bytes(out / "report.html", page.encode())
     files += [out / "report.md", out / "report.html"]
+    write_json(out / REPORT_MARKER, {"schema": REPORT_SCHEMA, "files": [p.name for p in files]})
     return ReportResult(str(out), [str(p) for p in files])

@@ -22,10 +22,25 @@ from sensq.sensitivity.e2e import GRANULARITIES, MODES, E2EJob, e2e_scores, laye
 from sensq.sensitivity.local import LOCAL_METRICS, REDUCTIONS, higher_is_more_sensitive, layer_scores, reduce_steps
 from sensq.store.files import file_digest, read_json, write_json
 from sensq.store.probe_file import ProbeFile
+from sensq.store.schema import Fields, ListOf, MapOf, validate_document
 from sensq.trajectory import Trajectory
 
 RANKING_SCHEMA = "sensq.ranking/1"
 METRICS = LOCAL_METRICS + ("e2e",)
+
+_LAYER_SPEC = Fields(
+    required={"name": str, "kind": str, "params": int, "in_features": int, "out_features": int, "entrance": bool,
+              "exit": bool, "value": MapOf(float), "rank": MapOf(int)},
+    optional={"per_step": MapOf(ListOf(ListOf(float))), "members": ListOf(str)},
+)
+_RANKING_SPEC = Fields(
+    required={"schema": str, "metric": str, "reduce": str, "formats": ListOf(str),
+              "experts": MapOf(ListOf(_LAYER_SPEC)),
+              "steps": MapOf(ListOf(int)), "sigmas": MapOf(ListOf(float)), "branches": ListOf(str),
+              "provenance": dict},
+    optional={"mode": (str, None), "granularity": str, "agreement": dict, "sensq_version": str},
+    extra=True,
+)
 
 
 @dataclass
@@ -79,13 +94,25 @@ class Ranking:
 
     @classmethod
     def load(cls, path: str | Path) -> Ranking:
-        """Raises InputError for a missing file, bad JSON, another schema or an empty ranking."""
+        """Raises InputError for a missing file, bad JSON, another schema, a document of the wrong shape
+        (fields missing, unknown or of the wrong type, a layer without a value or rank per format), an empty
+        ranking."""
         path = Path(path)
-        data = read_json(path, RANKING_SCHEMA, "ranking")
+        data = validate_document(read_json(path, RANKING_SCHEMA, "ranking"), _RANKING_SPEC, path, "ranking")
+        if not data["formats"]:
+            raise InputError(f"{str(path)!r} is not a valid ranking: it names no format")
+        for expert, layers in data["experts"].items():
+            for layer in layers:
+                for table in ("value", "rank"):
+                    lacking = [f for f in data["formats"] if f not in layer[table]]
+                    if lacking:
+                        raise InputError(f"{str(path)!r} is not a valid ranking: {expert}:{layer['name']} has no "
+                                         f"{table} for {lacking[0]!r}")
         experts = {e: [LayerRank(**layer) for layer in layers] for e, layers in data.pop("experts").items()}
         if not any(experts.values()):
             raise InputError(f"{str(path)!r} ranks no layer (empty ranking)")
-        return cls(experts=experts, **data)
+        known = {f.name for f in dataclasses.fields(cls)} - {"experts"}
+        return cls(experts=experts, **{k: v for k, v in data.items() if k in known})
 
 
 def _assign_ranks(layers: list[LayerRank], formats: list[str], metric: str) -> None:

@@ -21,7 +21,7 @@ def merge_probe_files(parts: list[Path], out: Path) -> None:
     Raises:
         InputError: a part is missing or incomplete, or the parts come from different runs.
     """
-    files = [ProbeFile(p) for p in parts]
+    files = [ProbeFile(p) for p in parts]  # each checked by open_h5
     try:
         first = files[0]
         for part in files:

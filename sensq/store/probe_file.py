@@ -9,6 +9,7 @@ at any point leaves either no file or a valid one whose ``done`` mask says which
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 from dataclasses import dataclass
@@ -22,6 +23,64 @@ from sensq.errors import InputError
 
 PROBE_SCHEMA = "sensq.probe/1"
 _STR = h5py.string_dtype()
+_DAMAGED_FIX = "probe again into a new file (an interrupted probe is completed with --resume)"
+
+
+def open_h5(path: str | Path, mode: str = "r") -> h5py.File:
+    """Open a probe HDF5 file that may come from someone else, refusing anything that reads or writes
+    outside the file: external links, soft links (sensq never writes them), datasets with external
+    storage, virtual datasets, and filters (which make HDF5 look for plugins). Checked before any data
+    is read or written.
+
+    Raises:
+        InputError: not HDF5 or damaged; any of the above (named, with the object's path).
+    """
+    path = Path(path)
+    try:
+        file = h5py.File(path, mode)
+    except OSError as error:
+        reason = str(error).split("(", 1)[-1].rstrip(")") if "(" in str(error) else str(error)
+        raise InputError(f"{str(path)!r} is not an HDF5 file, or is damaged ({reason}); {_DAMAGED_FIX}") from None
+    try:
+        _check_contained(file, path)
+    except BaseException:
+        file.close()
+        raise
+    return file
+
+
+def _check_contained(file: h5py.File, path: Path) -> None:
+    links: list[tuple[str, int]] = []
+    try:
+        file.id.links.visit(lambda name, info: links.append((name.decode(errors="replace"), info.type)), info=True)
+    except (OSError, RuntimeError, KeyError, ValueError) as error:
+        raise InputError(f"{str(path)!r} is damaged ({error}); {_DAMAGED_FIX}") from None
+    for name, kind in links:
+        if kind == h5py.h5l.TYPE_EXTERNAL:
+            raise InputError(f"{str(path)!r} holds an external link at {name!r} (to another file); sensq probe files "
+                             "never do: refusing to open it")
+        if kind != h5py.h5l.TYPE_HARD:
+            raise InputError(f"{str(path)!r} holds a soft or user-defined link at {name!r}; sensq probe files "
+                             "never do: refusing to open it")
+    problems: list[str] = []
+
+    def visit(name: str, item) -> None:
+        if not isinstance(item, h5py.Dataset) or problems:
+            return
+        dcpl = item.id.get_create_plist()
+        if dcpl.get_layout() == h5py.h5d.VIRTUAL:
+            problems.append(f"a virtual dataset at {name!r} (its data lives in other files)")
+        elif dcpl.get_external_count() > 0:
+            problems.append(f"a dataset with external storage at {name!r} (its data lives in another file)")
+        elif dcpl.get_nfilters() > 0:
+            problems.append(f"a filtered dataset at {name!r} (filters load HDF5 plugins)")
+
+    try:
+        file.visititems(visit)
+    except (OSError, RuntimeError, KeyError, ValueError) as error:
+        raise InputError(f"{str(path)!r} is damaged ({error}); {_DAMAGED_FIX}") from None
+    if problems:
+        raise InputError(f"{str(path)!r} holds {problems[0]}; sensq probe files never do: refusing to open it")
 
 
 def _create_allocated(group: h5py.Group, name: str, shape: tuple[int, ...], dtype) -> h5py.Dataset:
@@ -88,7 +147,8 @@ class ProbeWriter:
 
     @classmethod
     def resume(cls, path: Path) -> ProbeWriter:
-        return cls(path, h5py.File(path, "r+"), building=False)
+        """Reopen a complete-structure probe file for its remaining prompts (checked by :func:`open_h5`)."""
+        return cls(path, open_h5(path, "r+"), building=False)
 
     # -- structure (only while building) ------------------------------------------------------
 
@@ -96,7 +156,7 @@ class ProbeWriter:
         return "layer_table" in self.file[f"experts/{expert}"]
 
     def create_layers(self, expert: str, layers: dict[str, LayerShape], first_block: dict[str, tuple[int, ...]],
-                      outputs: bool = False):
+                      outputs: bool = False, yes: bool = False):
         """Allocate every dataset of ``expert`` (called once, during the first prompt); with ``outputs`` also
         the layers' outputs at the sampled rows.
 
@@ -129,6 +189,13 @@ class ProbeWriter:
         table.create_dataset("sample_rows", data=np.concatenate([s.sample_rows for s in shapes]).astype(np.int64))
         group = self.file[f"experts/{expert}"]
         stats = (("channel_absmax", "channel"), ("token_absmax", "token"), ("samples", "sample"))
+        per_slot = sum(int(sum(sizes[key])) for _, key in stats + ((("outputs", "output"),) if outputs else ()))
+        per_slot += sum(int(np.prod(shape)) for shape in first_block.values())
+        needed = 4 * per_slot * int(np.prod(lead))
+        from sensq.store.files import ensure_free_space
+
+        ensure_free_space(self.path.parent if str(self.path.parent) else Path("."), needed,
+                          f"the {expert!r} expert's part of {str(self.path)!r} ({n_prompts} prompts)", yes=yes)
         for stat, key in stats + ((("outputs", "output"),) if outputs else ()):
             _create_allocated(group, stat, lead + (int(sum(sizes[key])),), np.float32)
         block = self.file.require_group(f"experts/{expert}/first_block")
@@ -182,15 +249,19 @@ class ProbeFile:
             hint = " (an interrupted first prompt leaves only a .tmp: rerun the probe)" if \
                 ProbeWriter.tmp_path(self.path).exists() else ""
             raise InputError(f"probe file not found: {str(self.path)!r}{hint}")
-        try:
-            self.file = h5py.File(self.path, "r")
-        except OSError:
-            raise InputError(f"{str(self.path)!r} is not an HDF5 file") from None
+        self.file = open_h5(self.path, "r")
         self._tables: dict[str, dict] = {}
         schema = self.file.attrs.get("schema")
         if schema != PROBE_SCHEMA:
             self.file.close()
             raise InputError(f"{str(self.path)!r} has schema {schema!r}; expected {PROBE_SCHEMA!r}")
+        missing = [key for key in ("experts", "branches", "model_id", "model_fingerprint", "trajectory")
+                   if key not in self.file.attrs] + [key for key in ("prompts/done", "prompts/text", "prompts/index",
+                                                                     "prompts/seed", "trajectory/step")
+                                                     if key not in self.file]
+        if missing:
+            self.file.close()
+            raise InputError(f"{str(self.path)!r} is damaged: it lacks {missing[0]!r}; {_DAMAGED_FIX}")
 
     def __enter__(self) -> ProbeFile:
         return self
@@ -201,8 +272,21 @@ class ProbeFile:
     def close(self) -> None:
         self.file.close()
 
+    @contextlib.contextmanager
+    def _reading(self, what: str):
+        """Turn the errors HDF5 raises on a cut or garbled file into one line naming the file."""
+        try:
+            yield
+        except (OSError, RuntimeError, KeyError, ValueError, TypeError) as error:
+            if isinstance(error, InputError):
+                raise
+            raise InputError(f"{str(self.path)!r} is damaged (reading {what} failed: "
+                             f"{str(error).splitlines()[0] if str(error) else type(error).__name__}); "
+                             f"{_DAMAGED_FIX}") from None
+
     def attr_json(self, key: str):
-        return json.loads(self.file.attrs[key])
+        with self._reading(f"the {key!r} attribute"):
+            return json.loads(self.file.attrs[key])
 
     @property
     def model_id(self) -> str:
@@ -254,6 +338,10 @@ class ProbeFile:
         return self.file[f"experts/{expert}/steps"][...]
 
     def _table(self, expert: str) -> dict[str, dict]:
+        with self._reading(f"the {expert!r} layer table"):
+            return self._read_table(expert)
+
+    def _read_table(self, expert: str) -> dict[str, dict]:
         if expert not in self._tables:
             table = self.file[f"experts/{expert}/layer_table"]
             columns = {key: table[key][...] for key in table if key != "sample_rows"}
@@ -305,12 +393,28 @@ class ProbeFile:
         else:
             raise InputError(f"unknown statistic {stat!r}; use channel_absmax, token_absmax, samples or outputs")
         size = int(np.prod(shape))
-        data = self.file[f"experts/{expert}/{stat}"][self._complete(), :, :, start:start + size]
-        return data.reshape(data.shape[:3] + shape)
+        with self._reading(f"{stat} of {expert}:{layer}"):
+            data = self.file[f"experts/{expert}/{stat}"][self._complete(), :, :, start:start + size]
+            data = data.reshape(data.shape[:3] + shape)
+        self._check_finite(data, f"the {stat} of {expert}:{layer}")
+        return data
+
+    def _check_finite(self, data: np.ndarray, what: str) -> None:
+        """Refuse non-finite probe data: a NaN in the captured inputs would rank every layer inf or give NaN
+        calibration errors, silently."""
+        if not np.isfinite(data).all():
+            bad = np.argwhere(~np.isfinite(data))[0]
+            prompt = int(self.prompt_index[self._complete()[bad[0]]])
+            raise InputError(f"{str(self.path)!r} holds NaN or Inf in {what} (prompt {prompt}, step slot {bad[1]}, "
+                             f"branch {bad[2]}); the probed model produced non-finite activations: probe again "
+                             "(in fp32, or with fewer or other prompts)")
 
     def has_outputs(self, expert: str) -> bool:
         """True when the probe recorded the layers' outputs at the sampled rows (``--outputs``)."""
         return "outputs" in self.file[f"experts/{expert}"]
 
     def first_block(self, expert: str, name: str) -> np.ndarray:
-        return self.file[f"experts/{expert}/first_block/{name}"][self._complete()]
+        with self._reading(f"the first-block input {name!r} of {expert}"):
+            data = self.file[f"experts/{expert}/first_block/{name}"][self._complete()]
+        self._check_finite(data, f"the first-block input {name!r} of {expert}")
+        return data

@@ -9,7 +9,7 @@ import torch
 from click.testing import CliRunner
 
 from sensq.cli import main
-from sensq.errors import InputError
+from sensq.errors import InputError, OutputError
 from sensq.eval import evaluate_fidelity
 from sensq.eval.fidelity import fidelity, psnr, ssim
 from sensq.generate import GenerateRequest, generate, video_name
@@ -122,7 +122,7 @@ def test_unwritable_output_folder(runs, tmp_path):
     _, model, trajectory, prompts = runs
     blocker = tmp_path / "file"
     blocker.write_text("x")
-    with pytest.raises(InputError, match="cannot write to"):
+    with pytest.raises(OutputError, match="cannot write .*sub.*: .*file' is a file"):
         generate(GenerateRequest(model, trajectory, prompts[:1], blocker / "sub"))
 
 

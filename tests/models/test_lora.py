@@ -55,8 +55,9 @@ def test_lora_that_does_not_fit(tmp_path):
 
 
 def test_student_loras_follow_the_probe_through_rank_plan_apply(tmp_path):
-    """A probe of the LoRA student records its LoRAs; rank/ablate reuse them, and the base model (or apply-plan
-    without them) is refused by fingerprint with a hint, instead of ranking the teacher's weights silently."""
+    """A probe of the LoRA student records its LoRAs; rank/ablate show them and ask for them (a file never makes
+    sensq load a path it names), and the base model (or apply-plan without them) is refused with a hint,
+    instead of ranking the teacher's weights silently."""
     import json
 
     from click.testing import CliRunner
@@ -77,10 +78,15 @@ def test_student_loras_follow_the_probe_through_rank_plan_apply(tmp_path):
         student = file.model_fingerprint
     assert student != load_model("tiny", torch.device("cpu"), torch.float32).fingerprint
 
-    result = run(main, ["rank", str(probe), "--model", "tiny", "--out", str(ranking)])
-    assert result.exit_code == 1 and "probed with LoRAs" in result.output and "--lora-high" in result.output
-    result = run(main, ["rank", str(probe), "--out", str(ranking)])  # model and LoRAs from the probe
+    for model in (["--model", "tiny"], []):
+        result = run(main, ["rank", str(probe), *model, "--out", str(ranking)])
+        assert result.exit_code == 1 and "was made with LoRAs fused; pass them yourself" in result.output
+        assert f"--lora-high {tmp_path / 'high.safetensors'}" in result.output
+    result = run(main, ["rank", str(probe), *loras, "--out", str(ranking)])  # the model from the probe: embedded
     assert result.exit_code == 0, result.output
+    result = run(main, ["rank", str(probe), "--model", "tiny", "--lora-high", str(tmp_path / "low.safetensors"),
+                        "--lora-low", str(tmp_path / "high.safetensors"), "--out", str(tmp_path / "swapped.json")])
+    assert result.exit_code == 1 and "probed on model" in result.output  # other LoRAs: another fingerprint
     assert json.loads(ranking.read_text())["provenance"]["model_fingerprint"] == student
     assert run(main, ["plan", str(ranking), "--top-k", "1", "--out", str(plan)]).exit_code == 0
     assert json.loads(plan.read_text())["model"]["loras"]["low"].endswith("low.safetensors")

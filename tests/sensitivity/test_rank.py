@@ -141,6 +141,11 @@ def test_ranking_file_errors(tmp_path):
     with pytest.raises(InputError, match="has schema 'sensq.plan/1'; expected 'sensq.ranking/1'"):
         Ranking.load(tmp_path / "plan.json")
     (tmp_path / "empty.json").write_text(json.dumps({"schema": "sensq.ranking/1", "experts": {"high": []}}))
+    with pytest.raises(InputError, match="is not a valid ranking: the document lacks the field 'metric'"):
+        Ranking.load(tmp_path / "empty.json")
+    empty = {"schema": "sensq.ranking/1", "metric": "mse", "reduce": "mean", "formats": ["hif4"],
+             "experts": {"high": []}, "steps": {}, "sigmas": {}, "branches": ["cond"], "provenance": {}}
+    (tmp_path / "empty.json").write_text(json.dumps(empty))
     with pytest.raises(InputError, match="ranks no layer"):
         Ranking.load(tmp_path / "empty.json")
 
