@@ -60,3 +60,20 @@ def test_cli_report(tmp_path):
     assert (tmp_path / "rep" / "report.html").is_file()
     missing = runner.invoke(main, ["report", str(tmp_path / "none.json")])
     assert missing.exit_code == 1 and "ranking file not found" in missing.output
+
+
+@pytest.mark.parametrize("value", [0.0, float("nan"), float("inf")])
+def test_report_draws_rankings_whose_values_are_all_zero_nan_or_inf(tmp_path, value):
+    ranking = _ranking()
+    for layers in ranking.experts.values():
+        for layer in layers:
+            layer.value["hif4"] = value
+            layer.per_step["hif4"] = [[value, value], [value, value]]
+    path = tmp_path / "ranking.json"
+    ranking.save(path)
+    result = CliRunner().invoke(main, ["report", str(path), "--out", str(tmp_path / "rep")])
+    assert result.exit_code == 0, result.output
+    assert (tmp_path / "rep" / "high_top.png").stat().st_size > 0
+    # a heatmap only where some value is finite; the table shows the values as they are
+    assert (tmp_path / "rep" / "high_heatmap.png").exists() == (value == 0.0)
+    assert f"| {value:.4g} |" in (tmp_path / "rep" / "report.md").read_text()
