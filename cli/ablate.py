@@ -63,7 +63,12 @@ def ablate(ranking_file, model, device, dtype, lora_high, lora_low, fmt, top_ks,
     trajectory = Trajectory.from_dict(ranking.provenance["trajectory"])
     prompts = load_prompts(prompts_path, limit, procedural=loaded.procedural)
     sets = standard_sets(loaded, ranking, fmt, top_ks=top_ks, budgets=shares)
-    result = run_ablation(loaded, trajectory, prompts, sets, out, fmt=fmt, write_video=video)
+    from sensq.cli.common import progress_bar
+
+    with progress_bar("ablate", enabled=not as_json) as progress:
+        result = run_ablation(loaded, trajectory, prompts, sets, out, fmt=fmt, write_video=video,
+                              progress=None if progress is None else lambda name, done, total: progress(
+                                  "protected sets", done, total))
     commands = [f"sensq ablate {ranking_file} --format {fmt} --top-k {','.join(map(str, top_ks))} "
                 f"--budget {budgets} --out {out}"]
     write_ablation_report(result, out, commands)
@@ -146,14 +151,18 @@ def demo(model, fmt, n_prompts, steps, budget, out) -> None:
     step(f"probe: {model}, {len(prompts)} prompts x {steps} UniPC steps with CFG, both experts -> {probe_path}")
     run_probe(ProbeRequest(loaded, trajectory, prompts, ["high", "low"], probe_path, resume=probe_path.exists()))
     step(f"rank: --metric mse --format {fmt},nvfp4 -> {out / 'ranking.json'}")
-    ranking = rank_layers(RankRequest(probe_path, loaded, [fmt, "nvfp4"]))
+    from sensq.cli.common import progress_bar
+
+    with progress_bar("rank (mse)") as progress:
+        ranking = rank_layers(RankRequest(probe_path, loaded, [fmt, "nvfp4"]), progress)
     ranking.save(out / "ranking.json")
     plan = build_plan(ranking, budget=parse_budget(budget), fmt=fmt)
     plan.save(out / "plan.json")
     protected = {e: len(plan.protected(e)) for e in ranking.experts}
     step(f"plan: entrance + most sensitive within {budget}: {protected} layers kept in BF16 -> {out / 'plan.json'}")
     write_ranking_report(ranking, out / "ranking-report", plan=plan)
-    apply_plan(loaded, plan, probe_path=probe_path, calibrate="mse")
+    with progress_bar("calibrate (mse) blocks") as progress:
+        apply_plan(loaded, plan, probe_path=probe_path, calibrate="mse", progress=progress)
     manifest = save_quantized(loaded, out / "quantized", plan=plan, calibration={})
     step(f"apply-plan: mse calibration, packed checkpoint -> {out / 'quantized'} "
          f"({manifest['sizes']['disk_bytes'] / 1e6:.2f} MB on disk)")
@@ -166,8 +175,11 @@ def demo(model, fmt, n_prompts, steps, budget, out) -> None:
     step(f"generate + eval: quantized vs full precision: latent NMSE {aggregate['latent_nmse']['mean']:.5f}, "
          f"PSNR {aggregate['psnr']['mean']:.1f} dB, SSIM {aggregate['ssim']['mean']:.4f}")
     sets = standard_sets(fp, ranking, fmt, top_ks=(2, 4), budgets=(parse_budget(budget),))
-    result = run_ablation(fp, trajectory, prompts, sets, out / "ablation", fmt=fmt,
-                          reference=out / "runs" / "full-precision")
+    with progress_bar("ablate") as progress:
+        result = run_ablation(fp, trajectory, prompts, sets, out / "ablation", fmt=fmt,
+                              reference=out / "runs" / "full-precision",
+                              progress=None if progress is None else lambda name, done, total: progress(
+                                  "protected sets", done, total))
     write_ablation_report(result, out / "ablation", [f"sensq demo --model {model} --format {fmt} --prompts "
                                                      f"{n_prompts} --steps {steps} --budget {budget} --out {out}"])
     step(f"ablate: {len(sets)} protected sets")

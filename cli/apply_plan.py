@@ -70,9 +70,12 @@ def apply_plan(plan_file, model, device, dtype, lora_high, lora_low, probe_file,
         started = time.perf_counter()
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats()
-        _, calibration = run_apply(loaded, plan, probe_path=probe_file, calibrate=calibrate,
-                                   sequential_experts=sequential_experts, force=force, backend=backend,
-                                   offload=offload)
+        from sensq.cli.common import progress_bar
+
+        with progress_bar(f"calibrate ({calibrate}) blocks", enabled=not as_json and calibrate != "none") as bar:
+            _, calibration = run_apply(loaded, plan, probe_path=probe_file, calibrate=calibrate,
+                                       sequential_experts=sequential_experts, force=force, backend=backend,
+                                       offload=offload, progress=bar)
         manifest = save_quantized(loaded, out, plan=plan, calibration=calibration, fake=fake, lock=False)
     peak_host = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     summary = {

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 
@@ -39,6 +40,37 @@ def console(stderr: bool = False):
     if plain.is_terminal or "COLUMNS" in os.environ:
         return plain
     return Console(stderr=stderr, width=160)
+
+
+@contextlib.contextmanager
+def progress_bar(title: str, *, enabled: bool = True, stream=None):
+    """A rich progress bar on stderr (bar, done/total, elapsed, ETA) driven by the library's progress callbacks
+    ``(label, done, total)``, one row per label (an expert, a variant). Yields None, and so shows nothing, when
+    ``enabled`` is False (``--json``) or stderr is not a terminal (logs, pipes, CI)."""
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
+        TimeRemainingColumn,
+    )
+
+    target = stream if stream is not None else console(stderr=True)
+    if not enabled or not target.is_terminal:
+        yield None
+        return
+    with Progress(TextColumn(f"[bold]{title}"), TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                  TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn(), console=target,
+                  transient=True) as progress:
+        tasks: dict[str, int] = {}
+
+        def update(label: str, done: int, total: int) -> None:
+            if label not in tasks:
+                tasks[label] = progress.add_task(label, total=total)
+            progress.update(tasks[label], completed=done, total=total)
+
+        yield update
 
 
 def lora_options(func):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 from pathlib import Path
@@ -68,12 +69,18 @@ def rank(probe_file, model, device, dtype, lora_high, lora_low, formats, metric,
     request = RankRequest(probe_path=probe_file, model=loaded, formats=formats, metric=metric, reduce=reduce,
                           experts=None if expert == "both" else [expert], mode=mode, granularity=granularity,
                           limit=limit, force=force)
-    ranking = rank_layers(request)
     import os
 
-    if int(os.environ.get("RANK", "0")) != 0:
-        return
-    ranking.save(out)
+    from sensq.cli.common import progress_bar
+    from sensq.store.files import output_lock
+
+    writer = int(os.environ.get("RANK", "0")) == 0  # under torchrun, rank 0 writes
+    with output_lock(out) if writer else contextlib.nullcontext():
+        with progress_bar(f"rank ({metric})", enabled=not as_json) as progress:
+            ranking = rank_layers(request, progress)
+        if not writer:
+            return
+        ranking.save(out)
     if as_json:
         click.echo(json.dumps(ranking.to_dict(), indent=1))
         return

@@ -75,6 +75,8 @@ def run_ablation(model, trajectory, prompts, sets: list[ProtectedSet], out: Path
     layers = model_layers(model)
     rows = []
     for position, protected in enumerate(sets):
+        if progress is not None:
+            progress(protected.name, position, len(sets))
         table = validate_plan(protected.plan, layers)
         summary = summarize(table, layers)
         folder = out / "sets" / slug(protected.name)

@@ -40,6 +40,7 @@ from sensq.store.files import (
     file_digest,
     inside,
     output_lock,
+    remove_stale_siblings,
     replace_folder,
     temporary_sibling,
     write_json,
@@ -93,6 +94,7 @@ def save_quantized(model, out_dir: str | Path, *, plan, calibration: dict, fake:
     except OSError as error:
         raise OutputError(describe_os_error(error, out)) from None
     with output_lock(out) if lock else _no_lock():
+        remove_stale_siblings(out)
         tmp = temporary_sibling(out, ".tmp")
         tmp.mkdir(parents=True)
         try:

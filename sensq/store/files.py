@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import glob
 import hashlib
 import json
 import math
@@ -228,6 +229,19 @@ def claim_output_folder(path: str | Path, marker: str, schema: str, kind: str) -
     if _claimed_kind(path) != schema:
         write_json(path / CLAIM_FILE, {"schema": "sensq.output/1", "kind": schema})
     return path
+
+
+def remove_stale_siblings(out: Path) -> list[Path]:
+    """Remove the temporary folders a killed writer of ``out`` left next to it (``.<name>.<random>.tmp`` and
+    ``.old``, made by :func:`temporary_sibling`). Call it only while holding ``out``'s lock: then no other
+    writer can be using them. Returns what was removed."""
+    removed = []
+    for suffix in (".tmp", ".old"):
+        for stale in out.parent.glob(f".{glob.escape(out.name)}.*{suffix}"):
+            if stale.is_dir() and not stale.is_symlink():
+                shutil.rmtree(stale, ignore_errors=True)
+                removed.append(stale)
+    return removed
 
 
 def replace_folder(tmp: Path, out: Path) -> None:

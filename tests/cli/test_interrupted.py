@@ -1,0 +1,118 @@
+"""Interrupted commands (kill -9 and Ctrl-C) leave nothing that a later run mistakes for complete, keep the
+old output, leave no stale lock, and the same command run again gives exactly what an uninterrupted run
+gives. (The probe's own kill -9 test is in tests/probes.)"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+SENSQ = [sys.executable, "-m", "sensq.cli"]
+
+
+def _wait_for(condition, process, timeout: float = 120.0) -> None:
+    deadline = time.time() + timeout
+    while time.time() < deadline and process.poll() is None and not condition():
+        time.sleep(0.02)
+    assert process.poll() is None, "the command finished before it could be interrupted"
+    assert condition(), "the command did not reach the point to interrupt"
+
+
+def _interrupt(process, how: str) -> None:
+    assert process.poll() is None, "the command finished before it could be interrupted"
+    os.kill(process.pid, signal.SIGKILL if how == "kill -9" else signal.SIGINT)
+    process.wait(timeout=120)
+
+
+def _digests(folder: Path) -> dict[str, str]:
+    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+@pytest.mark.parametrize("how", ["kill -9", "Ctrl-C"])
+def test_generate_resumes_to_the_uninterrupted_result(tmp_path, how):
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("\n".join(f"a small bird number {i} flying" for i in range(12)))
+    args = ["generate", "--prompts", str(prompts), "--steps", "2", "--no-video"]
+    whole = subprocess.run(SENSQ + args + ["--out", str(tmp_path / "whole")], capture_output=True, text=True)
+    assert whole.returncode == 0, whole.stderr[-2000:]
+    out = tmp_path / "cut"
+    process = subprocess.Popen(SENSQ + args + ["--out", str(out)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                               text=True)
+
+    def two_done() -> bool:
+        try:
+            return len(json.loads((out / "manifest.json").read_text())["items"]) >= 2
+        except (FileNotFoundError, json.JSONDecodeError):
+            return False
+
+    _wait_for(two_done, process)
+    _interrupt(process, how)
+    if how == "Ctrl-C":
+        assert process.returncode == 130
+        assert process.stderr.read().strip().splitlines()[-1].startswith("Error: interrupted; what was complete is kept")
+    items = json.loads((out / "manifest.json").read_text())["items"]
+    assert 2 <= len(items) < 12 and all((out / item["frames"]).is_file() for item in items.values())
+    rerun = subprocess.run(SENSQ + args + ["--out", str(out), "--json"], capture_output=True, text=True)
+    assert rerun.returncode == 0, rerun.stderr[-2000:]
+    assert json.loads(rerun.stdout)["skipped"] == len(items)
+    cut, uncut = _digests(out), _digests(tmp_path / "whole")
+    data = {k: v for k, v in uncut.items() if k.startswith(("frames/", "latents/"))}
+    assert {k: cut[k] for k in data} == data  # every frame and latent equal to the uninterrupted run's
+    assert not list(tmp_path.glob(".cut.lock"))
+
+
+@pytest.mark.parametrize("how", ["kill -9", "Ctrl-C"])
+def test_rank_keeps_the_old_ranking_and_reruns_to_the_same(workspace, tmp_path, how):
+    out = tmp_path / "ranking.json"
+    args = ["rank", str(workspace / "probe.h5"), "--metric", "e2e", "--limit", "1"]
+    whole = subprocess.run(SENSQ + args + ["--out", str(tmp_path / "whole.json")], capture_output=True, text=True)
+    assert whole.returncode == 0, whole.stderr[-2000:]
+    shutil.copy(workspace / "ranking.json", out)  # an older ranking at --out: kept until the new one is complete
+    before = out.read_bytes()
+    process = subprocess.Popen(SENSQ + args + ["--out", str(out)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                               text=True)
+    _wait_for(lambda: (tmp_path / ".ranking.json.lock").exists(), process)
+    time.sleep(0.5)  # into the work (the lock is taken before the model loads)
+    _interrupt(process, how)
+    assert out.read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir() if not p.name.startswith(".ranking.json.lock")) == [
+        "ranking.json", "whole.json"]  # no partial file
+    rerun = subprocess.run(SENSQ + args + ["--out", str(out)], capture_output=True, text=True)
+    assert rerun.returncode == 0, rerun.stderr[-2000:]
+    new, uncut = json.loads(out.read_text()), json.loads((tmp_path / "whole.json").read_text())
+    assert new["experts"] == uncut["experts"]
+
+
+@pytest.mark.parametrize("how", ["kill -9", "Ctrl-C"])
+def test_apply_plan_keeps_the_old_checkpoint_and_reruns_to_the_same(workspace, tmp_path, how):
+    args = ["apply-plan", str(workspace / "plan.json"), "--probe", str(workspace / "probe.h5"), "--calibrate", "mse"]
+    whole = subprocess.run(SENSQ + args + ["--out", str(tmp_path / "whole")], capture_output=True, text=True)
+    assert whole.returncode == 0, whole.stderr[-2000:]
+    out = tmp_path / "q"
+    shutil.copytree(workspace / "ckpt", out)  # an older checkpoint at --out
+    before = _digests(out)
+    process = subprocess.Popen(SENSQ + args + ["--out", str(out)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                               text=True)
+    _wait_for(lambda: (tmp_path / ".q.lock").exists(), process)
+    time.sleep(0.5)
+    _interrupt(process, how)
+    assert _digests(out) == before
+    rerun = subprocess.run(SENSQ + args + ["--out", str(out)], capture_output=True, text=True)
+    assert rerun.returncode == 0, rerun.stderr[-2000:]
+    uncut = _digests(tmp_path / "whole")
+    cut = _digests(out)
+    weights = [k for k in uncut if k.endswith(".safetensors") and k.startswith("transformer")]
+    assert weights and {k: cut[k] for k in weights} == {k: uncut[k] for k in weights}
+    assert json.loads((out / "manifest.json").read_text())["layers"] == \
+        json.loads((tmp_path / "whole" / "manifest.json").read_text())["layers"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["q", "whole"]  # no temporary folder left behind
