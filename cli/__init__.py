@@ -6,14 +6,25 @@ User errors (:class:`sensq.errors.SensqError`) become one line on stderr and a n
 
 from __future__ import annotations
 
+import sys
+
 import click
 
 import sensq
 from sensq.errors import SensqError
 
 
+def _quiet_h5py_teardown(unraisable) -> None:
+    """After a failed HDF5 write (a full disk) h5py's object destructors complain while the error is being
+    reported ("slist already enabled?"); the one error line has said what happened."""
+    if isinstance(unraisable.exc_value, RuntimeError) and "h5py" in repr(unraisable.object):
+        return
+    sys.__unraisablehook__(unraisable)
+
+
 class _Group(click.Group):
     def invoke(self, ctx: click.Context):
+        sys.unraisablehook = _quiet_h5py_teardown
         try:
             return super().invoke(ctx)
         except SensqError as error:

@@ -12,11 +12,11 @@ from pathlib import Path
 
 import numpy as np
 
-from sensq.errors import InputError
+from sensq.errors import InputError, OutputError
 from sensq.models import LoadedModel
 from sensq.probes.capture import ProbeConfig, ProbeSession, apply_probe, remove_probe
 from sensq.prompts import Prompt
-from sensq.store.files import output_lock
+from sensq.store.files import describe_os_error, output_lock
 from sensq.store.probe_file import LayerShape, ProbeWriter
 from sensq.trajectory import Trajectory, apply_trajectory, plan_steps, run
 
@@ -103,7 +103,10 @@ def run_probe(request: ProbeRequest, progress: Callable[[ProgressEvent], None] |
     """Probe while holding the output's lock (a second probe into the same file is refused); see
     :func:`_run_probe`."""
     with output_lock(request.out):
-        return _run_probe(request, progress)
+        try:
+            return _run_probe(request, progress)
+        except OSError as error:  # a full disk before the first step (the file's tables)
+            raise OutputError(describe_os_error(error, request.out)) from None
 
 
 def _run_probe(request: ProbeRequest, progress: Callable[[ProgressEvent], None] | None = None) -> ProbeResult:
@@ -179,6 +182,7 @@ def _run_probe(request: ProbeRequest, progress: Callable[[ProgressEvent], None] 
 
     for name in request.experts:
         apply_probe(adapter.expert_module(pipe, name), name, session, adapter.first_block)
+    completed = False
     try:
         for slot, prompt in enumerate(request.prompts):
             if done[slot]:
@@ -186,10 +190,13 @@ def _run_probe(request: ProbeRequest, progress: Callable[[ProgressEvent], None] 
             run(pipe, prompt.text, trajectory, seed=seeds[slot], callback=on_step_end, negative=prompt.negative)
             writer.finish_prompt(slot)
             prompts_run += 1
+        completed = True
+    except OSError as error:  # a full disk: the prompts marked done are kept, the same command resumes
+        raise OutputError(describe_os_error(error, request.out, needed=writer.planned_bytes)) from None
     finally:
         for name in request.experts:
             remove_probe(adapter.expert_module(pipe, name))
-        writer.close()
+        writer.close(failed=not completed)
     layers = {}
     from sensq.store.probe_file import ProbeFile
 

@@ -95,8 +95,12 @@ def _write_mp4(frames: np.ndarray, path: Path, fps: int) -> None:
     from diffusers.utils import export_to_video
 
     tmp = path.with_name(path.stem + ".tmp.mp4")
-    export_to_video(list(frames), str(tmp), fps=fps)
-    tmp.replace(path)
+    try:
+        export_to_video(list(frames), str(tmp), fps=fps)
+        tmp.replace(path)
+    except OSError as error:
+        tmp.unlink(missing_ok=True)
+        raise OutputError(describe_os_error(error, path)) from None
 
 
 def generate(request: GenerateRequest, progress: Callable[[int, int, Prompt], None] | None = None) -> GenerateResult:

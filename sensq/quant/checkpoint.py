@@ -20,6 +20,7 @@ experiment format; same outputs).
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import re
 import shutil
@@ -27,7 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 import sensq
@@ -100,6 +101,12 @@ def save_quantized(model, out_dir: str | Path, *, plan, calibration: dict, fake:
         try:
             manifest = _write_checkpoint(model, tmp, plan=plan, calibration=calibration, fake=fake)
             replace_folder(tmp, out)
+        except (OSError, SafetensorError) as error:  # a full disk, most often: nothing half-written is left
+            shutil.rmtree(tmp, ignore_errors=True)
+            if isinstance(error, SafetensorError) and "os error 28" not in str(error):
+                raise
+            raise OutputError(describe_os_error(error if isinstance(error, OSError) else OSError(errno.ENOSPC, ""),
+                                                out)) from None
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise

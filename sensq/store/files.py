@@ -31,13 +31,15 @@ from pathlib import Path
 from sensq.errors import InputError, OutputError
 
 
-def describe_os_error(error: OSError, path: str | Path) -> str:
-    """One line for an OSError met while writing ``path``: what, where, and the fix."""
+def describe_os_error(error: OSError, path: str | Path, needed: int | None = None) -> str:
+    """One line for an OSError met while writing ``path``: what, where, and the fix (``needed``: the bytes the
+    output takes, when known)."""
     where = repr(str(path))
-    if error.errno == errno.ENOSPC:
+    if error.errno == errno.ENOSPC or "errno = 28" in str(error):  # HDF5 reports the errno in its message
         free = _free_bytes(Path(path))
-        return (f"disk full while writing {where} ({free / 1e6:.1f} MB free); free some space and run the "
-                "same command again")
+        wanted = f", about {needed / 1e6:.1f} MB needed" if needed else ""
+        return (f"disk full while writing {where} ({free / 1e6:.1f} MB free{wanted}); free some space and run the "
+                "same command again (what was complete is kept)")
     if error.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
         return f"cannot write {where}: {error.strerror}; choose another --out or fix the permissions"
     if error.errno == errno.EISDIR:
@@ -64,6 +66,12 @@ def temporary_sibling(path: str | Path, suffix: str = ".tmp") -> Path:
     return Path(name)
 
 
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 def atomic_write_bytes(path: str | Path, data: bytes) -> None:
     """Write ``data`` to ``path`` via a unique temporary file and a rename: readers never see half a
     file, two writers never share a temporary file.
@@ -76,6 +84,7 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> None:
     tmp_name = None
     try:
         fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=parent)
+        os.fchmod(fd, 0o666 & ~_umask())  # mkstemp makes 0600 files; outputs get the usual permissions
         with os.fdopen(fd, "wb") as f:
             f.write(data)
         os.replace(tmp_name, path)

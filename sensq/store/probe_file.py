@@ -113,6 +113,7 @@ class ProbeWriter:
         self.path = path
         self.file = file
         self.building = building  # True while the file is still <name>.tmp (prompt 0 under way)
+        self.planned_bytes: int | None = None  # the datasets' size, once allocated
 
     @staticmethod
     def tmp_path(path: Path) -> Path:
@@ -124,25 +125,33 @@ class ProbeWriter:
         """Start a new file under ``<path>.tmp`` with the prompt and trajectory tables."""
         tmp = cls.tmp_path(path)
         tmp.unlink(missing_ok=True)
-        file = h5py.File(tmp, "w")
-        file.attrs["schema"] = PROBE_SCHEMA
-        file.attrs["sensq_version"] = sensq.__version__
-        for key, value in attrs.items():
-            file.attrs[key] = json.dumps(value) if isinstance(value, (dict, list)) else value
-        file.attrs["branches"] = json.dumps(list(branches))
-        file.attrs["experts"] = json.dumps(list(expert_steps))
-        file.create_dataset("prompts/text", data=[p.text for p in prompts], dtype=_STR)
-        file.create_dataset("prompts/negative", data=[p.negative for p in prompts], dtype=_STR)
-        file.create_dataset("prompts/index", data=np.array([p.index for p in prompts], dtype=np.int64))
-        file.create_dataset("prompts/seed", data=np.array(seeds, dtype=np.int64))
-        done = _create_allocated(file.require_group("prompts"), "done", (len(prompts),), np.bool_)
-        done[...] = False
-        file.create_dataset("trajectory/step", data=np.array([s.index for s in steps], dtype=np.int32))
-        file.create_dataset("trajectory/timestep", data=np.array([s.timestep for s in steps], dtype=np.float64))
-        file.create_dataset("trajectory/sigma", data=np.array([s.sigma for s in steps], dtype=np.float64))
-        file.create_dataset("trajectory/expert", data=[s.expert for s in steps], dtype=_STR)
-        for expert, indices in expert_steps.items():
-            file.create_dataset(f"experts/{expert}/steps", data=np.array(indices, dtype=np.int32))
+        file = None
+        try:
+            file = h5py.File(tmp, "w")
+            file.attrs["schema"] = PROBE_SCHEMA
+            file.attrs["sensq_version"] = sensq.__version__
+            for key, value in attrs.items():
+                file.attrs[key] = json.dumps(value) if isinstance(value, (dict, list)) else value
+            file.attrs["branches"] = json.dumps(list(branches))
+            file.attrs["experts"] = json.dumps(list(expert_steps))
+            file.create_dataset("prompts/text", data=[p.text for p in prompts], dtype=_STR)
+            file.create_dataset("prompts/negative", data=[p.negative for p in prompts], dtype=_STR)
+            file.create_dataset("prompts/index", data=np.array([p.index for p in prompts], dtype=np.int64))
+            file.create_dataset("prompts/seed", data=np.array(seeds, dtype=np.int64))
+            done = _create_allocated(file.require_group("prompts"), "done", (len(prompts),), np.bool_)
+            done[...] = False
+            file.create_dataset("trajectory/step", data=np.array([s.index for s in steps], dtype=np.int32))
+            file.create_dataset("trajectory/timestep", data=np.array([s.timestep for s in steps], dtype=np.float64))
+            file.create_dataset("trajectory/sigma", data=np.array([s.sigma for s in steps], dtype=np.float64))
+            file.create_dataset("trajectory/expert", data=[s.expert for s in steps], dtype=_STR)
+            for expert, indices in expert_steps.items():
+                file.create_dataset(f"experts/{expert}/steps", data=np.array(indices, dtype=np.int32))
+        except BaseException:
+            if file is not None:
+                with contextlib.suppress(OSError, RuntimeError):
+                    file.close()
+            tmp.unlink(missing_ok=True)
+            raise
         return cls(path, file, building=True)
 
     @classmethod
@@ -192,6 +201,7 @@ class ProbeWriter:
         per_slot = sum(int(sum(sizes[key])) for _, key in stats + ((("outputs", "output"),) if outputs else ()))
         per_slot += sum(int(np.prod(shape)) for shape in first_block.values())
         needed = 4 * per_slot * int(np.prod(lead))
+        self.planned_bytes = (self.planned_bytes or 0) + needed
         from sensq.store.files import ensure_free_space
 
         ensure_free_space(self.path.parent if str(self.path.parent) else Path("."), needed,
@@ -230,10 +240,21 @@ class ProbeWriter:
             self.file = h5py.File(self.path, "r+")
             self.building = False
 
-    def close(self) -> None:
-        if self.file.id.valid:
-            self.file.flush()
-            self.file.close()
+    def close(self, failed: bool = False) -> None:
+        """Close the file. After a failure (``failed``) errors of the close itself are not raised over the
+        first one (a full disk fails the flush too), and a file still being built, which holds no complete
+        prompt, is removed: the same command starts it again."""
+        try:
+            if self.file.id.valid:
+                self.file.flush()
+                self.file.close()
+        except (OSError, RuntimeError):
+            if not failed:
+                raise
+            with contextlib.suppress(OSError, RuntimeError):
+                self.file.close()
+        if failed and self.building:
+            self.tmp_path(self.path).unlink(missing_ok=True)
 
 
 class ProbeFile:

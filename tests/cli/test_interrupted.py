@@ -59,7 +59,8 @@ def test_generate_resumes_to_the_uninterrupted_result(tmp_path, how):
     _interrupt(process, how)
     if how == "Ctrl-C":
         assert process.returncode == 130
-        assert process.stderr.read().strip().splitlines()[-1].startswith("Error: interrupted; what was complete is kept")
+        last = process.stderr.read().strip().splitlines()[-1]
+        assert last.startswith("Error: interrupted; what was complete is kept")
     items = json.loads((out / "manifest.json").read_text())["items"]
     assert 2 <= len(items) < 12 and all((out / item["frames"]).is_file() for item in items.values())
     rerun = subprocess.run(SENSQ + args + ["--out", str(out), "--json"], capture_output=True, text=True)

@@ -405,6 +405,54 @@ def test_disk_full_in_a_command_is_one_line(workspace, tmp_path, monkeypatch):
     _one_line_error(_invoke("probe", "--limit", "1", "--steps", "2", "--out", tmp_path / "p.h5"), "disk full")
 
 
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 400 kB tmpfs (needs root and mount rights: skipped elsewhere), for real disk-full runs."""
+    folder = tmp_path / "small"
+    folder.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=400k", "tmpfs", str(folder)], capture_output=True)
+    if mounted.returncode != 0:
+        pytest.skip("cannot mount a small tmpfs here (needs root and mount rights)")
+    yield folder
+    subprocess.run(["umount", str(folder)], check=False)
+
+
+def test_a_really_full_disk_is_one_line_and_resumes(workspace, small_disk):
+    runs = small_disk / "g"
+    filler = small_disk / "filler"
+    filler.write_bytes(bytes(250_000))
+    full = _invoke("generate", "--limit", "4", "--steps", "2", "--out", runs)
+    line = _one_line_error(full, "disk full while writing", "MB free", "run the same command again")
+    assert str(small_disk) in line
+    done = len(json.loads((runs / "manifest.json").read_text())["items"])
+    assert done < 4
+    probe = _invoke("probe", "--limit", "2", "--steps", "3", "--yes", "--out", small_disk / "p.h5")
+    _one_line_error(probe, "disk full while writing", "p.h5'", "MB free")
+    assert not (small_disk / "p.h5").exists() and not (small_disk / "p.h5.tmp").exists()
+    ckpt = _invoke("apply-plan", workspace / "plan.json", "--out", small_disk / "q")
+    _one_line_error(ckpt, "disk full while writing", "/q'")
+    assert sorted(p.name for p in small_disk.iterdir()) == ["filler", "g"]  # no half checkpoint, no temp
+    filler.unlink()
+    again = _invoke("generate", "--limit", "4", "--steps", "2", "--out", runs, "--json")
+    assert again.exit_code == 0, again.output
+    assert json.loads(again.stdout)["skipped"] == done
+
+
+def test_outputs_get_the_usual_permissions(tmp_path):
+    from sensq.store.files import write_json
+
+    write_json(tmp_path / "x.json", {})
+    assert (tmp_path / "x.json").stat().st_mode & 0o777 == 0o666 & ~_current_umask()
+
+
+def _current_umask() -> int:
+    import os
+
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 def test_probe_estimates_its_size_before_allocating(tmp_path, monkeypatch):
     from sensq.store import files
 
