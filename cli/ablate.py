@@ -108,20 +108,31 @@ def _print_rows(result: dict) -> None:
               help="Embedded model to run the method on: tiny-trained (trained on the procedural world, scored "
                    "against exact ground truth), tiny-trained-4step, small, tiny, tiny-realshape.")
 @click.option("--format", "fmt", default="hif4", show_default=True)
-@click.option("--prompts", "n_prompts", type=int, default=4, show_default=True, help="Built-in prompts to use.")
-@click.option("--steps", type=int, default=8, show_default=True)
+@click.option("--prompts", "n_prompts", type=click.IntRange(min=1), default=4, show_default=True,
+              help="Built-in prompts to use.")
+@click.option("--steps", type=click.IntRange(min=1), default=8, show_default=True)
 @click.option("--budget", default="40%", show_default=True, help="Protected budget of the demo plan.")
+@click.option("--threads", type=click.IntRange(min=1), default=None,
+              help="CPU threads for torch. Default: 1, unless OMP_NUM_THREADS is set (the embedded models are too "
+                   "small to gain from more).")
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=Path("sensq-demo"),
               show_default=True)
-def demo(model, fmt, n_prompts, steps, budget, out) -> None:
+def demo(model, fmt, n_prompts, steps, budget, threads, out) -> None:
     """The whole method on an embedded two-expert Wan2.2 model, end to end, on the CPU:
     probe -> rank -> plan -> apply-plan (mse calibration, packed checkpoint) -> generate -> eval ->
     ablate -> report. Rerunning reuses what is finished.
+
+    Takes about 15 s on 2 CPU cores (measured 14.8 s wall with two threads, 15.8 s with one, on a quiet
+    machine). What slows it is sharing the cores: with two other CPU-bound processes running it took
+    122 s with torch's default two threads and 39 s with one, which is why the demo runs one thread
+    unless told otherwise.
 
     \b
     Example:
       sensq demo --out sensq-demo && open sensq-demo/ablation/ablation.html
     """
+    import os
+
     import torch
 
     from sensq.ablate import run_ablation, standard_sets, write_ablation_report
@@ -139,6 +150,8 @@ def demo(model, fmt, n_prompts, steps, budget, out) -> None:
     from sensq.trajectory import Trajectory
 
     claim_output_folder(out, ".sensq-output.json", "sensq.demo/1", "demo folder")
+    if threads is not None or "OMP_NUM_THREADS" not in os.environ:
+        torch.set_num_threads(threads or 1)
     started = time.perf_counter()
 
     def step(text: str) -> None:

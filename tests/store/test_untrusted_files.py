@@ -320,7 +320,7 @@ def test_checkpoint_replacement_keeps_the_old_one_on_failure(workspace, tmp_path
         raise OSError(errno.ENOSPC, "No space left on device")
 
     monkeypatch.setattr(type(model.pipe), "save_pretrained", full)
-    with pytest.raises(OSError):
+    with pytest.raises(OutputError, match="disk full while writing .*ckpt"):
         save_quantized(model, ckpt, plan=plan, calibration={})
     assert {p.name: _digest(p) for p in ckpt.rglob("*") if p.is_file()} == before
     read_manifest(ckpt)
