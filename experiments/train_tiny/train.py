@@ -9,6 +9,12 @@ curves go to a JSON-lines log. CI never trains.
 
     python experiments/train_tiny/train.py --out /tmp/tiny-trained --vae-minutes 12 --dit-minutes 9 \
         --expert-minutes 3
+
+A deeper transformer with A14B-like proportions (the entrance under 10% of each expert's parameters),
+reusing tiny-trained's VAE, text encoder and latent statistics (no VAE training):
+
+    python experiments/train_tiny/train.py --out /tmp/tiny-deep --reuse sensq/models/weights/tiny-trained \
+        --layers 20 --heads 2 --ffn 256 --freq-dim 64 --dit-minutes 30 --expert-minutes 8
 """
 
 import argparse
@@ -27,7 +33,7 @@ from sensq.models.wan import build_tokenizer
 FRAMES, SIZE = 9, 32
 
 
-def build_components(seed: int = 0):
+def build_components(seed: int = 0, layers: int = 4, heads: int = 4, ffn: int = 512, freq_dim: int = 256):
     from diffusers import AutoencoderKLWan, FlowMatchEulerDiscreteScheduler, WanTransformer3DModel
     from transformers import UMT5Config, UMT5EncoderModel
 
@@ -42,9 +48,9 @@ def build_components(seed: int = 0):
                            temperal_downsample=[False, True, True])
     torch.manual_seed(seed + 2)
     transformer = WanTransformer3DModel(
-        patch_size=(1, 2, 2), num_attention_heads=4, attention_head_dim=32, in_channels=16, out_channels=16,
-        text_dim=64, freq_dim=256, ffn_dim=512, num_layers=4, cross_attn_norm=True, qk_norm="rms_norm_across_heads",
-        eps=1e-6, rope_max_seq_len=1024)
+        patch_size=(1, 2, 2), num_attention_heads=heads, attention_head_dim=32, in_channels=16, out_channels=16,
+        text_dim=64, freq_dim=freq_dim, ffn_dim=ffn, num_layers=layers, cross_attn_norm=True,
+        qk_norm="rms_norm_across_heads", eps=1e-6, rope_max_seq_len=1024)
     scheduler = FlowMatchEulerDiscreteScheduler(shift=3.0)
     return tokenizer, text_encoder, vae, transformer, scheduler
 
@@ -148,19 +154,37 @@ def main() -> None:
     parser.add_argument("--expert-minutes", type=float, default=3)
     parser.add_argument("--pool", type=int, default=2048)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--layers", type=int, default=4, help="Transformer blocks per expert.")
+    parser.add_argument("--heads", type=int, default=4, help="Attention heads (of 32 dims each).")
+    parser.add_argument("--ffn", type=int, default=512, help="FFN width.")
+    parser.add_argument("--freq-dim", type=int, default=256, help="Timestep sinusoid width.")
+    parser.add_argument("--threads", type=int, default=2, help="torch CPU threads.")
+    parser.add_argument("--reuse", type=Path, default=None,
+                        help="Take the tokenizer, text encoder, VAE (and its latent statistics) and scheduler from this "
+                             "trained pipeline folder instead of training a VAE.")
     args = parser.parse_args()
     torch.manual_seed(args.seed)
-    torch.set_num_threads(2)
+    torch.set_num_threads(args.threads)
     args.out.mkdir(parents=True, exist_ok=True)
     log_path = args.out / "training_log.jsonl"
     log_path.unlink(missing_ok=True)
     started = time.time()
-    tokenizer, text_encoder, vae, transformer, scheduler = build_components(args.seed)
-    train_vae(vae, args.vae_minutes, log_path, args.seed)
-    latents, embeds, empty = encode_pool(vae, text_encoder, tokenizer, args.pool, args.seed + 1)
-    mean = latents.mean(dim=(0, 2, 3, 4))
-    std = latents.std(dim=(0, 2, 3, 4))
-    vae.register_to_config(latents_mean=mean.tolist(), latents_std=std.tolist())
+    tokenizer, text_encoder, vae, transformer, scheduler = build_components(args.seed, args.layers, args.heads,
+                                                                            args.ffn, args.freq_dim)
+    if args.reuse is not None:
+        from diffusers import WanPipeline
+
+        reused = WanPipeline.from_pretrained(str(args.reuse), torch_dtype=torch.float32)
+        tokenizer, text_encoder, vae, scheduler = reused.tokenizer, reused.text_encoder, reused.vae, reused.scheduler
+        latents, embeds, empty = encode_pool(vae, text_encoder, tokenizer, args.pool, args.seed + 1)
+        mean = torch.tensor(vae.config.latents_mean)
+        std = torch.tensor(vae.config.latents_std)
+    else:
+        train_vae(vae, args.vae_minutes, log_path, args.seed)
+        latents, embeds, empty = encode_pool(vae, text_encoder, tokenizer, args.pool, args.seed + 1)
+        mean = latents.mean(dim=(0, 2, 3, 4))
+        std = latents.std(dim=(0, 2, 3, 4))
+        vae.register_to_config(latents_mean=mean.tolist(), latents_std=std.tolist())
     normalized = (latents - mean[None, :, None, None, None]) / std[None, :, None, None, None]
     train_flow(transformer, normalized, embeds, empty, args.dit_minutes, log_path, args.seed + 2, "base")
     high, low = copy.deepcopy(transformer), copy.deepcopy(transformer)

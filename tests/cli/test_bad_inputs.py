@@ -137,6 +137,11 @@ def _blocker(folder: Path) -> Path:
     return path
 
 
+def _export_over_a_foreign_file(ws: Path, folder: Path) -> list:
+    _foreign_file(folder, "p.torchao.json")
+    return ["plan", ws / "ranking.json", "--top-k", "1", "--export", "torchao", "--out", folder / "p.json"]
+
+
 def _set(container, key, value):
     container[key] = value
 
@@ -283,6 +288,12 @@ CASES = [
     Case("generate-out-foreign", lambda ws, d: [*GEN, "--out", _foreign_folder(d)],
          ("is not a generation folder sensq wrote",)),
     Case("generate-out-root", lambda ws, d: [*GEN, "--out", "/"], ("'/' is the current, home or root folder",)),
+    Case("demo-out-foreign", lambda ws, d: ["demo", "--model", "tiny", "--out", _foreign_folder(d)],
+         ("is not a demo folder sensq wrote",)),
+    Case("probe-out-foreign-file", lambda ws, d: ["probe", "--out", _foreign_file(d, "p.h5")],
+         ("p.h5' exists; pass --resume to complete it or --overwrite",)),
+    Case("plan-export-foreign-file", lambda ws, d: _export_over_a_foreign_file(ws, d),
+         ("p.torchao.json' exists and is not a torchao export",)),
     Case("ablate-out-foreign", lambda ws, d: ["ablate", ws / "ranking.json", "--out", _foreign_folder(d)],
          ("is not a ablation folder sensq wrote",)),
     # -- option values that parse but cannot run ----------------------------------------------------------
@@ -352,6 +363,32 @@ CASES = [
         m["config"]["trajectory"], "steps", 9)), "--reference", ws / "fp"],
         ("different trajectories (steps: 9 vs 3)",)),
 ]
+
+
+@pytest.mark.parametrize("command", [
+    lambda ws, d: ["rank", ws / "probe.h5", "--out", d / "out" / "r.json"],
+    lambda ws, d: ["plan", ws / "ranking.json", "--top-k", "1", "--out", d / "out" / "p.json"],
+    lambda ws, d: ["report", ws / "ranking.json", "--out", d / "out" / "rep"],
+    lambda ws, d: ["prompts", _json(d, "src.txt", "a red circle\n"), "--out", d / "out" / "p.json"],
+    lambda ws, d: ["apply-plan", ws / "plan.json", "--out", d / "out" / "q"],
+    lambda ws, d: [*GEN, "--out", d / "out" / "g"],
+], ids=["rank", "plan", "report", "prompts", "apply-plan", "generate"])
+def test_read_only_output_folder_is_refused_before_the_work(command, workspace, tmp_path, monkeypatch):
+    import os
+
+    import sensq.store.files as files
+
+    (tmp_path / "out").mkdir()
+    args = [str(a) for a in command(workspace, tmp_path)]
+    real_access = os.access
+    # chmod does not stop root (CI runs as root): make the permission check itself say no for that folder
+    monkeypatch.setattr(files.os, "access", lambda path, mode: Path(path) != tmp_path / "out" and real_access(
+        path, mode))
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 1, result.output
+    assert result.stderr.strip().splitlines() == [result.stderr.strip()]
+    assert "is not writable" in result.stderr and str(tmp_path / "out") in result.stderr
+    assert list((tmp_path / "out").iterdir()) == []
 
 
 def _snapshot(*folders: Path) -> dict[str, str]:
