@@ -26,28 +26,48 @@ def _ints(ctx, param, value: str) -> list[int]:
               help="Entrance + top-k sets to include, comma-separated.")
 @click.option("--budget", "budgets", default="30%", show_default=True,
               help="Budget sets to include, comma-separated (e.g. 5%,10%).")
+@click.option("--protect-entrance/--no-protect-entrance", default=True, show_default=True,
+              help="sensq's budgeted plans protect the entrance first, as sensq plan does (or let the ranking "
+                   "alone decide).")
+@click.option("--random", "random_draws", type=click.IntRange(min=0), default=0, show_default=True,
+              help="Random sets per budget with the same share of parameters protected (seeded draws).")
+@click.option("--seeds", type=click.IntRange(min=1), default=2, show_default=True,
+              help="Seeds per prompt: every set is generated for every prompt x seed; intervals are over them.")
+@click.option("--calibrate", type=click.Choice(["none", "mse"]), default="none", show_default=True,
+              help="Calibration of every variant, as in sensq apply-plan (mse needs --probe).")
+@click.option("--probe", "probe_file", type=click.Path(path_type=Path), default=None,
+              help="Probe file to calibrate on (--calibrate mse); the ranking's own is not followed silently.")
+@click.option("--backend", type=click.Choice(["auto", "reference", "cpu", "triton"]), default="auto",
+              show_default=True, help="Quantization backend, as in sensq apply-plan.")
 @click.option("--prompts", "prompts_path", type=click.Path(dir_okay=False), default=None,
               help="Prompt file (see sensq probe --help). Default: the model's built-in prompts.")
 @click.option("--limit", type=click.IntRange(min=1), default=None, help="Use only the first N prompts.")
 @click.option("--video/--no-video", default=False, show_default=True, help="Also write mp4 files.")
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=Path("ablation"), show_default=True)
 @click.option("--json", "as_json", is_flag=True, help="Print the ablation table as JSON.")
-def ablate(ranking_file, model, device, dtype, lora_high, lora_low, fmt, top_ks, budgets, prompts_path, limit, video,
-           out, as_json) -> None:
-    """Sweep protected sets at one format: none, the entrance, entrance + top-k, budgets, the entrance in
-    one expert only, and ModelOpt's fixed Wan recipe (embedders, proj_out, first and last three blocks).
-    Each set is applied, generated and scored against full precision along the probe's own trajectory;
-    rerunning reuses finished generations. Writes ablation.json, ablation.md and ablation.html.
+def ablate(ranking_file, model, device, dtype, lora_high, lora_low, fmt, top_ks, budgets, protect_entrance,
+           random_draws, seeds, calibrate, probe_file, backend, prompts_path, limit, video, out, as_json) -> None:
+    """Sweep protected sets at one format and say which differences are real: none, the entrance, entrance
+    + top-k, sensq's budgeted plans, the entrance in one expert only, ModelOpt's fixed Wan recipe
+    (embedders, proj_out, first and last three blocks) and sensq's plan at its budget, random sets.
+
+    Every set is deployed as sensq apply-plan deploys it (same calibration and backend) and generated
+    for every prompt x seed along the ranking's trajectory; each generation is scored against the
+    full-precision one of the same prompt and seed. Tables and plots show means with 95% bootstrap
+    intervals; every pair of sets is compared per generation and marked as distinguishable from noise
+    or not. Rerunning reuses finished generations. Writes ablation.json, ablation.md, ablation.html.
 
     The model defaults to the ranking's own when it is an embedded model; for a folder or Hub id, or a
     student probed with LoRAs, pass --model and --lora-high/--lora-low yourself (the ranking names them).
 
     \b
-    Example:
-      sensq ablate ranking.json --top-k 2,4,8 --budget 5%,10% --out ablation/
+    Examples:
+      sensq ablate ranking.json --top-k 2,4,8 --budget 5%,10% --random 3 --out ablation/
+      sensq ablate ranking.json --calibrate mse --probe probe.h5 --seeds 4 --out ablation-mse/
     """
     from sensq.ablate import ABLATION_SCHEMA, run_ablation, standard_sets, write_ablation_report
-    from sensq.cli.common import load_cli_model, model_named_by_file
+    from sensq.cli.common import load_cli_model, model_named_by_file, progress_bar
+    from sensq.errors import InputError
     from sensq.plan import parse_budget
     from sensq.prompts import load_prompts
     from sensq.sensitivity import Ranking
@@ -57,21 +77,27 @@ def ablate(ranking_file, model, device, dtype, lora_high, lora_low, fmt, top_ks,
     ranking = Ranking.load(ranking_file)
     check_output_folder(out, "ablation.json", ABLATION_SCHEMA, "ablation folder")  # before any work
     shares = [parse_budget(b) for b in budgets.split(",") if b.strip()]
+    if calibrate != "none" and probe_file is None:
+        raise InputError(f"--calibrate {calibrate} needs --probe PROBE.h5 (the captured inputs to calibrate on)")
+    given_model = model
     model = model_named_by_file(ranking_file, str(ranking.provenance.get("model_id")),
                                 ranking.provenance.get("loras") or {}, model, lora_high, lora_low)
     loaded = load_cli_model(model, device, dtype, lora_high, lora_low)
-    trajectory = Trajectory.from_dict(ranking.provenance["trajectory"])
+    trajectory = Trajectory.from_dict(ranking.provenance.get("trajectory") or {})
     prompts = load_prompts(prompts_path, limit, procedural=loaded.procedural)
-    sets = standard_sets(loaded, ranking, fmt, top_ks=top_ks, budgets=shares)
-    from sensq.cli.common import progress_bar
-
+    sets = standard_sets(loaded, ranking, fmt, top_ks=top_ks, budgets=shares, random_draws=random_draws,
+                         protect_entrance=protect_entrance)
     with progress_bar("ablate", enabled=not as_json) as progress:
-        result = run_ablation(loaded, trajectory, prompts, sets, out, fmt=fmt, write_video=video,
+        result = run_ablation(loaded, trajectory, prompts, sets, out, fmt=fmt, seeds=seeds, calibrate=calibrate,
+                              probe_path=probe_file, backend=backend, write_video=video,
                               progress=None if progress is None else lambda name, done, total: progress(
                                   "protected sets", done, total))
-    commands = [f"sensq ablate {ranking_file} --format {fmt} --top-k {','.join(map(str, top_ks))} "
-                f"--budget {budgets} --out {out}"]
-    write_ablation_report(result, out, commands)
+    command = (f"sensq ablate {ranking_file} --format {fmt} --top-k {','.join(map(str, top_ks))} --budget {budgets}"
+               f"{'' if protect_entrance else ' --no-protect-entrance'} --random {random_draws} --seeds {seeds} "
+               f"--calibrate {calibrate}{f' --probe {probe_file}' if probe_file else ''} --backend {backend}"
+               f"{f' --prompts {prompts_path}' if prompts_path else ''}{f' --limit {limit}' if limit else ''}"
+               f"{f' --model {given_model}' if given_model else ''} --out {out}")
+    write_ablation_report(result, out, [command])
     if as_json:
         click.echo(json.dumps(result, indent=1))
         return
@@ -82,25 +108,31 @@ def ablate(ranking_file, model, device, dtype, lora_high, lora_low, fmt, top_ks,
 def _print_rows(result: dict) -> None:
     from rich.table import Table
 
+    from sensq.ablate import _interval_text, headline_lines
     from sensq.cli.common import console as make_console
 
-    table = Table(title=f"ablation: {result['format']} W4A4 vs full precision")
-    procedural = "procedural" in result["rows"][0]
+    console = make_console()
+    n = result["rows"][0]["intervals"]["latent_nmse"]["n"]
+    table = Table(title=f"ablation: {result['format']} W4A4 vs full precision, mean [95% interval] over {n} "
+                        "generations")
+    procedural = "procedural" in result["rows"][0]["metrics"]
     columns = ["protected set", "kept high/low", "bits", "latent NMSE", "PSNR", "SSIM"]
     columns += ["procedural avg"] if procedural else []
     for column in columns:
         table.add_column(column, justify="left" if column == "protected set" else "right")
     if procedural:
-        reference = f"{result['reference_procedural']:.3f}"
-        table.add_row("full precision", "100% / 100%", "16.00", "0", "inf", "1", reference)
+        table.add_row("full precision", "100% / 100%", "16.00", "0", "inf", "1",
+                      _interval_text(result["reference_row"], "procedural", 3))
     for row in result["rows"]:
-        m = row["metrics"]
         cells = [row["set"], " / ".join(f"{v:.0%}" for v in row["protected_share"].values()),
-                 f"{row['effective_bits']:.2f}", f"{m['latent_nmse']:.5f}", f"{m['psnr']:.1f}", f"{m['ssim']:.4f}"]
+                 f"{row['effective_bits']:.2f}", _interval_text(row, "latent_nmse", 3), _interval_text(row, "psnr", 3),
+                 _interval_text(row, "ssim", 4)]
         if procedural:
-            cells.append(f"{row['procedural']['average']:.3f}")
+            cells.append(_interval_text(row, "procedural", 3))
         table.add_row(*cells)
-    make_console().print(table)
+    console.print(table)
+    for line in headline_lines(result):
+        console.print(line.replace("**", ""), highlight=False)
 
 
 @click.command()
@@ -112,12 +144,14 @@ def _print_rows(result: dict) -> None:
               help="Built-in prompts to use.")
 @click.option("--steps", type=click.IntRange(min=1), default=8, show_default=True)
 @click.option("--budget", default="40%", show_default=True, help="Protected budget of the demo plan.")
+@click.option("--seeds", type=click.IntRange(min=1), default=2, show_default=True,
+              help="Seeds per prompt in the ablation (its intervals are over prompts x seeds).")
 @click.option("--threads", type=click.IntRange(min=1), default=None,
               help="CPU threads for torch. Default: 1, unless OMP_NUM_THREADS is set (the embedded models are too "
                    "small to gain from more).")
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=Path("sensq-demo"),
               show_default=True)
-def demo(model, fmt, n_prompts, steps, budget, threads, out) -> None:
+def demo(model, fmt, n_prompts, steps, budget, seeds, threads, out) -> None:
     """The whole method on an embedded two-expert Wan2.2 model, end to end, on the CPU:
     probe -> rank -> plan -> apply-plan (mse calibration, packed checkpoint) -> generate -> eval ->
     ablate -> report. Rerunning reuses what is finished.
@@ -175,8 +209,8 @@ def demo(model, fmt, n_prompts, steps, budget, threads, out) -> None:
     step(f"plan: entrance + most sensitive within {budget}: {protected} layers kept in BF16 -> {out / 'plan.json'}")
     write_ranking_report(ranking, out / "ranking-report", plan=plan)
     with progress_bar("calibrate (mse) blocks") as progress:
-        apply_plan(loaded, plan, probe_path=probe_path, calibrate="mse", progress=progress)
-    manifest = save_quantized(loaded, out / "quantized", plan=plan, calibration={})
+        _, calibration = apply_plan(loaded, plan, probe_path=probe_path, calibrate="mse", progress=progress)
+    manifest = save_quantized(loaded, out / "quantized", plan=plan, calibration=calibration)
     step(f"apply-plan: mse calibration, packed checkpoint -> {out / 'quantized'} "
          f"({manifest['sizes']['disk_bytes'] / 1e6:.2f} MB on disk)")
     fp = load_model(model, torch.device("cpu"), torch.float32)
@@ -187,15 +221,17 @@ def demo(model, fmt, n_prompts, steps, budget, threads, out) -> None:
     aggregate = scores["aggregate"]
     step(f"generate + eval: quantized vs full precision: latent NMSE {aggregate['latent_nmse']['mean']:.5f}, "
          f"PSNR {aggregate['psnr']['mean']:.1f} dB, SSIM {aggregate['ssim']['mean']:.4f}")
-    sets = standard_sets(fp, ranking, fmt, top_ks=(2, 4), budgets=(parse_budget(budget),))
+    sets = standard_sets(fp, ranking, fmt, top_ks=(2, 4), budgets=(parse_budget(budget),), random_draws=1)
     with progress_bar("ablate") as progress:
-        result = run_ablation(fp, trajectory, prompts, sets, out / "ablation", fmt=fmt,
-                              reference=out / "runs" / "full-precision",
+        result = run_ablation(fp, trajectory, prompts, sets, out / "ablation", fmt=fmt, seeds=seeds,
+                              calibrate="mse", probe_path=probe_path,
                               progress=None if progress is None else lambda name, done, total: progress(
                                   "protected sets", done, total))
     write_ablation_report(result, out / "ablation", [f"sensq demo --model {model} --format {fmt} --prompts "
-                                                     f"{n_prompts} --steps {steps} --budget {budget} --out {out}"])
-    step(f"ablate: {len(sets)} protected sets")
+                                                     f"{n_prompts} --steps {steps} --budget {budget} --seeds {seeds} "
+                                                     f"--out {out}"])
+    step(f"ablate: {len(sets)} protected sets x {len(prompts)} prompts x {seeds} seeds, each deployed as apply-plan "
+         "deploys it (mse calibration)")
     _print_rows(result)
     click.echo(f"done in {time.perf_counter() - started:.1f} s. Reports: {out / 'ablation' / 'ablation.html'}, "
                f"{out / 'ranking-report' / 'report.html'}")

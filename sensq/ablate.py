@@ -7,19 +7,26 @@ table and a Markdown + self-contained HTML report.
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import html
+import json
+import math
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
+
 import sensq
 from sensq.errors import InputError
 from sensq.eval import evaluate_fidelity
 from sensq.generate import GenerateRequest, generate
-from sensq.plan import Plan, Rule, build_plan, model_layers, summarize, validate_plan
+from sensq.plan import Plan, Rule, build_plan, model_layers, resolve, summarize, validate_plan
 from sensq.quant import dequantize_
 from sensq.quant.apply import apply_plan
+from sensq.stats import bootstrap_mean, format_interval, paired_difference
 from sensq.store.files import atomic_write_bytes, claim_output_folder, read_json, write_json
 
 ABLATION_SCHEMA = "sensq.ablation/1"
@@ -36,10 +43,14 @@ def slug(name: str) -> str:
     return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
 
 
-def standard_sets(model, ranking, fmt: str = "hif4", top_ks=(2, 4), budgets=(0.3,)) -> list[ProtectedSet]:
-    """None; the entrance; entrance + top-k (per k); budgets; the entrance in one expert only; and the
-    fixed set of ModelOpt's Wan recipe (embedders, proj_out, the first and last three blocks), which is
-    left out for models of 6 blocks or fewer (it would keep every block in high precision)."""
+def standard_sets(model, ranking, fmt: str = "hif4", top_ks=(2, 4), budgets=(0.3,), random_draws: int = 0,
+                  protect_entrance: bool = True) -> list[ProtectedSet]:
+    """None; the entrance; entrance + top-k (per k); sensq's budgeted plans; the entrance in one expert only;
+    ModelOpt's fixed Wan set (embedders, proj_out, the first and last three blocks) and sensq's plan at the
+    same budget, left out for models of 6 blocks or fewer (the set would keep every block in high
+    precision); and ``random_draws`` random sets per budget with the same share of parameters protected
+    (seeded draws, the yardstick a ranking has to beat). sensq's plans are made as ``sensq plan`` makes them,
+    with ``protect_entrance`` as given (the entrance first, then the ranking; or the ranking alone)."""
     experts = model.adapter.experts(model.pipe)
     everything = [Rule(f"re:{e}:.*", fmt, fmt) for e in experts]
     entrance = r"(patch_embedding|condition_embedder\..*|blocks\.0\..*)"
@@ -51,27 +62,85 @@ def standard_sets(model, ranking, fmt: str = "hif4", top_ks=(2, 4), budgets=(0.3
     for k in top_ks:
         sets.append(ProtectedSet(f"entrance + top-{k}", build_plan(ranking, top_k=k, fmt=fmt)))
     for budget in budgets:
-        sets.append(ProtectedSet(f"budget {budget:.0%}", build_plan(ranking, budget=budget, fmt=fmt)))
+        sets.append(ProtectedSet(f"budget {budget:.0%}", build_plan(ranking, budget=budget, fmt=fmt,
+                                                                    protect_entrance=protect_entrance)))
     for expert in experts:
         sets.append(ProtectedSet(f"entrance, {expert} only",
                                  Plan([Rule(f"re:{expert}:{entrance}", None, None)] + everything)))
     if n_blocks > 6:
-        sets.append(ProtectedSet("ModelOpt Wan recipe",
-                                 Plan([Rule(f"re:({'|'.join(experts)}):{modelopt}", None, None)] + everything)))
+        fixed = Plan([Rule(f"re:({'|'.join(experts)}):{modelopt}", None, None)] + everything)
+        sets.append(ProtectedSet("ModelOpt Wan recipe", fixed))
+        layers = model_layers(model)
+        share = summarize(validate_plan(fixed, layers), layers)["total"]["protected_share"]
+        sets.append(ProtectedSet(f"sensq at ModelOpt's budget ({share:.0%})",
+                                 build_plan(ranking, budget=share, fmt=fmt, protect_entrance=protect_entrance)))
+    for budget in budgets:
+        for draw in range(random_draws):
+            sets.append(ProtectedSet(f"random {budget:.0%} #{draw + 1}",
+                                     random_plan(model, experts, budget, fmt, seed=draw)))
     return sets
 
 
-def run_ablation(model, trajectory, prompts, sets: list[ProtectedSet], out: Path, *, fmt: str,
-                 reference: Path | None = None, write_video: bool = False,
-                 progress: Callable[[str, int, int], None] | None = None) -> dict:
-    """Run every set (resuming what is done) and write ``ablation.json`` plus the report."""
-    from sensq.eval import evaluate_procedural, is_procedural
+def random_plan(model, experts: list[str], budget: float, fmt: str, seed: int) -> Plan:
+    """Protect, per expert, layers drawn at random (seeded) while they fit in ``budget`` of its parameters."""
+    import random
 
+    rng = random.Random(seed)
+    layers = model_layers(model)
+    rules = []
+    for expert in experts:
+        own = [layer for layer in layers if layer.expert == expert]
+        total = sum(layer.params for layer in own)
+        used = 0
+        for layer in rng.sample(own, len(own)):
+            if used + layer.params <= budget * total:
+                rules.append(Rule(f"{expert}:{layer.name}", None, None, f"random draw {seed}"))
+                used += layer.params
+    return Plan(rules + [Rule(f"re:{e}:.*", fmt, fmt) for e in experts])
+
+
+SEED_STRIDE = 10007
+"""Seed bases of an ablation's seed sets: ``trajectory.seed + k * SEED_STRIDE`` (prompt ``i`` then uses base + i,
+as in every sensq generation), so that no two (prompt, seed) pairs of different sets collide."""
+
+QUALITY_METRICS = ("latent_nmse", "psnr", "ssim")
+
+
+def seed_bases(trajectory, seeds: int) -> list[int]:
+    return [trajectory.seed + k * SEED_STRIDE for k in range(seeds)]
+
+
+def run_ablation(model, trajectory, prompts, sets: list[ProtectedSet], out: Path, *, fmt: str, seeds: int = 1,
+                 calibrate: str = "none", probe_path: Path | None = None, backend: str = "auto",
+                 write_video: bool = False, progress: Callable[[str, int, int], None] | None = None) -> dict:
+    """Run every set over every prompt and seed (resuming what is done) and write ``ablation.json``.
+
+    Each set is deployed exactly as ``sensq apply-plan`` deploys it, through the same function
+    (:func:`sensq.quant.apply.apply_plan`: the same ``calibrate``, probe and ``backend``), and generated as
+    ``sensq generate`` generates; the round trip through a packed checkpoint gives bit-identical latents
+    (tests/eval/test_ablate_demo.py checks a row against ``apply-plan`` + ``generate --model CKPT``).
+    Scores are per generation (prompt x seed) against the full-precision generation of the same prompt and
+    seed; means carry percentile-bootstrap 95% intervals and every set is compared, paired, with every
+    other (:mod:`sensq.stats`).
+
+    Raises:
+        InputError: ``calibrate`` other than none without a probe file; a plan that does not fit the model.
+    """
+    from sensq.eval import evaluate_procedural, is_procedural
+    from sensq.store.files import file_digest
+
+    if calibrate != "none" and probe_path is None:
+        raise InputError(f"--calibrate {calibrate} needs --probe PROBE.h5 (the captured inputs to calibrate on)")
     out = claim_output_folder(out, "ablation.json", ABLATION_SCHEMA, "ablation folder")
-    reference = reference or out / "full-precision"
-    generate(GenerateRequest(model, trajectory, prompts, reference, label="full precision",
-                             write_video=write_video))
+    bases = seed_bases(trajectory, seeds)
+    references = {}
+    for base in bases:
+        references[base] = out / "full-precision" / f"seed-{base}"
+        generate(GenerateRequest(model, dataclasses.replace(trajectory, seed=base), prompts, references[base],
+                                 label="full precision", write_video=write_video))
     procedural = is_procedural([p.text for p in prompts])
+    deploy = {"calibrate": calibrate, "backend": backend,
+              "probe_sha256": file_digest(probe_path, length=64) if probe_path is not None else None}
     layers = model_layers(model)
     rows = []
     for position, protected in enumerate(sets):
@@ -83,35 +152,175 @@ def run_ablation(model, trajectory, prompts, sets: list[ProtectedSet], out: Path
         folder.mkdir(parents=True, exist_ok=True)
         protected.plan.layers, protected.plan.summary = table, summary
         protected.plan.save(folder / "plan.json")
-        apply_plan(model, protected.plan)
-        try:
-            generate(GenerateRequest(model, trajectory, prompts, folder / "run", label=protected.name,
-                                     plan_digest=slug(protected.name) + ":" + str(hash_rules(protected.plan)),
-                                     write_video=write_video))
-        finally:
-            dequantize_(model)
-        scores = evaluate_fidelity(folder / "run", reference)
-        extra = {"procedural": evaluate_procedural(folder / "run")["aggregate"]} if procedural else {}
+        digest = f"{slug(protected.name)}:{hash_rules(protected.plan)}:{hash_text(json.dumps(deploy, sort_keys=True))}"
+        requests = [GenerateRequest(model, dataclasses.replace(trajectory, seed=base), prompts, folder / f"seed-{base}",
+                                    label=protected.name, plan_digest=digest, write_video=write_video)
+                    for base in bases]
+        if not all(generation_complete(request) for request in requests):
+            apply_plan(model, protected.plan, probe_path=probe_path, calibrate=calibrate, backend=backend)
+            try:
+                for request in requests:
+                    generate(request)
+            finally:
+                dequantize_(model)
+        per_item: dict[str, dict[str, float]] = {}
+        for base, request in zip(bases, requests, strict=True):
+            scores = evaluate_fidelity(request.out, references[base])
+            quality = _procedural_per_item(evaluate_procedural(request.out)) if procedural else {}
+            for index, values in scores["per_item"].items():
+                per_item[f"{index}@{base}"] = {**{m: values[m] for m in METRICS if m in values},
+                                                **({"procedural": quality[index]} if procedural else {})}
         rows.append({
-            **extra,
             "set": protected.name, "folder": str(folder.relative_to(out)),
             "protected_share": {e: summary[e]["protected_share"] for e in summary if e != "total"},
+            "protected_layers": {e: summary[e]["by_precision"].get("high-precision", {"layers": 0})["layers"]
+                                 for e in summary if e != "total"},
             "effective_bits": summary["total"]["effective_bits"],
             "weight_bytes": summary["total"]["weight_bytes_after"],
             "weight_bytes_bf16": summary["total"]["weight_bytes_before"],
-            "metrics": {m: scores["aggregate"][m]["mean"] for m in METRICS if m in scores["aggregate"]},
-            "worst": {m: scores["aggregate"][m]["worst"] for m in METRICS if m in scores["aggregate"]},
+            "a14b": _on_a14b(protected.plan),
+            **_aggregate(per_item),
         })
         if progress is not None:
             progress(protected.name, position + 1, len(sets))
+    reference_row = None
+    if procedural:
+        per_item = {}
+        for base in bases:
+            quality = _procedural_per_item(evaluate_procedural(references[base]))
+            per_item.update({f"{index}@{base}": {"procedural": value} for index, value in quality.items()})
+        reference_row = {"set": "full precision", **_aggregate(per_item)}
     result = {"schema": ABLATION_SCHEMA, "sensq_version": sensq.__version__, "format": fmt,
               "model": {"id": model.model_id, "fingerprint": model.fingerprint},
-              "trajectory": trajectory.to_dict(), "prompts": [[p.index, p.text] for p in prompts],
-              "reference": str(reference), "rows": rows}
+              "trajectory": trajectory.to_dict(), "prompts": [[p.index, p.text] for p in prompts], "seeds": bases,
+              "deploy": deploy, "reference": "full-precision/seed-<base>", "rows": rows,
+              "reference_row": reference_row, "comparisons": compare_rows(rows, reference_row)}
     if procedural:
-        result["reference_procedural"] = evaluate_procedural(reference)["aggregate"]["average"]
+        result["reference_procedural"] = reference_row["metrics"]["procedural"]
+    result["headline"] = headline(result)
     write_json(out / "ablation.json", result)
     return result
+
+
+def hash_text(text: str) -> str:
+    import hashlib
+
+    return hashlib.sha256(text.encode()).hexdigest()[:12]
+
+
+def generation_complete(request: GenerateRequest) -> bool:
+    """True when ``request.out`` already holds every prompt of ``request`` for this very configuration."""
+    from sensq.generate import MANIFEST, config_digest, request_config
+
+    path = request.out / MANIFEST
+    if not path.is_file():
+        return False
+    try:
+        manifest = json.loads(path.read_text())
+    except ValueError:
+        return False
+    return (manifest.get("config_digest") == config_digest(request_config(request))
+            and all(str(p.index) in manifest.get("items", {}) for p in request.prompts))
+
+
+def _procedural_per_item(result: dict) -> dict[str, float]:
+    from sensq.eval.procedural import DIMENSIONS
+
+    return {index: float(np.mean([scores[d] for d in DIMENSIONS])) for index, scores in result["per_item"].items()}
+
+
+def _aggregate(per_item: dict[str, dict[str, float]]) -> dict:
+    """Per-metric mean, bootstrap interval and worst case over the generations, plus the values themselves
+    (paired comparisons need them)."""
+    keys = sorted({k for values in per_item.values() for k in values})
+    metrics, intervals, worst = {}, {}, {}
+    for key in keys:
+        values = [values[key] for values in per_item.values() if key in values]
+        interval = bootstrap_mean(values)
+        metrics[key], intervals[key] = interval.mean, interval.to_dict()
+        worst[key] = float(max(values) if key.endswith("nmse") else min(values))
+    return {"metrics": metrics, "intervals": intervals, "worst": worst, "per_item": per_item}
+
+
+def _paired(row_a: dict, row_b: dict, metric: str):
+    items = sorted(set(row_a["per_item"]) & set(row_b["per_item"]))
+    a = [row_a["per_item"][i].get(metric, math.nan) for i in items]
+    b = [row_b["per_item"][i].get(metric, math.nan) for i in items]
+    try:
+        return paired_difference(a, b)
+    except ValueError:
+        return None
+
+
+def compare_rows(rows: list[dict], reference_row: dict | None = None) -> list[dict]:
+    """Every pair of sets, paired by generation, for latent NMSE (and the procedural score): the mean
+    difference (first minus second), its 95% interval, and whether it is distinguishable from noise."""
+    comparisons = []
+    metrics = ("latent_nmse", "procedural")
+    for i, a in enumerate(rows):
+        for b in rows[i + 1:] + ([reference_row] if reference_row else []):
+            for metric in metrics:
+                if metric not in a["metrics"] or metric not in b["metrics"]:
+                    continue
+                interval = _paired(a, b, metric)
+                if interval is None:
+                    continue
+                comparisons.append({"a": a["set"], "b": b["set"], "metric": metric, **interval.to_dict(),
+                                    "significant": interval.excludes_zero})
+    return comparisons
+
+
+FIXED_SETS = ("entrance", "ModelOpt Wan recipe")
+"""Sets that do not come from a ranking (what a user would protect without sensq)."""
+
+
+def headline(result: dict) -> dict:
+    """The recommendation a reader needs first: sensq's best ranked set (budget or top-k), its cost, and its
+    gain over no protection and over the best fixed set that costs no more bits, with intervals."""
+    rows = result["rows"]
+    ranked = [r for r in rows if r["set"].startswith(("budget", "entrance + top", "sensq at"))]
+    if not ranked:
+        return {}
+    best = min(ranked, key=lambda r: (r["metrics"]["latent_nmse"], r["effective_bits"]))
+    out = {"set": best["set"], "protected_layers": best["protected_layers"],
+           "protected_share": best["protected_share"], "effective_bits": best["effective_bits"],
+           "weight_gb": best["weight_bytes"] / 1e9, "weight_gb_bf16": best["weight_bytes_bf16"] / 1e9,
+           "a14b": best["a14b"], "latent_nmse": best["intervals"]["latent_nmse"]}
+    none = next((r for r in rows if r["set"] == "none"), None)
+    if none is not None:
+        gain = _paired(none, best, "latent_nmse")
+        out["gain_over_none"] = gain.to_dict() | {"significant": gain.excludes_zero} if gain else None
+    fixed = [r for r in rows if (r["set"] in FIXED_SETS or r["set"].startswith("entrance, "))
+             and r["effective_bits"] <= best["effective_bits"] + 1e-9]
+    if fixed:
+        rival = min(fixed, key=lambda r: r["metrics"]["latent_nmse"])
+        gain = _paired(rival, best, "latent_nmse")
+        out["best_fixed_set"] = rival["set"]
+        out["gain_over_best_fixed"] = gain.to_dict() | {"significant": gain.excludes_zero} if gain else None
+    return out
+
+
+def _on_a14b(plan: Plan) -> dict | None:
+    """The same rules resolved on Wan2.2-T2V-A14B's real layer inventory (meta device): the effective bits and
+    weight GB the plan would give there. None when the rules leave an A14B layer undecided."""
+    experts = sorted({row["expert"] for row in plan.layers}) or ["high", "low"]
+    layers = _a14b_layers(tuple(experts))
+    try:
+        table, _ = resolve(plan.rules, layers)
+    except InputError:
+        return None
+    total = summarize(table, layers)["total"]
+    return {"effective_bits": total["effective_bits"], "weight_gb": total["weight_bytes_after"] / 1e9,
+            "weight_gb_bf16": total["weight_bytes_before"] / 1e9, "protected_share": total["protected_share"]}
+
+
+@functools.lru_cache(maxsize=4)
+def _a14b_layers(experts: tuple[str, ...]) -> list:
+    from sensq.models.wan import a14b_expert_on_meta
+    from sensq.plan import layer_infos
+
+    module = a14b_expert_on_meta()
+    return layer_infos({expert: module for expert in experts})
 
 
 def hash_rules(plan: Plan) -> int:
@@ -124,59 +333,177 @@ def load_ablation(folder: str | Path) -> dict:
     return read_json(Path(folder) / "ablation.json", ABLATION_SCHEMA, "ablation")
 
 
+def _interval_text(row: dict, metric: str, digits: int) -> str:
+    interval = row.get("intervals", {}).get(metric)
+    if interval is None:
+        value = row.get("metrics", {}).get(metric)
+        return "" if value is None else f"{value:.{digits}g}"
+    return format_interval(interval, digits)
+
+
+def _gain_text(gain: dict | None) -> str:
+    if not gain:
+        return "not measurable"
+    verdict = "distinguishable from noise" if gain["significant"] else "within noise"
+    return f"{gain['mean']:.4g} lower latent NMSE (95% interval {gain['low']:.4g} to {gain['high']:.4g}; {verdict})"
+
+
+def headline_lines(result: dict) -> list[str]:
+    """The headline as sentences (Markdown and HTML render them as a list)."""
+    head = result.get("headline") or {}
+    if not head:
+        return ["No ranked set in this ablation: nothing to recommend."]
+    kept = ", ".join(f"{e}: {n} layers ({head['protected_share'][e]:.1%} of its parameters)"
+                     for e, n in head["protected_layers"].items())
+    lines = [f"Recommended: **{head['set']}**, keeping in high precision {kept}.",
+             f"Cost: {head['effective_bits']:.2f} effective bits per weight; {head['weight_gb'] * 1e3:.2f} MB of "
+             f"weights here (BF16: {head['weight_gb_bf16'] * 1e3:.2f} MB)"
+             + (f"; the same rules on Wan2.2-T2V-A14B: {head['a14b']['effective_bits']:.2f} bits, "
+                f"{head['a14b']['weight_gb']:.1f} GB of expert weights (BF16: {head['a14b']['weight_gb_bf16']:.1f} GB)"
+                if head.get("a14b") else "") + ".",
+             f"Latent NMSE vs full precision: {format_interval(head['latent_nmse'])} (mean [95% interval] over "
+             f"{head['latent_nmse']['n']} generations: {len(result['prompts'])} prompts x {len(result['seeds'])} "
+             "seeds)."]
+    if "gain_over_none" in head:
+        lines.append(f"Gain over no protection: {_gain_text(head['gain_over_none'])}.")
+    if "best_fixed_set" in head:
+        lines.append(f"Gain over the best fixed set that costs no more bits ({head['best_fixed_set']}): "
+                     f"{_gain_text(head['gain_over_best_fixed'])}.")
+    else:
+        lines.append("No fixed set costs as few bits: nothing fixed to compare at equal budget.")
+    return lines
+
+
+def _pareto_plot(plt, result: dict, path: Path, metric: str, label: str) -> None:
+    from sensq.report import save_png
+
+    """Quality vs effective bits with 95% error bars; points are numbered (names in the legend), so that no
+    label overlaps another; the lower-left front is drawn."""
+    rows = [r for r in result["rows"] if metric in r["metrics"]]
+    fig, ax = plt.subplots(figsize=(9, 5))
+    points = []
+    for number, row in enumerate(rows, start=1):
+        interval = row["intervals"][metric]
+        x, y = row["effective_bits"], interval["mean"]
+        ax.errorbar([x], [y], yerr=[[y - interval["low"]], [interval["high"] - y]], fmt="o", capsize=3,
+                    label=f"{number}: {row['set']}")
+        # numbers staggered around their point: sets of equal cost and error stay readable
+        offset = ((6, 4), (6, -11), (-13, 4), (-13, -11))[(number - 1) % 4]
+        ax.annotate(str(number), (x, y), textcoords="offset points", xytext=offset, fontsize=8)
+        points.append((x, y))
+    lower_is_better = metric.endswith("nmse")
+    front, best = [], None
+    for x, y in sorted(points):
+        if best is None or (y < best if lower_is_better else y > best):
+            front.append((x, y))
+            best = y
+    if len(front) > 1:
+        ax.plot(*zip(*front, strict=True), color="#888", linestyle="--", linewidth=1, label="front")
+    reference = result.get("reference_row")
+    if reference and metric in reference.get("metrics", {}):
+        ax.axhline(reference["metrics"][metric], color="#2a2", linewidth=1, label="full precision")
+    ax.set_xlabel("effective bits per weight (both experts)")
+    ax.set_ylabel(label)
+    ax.set_title(f"{result['format']} W4A4: {label} vs cost (95% intervals over prompts x seeds)")
+    ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
+    save_png(fig, path)
+    plt.close(fig)
+
+
+def _significance_matrix(result: dict, metric: str = "latent_nmse") -> tuple[list[str], list[list[str]]]:
+    """Rows x columns of sets: "<" when the row set's error is lower than the column's beyond noise, ">" when
+    higher, "≈" when the difference is within noise."""
+    names = [r["set"] for r in result["rows"]]
+    verdict = {}
+    for c in result.get("comparisons", []):
+        if c["metric"] != metric:
+            continue
+        sign = "≈" if not c["significant"] else ("<" if c["mean"] < 0 else ">")
+        verdict[(c["a"], c["b"])] = sign
+        verdict[(c["b"], c["a"])] = {"<": ">", ">": "<", "≈": "≈"}[sign]
+    return names, [[verdict.get((a, b), "") if a != b else "·" for b in names] for a in names]
+
+
 def write_ablation_report(result: dict, out: Path, commands: list[str] | None = None) -> list[str]:
-    """``ablation.md``, ``ablation.html`` (self-contained) and PNG plots from an ablation result."""
-    from sensq.report import embedded_png, html_page, pyplot, save_png
+    """``ablation.md``, ``ablation.html`` (self-contained) and PNG plots from an ablation result: the headline,
+    the Pareto plots with intervals, the table (full precision first, every quality column the CLI shows),
+    and which differences are distinguishable from noise."""
+    from sensq.report import embedded_png, html_page, pyplot
 
     plt = pyplot()
     rows = result["rows"]
     if not rows:
         raise InputError("the ablation has no rows")
+    if "intervals" not in rows[0]:
+        raise InputError(f"{str(out)!r} holds an ablation written by an older sensq (no intervals); run sensq "
+                         "ablate again into a new folder")
+    procedural = "procedural" in rows[0]["metrics"]
     files = []
-    plot = out / "latent_nmse_vs_protected.png"
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    for row in rows:
-        share = sum(row["protected_share"].values()) / len(row["protected_share"])
-        ax.scatter(share * 100, row["metrics"]["latent_nmse"])
-        ax.annotate(row["set"], (share * 100, row["metrics"]["latent_nmse"]), fontsize=7)
-    ax.set_xlabel("parameters kept in high precision (%, mean over experts)")
-    ax.set_ylabel("final-latent NMSE vs full precision")
-    ax.set_title(f"{result['format']} W4A4: error vs protected share")
-    save_png(fig, plot)
-    plt.close(fig)
+    plot = out / "pareto_latent_nmse.png"
+    _pareto_plot(plt, result, plot, "latent_nmse", "final-latent NMSE vs full precision")
     files.append(plot)
-    per_expert = [r for r in rows if r["set"].startswith("entrance") and ("only" in r["set"] or r["set"] == "entrance")]
-    per_expert += [r for r in rows if r["set"] == "none"]
-    if per_expert:
-        contribution = out / "per_expert_contribution.png"
-        fig, ax = plt.subplots(figsize=(7, 3.5))
-        ax.barh([r["set"] for r in per_expert], [r["metrics"]["latent_nmse"] for r in per_expert], color="#2e86c1")
-        ax.set_xlabel("final-latent NMSE")
-        ax.set_title("protecting the entrance in one expert vs both vs none")
-        save_png(fig, contribution)
-        plt.close(fig)
-        files.append(contribution)
-    header = ("| protected set | protected high / low | effective bits | weight MB (BF16 MB) | latent NMSE | "
-              "PSNR dB | SSIM | first-frame NMSE | temporal NMSE |")
-    lines = [header, "|" + "---|" * 9]
+    if procedural:
+        plot = out / "pareto_procedural.png"
+        _pareto_plot(plt, result, plot, "procedural", "procedural evaluator average (higher is better)")
+        files.append(plot)
+    columns = ["protected set", "kept high / low", "effective bits", "weight MB (BF16 MB)", "A14B GB (same rules)",
+               "latent NMSE [95%]", "PSNR dB [95%]", "SSIM [95%]"] + (["procedural [95%]"] if procedural else []) + [
+        "first-frame NMSE", "temporal NMSE"]
+    table = []
+    reference = result.get("reference_row")
+    if reference is not None:
+        bf16 = rows[0]["weight_bytes_bf16"]
+        a14b = rows[0].get("a14b") or {}
+        table.append(["full precision", "100% / 100%", "16.00", f"{bf16 / 1e6:.3f} ({bf16 / 1e6:.3f})",
+                      f"{a14b.get('weight_gb_bf16', float('nan')):.1f}", "0", "inf", "1"]
+                     + ([_interval_text(reference, "procedural", 3)] if procedural else []) + ["0", "0"])
     for row in rows:
         m = row["metrics"]
-        share = " / ".join(f"{v:.1%}" for v in row["protected_share"].values())
-        lines.append(f"| {row['set']} | {share} | {row['effective_bits']:.2f} | {row['weight_bytes'] / 1e6:.3f} "
-                     f"({row['weight_bytes_bf16'] / 1e6:.3f}) | {m['latent_nmse']:.5f} | {m['psnr']:.2f} | "
-                     f"{m['ssim']:.4f} | {m['first_frame_nmse']:.3g} | {m['temporal_nmse']:.4f} |")
-    table_md = "\n".join(lines)
+        a14b = row.get("a14b")
+        table.append([row["set"], " / ".join(f"{v:.1%}" for v in row["protected_share"].values()),
+                      f"{row['effective_bits']:.2f}",
+                      f"{row['weight_bytes'] / 1e6:.3f} ({row['weight_bytes_bf16'] / 1e6:.3f})",
+                      f"{a14b['weight_gb']:.1f}" if a14b else "n/a",
+                      _interval_text(row, "latent_nmse", 3), _interval_text(row, "psnr", 3),
+                      _interval_text(row, "ssim", 3)]
+                     + ([_interval_text(row, "procedural", 3)] if procedural else [])
+                     + [f"{m.get('first_frame_nmse', math.nan):.3g}", f"{m.get('temporal_nmse', math.nan):.4f}"])
+    names, matrix = _significance_matrix(result)
+    lines = headline_lines(result)
+    n_items = rows[0]["intervals"]["latent_nmse"]["n"]
+    note = (f"All metrics against the full-precision generation of the same prompt and seed ({n_items} generations: "
+            f"{len(result['prompts'])} prompts x {len(result['seeds'])} seeds). Every variant is deployed as sensq "
+            f"apply-plan deploys it (calibration {result['deploy']['calibrate']}, backend "
+            f"{result['deploy']['backend']}). Intervals: percentile bootstrap of the mean, 95%, seeded.")
+    md = [f"# sensq ablation: {result['format']} W4A4 on {result['model']['id']}", "",
+          *[f"* {line}" for line in lines], "", note, "",
+          "| " + " | ".join(columns) + " |", "|" + "---|" * len(columns),
+          *["| " + " | ".join(cells) + " |" for cells in table], "",
+          *[f"![{p.stem}]({p.name})" for p in files], "",
+          "## Which differences are distinguishable from noise (latent NMSE)", "",
+          "`<`: the row's set has lower error than the column's beyond noise; `>` higher; `≈` within noise.", "",
+          "| | " + " | ".join(str(i + 1) for i in range(len(names))) + " |", "|" + "---|" * (len(names) + 1),
+          *[f"| {i + 1}: {name} | " + " | ".join(cells) + " |" for i, (name, cells) in enumerate(
+              zip(names, matrix, strict=True))]]
     reproduce = "\n".join(commands or [])
+    if reproduce:
+        md += ["", "## Reproduce", "", "```bash", reproduce, "```"]
     title = f"sensq ablation: {result['format']} W4A4 on {result['model']['id']}"
-    markdown = (f"# {title}\n\nAll metrics against the same-step full-precision run (same prompts and seeds).\n\n"
-                f"{table_md}\n\n" + "\n".join(f"![{p.stem}]({p.name})" for p in files)
-                + (f"\n\n## Reproduce\n\n```bash\n{reproduce}\n```\n" if reproduce else "\n"))
-    table_html = "<table>" + "".join(
-        "<tr>" + "".join(f"<td>{html.escape(c.strip())}</td>" for c in line.strip("|").split("|")) + "</tr>"
-        for i, line in enumerate(lines) if i != 1) + "</table>"
-    images = "".join(embedded_png(p) for p in files)
-    page = html_page(title, "<p>All metrics against the same-step full-precision run.</p>" + table_html + images
+    bold, strong = re.compile(r"\*\*(.+?)\*\*"), r"<b>\1</b>"
+    headline_html = "<ul class='headline'>" + "".join(
+        "<li>" + bold.sub(strong, html.escape(line)) + "</li>" for line in lines) + "</ul>"
+    table_html = ("<table><tr>" + "".join(f"<th>{html.escape(c)}</th>" for c in columns) + "</tr>" + "".join(
+        "<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in cells) + "</tr>" for cells in table) + "</table>")
+    matrix_html = ("<table><tr><th></th>" + "".join(f"<th>{i + 1}</th>" for i in range(len(names))) + "</tr>" + "".join(
+        f"<tr><th style='text-align:left'>{i + 1}: {html.escape(name)}</th>" + "".join(
+            f"<td style='text-align:center'>{html.escape(c)}</td>" for c in cells) + "</tr>"
+        for i, (name, cells) in enumerate(zip(names, matrix, strict=True))) + "</table>")
+    page = html_page(title, headline_html + f"<p>{html.escape(note)}</p>" + table_html
+                     + "".join(embedded_png(p) for p in files)
+                     + "<h2>Which differences are distinguishable from noise (latent NMSE)</h2><p><code>&lt;</code>: "
+                       "the row's set has lower error than the column's beyond noise; <code>&gt;</code> higher; "
+                       "<code>≈</code> within noise.</p>" + matrix_html
                      + (f"<h2>Reproduce</h2><pre>{html.escape(reproduce)}</pre>" if reproduce else ""))
-    atomic_write_bytes(out / "ablation.md", markdown.encode())
+    atomic_write_bytes(out / "ablation.md", ("\n".join(md) + "\n").encode())
     atomic_write_bytes(out / "ablation.html", page.encode())
     return [str(p) for p in files] + [str(out / "ablation.md"), str(out / "ablation.html")]

@@ -69,7 +69,8 @@ class GenerateResult:
     files: list[str]
 
 
-def _config(request: GenerateRequest) -> dict:
+def request_config(request: GenerateRequest) -> dict:
+    """What decides a generation folder's identity (its ``config_digest``)."""
     return {
         "model_id": request.model.model_id, "model_fingerprint": request.model.fingerprint,
         "trajectory": request.trajectory.to_dict(), "plan_digest": request.plan_digest, "label": request.label,
@@ -128,7 +129,7 @@ def generate(request: GenerateRequest, progress: Callable[[int, int, Prompt], No
 
 def _generate(request: GenerateRequest, progress: Callable[[int, int, Prompt], None] | None) -> GenerateResult:
     out = request.out
-    config = _config(request)
+    config = request_config(request)
     digest = config_digest(config)
     try:
         out.mkdir(parents=True, exist_ok=True)

@@ -160,8 +160,8 @@ def main() -> None:
     parser.add_argument("--freq-dim", type=int, default=256, help="Timestep sinusoid width.")
     parser.add_argument("--threads", type=int, default=2, help="torch CPU threads.")
     parser.add_argument("--reuse", type=Path, default=None,
-                        help="Take the tokenizer, text encoder, VAE (and its latent statistics) and scheduler from this "
-                             "trained pipeline folder instead of training a VAE.")
+                        help="Take the tokenizer, text encoder, VAE (and its latent statistics) and scheduler from "
+                             "this trained pipeline folder instead of training a VAE.")
     args = parser.parse_args()
     torch.manual_seed(args.seed)
     torch.set_num_threads(args.threads)

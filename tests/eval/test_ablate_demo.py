@@ -2,6 +2,8 @@
 
 import json
 
+import pytest
+import torch
 from click.testing import CliRunner
 
 from sensq.cli import main
@@ -42,3 +44,62 @@ def test_ablate_command(tmp_path):
                                         "entrance, low only"]
     bad = runner.invoke(main, ["ablate", str(ranking), "--budget", "500%"])
     assert bad.exit_code == 1 and "--budget must be within 0..100%" in bad.output
+
+
+def test_an_ablation_row_is_what_apply_plan_and_generate_deploy(workspace, tmp_path):
+    """The same plan, calibration and backend give the same latents whether measured by sensq ablate or
+    deployed with sensq apply-plan and generated with sensq generate --model CKPT."""
+    from safetensors.torch import load_file
+
+    runner = CliRunner()
+    out = tmp_path / "abl"
+    result = runner.invoke(main, ["ablate", str(workspace / "ranking.json"), "--top-k", "1", "--budget", "70%",
+                                  "--seeds", "1", "--limit", "2", "--calibrate", "mse", "--probe",
+                                  str(workspace / "probe.h5"), "--out", str(out), "--json"])
+    assert result.exit_code == 0, result.output
+    row = next(r for r in json.loads(result.stdout)["rows"] if r["set"] == "budget 70%")
+    seed_folder = out / row["folder"] / "seed-0"
+    deployed = tmp_path / "q"
+    applied = runner.invoke(main, ["apply-plan", str(out / row["folder"] / "plan.json"), "--probe",
+                                   str(workspace / "probe.h5"), "--calibrate", "mse", "--out", str(deployed)])
+    assert applied.exit_code == 0, applied.output
+    generated = runner.invoke(main, ["generate", "--model", str(deployed), "--limit", "2", "--steps", "3", "--no-video",
+                                     "--out", str(tmp_path / "g")])
+    assert generated.exit_code == 0, generated.output
+    for index in ("00000", "00001"):
+        ours = load_file(seed_folder / "latents" / f"{index}.safetensors")["latents"]
+        theirs = load_file(tmp_path / "g" / "latents" / f"{index}.safetensors")["latents"]
+        assert torch.equal(ours, theirs), index
+    uncalibrated = runner.invoke(main, ["ablate", str(workspace / "ranking.json"), "--top-k", "1", "--budget", "70%",
+                                        "--seeds", "1", "--limit", "2", "--out", str(tmp_path / "abl-none"), "--json"])
+    other = next(r for r in json.loads(uncalibrated.stdout)["rows"] if r["set"] == "budget 70%")
+    assert other["metrics"]["latent_nmse"] != row["metrics"]["latent_nmse"]  # calibration is part of what is measured
+
+
+def test_ablation_intervals_comparisons_and_headline(workspace, tmp_path):
+    result = CliRunner().invoke(main, ["ablate", str(workspace / "ranking.json"), "--top-k", "2", "--budget", "60%",
+                                       "--random", "2", "--seeds", "2", "--limit", "2", "--out", str(tmp_path / "a"),
+                                       "--json"])
+    assert result.exit_code == 0, result.output
+    data = json.loads(result.stdout)
+    assert data["seeds"] == [0, 10007]
+    names = [r["set"] for r in data["rows"]]
+    assert names[-2:] == ["random 60% #1", "random 60% #2"]
+    for row in data["rows"]:
+        assert len(row["per_item"]) == 4  # 2 prompts x 2 seeds
+        interval = row["intervals"]["latent_nmse"]
+        assert interval["low"] <= interval["mean"] <= interval["high"] and interval["n"] == 4
+        values = [item["latent_nmse"] for item in row["per_item"].values()]
+        assert interval["mean"] == pytest.approx(sum(values) / 4)
+        share = row["protected_share"]
+        if row["set"].startswith("random"):
+            assert all(0.4 <= v <= 0.6 for v in share.values())
+    pairs = {(c["a"], c["b"]) for c in data["comparisons"] if c["metric"] == "latent_nmse"}
+    assert len(pairs) == len(names) * (len(names) - 1) // 2
+    head = data["headline"]
+    ranked = [r for r in data["rows"] if r["set"].startswith(("budget", "entrance + top"))]
+    assert head["set"] == min(ranked, key=lambda r: r["metrics"]["latent_nmse"])["set"]
+    assert head["a14b"]["weight_gb_bf16"] == pytest.approx(2 * 14_288_491_584 * 2 / 1e9, rel=0.01)
+    page = (tmp_path / "a" / "ablation.html").read_text()
+    assert "Recommended:" in page and "full precision" in page and "distinguishable from noise" in page
+    assert "--random 2 --seeds 2" in page  # the stated command reproduces these numbers
