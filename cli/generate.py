@@ -158,6 +158,8 @@ def eval_command(run_dir, reference, vbench, dims, vbench_python, vbench_cache, 
                    + ", ".join(f"{k} {v:.3f}" for k, v in scores.items()))
     if "fidelity" in result:
         scores = result["fidelity"]
+        for note in scores.get("notes", []):
+            click.echo(f"note: {note}", err=True)
         click.echo(f"{run_dir} vs {reference} ({len(scores['per_item'])} prompts):")
         for key, value in scores["aggregate"].items():
             click.echo(f"  {key:18s} mean {value['mean']:.6g}  worst {value['worst']:.6g}")

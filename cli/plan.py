@@ -22,7 +22,7 @@ import click
 @click.option("--act-format", default="same", show_default=True,
               help="Activation format: 'same' (W4A4), a format name, or 'none' (weight-only).")
 @click.option("--rank-format", default=None, help="Which of the ranking's formats orders the layers "
-              "(default: its first).")
+              "(default: --format's own; a ranking without it is refused).")
 @click.option("--validate", "validate_file", type=click.Path(path_type=Path), default=None,
               help="Check an existing plan against --model: every rule must match a layer.")
 @click.option("--model", default="tiny", show_default=True, help="Model for --validate.")

@@ -56,6 +56,8 @@ def report(ranking_file, plan_file, top, out, as_json) -> None:
     commands.append(f"sensq report {ranking_file}" + (f" --plan {plan_file}" if plan_file else "") + f" --out {out}")
     result = write_ranking_report(ranking, out, plan=plan, top=top, commands=commands)
     if as_json:
-        click.echo(json.dumps({"out_dir": result.out_dir, "files": result.files}, indent=1))
+        click.echo(json.dumps({"out_dir": result.out_dir, "files": result.files, "notes": result.notes}, indent=1))
         return
+    for note in result.notes:
+        click.echo(f"note: {note}", err=True)
     click.echo(f"report written to {Path(result.out_dir) / 'report.html'} ({len(result.files)} files)")

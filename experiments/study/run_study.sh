@@ -47,10 +47,12 @@ RESUME=()
 $SENSQ probe --model "$MODEL" "${LORA_ARGS[@]}" $PROBE_ARGS "${PROMPT_ARGS[@]}" --limit "${PROBE_LIMIT:-$LIMIT}" \
     --tokens "$TOKENS" \
     --out "$OUT/probe.h5" "${RESUME[@]}"
-# 2. rank each expert's layers (model and LoRAs from the probe), the formats side by side; the plan; its report
+# 2. rank each expert's layers (the probe's model and LoRAs, passed again: sensq never loads what a file names),
+# the formats side by side; the plan; its report
 # (files already there are kept: delete ranking.json to rank again, plan.json to plan again)
 say "rank, plan, report"
-[[ -f "$OUT/ranking.json" ]] || $SENSQ rank "$OUT/probe.h5" --format "$FORMATS" --out "$OUT/ranking.json"
+[[ -f "$OUT/ranking.json" ]] || $SENSQ rank "$OUT/probe.h5" --model "$MODEL" "${LORA_ARGS[@]}" --format "$FORMATS" \
+    --out "$OUT/ranking.json"
 [[ -f "$OUT/plan.json" ]] || $SENSQ plan "$OUT/ranking.json" --budget "$BUDGET" --out "$OUT/plan.json"
 $SENSQ report "$OUT/ranking.json" --plan "$OUT/plan.json" --out "$OUT/ranking-report"
 # 3. quantize by the plan, calibrated block by block on the probe; a packed checkpoint
@@ -78,10 +80,14 @@ for STEP in $STEPS; do
   $SENSQ eval "$OUT/runs/fp-$STEP" "${VB[@]}"
   $SENSQ eval "$OUT/runs/quantized-$STEP" --reference "$OUT/runs/fp-$STEP" "${VB[@]}"
 done
-# 5. what protection buys: none, entrance, entrance + top-k, budgets, one expert only, ModelOpt's set
+# 5. what protection buys: none, entrance, entrance + top-k, budgets, one expert only, ModelOpt's set, random sets;
+# every set deployed as apply-plan deployed the checkpoint (APPLY_ARGS' calibration), over prompts x seeds
 say "ablate"
+CALIBRATE=(--calibrate none)
+[[ "$APPLY_ARGS" == *"--calibrate mse"* ]] && CALIBRATE=(--calibrate mse --probe "$OUT/probe.h5")
 # shellcheck disable=SC2086
-$SENSQ ablate "$OUT/ranking.json" "${PROMPT_ARGS[@]}" $ABLATE_ARGS --out "$OUT/ablation"
+$SENSQ ablate "$OUT/ranking.json" --model "$MODEL" "${LORA_ARGS[@]}" "${PROMPT_ARGS[@]}" "${CALIBRATE[@]}" \
+    $ABLATE_ARGS --out "$OUT/ablation"
 # 6. the table
 say "table"
 "${PYTHON:-python3}" "$(dirname "$0")/table.py" "$OUT"

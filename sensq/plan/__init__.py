@@ -220,7 +220,11 @@ def build_plan(ranking, *, budget: float | None = None, top_k: int | None = None
     activation = fmt if act_format == "same" else act_format
     if activation is not None:
         get_format(activation)
-    rank_format = rank_format or ranking.formats[0]
+    if rank_format is None:
+        if fmt not in ranking.formats:
+            raise InputError(f"the ranking has no {fmt!r} scores (it ranks {', '.join(ranking.formats)}): rank with "
+                             f"--format {fmt}, or pass --rank-format to order {fmt} layers by another format's ranking")
+        rank_format = fmt  # a plan for format F follows F's own ranking
     if rank_format not in ranking.formats:
         raise InputError(f"the ranking has no {rank_format!r} scores (it has {', '.join(ranking.formats)})")
     patterns = [compile_pattern(p) for p in (protect or [])]

@@ -6,7 +6,7 @@ from __future__ import annotations
 import html
 import json
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -23,6 +23,7 @@ REPORT_MARKER = "report.json"
 class ReportResult:
     out_dir: str
     files: list[str]
+    notes: list[str] = field(default_factory=list)
 
 
 def _heatmap(plt, ranking, expert: str, fmt: str, path: Path) -> bool:
@@ -79,15 +80,36 @@ def _bars(plt, ranking, expert: str, fmt: str, protected: set[str], top: int, pa
     plt.close(fig)
 
 
+def plan_mismatches(ranking, plan) -> list[str]:
+    """What a reader must know when a plan is drawn over a ranking it was not made from: another model, or
+    another format's order."""
+    notes = []
+    planned_for = (plan.model or {}).get("fingerprint")
+    ranked_on = ranking.provenance.get("model_fingerprint")
+    if planned_for and ranked_on and planned_for != ranked_on:
+        notes.append(f"the plan was made for model {plan.model.get('id')!r} (fingerprint {planned_for}) but the "
+                     f"ranking is of {ranking.provenance.get('model_id')!r} ({ranked_on})")
+    ordered_by = (plan.source or {}).get("ranking_format")
+    if ordered_by and ordered_by not in ranking.formats:
+        notes.append(f"the plan follows a {ordered_by} ranking, which this ranking does not hold (it ranks "
+                     f"{', '.join(ranking.formats)}); its layers are drawn in {ranking.formats[0]} order")
+    return notes
+
+
 def write_ranking_report(ranking, out_dir: str | Path, *, plan=None, top: int = 20,
                          commands: list[str] | None = None) -> ReportResult:
     """Write PNGs, ``report.md`` and a self-contained ``report.html`` into ``out_dir``.
 
-    The protected set shown is the plan's when one is given, else the entrance layers.
+    The protected set shown is the plan's when one is given, else the entrance layers; with a plan the
+    layers are ordered by the format the plan was ranked by (when the ranking holds it), and a plan made
+    for another model or format is said so at the top.
     """
     out = claim_output_folder(out_dir, REPORT_MARKER, REPORT_SCHEMA, "report folder")
     plt = pyplot()
     fmt = ranking.formats[0]
+    notes = plan_mismatches(ranking, plan) if plan is not None else []
+    if plan is not None and (plan.source or {}).get("ranking_format") in ranking.formats:
+        fmt = plan.source["ranking_format"]
     files: list[Path] = []
     sections_md: list[str] = []
     sections_html: list[str] = []
@@ -124,11 +146,14 @@ def write_ranking_report(ranking, out_dir: str | Path, *, plan=None, top: int = 
     agreement = json.dumps(ranking.agreement, indent=1) if ranking.agreement else ""
     reproduce = "\n".join(commands or [])
     title = f"sensq ranking: {ranking.metric} ({ranking.reduce}), {', '.join(ranking.formats)}"
-    markdown = (f"# {title}\n\n" + "\n".join(sections_md)
+    warning_md = "".join(f"> **Note:** {note}.\n\n" for note in notes)
+    warning_html = "".join(f"<p style='background:#fff3cd;padding:6px'><b>Note:</b> {html.escape(note)}.</p>"
+                           for note in notes)
+    markdown = (f"# {title}\n\n" + warning_md + "\n".join(sections_md)
                 + (f"\n## Format agreement\n\n```json\n{agreement}\n```\n" if agreement else "")
                 + f"\n## Provenance\n\n```json\n{provenance}\n```\n"
                 + (f"\n## Reproduce\n\n```bash\n{reproduce}\n```\n" if reproduce else ""))
-    page = html_page(title, "".join(sections_html)
+    page = html_page(title, warning_html + "".join(sections_html)
                      + (f"<h2>Format agreement</h2><pre>{html.escape(agreement)}</pre>" if agreement else "")
                      + f"<h2>Provenance</h2><pre>{html.escape(provenance)}</pre>"
                      + (f"<h2>Reproduce</h2><pre>{html.escape(reproduce)}</pre>" if reproduce else ""))
@@ -136,4 +161,4 @@ def write_ranking_report(ranking, out_dir: str | Path, *, plan=None, top: int = 
     atomic_write_bytes(out / "report.html", page.encode())
     files += [out / "report.md", out / "report.html"]
     write_json(out / REPORT_MARKER, {"schema": REPORT_SCHEMA, "files": [p.name for p in files]})
-    return ReportResult(str(out), [str(p) for p in files])
+    return ReportResult(str(out), [str(p) for p in files], notes)

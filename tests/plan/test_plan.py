@@ -48,7 +48,7 @@ def test_top_k_and_no_entrance():
 
 
 def test_rules_follow_the_contract():
-    plan = build_plan(_ranking(), top_k=1, fmt="nvfp4", act_format=None)
+    plan = build_plan(_ranking(), top_k=1, fmt="nvfp4", act_format=None, rank_format="hif4")
     data = plan.to_dict()
     assert data["schema"] == "sensq.plan/1"
     assert data["rules"][0] == {"match": "high:patch_embedding", "weight": None, "activation": None,

@@ -77,3 +77,34 @@ def test_report_draws_rankings_whose_values_are_all_zero_nan_or_inf(tmp_path, va
     # a heatmap only where some value is finite; the table shows the values as they are
     assert (tmp_path / "rep" / "high_heatmap.png").exists() == (value == 0.0)
     assert f"| {value:.4g} |" in (tmp_path / "rep" / "report.md").read_text()
+
+
+def test_report_says_when_plan_and_ranking_disagree_and_follows_the_plans_format(tmp_path):
+    from sensq.plan import Plan
+
+    ranking = _ranking()
+    for layers in ranking.experts.values():
+        for position, layer in enumerate(layers):
+            layer.value["nvfp4"] = layer.value["hif4"]
+            layer.rank["nvfp4"] = len(layers) - position  # the reverse order
+            layer.per_step["nvfp4"] = layer.per_step["hif4"]
+    ranking.formats = ["hif4", "nvfp4"]
+    ranking.provenance["model_fingerprint"] = "a" * 16
+    plan = build_plan(ranking, top_k=1, fmt="nvfp4")
+    assert plan.source["ranking_format"] == "nvfp4"
+    result = write_ranking_report(ranking, tmp_path / "same", plan=plan)
+    assert result.notes == []
+    markdown = (tmp_path / "same" / "report.md").read_text()
+    assert markdown.index("`blocks.1.l4`") < markdown.index("`patch_embedding`")  # nvfp4 order, not hif4's
+    other = Plan(plan.rules, plan.layers, plan.summary, {"id": "other", "fingerprint": "b" * 16},
+                 {**plan.source, "ranking_format": "int4"})
+    result = write_ranking_report(ranking, tmp_path / "other", plan=other)
+    assert len(result.notes) == 2 and "made for model 'other'" in result.notes[0] and "int4" in result.notes[1]
+    assert "Note:</b> the plan was made for model" in (tmp_path / "other" / "report.html").read_text()
+
+
+def test_plan_follows_its_formats_own_ranking_or_refuses():
+    ranking = _ranking()
+    with pytest.raises(InputError, match="the ranking has no 'nvfp4' scores .*rank with --format nvfp4"):
+        build_plan(ranking, top_k=1, fmt="nvfp4")
+    assert build_plan(ranking, top_k=1, fmt="nvfp4", rank_format="hif4").source["ranking_format"] == "hif4"
