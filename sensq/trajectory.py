@@ -102,10 +102,24 @@ class Trajectory:
 
     @classmethod
     def from_dict(cls, data: dict) -> Trajectory:
+        """The trajectory a file recorded (probe, ranking, generation manifest).
+
+        Raises:
+            InputError: not an object, unknown fields, or values the trajectory refuses.
+        """
+        if not isinstance(data, dict):
+            raise InputError(f"a recorded trajectory must be an object, got {type(data).__name__}")
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise InputError(f"the recorded trajectory has an unknown field {unknown[0]!r}")
         data = dict(data)
         if data.get("sigmas") is not None:
             data["sigmas"] = tuple(data["sigmas"])
-        return cls(**data)
+        try:
+            return cls(**data)
+        except TypeError as error:
+            raise InputError(f"the recorded trajectory is malformed: {error}") from None
 
     def digest(self) -> str:
         return hashlib.sha256(json.dumps(self.to_dict(), sort_keys=True).encode()).hexdigest()[:16]
