@@ -108,10 +108,6 @@ class FormatSpec:
     mx_variant: MXVariant | None = None
 
     @property
-    def is_identity_on_bf16(self) -> bool:
-        return self.family is Family.BF16
-
-    @property
     def has_groupsize_option(self) -> bool:
         return self.family in (Family.INT, Family.FP8)
 

@@ -106,5 +106,8 @@ def reduce_steps(per_step: np.ndarray, sigmas: np.ndarray, how: str) -> float:
         return float(np.nanmean(finite)) if np.isfinite(finite).any() else math.inf
     if how == "max":
         return float(np.nanmax(finite)) if np.isfinite(finite).any() else math.inf
-    weights = 1.0 / np.maximum(sigmas, 1e-6)
-    return float(np.sum(weights * per_step) / np.sum(weights))
+    keep = np.isfinite(per_step)  # as for mean and max: a non-finite step does not count
+    if not keep.any():
+        return math.inf
+    weights = 1.0 / np.maximum(np.asarray(sigmas, dtype=np.float64)[keep], 1e-6)
+    return float(np.sum(weights * per_step[keep]) / np.sum(weights))

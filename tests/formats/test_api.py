@@ -94,7 +94,7 @@ def test_zero_dim_tensor_is_refused():
 def test_empty_tensor_returns_an_empty_copy(shape):
     x = torch.zeros(shape)
     y = quantize_dequantize(x, "hif4")
-    assert y.shape == x.shape and y.dtype == x.dtype and y.data_ptr() != x.data_ptr() or x.numel() == 0
+    assert y.shape == x.shape and y.dtype == x.dtype and y is not x  # empty storage has no address to compare
 
 
 def test_not_a_tensor_is_refused():

@@ -69,6 +69,13 @@ def test_reductions():
     # weights 1/0.9 and 1/0.1: the late step dominates
     assert reduce_steps(per_step, np.array([0.9, 0.1]), "late-weighted") == pytest.approx((2 / 0.9 + 6 / 0.1) /
                                                                                            (1 / 0.9 + 1 / 0.1))
+    # a non-finite step is left out by every reduction alike; all non-finite is inf
+    broken = np.array([[1.0, 3.0], [np.inf, np.inf], [5.0, 7.0]])
+    sigmas = np.array([0.9, 0.5, 0.1])
+    for how, expected in (("mean", 4.0), ("max", 6.0),
+                          ("late-weighted", (2 / 0.9 + 6 / 0.1) / (1 / 0.9 + 1 / 0.1))):
+        assert reduce_steps(broken, sigmas, how) == pytest.approx(expected), how
+        assert reduce_steps(np.full((2, 2), np.nan), sigmas[:2], how) == np.inf, how
 
 
 @pytest.mark.parametrize("metric", ["mse", "sqnr", "cosine"])
