@@ -8,7 +8,6 @@ table and a Markdown + self-contained HTML report.
 from __future__ import annotations
 
 import dataclasses
-import functools
 import html
 import json
 import math
@@ -23,7 +22,7 @@ import sensq
 from sensq.errors import InputError
 from sensq.eval import evaluate_fidelity
 from sensq.generate import GenerateRequest, generate
-from sensq.plan import Plan, Rule, build_plan, model_layers, resolve, summarize, validate_plan
+from sensq.plan import Plan, Rule, build_plan, model_layers, summarize, summary_on_a14b, validate_plan
 from sensq.quant import dequantize_
 from sensq.quant.apply import apply_plan
 from sensq.stats import bootstrap_mean, format_interval, paired_difference
@@ -178,7 +177,7 @@ def run_ablation(model, trajectory, prompts, sets: list[ProtectedSet], out: Path
             "effective_bits": summary["total"]["effective_bits"],
             "weight_bytes": summary["total"]["weight_bytes_after"],
             "weight_bytes_bf16": summary["total"]["weight_bytes_before"],
-            "a14b": _on_a14b(protected.plan),
+            "a14b": summary_on_a14b(protected.plan),
             **_aggregate(per_item),
         })
         if progress is not None:
@@ -298,29 +297,6 @@ def headline(result: dict) -> dict:
         out["best_fixed_set"] = rival["set"]
         out["gain_over_best_fixed"] = gain.to_dict() | {"significant": gain.excludes_zero} if gain else None
     return out
-
-
-def _on_a14b(plan: Plan) -> dict | None:
-    """The same rules resolved on Wan2.2-T2V-A14B's real layer inventory (meta device): the effective bits and
-    weight GB the plan would give there. None when the rules leave an A14B layer undecided."""
-    experts = sorted({row["expert"] for row in plan.layers}) or ["high", "low"]
-    layers = _a14b_layers(tuple(experts))
-    try:
-        table, _ = resolve(plan.rules, layers)
-    except InputError:
-        return None
-    total = summarize(table, layers)["total"]
-    return {"effective_bits": total["effective_bits"], "weight_gb": total["weight_bytes_after"] / 1e9,
-            "weight_gb_bf16": total["weight_bytes_before"] / 1e9, "protected_share": total["protected_share"]}
-
-
-@functools.lru_cache(maxsize=4)
-def _a14b_layers(experts: tuple[str, ...]) -> list:
-    from sensq.models.wan import a14b_expert_on_meta
-    from sensq.plan import layer_infos
-
-    module = a14b_expert_on_meta()
-    return layer_infos({expert: module for expert in experts})
 
 
 def hash_rules(plan: Plan) -> int:

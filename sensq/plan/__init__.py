@@ -305,6 +305,29 @@ def validate_plan(plan: Plan, layers: list[LayerInfo]) -> list[dict]:
     return table
 
 
+def summary_on_a14b(plan: Plan) -> dict | None:
+    """The same rules resolved on Wan2.2-T2V-A14B's real layer inventory (meta device): the effective bits and
+    weight GB the plan would give there. None when the rules leave an A14B layer undecided."""
+    experts = sorted({row["expert"] for row in plan.layers}) or ["high", "low"]
+    layers = _a14b_layers(tuple(experts))
+    try:
+        table, _ = resolve(plan.rules, layers)
+    except InputError:
+        return None
+    total = summarize(table, layers)["total"]
+    return {"effective_bits": total["effective_bits"], "weight_gb": total["weight_bytes_after"] / 1e9,
+            "weight_gb_bf16": total["weight_bytes_before"] / 1e9, "protected_share": total["protected_share"]}
+
+
+@functools.lru_cache(maxsize=4)
+def _a14b_layers(experts: tuple[str, ...]) -> list:
+    from sensq.models.wan import a14b_expert_on_meta
+    from sensq.plan import layer_infos
+
+    module = a14b_expert_on_meta()
+    return layer_infos({expert: module for expert in experts})
+
+
 _EXPERT_ATTR = {"high": "transformer", "low": "transformer_2"}
 
 

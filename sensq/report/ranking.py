@@ -96,6 +96,31 @@ def plan_mismatches(ranking, plan) -> list[str]:
     return notes
 
 
+def ranking_headline(ranking, plan, fmt: str) -> list[str]:
+    """What a reader needs first: per expert the most sensitive layers; with a plan, what it protects and what
+    that costs here and, with the same rules, on Wan2.2-T2V-A14B; and how to measure what it buys (a ranking
+    predicts, only an ablation measures)."""
+    lines = []
+    for expert in ranking.experts:
+        top = [layer.name for layer in ranking.ordered(expert, fmt)[:3]]
+        lines.append(f"Most sensitive in the {expert}-noise expert ({ranking.metric}, {fmt}): " + ", ".join(top) + ".")
+    if plan is not None and plan.summary:
+        kept = ", ".join(f"{e}: {len(plan.protected(e))} layers ({plan.summary[e]['protected_share']:.1%} of its "
+                         "parameters)" for e in ranking.experts if e in plan.summary)
+        total = plan.summary["total"]
+        lines.append(f"The plan keeps in high precision {kept}: {total['effective_bits']:.2f} effective bits per "
+                     f"weight, {total['weight_bytes_after'] / 1e6:.2f} MB of weights here (BF16 "
+                     f"{total['weight_bytes_before'] / 1e6:.2f} MB).")
+        from sensq.plan import summary_on_a14b
+
+        a14b = summary_on_a14b(plan)
+        if a14b:
+            lines.append(f"The same rules on Wan2.2-T2V-A14B: {a14b['effective_bits']:.2f} bits, "
+                         f"{a14b['weight_gb']:.1f} GB of expert weights (BF16 {a14b['weight_gb_bf16']:.1f} GB).")
+    lines.append("What protection buys is measured, with intervals, by sensq ablate on this ranking.")
+    return lines
+
+
 def write_ranking_report(ranking, out_dir: str | Path, *, plan=None, top: int = 20,
                          commands: list[str] | None = None) -> ReportResult:
     """Write PNGs, ``report.md`` and a self-contained ``report.html`` into ``out_dir``.
@@ -146,14 +171,17 @@ def write_ranking_report(ranking, out_dir: str | Path, *, plan=None, top: int = 
     agreement = json.dumps(ranking.agreement, indent=1) if ranking.agreement else ""
     reproduce = "\n".join(commands or [])
     title = f"sensq ranking: {ranking.metric} ({ranking.reduce}), {', '.join(ranking.formats)}"
+    headline = ranking_headline(ranking, plan, fmt)
+    headline_md = "".join(f"* {line}\n" for line in headline) + "\n"
+    headline_html = "<ul>" + "".join(f"<li>{html.escape(line)}</li>" for line in headline) + "</ul>"
     warning_md = "".join(f"> **Note:** {note}.\n\n" for note in notes)
     warning_html = "".join(f"<p style='background:#fff3cd;padding:6px'><b>Note:</b> {html.escape(note)}.</p>"
                            for note in notes)
-    markdown = (f"# {title}\n\n" + warning_md + "\n".join(sections_md)
+    markdown = (f"# {title}\n\n" + warning_md + headline_md + "\n".join(sections_md)
                 + (f"\n## Format agreement\n\n```json\n{agreement}\n```\n" if agreement else "")
                 + f"\n## Provenance\n\n```json\n{provenance}\n```\n"
                 + (f"\n## Reproduce\n\n```bash\n{reproduce}\n```\n" if reproduce else ""))
-    page = html_page(title, warning_html + "".join(sections_html)
+    page = html_page(title, warning_html + headline_html + "".join(sections_html)
                      + (f"<h2>Format agreement</h2><pre>{html.escape(agreement)}</pre>" if agreement else "")
                      + f"<h2>Provenance</h2><pre>{html.escape(provenance)}</pre>"
                      + (f"<h2>Reproduce</h2><pre>{html.escape(reproduce)}</pre>" if reproduce else ""))
