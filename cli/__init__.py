@@ -52,7 +52,7 @@ def main() -> None:
     """sensq: which layers of a video diffusion transformer can run in 4 bits.
 
     \b
-    Everything at once, on an embedded model (about 15 s on 2 CPU cores; see sensq demo --help):
+    Everything at once, on an embedded model (about 40 s on 2 CPU cores; see sensq demo --help):
       sensq demo --out sensq-demo
     \b
     The method, step by step:
