@@ -55,7 +55,7 @@ def apply_plan(plan_file, model, device, dtype, lora_high, lora_low, probe_file,
     from sensq.quant.apply import apply_plan as run_apply
     from sensq.quant.calibrate import summarize_calibration
     from sensq.quant.checkpoint import CHECKPOINT_SCHEMA, save_quantized
-    from sensq.store.files import check_output_folder, output_lock
+    from sensq.store.files import check_output_folder, make_parent, output_lock
 
     plan = Plan.load(plan_file)
     check_output_folder(out, "manifest.json", CHECKPOINT_SCHEMA, "checkpoint")  # before any work
@@ -63,7 +63,7 @@ def apply_plan(plan_file, model, device, dtype, lora_high, lora_low, probe_file,
         from sensq.store.probe_file import ProbeFile
 
         ProbeFile(probe_file).close()  # a missing, damaged or unsafe probe file is refused before loading the model
-    out.parent.mkdir(parents=True, exist_ok=True)
+    make_parent(out)
     with output_lock(out):
         loaded = load_cli_model(model, device, dtype, lora_high, lora_low)
         device = loaded.device

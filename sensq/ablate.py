@@ -21,7 +21,7 @@ import numpy as np
 import sensq
 from sensq.errors import InputError
 from sensq.eval import evaluate_fidelity
-from sensq.generate import GenerateRequest, generate
+from sensq.generate import GenerateRequest, config_digest, generate
 from sensq.plan import Plan, Rule, build_plan, model_layers, summarize, summary_on_a14b, validate_plan
 from sensq.quant import dequantize_
 from sensq.quant.apply import apply_plan
@@ -102,9 +102,6 @@ SEED_STRIDE = 10007
 """Seed bases of an ablation's seed sets: ``trajectory.seed + k * SEED_STRIDE`` (prompt ``i`` then uses base + i,
 as in every sensq generation), so that no two (prompt, seed) pairs of different sets collide."""
 
-QUALITY_METRICS = ("latent_nmse", "psnr", "ssim")
-
-
 def seed_bases(trajectory, seeds: int) -> list[int]:
     return [trajectory.seed + k * SEED_STRIDE for k in range(seeds)]
 
@@ -151,7 +148,7 @@ def run_ablation(model, trajectory, prompts, sets: list[ProtectedSet], out: Path
         folder.mkdir(parents=True, exist_ok=True)
         protected.plan.layers, protected.plan.summary = table, summary
         protected.plan.save(folder / "plan.json")
-        digest = f"{slug(protected.name)}:{hash_rules(protected.plan)}:{hash_text(json.dumps(deploy, sort_keys=True))}"
+        digest = f"{slug(protected.name)}:{hash_rules(protected.plan)}:{config_digest(deploy)}"
         requests = [GenerateRequest(model, dataclasses.replace(trajectory, seed=base), prompts, folder / f"seed-{base}",
                                     label=protected.name, plan_digest=digest, write_video=write_video)
                     for base in bases]
@@ -201,15 +198,9 @@ def run_ablation(model, trajectory, prompts, sets: list[ProtectedSet], out: Path
     return result
 
 
-def hash_text(text: str) -> str:
-    import hashlib
-
-    return hashlib.sha256(text.encode()).hexdigest()[:12]
-
-
 def generation_complete(request: GenerateRequest) -> bool:
     """True when ``request.out`` already holds every prompt of ``request`` for this very configuration."""
-    from sensq.generate import MANIFEST, config_digest, request_config
+    from sensq.generate import MANIFEST, request_config
 
     path = request.out / MANIFEST
     if not path.is_file():

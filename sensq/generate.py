@@ -28,6 +28,7 @@ from sensq.store.files import (
     check_output_folder,
     describe_os_error,
     inside,
+    make_parent,
     output_lock,
     read_json,
     write_json,
@@ -119,10 +120,7 @@ def generate(request: GenerateRequest, progress: Callable[[int, int, Prompt], No
         raise InputError(f"--fps must be at least 1, got {request.fps}")
     if request.write_video:
         _check_video_backend()  # before any work
-    try:
-        out.parent.mkdir(parents=True, exist_ok=True)
-    except OSError as error:
-        raise OutputError(describe_os_error(error, out)) from None
+    make_parent(out)
     with output_lock(out):
         return _generate(request, progress)
 
@@ -140,14 +138,12 @@ def _generate(request: GenerateRequest, progress: Callable[[int, int, Prompt], N
         raise OutputError(describe_os_error(error, out)) from None
     manifest_path = out / MANIFEST
     if manifest_path.exists():
-        manifest = read_json(manifest_path, GENERATION_SCHEMA, "generation manifest")
-        if manifest.get("config_digest") != digest:
+        manifest = load_generation(out)
+        if manifest["config_digest"] != digest:
             raise InputError(
-                f"{str(out)!r} holds generations of another configuration (digest {manifest.get('config_digest')} "
+                f"{str(out)!r} holds generations of another configuration (digest {manifest['config_digest']} "
                 f"!= {digest}: model, plan, trajectory or prompts differ); a folder never mixes two: use another --out"
             )
-        if not isinstance(manifest.get("items"), dict):
-            raise InputError(f"{str(manifest_path)!r} is not a valid generation manifest: 'items' must be an object")
     else:
         manifest = {"schema": GENERATION_SCHEMA, "sensq_version": sensq.__version__, "config_digest": digest,
                     "config": config, "items": {}}

@@ -20,7 +20,6 @@ experiment format; same outputs).
 from __future__ import annotations
 
 import contextlib
-import errno
 import json
 import re
 import shutil
@@ -40,6 +39,8 @@ from sensq.store.files import (
     describe_os_error,
     file_digest,
     inside,
+    is_disk_full,
+    make_parent,
     output_lock,
     remove_stale_siblings,
     replace_folder,
@@ -90,11 +91,8 @@ def save_quantized(model, out_dir: str | Path, *, plan, calibration: dict, fake:
             sensq command; the disk filled up (the old checkpoint is kept, nothing half-written is left).
     """
     out = check_output_folder(out_dir, "manifest.json", CHECKPOINT_SCHEMA, "checkpoint")
-    try:
-        out.parent.mkdir(parents=True, exist_ok=True)
-    except OSError as error:
-        raise OutputError(describe_os_error(error, out)) from None
-    with output_lock(out) if lock else _no_lock():
+    make_parent(out)
+    with output_lock(out) if lock else contextlib.nullcontext():
         remove_stale_siblings(out)
         tmp = temporary_sibling(out, ".tmp")
         tmp.mkdir(parents=True)
@@ -103,19 +101,13 @@ def save_quantized(model, out_dir: str | Path, *, plan, calibration: dict, fake:
             replace_folder(tmp, out)
         except (OSError, SafetensorError) as error:  # a full disk, most often: nothing half-written is left
             shutil.rmtree(tmp, ignore_errors=True)
-            if isinstance(error, SafetensorError) and "os error 28" not in str(error):
+            if isinstance(error, SafetensorError) and not is_disk_full(error):
                 raise
-            raise OutputError(describe_os_error(error if isinstance(error, OSError) else OSError(errno.ENOSPC, ""),
-                                                out)) from None
+            raise OutputError(describe_os_error(error, out)) from None
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
     return manifest
-
-
-@contextlib.contextmanager
-def _no_lock():
-    yield
 
 
 def _write_checkpoint(model, tmp: Path, *, plan, calibration: dict, fake: bool) -> dict:
@@ -289,7 +281,7 @@ def load_quantized(path: str | Path, device: torch.device | str = "cpu", dtype: 
             with safe_open(str(weights_path), "pt") as f:
                 headers = json.loads((f.metadata() or {}).get("sensq.packed", "{}"))
                 tensors = {key: f.get_tensor(key) for key in f.keys()}
-        except (OSError, ValueError) as error:  # SafetensorError is a ValueError/OSError subclass by version
+        except (OSError, ValueError, SafetensorError) as error:  # SafetensorError derives from Exception only
             raise InputError(f"checkpoint file {str(weights_path)!r} cannot be read ({error})") from None
         expected = {key: tuple(value.shape) for key, value in module.state_dict().items()}
         state = {}

@@ -21,7 +21,6 @@ import errno
 import glob
 import hashlib
 import json
-import math
 import os
 import shutil
 import tempfile
@@ -31,22 +30,29 @@ from pathlib import Path
 from sensq.errors import InputError, OutputError
 
 
-def describe_os_error(error: OSError, path: str | Path, needed: int | None = None) -> str:
-    """One line for an OSError met while writing ``path``: what, where, and the fix (``needed``: the bytes the
-    output takes, when known)."""
+def is_disk_full(error: BaseException) -> bool:
+    """An ENOSPC, also as HDF5 and safetensors report it (the errno inside their messages)."""
+    return getattr(error, "errno", None) == errno.ENOSPC or any(text in str(error)
+                                                                 for text in ("errno = 28", "os error 28"))
+
+
+def describe_os_error(error: BaseException, path: str | Path, needed: int | None = None) -> str:
+    """One line for an OSError (or a library's wrapped one) met while writing ``path``: what, where, and the fix
+    (``needed``: the bytes the output takes, when known)."""
     where = repr(str(path))
-    if error.errno == errno.ENOSPC or "errno = 28" in str(error):  # HDF5 reports the errno in its message
+    if is_disk_full(error):
         free = _free_bytes(Path(path))
         wanted = f", about {needed / 1e6:.1f} MB needed" if needed else ""
         return (f"disk full while writing {where} ({free / 1e6:.1f} MB free{wanted}); free some space and run the "
                 "same command again (what was complete is kept)")
-    if error.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+    code = getattr(error, "errno", None)
+    if code in (errno.EACCES, errno.EPERM, errno.EROFS):
         return f"cannot write {where}: {error.strerror}; choose another --out or fix the permissions"
-    if error.errno == errno.EISDIR:
+    if code == errno.EISDIR:
         return f"cannot write {where}: it is a folder; choose another --out"
-    if error.errno == errno.ENOTDIR:
+    if code == errno.ENOTDIR:
         return f"cannot write {where}: a part of that path is a file, not a folder; choose another --out"
-    return f"cannot write {where}: {error.strerror or error}"
+    return f"cannot write {where}: {getattr(error, 'strerror', None) or error}"
 
 
 def _free_bytes(path: Path) -> int:
@@ -60,7 +66,7 @@ def _free_bytes(path: Path) -> int:
 def temporary_sibling(path: str | Path, suffix: str = ".tmp") -> Path:
     """A unique, not yet existing name next to ``path`` (hidden, ``.<name>.<random><suffix>``)."""
     path = Path(path)
-    fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix, dir=path.parent if str(path.parent) else ".")
+    fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix, dir=path.parent)
     os.close(fd)
     os.unlink(name)
     return Path(name)
@@ -80,10 +86,9 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> None:
         OutputError: the folder is missing or unwritable, the disk is full (nothing is left behind).
     """
     path = Path(path)
-    parent = path.parent if str(path.parent) else Path(".")
     tmp_name = None
     try:
-        fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=parent)
+        fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
         os.fchmod(fd, 0o666 & ~_umask())  # mkstemp makes 0600 files; outputs get the usual permissions
         with os.fdopen(fd, "wb") as f:
             f.write(data)
@@ -151,18 +156,16 @@ def _forbidden_folder(path: Path) -> bool:
     return resolved in {Path("/").resolve(), Path.cwd().resolve(), Path.home().resolve()} or resolved.parent == resolved
 
 
-def check_output_file(path: str | Path, schema: str | None, kind: str, *, overwrite: bool = False,
-                      recognise=None) -> Path:
+def check_output_file(path: str | Path, schema: str | None, kind: str, *, recognise=None) -> Path:
     """Check, before any work, that ``path`` can take a new ``kind`` file: its folder exists and is
-    writable, and an existing file there is sensq's own ``schema`` document (replaced) or
-    ``overwrite`` is set. ``schema=None``: an existing file is replaced only with ``overwrite`` or when
-    ``recognise(path)`` says sensq wrote it.
+    writable, and an existing file there is sensq's own ``schema`` document (replaced), or, with
+    ``schema=None``, one that ``recognise(path)`` says sensq wrote.
 
     Raises:
         OutputError: a missing or unwritable folder, a folder at ``path``, someone else's file.
     """
     path = Path(path)
-    parent = path.parent if str(path.parent) else Path(".")
+    parent = path.parent
     if path.is_dir():
         raise OutputError(f"--out {str(path)!r} is a folder; give a file name such as {str(path / 'out.json')!r}")
     if not parent.is_dir():
@@ -170,7 +173,7 @@ def check_output_file(path: str | Path, schema: str | None, kind: str, *, overwr
         raise OutputError(f"cannot write {str(path)!r}: the folder {str(parent)!r} {what}")
     if not os.access(parent, os.W_OK | os.X_OK):
         raise OutputError(f"cannot write {str(path)!r}: the folder {str(parent)!r} is not writable")
-    if path.exists() and not overwrite:
+    if path.exists():
         if not path.is_file():
             raise OutputError(f"--out {str(path)!r} exists and is not a regular file; choose another --out")
         own = recognise(path) if recognise is not None else (schema is not None and json_schema_of(path) == schema)
@@ -182,11 +185,10 @@ def check_output_file(path: str | Path, schema: str | None, kind: str, *, overwr
     return path
 
 
-def check_output_folder(path: str | Path, marker: str, schema: str, kind: str, *, allow_other: tuple[str, ...] = ()
-                        ) -> Path:
+def check_output_folder(path: str | Path, marker: str, schema: str, kind: str) -> Path:
     """Check, before any work, that the folder ``path`` can take a ``kind``: missing, empty, or one that
-    sensq wrote (``marker`` inside it has ``schema``, or one of ``allow_other``). Never ``.``, ``/`` or
-    the home folder, never a file.
+    sensq wrote (``marker`` inside it has ``schema``, or the folder was claimed for it by
+    :func:`claim_output_folder`). Never ``.``, ``/`` or the home folder, never a file.
 
     Raises:
         OutputError: any other existing folder or file, an unwritable parent.
@@ -199,7 +201,7 @@ def check_output_folder(path: str | Path, marker: str, schema: str, kind: str, *
         raise OutputError(f"--out {str(path)!r} is a file, not a folder; choose another --out")
     if path.is_dir() and any(path.iterdir()):
         found = {json_schema_of(path / marker) if (path / marker).is_file() else None, _claimed_kind(path)}
-        if schema not in found and not found & set(allow_other):
+        if schema not in found:
             raise OutputError(f"{str(path)!r} exists and is not a {kind} sensq wrote (no {marker} with schema "
                               f"{schema!r}); it is left as it is: choose another --out")
     for candidate in (path, *path.absolute().parents):
@@ -253,6 +255,18 @@ def remove_stale_siblings(out: Path) -> list[Path]:
     return removed
 
 
+def make_parent(path: Path) -> None:
+    """Create the folder that will hold ``path`` (and its parents).
+
+    Raises:
+        OutputError: it cannot be created (a file in the way, permissions, a full disk).
+    """
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise OutputError(describe_os_error(error, path)) from None
+
+
 def replace_folder(tmp: Path, out: Path) -> None:
     """Move the complete folder ``tmp`` to ``out``, keeping an existing ``out`` until the move is done
     (it is renamed aside, then removed): at every moment a complete folder exists on disk."""
@@ -292,7 +306,7 @@ def output_lock(path: str | Path) -> Iterator[None]:
     import fcntl
 
     path = Path(path)
-    parent = path.parent if str(path.parent) else Path(".")
+    parent = path.parent
     lock_path = parent / f".{path.name}.lock"
     if not parent.is_dir():
         raise OutputError(f"output folder {str(parent)!r} does not exist" if not parent.exists() else
@@ -325,17 +339,6 @@ def output_lock(path: str | Path) -> Iterator[None]:
         with contextlib.suppress(OSError):
             os.unlink(lock_path)
         os.close(fd)
-
-
-def finite_or_raise(value: float, what: str) -> float:
-    """``value`` when finite.
-
-    Raises:
-        InputError: NaN or infinite (named by ``what``).
-    """
-    if not math.isfinite(value):
-        raise InputError(f"{what} must be a finite number, got {value!r}")
-    return value
 
 
 def inside(folder: str | Path, relative: object, what: str) -> Path:

@@ -204,7 +204,7 @@ class ProbeWriter:
         self.planned_bytes = (self.planned_bytes or 0) + needed
         from sensq.store.files import ensure_free_space
 
-        ensure_free_space(self.path.parent if str(self.path.parent) else Path("."), needed,
+        ensure_free_space(self.path.parent, needed,
                           f"the {expert!r} expert's part of {str(self.path)!r} ({n_prompts} prompts)", yes=yes)
         for stat, key in stats + ((("outputs", "output"),) if outputs else ()):
             _create_allocated(group, stat, lead + (int(sum(sizes[key])),), np.float32)
