@@ -93,31 +93,34 @@ def _hif4_qdq_kernel(x_ptr, out_ptr, rows, length, blocks_per_row, BLOCK: tl.con
 
 
 @triton.jit
-def _hif4_pack_kernel(x_ptr, header_ptr, codes_ptr, rows, length, blocks_per_row, BLOCK: tl.constexpr):
-    """Spec §6 fields: header int32 [G, 3] = (scale code, lv2 bits, lv3 bits); codes uint8 [G, 32]."""
+def _hif4_pack_kernel(x_ptr, blocks_ptr, rows, length, blocks_per_row, BLOCK: tl.constexpr):
+    """Spec §6 layout, 36 bytes per 64-block: scale code | lv2 bits | lv3 bits (u16, little endian) | 32 code
+    bytes (element k in byte k // 2, low nibble = even k)."""
     x, group, row, cols, mask = _load_blocks(x_ptr, rows, length, blocks_per_row, BLOCK)
     q4, lv2, lv2_per4, lv3, sf, m, exponent, has_nan = _hif4_tile(x, BLOCK)
     valid = group < rows * blocks_per_row
     scale_code = tl.where(has_nan, 0xFF, (exponent + 48) * 4 + m)
     lv2_bits = tl.where(has_nan, 0, tl.sum(tl.where(lv2 == 2.0, 1, 0) * (1 << tl.arange(0, 8))[None, :], axis=1))
     lv3_bits = tl.where(has_nan, 0, tl.sum(tl.where(lv3 == 2.0, 1, 0) * (1 << tl.arange(0, 16))[None, :], axis=1))
-    tl.store(header_ptr + group * 3, scale_code, mask=valid)
-    tl.store(header_ptr + group * 3 + 1, lv2_bits, mask=valid)
-    tl.store(header_ptr + group * 3 + 2, lv3_bits, mask=valid)
+    base = blocks_ptr + group.to(tl.int64) * 36
+    tl.store(base, scale_code.to(tl.uint8), mask=valid)
+    tl.store(base + 1, lv2_bits.to(tl.uint8), mask=valid)
+    tl.store(base + 2, (lv3_bits & 0xFF).to(tl.uint8), mask=valid)
+    tl.store(base + 3, (lv3_bits >> 8).to(tl.uint8), mask=valid)
     # nibble = sign << 3 | q4 (sign from x < 0: -0.0 and NaN give 0); 0 in NaN blocks and the padding
     nibble = tl.where(x < 0, 8, 0) + q4.to(tl.int32)
     nibble = tl.where(has_nan[:, None] | (cols >= length), 0, nibble)
     low, high = tl.split(tl.reshape(nibble, (BLOCK, 32, 2)))
     byte = (low | (high << 4)).to(tl.uint8)
-    tl.store(codes_ptr + group[:, None].to(tl.int64) * 32 + tl.arange(0, 32)[None, :], byte, mask=valid[:, None])
+    tl.store(base[:, None] + 4 + tl.arange(0, 32)[None, :], byte, mask=valid[:, None])
 
 
 @triton.jit
-def _hif4_linear_kernel(x_ptr, header_ptr, codes_ptr, bias_ptr, out_ptr, M, N, K, KB,
+def _hif4_linear_kernel(x_ptr, blocks_ptr, bias_ptr, out_ptr, M, N, K, KB,
                         HAS_BIAS: tl.constexpr, DOT_BF16: tl.constexpr, BLOCK_M: tl.constexpr,
                         BLOCK_N: tl.constexpr):
     """out[M, N] = Q(x)[M, K] @ W[N, K]^T + bias: activations HiF4-quantized on the fly per token (one
-    64-block per K step), weights decoded from packed HiF4 (spec §6), fp32 accumulation.
+    64-block per K step), weights decoded from their 36-byte packed blocks (spec §6), fp32 accumulation.
 
     Every decoded operand is exactly a bf16 value (<= 6 significant bits), so a bf16 dot with fp32
     accumulation computes exact products; only the accumulation order differs from F.linear.
@@ -131,13 +134,12 @@ def _hif4_linear_kernel(x_ptr, header_ptr, codes_ptr, bias_ptr, out_ptr, M, N, K
         x = tl.load(x_ptr + rm[:, None].to(tl.int64) * K + k[None, :], mask=(rm[:, None] < M) & (k[None, :] < K),
                     other=0.0).to(tl.float32)
         x_q = _hif4_dequantized_tile(x, BLOCK_M)
-        block = rn.to(tl.int64) * KB + kb
+        base = blocks_ptr + (rn.to(tl.int64) * KB + kb) * 36
         valid = rn < N
-        code = tl.load(header_ptr + block * 3, mask=valid, other=0)
-        lv2 = tl.load(header_ptr + block * 3 + 1, mask=valid, other=0)
-        lv3 = tl.load(header_ptr + block * 3 + 2, mask=valid, other=0)
-        packed = tl.load(codes_ptr + block[:, None] * 32 + tl.arange(0, 32)[None, :], mask=valid[:, None],
-                         other=0).to(tl.int32)
+        code = tl.load(base, mask=valid, other=0).to(tl.int32)
+        lv2 = tl.load(base + 1, mask=valid, other=0).to(tl.int32)
+        lv3 = tl.load(base + 2, mask=valid, other=0).to(tl.int32) | (tl.load(base + 3, mask=valid, other=0).to(tl.int32) << 8)
+        packed = tl.load(base[:, None] + 4 + tl.arange(0, 32)[None, :], mask=valid[:, None], other=0).to(tl.int32)
         nibble = tl.reshape(tl.join(packed & 0xF, packed >> 4), (BLOCK_N, 64))
         sf = (1.0 + (code & 3).to(tl.float32) * 0.25) * _pow2((code >> 2) - 48)
         sf = tl.where(code == 0xFF, float("nan"), sf)
@@ -154,25 +156,27 @@ def _hif4_linear_kernel(x_ptr, header_ptr, codes_ptr, bias_ptr, out_ptr, M, N, K
     tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=(rm[:, None] < M) & (rn[None, :] < N))
 
 
-def hif4_linear(x: torch.Tensor, header: torch.Tensor, codes: torch.Tensor, bias: torch.Tensor | None,
-                out_features: int, *, block_m: int = 64, block_n: int = 64) -> torch.Tensor:
-    """``F.linear(Q_hif4(x), W, bias)`` with ``W`` given packed (``pack_fields`` of ``[N, K]``).
-
-    The output has ``x``'s dtype (bf16 out for bf16 in), accumulation in fp32.
+def hif4_linear(x: torch.Tensor, blocks: torch.Tensor, bias: torch.Tensor | None, out_features: int, *,
+                block_m: int = 64, block_n: int = 64) -> torch.Tensor:
+    """``F.linear(Q_hif4(x), W, bias)`` with ``W`` ``[N, K]`` given as its packed blocks: uint8
+    ``[N, ceil(K/64), 36]`` (``pack_blocks``, or ``sensq.formats.pack(W, "hif4").data["blocks"]``: the same
+    bytes). The output has ``x``'s dtype (bf16 out for bf16 in), accumulation in fp32.
     """
     import os
 
     lead, in_features = x.shape[:-1], x.shape[-1]
     rows = x.detach().reshape(-1, in_features).contiguous()
     n_rows = rows.shape[0]
+    n_blocks = -(-in_features // 64)
+    if tuple(blocks.shape) != (out_features, n_blocks, 36) or blocks.dtype != torch.uint8:
+        raise ValueError(f"packed HiF4 weight must be uint8 [{out_features}, {n_blocks}, 36]; got "
+                         f"{blocks.dtype} {list(blocks.shape)}")
     out = torch.empty((n_rows, out_features), dtype=x.dtype, device=x.device)
-    blocks = header.shape[1]
     grid = (triton.cdiv(n_rows, block_m), triton.cdiv(out_features, block_n))
     interpreted = os.environ.get("TRITON_INTERPRET") == "1"
     _hif4_linear_kernel[grid](
-        rows, header.contiguous(), codes.contiguous(), bias if bias is not None else rows, out, n_rows,
-        out_features, in_features, blocks, HAS_BIAS=bias is not None, DOT_BF16=not interpreted,
-        BLOCK_M=block_m, BLOCK_N=block_n,
+        rows, blocks.contiguous(), bias if bias is not None else rows, out, n_rows, out_features, in_features,
+        n_blocks, HAS_BIAS=bias is not None, DOT_BF16=not interpreted, BLOCK_M=block_m, BLOCK_N=block_n,
     )
     return out.reshape(*lead, out_features)
 
@@ -193,14 +197,13 @@ def quantize_dequantize(x: torch.Tensor, spec: FormatSpec, dim: int) -> torch.Te
     return out.reshape(moved_shape).movedim(-1, dim).to(x.dtype).contiguous()
 
 
-def pack_fields(x: torch.Tensor, dim: int) -> tuple[torch.Tensor, torch.Tensor, int]:
-    """HiF4 fields of ``x`` along ``dim``: header int32 ``[rows, blocks, 3]`` (scale code, lv2 bits,
-    lv3 bits) and codes uint8 ``[rows, blocks, 32]``; plus the number of rows."""
+def pack_blocks(x: torch.Tensor, dim: int) -> torch.Tensor:
+    """HiF4 of ``x`` along ``dim`` in the spec §6 layout: uint8 ``[rows, ceil(length/64), 36]``, the same bytes
+    as ``sensq.formats.pack(x, "hif4").data["blocks"]`` (tested), computed on the tensor's device."""
     rows, _ = _rows(x, dim)
     n_rows, length = rows.shape
     blocks_per_row = -(-length // 64)
-    header = torch.empty((n_rows * blocks_per_row, 3), dtype=torch.int32, device=rows.device)
-    codes = torch.empty((n_rows * blocks_per_row, 32), dtype=torch.uint8, device=rows.device)
+    blocks = torch.empty((n_rows * blocks_per_row, 36), dtype=torch.uint8, device=rows.device)
     grid = (triton.cdiv(n_rows * blocks_per_row, BLOCK_G),)
-    _hif4_pack_kernel[grid](rows, header, codes, n_rows, length, blocks_per_row, BLOCK=BLOCK_G)
-    return header.reshape(n_rows, blocks_per_row, 3), codes.reshape(n_rows, blocks_per_row, 32), n_rows
+    _hif4_pack_kernel[grid](rows, blocks, n_rows, length, blocks_per_row, BLOCK=BLOCK_G)
+    return blocks.reshape(n_rows, blocks_per_row, 36)

@@ -174,3 +174,21 @@ def unpack(packed: PackedTensor) -> torch.Tensor:
         meta = {k: v for k, v in packed.data.items() if k != "codes"}
         encoded = reference.Encoded(codes.reshape(rows, n_blocks, block), meta)
     return from_blocks(reference.decode(encoded, spec), layout, packed.dtype)
+
+
+def unpack_into(packed: PackedTensor, out: torch.Tensor) -> torch.Tensor:
+    """:func:`unpack` written into ``out`` (``packed.dtype``, ``numel`` of the original, contiguous): the
+    per-forward decode of a deployed layer, into a reused scratch. HiF4 weights packed along their last
+    dim decode with the numba kernel on the CPU (float32 and bfloat16); everything else through
+    :func:`unpack`. Bit for bit the same values either way (tested)."""
+    from sensq import kernels
+
+    layout = packed.layout
+    if (packed.fmt.family is Family.HIF4 and out.device.type == "cpu" and packed.dim == len(packed.shape) - 1
+            and out.dtype in (torch.float32, torch.bfloat16) and kernels.numba_available()):
+        from sensq.kernels import cpu
+
+        cpu.unpack_hif4(packed.data["blocks"].reshape(layout.rows, layout.n_blocks, HIF4_BLOCK_BYTES),
+                        out.view(layout.rows, layout.length))
+        return out.view(packed.shape)
+    return out.view(packed.shape).copy_(unpack(packed))

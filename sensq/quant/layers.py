@@ -81,9 +81,8 @@ class QuantLinear(torch.nn.Linear):
             # buffers, so that .to(device) moves them with the layer
             from sensq.kernels import triton_hif4
 
-            header, codes, _ = triton_hif4.pack_fields(clip_rows(linear.weight.detach(), quant.weight_clip), dim=1)
-            quant.register_buffer("packed_header", header, persistent=False)
-            quant.register_buffer("packed_codes", codes, persistent=False)
+            blocks = triton_hif4.pack_blocks(clip_rows(linear.weight.detach(), quant.weight_clip), dim=1)
+            quant.register_buffer("packed_blocks", blocks, persistent=False)
         return quant
 
     def to_linear(self) -> torch.nn.Linear:
@@ -97,8 +96,8 @@ class QuantLinear(torch.nn.Linear):
         if self.fused:
             from sensq.kernels import triton_hif4
 
-            return triton_hif4.hif4_linear(clip_rows(x, self.act_clip), self.packed_header, self.packed_codes,
-                                           self.bias, self.out_features)
+            return triton_hif4.hif4_linear(clip_rows(x, self.act_clip), self.packed_blocks, self.bias,
+                                           self.out_features)
         x = fake_quantize(x, self.act_format, self.act_clip, self.backend)
         return F.linear(x, self.weight_q.to(x.dtype), self.bias)
 

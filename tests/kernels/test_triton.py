@@ -43,19 +43,15 @@ def test_quantize_equals_reference(dtype, shape, dim):
                     quantize_dequantize(x, "hif4", dim=dim, backend="reference"), f"{shape} {dtype}")
 
 
-@pytest.mark.parametrize("shape", [(5, 100), (3, 64), (17, 200), (1, 1)])
-def test_pack_fields_equal_the_reference_encoding(shape):
+@pytest.mark.parametrize("shape,dim", [((5, 100), 1), ((3, 64), 1), ((17, 200), 1), ((1, 1), 1), ((130, 7), 0)])
+def test_pack_blocks_are_the_bytes_of_sensq_pack(shape, dim):
     x = _awkward(shape, seed=3)
-    header, codes, _ = triton_hif4.pack_fields(x.to(DEVICE), dim=1)
-    encoded = encode(to_blocks(x, 1, 64)[0], HIF4)
-    assert torch.equal(header[..., 0].cpu(), encoded.meta["scale"].int())
-    assert torch.equal(header[..., 1].cpu(), encoded.meta["lv2"].int())
-    assert torch.equal(header[..., 2].cpu(), encoded.meta["lv3"].int())
-    low, high = encoded.codes[..., 0::2], encoded.codes[..., 1::2]
-    assert torch.equal(codes.cpu(), low | (high << 4))
-    # the same bytes as sensq.formats.pack's spec §6 layout
-    blocks = pack(x, "hif4").data["blocks"]
-    assert torch.equal(blocks[..., 4:], codes.cpu()) and torch.equal(blocks[..., 0].int(), header[..., 0].cpu())
+    x[0, 0] = float("nan")  # a NaN block: scale code 0xFF, zero codes
+    blocks = triton_hif4.pack_blocks(x.to(DEVICE), dim=dim).cpu()
+    assert torch.equal(blocks, pack(x, "hif4", dim=dim).data["blocks"])
+    encoded = encode(to_blocks(x, dim, 64)[0], HIF4)
+    assert torch.equal(blocks[..., 0].int(), encoded.meta["scale"].int())
+    assert torch.equal(blocks[..., 2].int() | (blocks[..., 3].int() << 8), encoded.meta["lv3"].int())
 
 
 LINEAR_TOLERANCE = "|out - ref| <= K * 2^-23 * (|Q(x)| @ |W|^T) + 1e-6 (fp32 accumulation order)"
@@ -68,8 +64,8 @@ def test_fused_linear_matches_f_linear_on_dequantized_operands(m, k, n, bias):
     x = torch.randn(m, k, generator=g)
     weight = torch.randn(n, k, generator=g) * 0.1
     b = torch.randn(n, generator=g) if bias else None
-    header, codes, _ = triton_hif4.pack_fields(weight.to(DEVICE), dim=1)
-    out = triton_hif4.hif4_linear(x.to(DEVICE), header, codes, b.to(DEVICE) if bias else None, n).cpu()
+    blocks = triton_hif4.pack_blocks(weight.to(DEVICE), dim=1)
+    out = triton_hif4.hif4_linear(x.to(DEVICE), blocks, b.to(DEVICE) if bias else None, n).cpu()
     x_q, w_q = quantize_dequantize(x, "hif4"), unpack(pack(weight, "hif4"))
     reference = F.linear(x_q, w_q, b)
     bound = (x_q.abs() @ w_q.abs().T) * k * 2.0**-23 + 1e-6
@@ -98,8 +94,7 @@ def test_real_shapes_on_gpu(m, k, n):
     weight = torch.randn(n, k, device="cuda", dtype=torch.bfloat16) * 0.02
     assert_bitexact(quantize_dequantize(x, "hif4", backend="triton"),
                     quantize_dequantize(x, "hif4", backend="reference"), "quantize")
-    header, codes, _ = triton_hif4.pack_fields(weight, dim=1)
-    out = triton_hif4.hif4_linear(x, header, codes, None, n).float()
+    out = triton_hif4.hif4_linear(x, triton_hif4.pack_blocks(weight, dim=1), None, n).float()
     x_q = quantize_dequantize(x, "hif4").float()
     w_q = quantize_dequantize(weight, "hif4").float()
     reference = F.linear(x_q, w_q)
