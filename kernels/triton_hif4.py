@@ -138,7 +138,8 @@ def _hif4_linear_kernel(x_ptr, blocks_ptr, bias_ptr, out_ptr, M, N, K, KB,
         valid = rn < N
         code = tl.load(base, mask=valid, other=0).to(tl.int32)
         lv2 = tl.load(base + 1, mask=valid, other=0).to(tl.int32)
-        lv3 = tl.load(base + 2, mask=valid, other=0).to(tl.int32) | (tl.load(base + 3, mask=valid, other=0).to(tl.int32) << 8)
+        lv3 = tl.load(base + 2, mask=valid, other=0).to(tl.int32)
+        lv3 = lv3 | (tl.load(base + 3, mask=valid, other=0).to(tl.int32) << 8)
         packed = tl.load(base[:, None] + 4 + tl.arange(0, 32)[None, :], mask=valid[:, None], other=0).to(tl.int32)
         nibble = tl.reshape(tl.join(packed & 0xF, packed >> 4), (BLOCK_N, 64))
         sf = (1.0 + (code & 3).to(tl.float32) * 0.25) * _pow2((code >> 2) - 48)

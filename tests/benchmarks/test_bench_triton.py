@@ -79,6 +79,6 @@ def test_linear_fused_w4a4(benchmark, linear):
     name, x, weight = linear
     benchmark.group = f"linear M={M} {name} ({torch.cuda.get_device_name()})"
     blocks = triton_hif4.pack_blocks(weight, dim=1)
-    benchmark.extra_info["weight_bytes_packed"] = header.numel() // 3 * 4 + codes.numel()
+    benchmark.extra_info["weight_bytes_packed"] = blocks.numel()
     benchmark.extra_info["weight_bytes_bf16"] = weight.numel() * 2
     benchmark(_sync, triton_hif4.hif4_linear, x, blocks, None, weight.shape[0])

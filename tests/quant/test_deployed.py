@@ -2,8 +2,8 @@
 
 import pytest
 import torch
-
 from conftest import awkward_tensor
+
 from sensq.formats import get_format, pack, unpack
 from sensq.formats.packing import unpack_into
 from sensq.quant import QuantLinear, QuantPatchConv3d
