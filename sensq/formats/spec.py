@@ -108,6 +108,16 @@ class FormatSpec:
     mx_variant: MXVariant | None = None
 
     @property
+    def identity(self) -> str:
+        """The name that selects exactly this format: the registry name, plus ``@<group size>`` (or
+        ``@channel``) when the group size is not the registry's (``int4@16``, ``fp8_e4m3@128``).
+        ``get_format(spec.identity) == spec``; rules, rankings, checkpoints and exports record it."""
+        default = _REGISTRY[self.name].block_size if self.name in _REGISTRY else self.block_size
+        if self.block_size == default:
+            return self.name
+        return f"{self.name}@{'channel' if self.block_size is None else self.block_size}"
+
+    @property
     def has_groupsize_option(self) -> bool:
         return self.family in (Family.INT, Family.FP8)
 
@@ -271,14 +281,27 @@ def get_format(name: str | FormatSpec, *, group_size: int | None | object = _UNS
     """Look up a format by name.
 
     Args:
-        name: a registry name (see :func:`format_names`) or a ``FormatSpec`` (returned as is,
-            or with the group size replaced).
+        name: a registry name (see :func:`format_names`), optionally with a group size as
+            ``FormatSpec.identity`` writes it (``int4@16``, ``int8@64``, ``fp8_e4m3@channel``), or a
+            ``FormatSpec`` (returned as is, or with the group size replaced).
         group_size: for ``int4``, ``int8`` and ``fp8_e4m3`` only: elements per scale along the
             grouped dim, or ``None`` for one scale per whole dim (per channel / per token).
 
     Raises:
         FormatError: unknown name, or a group size the format does not have.
     """
+    if isinstance(name, str) and "@" in name:
+        base, _, size = name.partition("@")
+        if size == "channel":
+            group: int | None = None
+        elif size.isdigit() and int(size) > 0:
+            group = int(size)
+        else:
+            raise FormatError(f"format {name!r}: the group size after '@' is a positive number or 'channel' "
+                              "(int4@16, fp8_e4m3@channel)")
+        if group_size is not _UNSET and group_size != group:
+            raise FormatError(f"format {name!r} names group size {size}; got group_size={group_size!r} too")
+        return get_format(base, group_size=group)
     if isinstance(name, FormatSpec):
         spec = name
     else:

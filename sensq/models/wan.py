@@ -123,16 +123,21 @@ def _available_memory(device: torch.device) -> int | None:
 
 
 def quantizable_layers(expert: torch.nn.Module) -> list[tuple[str, torch.nn.Module]]:
-    """Every ``nn.Linear`` and the patch-embedding ``Conv3d`` of an expert, in registration order.
+    """Every ``nn.Linear`` and the patch-embedding ``Conv3d`` of an expert, in registration order, and
+    their deployed forms (:mod:`sensq.quant.deployed`) in a loaded checkpoint: probing a deployed model
+    sees the same layers as probing its source.
 
     Raises:
         ValueError: the expert still holds unfused LoRA layers (fuse and unload them first).
     """
+    from sensq.quant.deployed import is_deployed
+
     layers = []
     for name, module in expert.named_modules():
         if ".lora_A" in name or ".lora_B" in name or name.endswith(".base_layer"):
             raise ValueError(f"layer {name!r} is part of an unfused LoRA: fuse_lora() and unload_lora_weights() first")
-        if isinstance(module, torch.nn.Linear) or (isinstance(module, torch.nn.Conv3d) and name == "patch_embedding"):
+        if (isinstance(module, torch.nn.Linear) or is_deployed(module)
+                or (isinstance(module, torch.nn.Conv3d) and name == "patch_embedding")):
             layers.append((name, module))
     return layers
 

@@ -281,8 +281,12 @@ def layer_infos(experts: dict) -> list[LayerInfo]:
     infos = []
     for expert, module in experts.items():
         for name, layer in quantizable_layers(module):
-            infos.append(LayerInfo(expert, name, sum(p.numel() for p in layer.parameters(recurse=False)),
-                                   int(layer.weight[0].numel())))
+            if hasattr(layer, "weight_shape"):  # a deployed layer: its packed weight has no Parameter
+                rows, cols = layer.weight_shape
+                size = rows * cols + (0 if layer.bias is None else layer.bias.numel())
+            else:
+                size, cols = sum(p.numel() for p in layer.parameters(recurse=False)), layer.weight[0].numel()
+            infos.append(LayerInfo(expert, name, size, int(cols)))
     return infos
 
 

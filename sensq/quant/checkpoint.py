@@ -32,7 +32,7 @@ from safetensors.torch import save_file
 
 import sensq
 from sensq.errors import InputError, OutputError
-from sensq.formats import PackedTensor, pack, unpack
+from sensq.formats import PackedTensor, pack
 from sensq.quant.layers import clip_rows, is_quantized, quantize_module, swap
 from sensq.store.files import (
     check_output_folder,
@@ -135,8 +135,8 @@ def _write_checkpoint(model, tmp: Path, *, plan, calibration: dict, fake: bool) 
                 continue
             weight = layer.weight.detach()
             flat = weight.reshape(weight.shape[0], -1)
-            entry = {"weight": layer.weight_format.name if layer.weight_format else None,
-                     "activation": layer.act_format.name if layer.act_format else None,
+            entry = {"weight": layer.weight_format.identity if layer.weight_format else None,
+                     "activation": layer.act_format.identity if layer.act_format else None,
                      "weight_clip": layer.weight_clip, "act_clip": layer.act_clip,
                      **_calibration_entry(calibration, expert, name)}
             layers_manifest[f"{expert}:{name}"] = entry
@@ -257,11 +257,13 @@ def read_manifest(path: str | Path, verify: bool = True) -> dict:
 def load_quantized(path: str | Path, device: torch.device | str = "cpu", dtype: torch.dtype | None = None):
     """Load a checkpoint folder into a runnable pipeline with the quantized layers in place.
 
-    Returns a :class:`sensq.models.LoadedModel`. Quantized weights are unpacked once (never
-    re-quantized: HiF4 is not idempotent), so outputs equal the in-memory quantized model's.
+    Returns a :class:`sensq.models.LoadedModel`. Packed weights become deployed layers
+    (:mod:`sensq.quant.deployed`) built straight from the file's packed tensors: the dense weight of a
+    quantized layer is never materialized, and it is never re-quantized (HiF4 is not idempotent), so
+    outputs equal the in-memory quantized model's bit for bit. A ``fake`` checkpoint (dequantized weights)
+    loads as simulation layers.
     """
-    from accelerate import init_empty_weights
-    from diffusers import WanPipeline, WanTransformer3DModel
+    from diffusers import WanPipeline
 
     from sensq.models import LoadedModel, WanAdapter, _resolution_for, model_fingerprint, quiet_hf_progress
 
@@ -273,73 +275,128 @@ def load_quantized(path: str | Path, device: torch.device | str = "cpu", dtype: 
         if expert not in adapter.expert_attrs or adapter.expert_attrs[expert] != attr:
             raise InputError(f"checkpoint {str(folder)!r} names expert {expert!r} -> {attr!r}; this model family has "
                              + ", ".join(f"{e} -> {a}" for e, a in adapter.expert_attrs.items()))
-        config = WanTransformer3DModel.load_config(str(folder / attr))
-        with init_empty_weights(include_buffers=False):
-            module = WanTransformer3DModel.from_config(config)
-        weights_path = folder / attr / WEIGHTS_FILE
-        try:
-            with safe_open(str(weights_path), "pt") as f:
-                headers = json.loads((f.metadata() or {}).get("sensq.packed", "{}"))
-                tensors = {key: f.get_tensor(key) for key in f.keys()}
-        except (OSError, ValueError, SafetensorError) as error:  # SafetensorError derives from Exception only
-            raise InputError(f"checkpoint file {str(weights_path)!r} cannot be read ({error})") from None
-        expected = {key: tuple(value.shape) for key, value in module.state_dict().items()}
-        state = {}
-        unpacked: dict[str, torch.Tensor] = {}
-        if not isinstance(headers, dict):
-            raise InputError(f"checkpoint file {str(weights_path)!r} has malformed packing headers")
-        for name, header in headers.items():
-            prefix = f"{name}.weight."
-            data = {key[len(prefix):]: tensors.pop(key) for key in list(tensors) if key.startswith(prefix)}
-            shape = tuple(header.get("layer_shape", ())) if isinstance(header, dict) else ()
-            if f"{name}.weight" not in expected:
-                raise InputError(f"checkpoint {str(folder)!r} packs a weight for {expert}:{name}, a layer its config "
-                                 "does not have")
-            if shape != expected[f"{name}.weight"]:
-                raise InputError(f"checkpoint {str(folder)!r} packs {expert}:{name} as {list(shape)} but its config "
-                                 f"needs {list(expected[f'{name}.weight'])}")
-            try:
-                packed = PackedTensor.from_header(header, data)
-                unpacked[name] = unpack(packed).reshape(shape)
-            except (KeyError, ValueError, TypeError, RuntimeError, InputError) as error:
-                raise InputError(f"checkpoint {str(folder)!r}: the packed weight of {expert}:{name} does not fit its "
-                                 f"header ({error})") from None
-            state[f"{name}.weight"] = unpacked[name]
-        state.update(tensors)
-        for key, tensor in state.items():
-            if key in expected and tuple(tensor.shape) != expected[key]:
-                raise InputError(f"checkpoint {str(folder)!r} holds {attr}.{key} as {list(tensor.shape)} but its "
-                                 f"config needs {list(expected[key])}")
-        missing, unexpected = module.load_state_dict(state, strict=False, assign=True)
-        if missing or unexpected:
-            raise InputError(f"checkpoint {str(folder)!r} does not fit its config: missing {missing[:3]}, "
-                             f"unexpected {unexpected[:3]}")
-        for qualified, entry in manifest["layers"].items():
-            owner, _, name = qualified.partition(":")
-            if owner != expert:
-                continue
-            try:
-                layer = module.get_submodule(name)
-            except AttributeError:
-                raise InputError(f"checkpoint {str(folder)!r} lists layer {qualified!r}, which its config does not "
-                                 "have") from None
-            weight_q = unpacked.get(name) if name in unpacked else (
-                layer.weight.detach() if entry["weight"] is not None else None)
-            swap(module, name, quantize_module(layer, entry["weight"], entry["activation"],
-                                               act_clip=entry["act_clip"], weight_clip=entry["weight_clip"],
-                                               weight_q=weight_q))
-        experts[attr] = module.eval()
+        experts[attr] = _load_expert(folder, manifest, expert, attr)
     with quiet_hf_progress():
         pipe = WanPipeline.from_pretrained(str(folder / "pipeline"), use_safetensors=True, local_files_only=True,
                                            **experts)
     pipe.to(device=device)
-    if dtype is not None and dtype != next(experts["transformer"].parameters()).dtype:
-        raise InputError(f"this checkpoint holds {next(experts['transformer'].parameters()).dtype} weights; "
-                         f"load it without --dtype or write another checkpoint in {dtype}")
+    stored = next(experts["transformer"].parameters()).dtype
+    if dtype is not None and dtype != stored:
+        raise InputError(f"this checkpoint holds {stored} weights; load it without --dtype or write another "
+                         f"checkpoint in {dtype}")
     pipe.set_progress_bar_config(disable=True)
-    dtype = next(experts["transformer"].parameters()).dtype
     source = manifest.get("source_model", {})
     return LoadedModel(pipe, adapter, str(folder), model_fingerprint(pipe, adapter), _resolution_for(pipe, adapter),
-                       torch.device(device), dtype, loras=source.get("loras", {}),
+                       torch.device(device), stored, loras=source.get("loras", {}),
                        source_id=source.get("source_id") or source.get("id", ""))
 
+
+def _read_weights(weights_path: Path) -> tuple[dict, dict[str, torch.Tensor]]:
+    try:
+        with safe_open(str(weights_path), "pt") as f:
+            headers = json.loads((f.metadata() or {}).get("sensq.packed", "{}"))
+            tensors = {key: f.get_tensor(key) for key in f.keys()}
+    except (OSError, ValueError, SafetensorError) as error:  # SafetensorError derives from Exception only
+        raise InputError(f"checkpoint file {str(weights_path)!r} cannot be read ({error})") from None
+    if not isinstance(headers, dict) or not all(isinstance(h, dict) for h in headers.values()):
+        raise InputError(f"checkpoint file {str(weights_path)!r} has malformed packing headers")
+    return headers, tensors
+
+
+def _load_expert(folder: Path, manifest: dict, expert: str, attr: str) -> torch.nn.Module:
+    """One expert: built on the meta device from its config, packed layers deployed from their packed
+    tensors, the rest of the state dict assigned, then the simulation layers of unpacked entries."""
+    from accelerate import init_empty_weights
+    from diffusers import WanTransformer3DModel
+
+    from sensq.formats import get_format
+    from sensq.quant.deployed import PackedLinear, PackedPatchConv3d
+
+    config = WanTransformer3DModel.load_config(str(folder / attr))
+    with init_empty_weights(include_buffers=False):
+        module = WanTransformer3DModel.from_config(config)
+    headers, tensors = _read_weights(folder / attr / WEIGHTS_FILE)
+    expected = {key: tuple(value.shape) for key, value in module.state_dict().items()}
+    entries = {qualified.partition(":")[2]: entry for qualified, entry in manifest["layers"].items()
+               if qualified.partition(":")[0] == expert}
+    deployed = set()
+    for name, header in headers.items():
+        where = f"checkpoint {str(folder)!r}: {expert}:{name}"
+        if f"{name}.weight" not in expected:
+            raise InputError(f"checkpoint {str(folder)!r} packs a weight for {expert}:{name}, a layer its config "
+                             "does not have")
+        shape = tuple(header.get("layer_shape", ()))
+        if shape != expected[f"{name}.weight"]:
+            raise InputError(f"checkpoint {str(folder)!r} packs {expert}:{name} as {list(shape)} but its config "
+                             f"needs {list(expected[f'{name}.weight'])}")
+        entry = entries.get(name)
+        if entry is None:
+            raise InputError(f"{where} is packed but the manifest does not list it")
+        prefix = f"{name}.weight."
+        data = {key[len(prefix):]: tensors.pop(key) for key in list(tensors) if key.startswith(prefix)}
+        try:
+            packed = PackedTensor.from_header(header, data)
+            _check_packed(packed)
+            listed = get_format(entry["weight"]).identity if entry["weight"] is not None else None
+        except (KeyError, ValueError, TypeError, RuntimeError) as error:
+            raise InputError(f"{where}: the packed weight does not fit its header ({error})") from None
+        if packed.fmt.identity != listed:
+            raise InputError(f"{where} is packed as {packed.fmt.identity} but the manifest says {listed}; the "
+                             "checkpoint is inconsistent: write it again")
+        bias = tensors.pop(f"{name}.bias", None)
+        if (bias is None) != (f"{name}.bias" not in expected):
+            which = "missing" if bias is None else "unexpected"
+            raise InputError(f"checkpoint {str(folder)!r} does not fit its config: {which} ['{name}.bias']")
+        if bias is not None and tuple(bias.shape) != expected[f"{name}.bias"]:
+            raise InputError(f"checkpoint {str(folder)!r} holds {attr}.{name}.bias as {list(bias.shape)} but its "
+                             f"config needs {list(expected[f'{name}.bias'])}")
+        kwargs = {"act_clip": entry["act_clip"], "weight_clip": entry["weight_clip"]}
+        layer = module.get_submodule(name)
+        if isinstance(layer, torch.nn.Conv3d):
+            flat = PackedTensor(packed.fmt, (shape[0], int(torch.tensor(shape[1:]).prod())), 1, packed.dtype,
+                                packed.data)
+            new = PackedPatchConv3d.from_packed(flat, bias, entry["activation"], conv_shape=shape,
+                                                kernel_size=layer.kernel_size, **kwargs)
+        else:
+            new = PackedLinear.from_packed(packed, bias, entry["activation"], **kwargs)
+        swap(module, name, new)
+        deployed.add(name)
+    for key, tensor in tensors.items():
+        if key in expected and tuple(tensor.shape) != expected[key]:
+            raise InputError(f"checkpoint {str(folder)!r} holds {attr}.{key} as {list(tensor.shape)} but its "
+                             f"config needs {list(expected[key])}")
+    missing, unexpected = module.load_state_dict(tensors, strict=False, assign=True)
+    missing = [key for key in missing if key.rpartition(".")[0] not in deployed]
+    if missing or unexpected:
+        raise InputError(f"checkpoint {str(folder)!r} does not fit its config: missing {missing[:3]}, "
+                         f"unexpected {unexpected[:3]}")
+    for name, entry in entries.items():
+        if name in deployed:
+            continue
+        try:
+            layer = module.get_submodule(name)
+        except AttributeError:
+            raise InputError(f"checkpoint {str(folder)!r} lists layer '{expert}:{name}', which its config does not "
+                             "have") from None
+        if entry["weight"] is not None and manifest.get("packed", True):
+            raise InputError(f"checkpoint {str(folder)!r}: {expert}:{name} is quantized to {entry['weight']} but its "
+                             "packed weight is missing; write the checkpoint again")
+        # a fake checkpoint stores the dequantized weight: use it as is (never re-quantize)
+        weight_q = layer.weight.detach() if entry["weight"] is not None else None
+        swap(module, name, quantize_module(layer, entry["weight"], entry["activation"], act_clip=entry["act_clip"],
+                                           weight_clip=entry["weight_clip"], weight_q=weight_q))
+    return module.eval()
+
+
+def _check_packed(packed: PackedTensor) -> None:
+    """Every stored field has the size its header implies (a short field would decode garbage)."""
+    layout = packed.layout
+    if packed.fmt.family.value == "hif4":
+        want = {"blocks": layout.rows * layout.n_blocks * 36}
+    else:
+        bits = packed.fmt.element_bits
+        want = {"codes": layout.rows * ((layout.n_blocks * layout.block * bits + 7) // 8)}
+    for field, numel in want.items():
+        got = packed.data[field].numel() * packed.data[field].element_size()
+        if got != numel:
+            raise ValueError(f"field {field!r} holds {got} bytes, the header needs {numel}")

@@ -150,8 +150,8 @@ class PackedLinear(_PackedWeight):
         return F.linear(x, self.decoded_weight().to(x.dtype), self.bias)
 
     def extra_repr(self) -> str:
-        act = self.act_format.name if self.act_format else None
-        return (f"{self.in_features}, {self.out_features}, weight={self.weight_format.name} packed "
+        act = self.act_format.identity if self.act_format else None
+        return (f"{self.in_features}, {self.out_features}, weight={self.weight_format.identity} packed "
                 f"({self.packed_bytes} bytes), act={act} (clip {self.act_clip:g})")
 
 

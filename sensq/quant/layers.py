@@ -102,8 +102,8 @@ class QuantLinear(torch.nn.Linear):
         return F.linear(x, self.weight_q.to(x.dtype), self.bias)
 
     def extra_repr(self) -> str:
-        w = self.weight_format.name if self.weight_format else None
-        a = self.act_format.name if self.act_format else None
+        w = self.weight_format.identity if self.weight_format else None
+        a = self.act_format.identity if self.act_format else None
         return (f"{self.in_features}, {self.out_features}, weight={w} (clip {self.weight_clip:g}), "
                 f"act={a} (clip {self.act_clip:g})")
 

@@ -87,7 +87,7 @@ def layer_scores(module: torch.nn.Module, samples: np.ndarray, formats: list[For
             else:
                 approx = F.linear(x_q, quantize_dequantize(weight, fmt, backend=backend), bias)
                 values = [_value(metric, reference[g], approx[g]) for g in groups]
-        out[fmt.name] = np.array(values, dtype=np.float64).reshape(steps, branches)
+        out[fmt.identity] = np.array(values, dtype=np.float64).reshape(steps, branches)
     return LocalScores(out)
 
 

@@ -268,7 +268,7 @@ def _rank_e2e(request, probe, model, expert, expert_module, layer_names, formats
     )
     values = {}
     for fmt in formats:
-        values[fmt.name] = e2e_scores(
+        values[fmt.identity] = e2e_scores(
             model.pipe, expert_module, layer_names, job, fmt, mode=request.mode, granularity=request.granularity,
             backend=request.backend,
             progress=None if progress is None else (lambda i, n: progress(f"{expert} e2e", i, n)),

@@ -31,6 +31,25 @@ def test_group_size_option():
         get_format("int4", group_size=0)
 
 
+def test_identity_names_the_group_size_and_round_trips():
+    for name in format_names():
+        spec = get_format(name)
+        assert spec.identity == name and get_format(spec.identity) == spec
+    assert get_format("int4", group_size=16).identity == "int4@16"
+    assert get_format("fp8_e4m3", group_size=None).identity == "fp8_e4m3"  # per channel is its default
+    assert get_format("fp8_e4m3", group_size=128).identity == "fp8_e4m3@128"
+    for identity in ("int4@16", "int8@64", "fp8_e4m3@32", "int4@channel"):
+        assert get_format(identity).identity == identity
+    assert get_format("int4@16").block_size == 16 and get_format("int4@channel").block_size is None
+    for bad in ("int4@0", "int4@x", "int4@", "int4@-8"):
+        with pytest.raises(FormatError, match="positive number or 'channel'"):
+            get_format(bad)
+    with pytest.raises(FormatError, match="names group size 16"):
+        get_format("int4@16", group_size=32)
+    with pytest.raises(FormatError):
+        get_format("hif4@16")  # hif4 has no group-size option
+
+
 def test_bits_per_element():
     assert get_format("hif4").bits_per_element() == 4.5
     assert get_format("mxfp4").bits_per_element() == 4.25

@@ -93,6 +93,62 @@ def test_fake_checkpoint_gives_the_same_outputs(probed, tmp_path):
     assert torch.equal(_latents(load_quantized(tmp_path / "fake"), trajectory), expected)
 
 
+def test_checkpoint_loads_as_deployed_layers_without_dense_weights(probed, tmp_path):
+    """A quantized layer of a loaded checkpoint holds only its packed weight; probing sees every layer."""
+    from sensq.models import quantizable_layers
+    from sensq.plan import model_layers
+    from sensq.quant.deployed import PackedLinear, PackedPatchConv3d
+
+    model = load_model("tiny", torch.device("cpu"), torch.float32)
+    before = model_layers(model)
+    plan = Plan([Rule("re:high:blocks\\.0\\..*", None, None), Rule("re:(high|low):.*", "hif4", "hif4")])
+    _, calibration = apply_plan(model, plan)
+    save_quantized(model, tmp_path / "ckpt", plan=plan, calibration=calibration)
+    loaded = load_quantized(tmp_path / "ckpt")
+    high, low = loaded.pipe.transformer, loaded.pipe.transformer_2
+    assert isinstance(high.blocks[1].attn1.to_q, PackedLinear) and isinstance(low.patch_embedding, PackedPatchConv3d)
+    assert type(high.blocks[0].attn1.to_q) is torch.nn.Linear  # protected: dense, untouched
+    state = high.state_dict()
+    assert "blocks.1.attn1.to_q.weight" not in state and "blocks.1.attn1.to_q.packed_blocks" in state
+    assert not hasattr(high.blocks[1].attn1.to_q, "weight")
+    assert [(i.expert, i.name, i.params, i.in_features) for i in model_layers(loaded)] == \
+        [(i.expert, i.name, i.params, i.in_features) for i in before]
+    assert len(quantizable_layers(low)) == len(quantizable_layers(model.pipe.transformer_2))
+
+
+def test_group_size_survives_the_checkpoint(probed, tmp_path):
+    """int4@16 (not int4's registry group of 32) is what the checkpoint records, packs and loads."""
+    _, trajectory = probed
+    model = load_model("tiny", torch.device("cpu"), torch.float32)
+    plan = Plan([Rule("re:high:.*", "int4@16", None), Rule("re:low:.*", "int4@channel", "fp8_e4m3")])
+    _, calibration = apply_plan(model, plan)
+    assert model.pipe.transformer.blocks[1].ffn.net[2].weight_format.identity == "int4@16"
+    expected = _latents(model, trajectory)
+    manifest = save_quantized(model, tmp_path / "ckpt", plan=plan, calibration=calibration)
+    assert manifest["layers"]["high:blocks.1.attn1.to_q"]["weight"] == "int4@16"
+    assert manifest["layers"]["low:blocks.1.attn1.to_q"]["weight"] == "int4@channel"
+    loaded = load_quantized(tmp_path / "ckpt")
+    assert loaded.pipe.transformer.blocks[1].attn1.to_q.weight_format.block_size == 16
+    assert loaded.pipe.transformer_2.blocks[1].attn1.to_q.weight_format.block_size is None
+    assert torch.equal(_latents(loaded, trajectory), expected)
+
+
+def test_manifest_that_contradicts_the_packed_header_is_refused(probed, tmp_path):
+    model = load_model("tiny", torch.device("cpu"), torch.float32)
+    _, calibration = apply_plan(model, PLAN)
+    save_quantized(model, tmp_path / "ckpt", plan=PLAN, calibration=calibration)
+    manifest_path = tmp_path / "ckpt" / "manifest.json"
+    manifest = json.loads(manifest_path.read_text())
+    manifest["layers"]["high:blocks.1.attn1.to_q"]["weight"] = "nvfp4"
+    manifest_path.write_text(json.dumps(manifest))
+    with pytest.raises(InputError, match="high:blocks.1.attn1.to_q is packed as hif4 but the manifest says nvfp4"):
+        load_quantized(tmp_path / "ckpt")
+    del manifest["layers"]["high:blocks.1.attn1.to_q"]
+    manifest_path.write_text(json.dumps(manifest))
+    with pytest.raises(InputError, match="high:blocks.1.attn1.to_q is packed but the manifest does not list it"):
+        load_quantized(tmp_path / "ckpt")
+
+
 def test_hif4_checkpoint_is_4_5_bits_per_parameter_at_real_widths(tmp_path):
     """tiny-realshape: every in_features is a multiple of 64, so no tail padding."""
     model = load_model("tiny-realshape", torch.device("cpu"), torch.float32)
