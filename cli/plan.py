@@ -27,7 +27,9 @@ import click
               help="Check an existing plan against --model: every rule must match a layer.")
 @click.option("--model", default="tiny", show_default=True, help="Model for --validate.")
 @click.option("--export", type=click.Choice(["torchao", "modelopt"]), default=None,
-              help="Also write the plan as a torchao FqnToConfig-style or ModelOpt-style mapping.")
+              help="Also write the plan in the library's own form, one file per expert module: torchao's "
+              "serialized FqnToConfig (OUT-stem.torchao.transformer.json) or a ModelOpt PTQ recipe "
+              "(OUT-stem.modelopt.transformer.yml). Exact layer names, no pipeline prefix.")
 @click.option("--out", type=click.Path(dir_okay=False, path_type=Path), default=Path("plan.json"), show_default=True)
 @click.option("--json", "as_json", is_flag=True, help="Print the plan (or the validation) as JSON.")
 def plan(ranking_file, budget, top_k, protect_entrance, protect, fmt, act_format, rank_format, validate_file, model,
@@ -42,11 +44,19 @@ def plan(ranking_file, budget, top_k, protect_entrance, protect, fmt, act_format
     \b
     Examples:
       sensq plan ranking.json --budget 5% --out plan.json
-      sensq plan ranking.json --top-k 4 --format nvfp4 --export modelopt
+      sensq plan ranking.json --top-k 4 --format nvfp4_ts --export modelopt
+
+    \b
+    Loading an export (apply each file to its own expert module):
+      quantize_(pipe.transformer, config_from_dict(json.load(open("plan.torchao.transformer.json"))),
+                filter_fn=None)                                   # torchao
+      mtq.quantize(pipe.transformer, load_recipe("plan.modelopt.transformer.yml").quantize, loop)  # ModelOpt
+    HiF4 has no equivalent in either library: those layers are named in one line and left out.
       sensq plan --validate plan.json --model ./Wan2.2-T2V-A14B-Diffusers
     """
     from sensq.errors import InputError
-    from sensq.plan import Plan, build_plan, export_modelopt, export_torchao, parse_budget
+    from sensq.plan import Plan, build_plan, parse_budget
+    from sensq.plan.exports import build_export, check_export_paths, write_export
 
     if validate_file is not None:
         _validate(validate_file, model, as_json)
@@ -62,23 +72,20 @@ def plan(ranking_file, budget, top_k, protect_entrance, protect, fmt, act_format
         raise InputError("give exactly one of --budget and --top-k")
     check_output_file(out, PLAN_SCHEMA, "plan")  # before any work
     if export:
-        check_output_file(out.with_name(f"{out.stem}.{export}.json"), f"sensq.export.{export}/1", f"{export} export")
+        check_export_paths(out, export, ranking.experts)
     result: Plan = build_plan(
         ranking, budget=parse_budget(budget) if budget is not None else None, top_k=top_k,
         protect_entrance=protect_entrance, protect=list(protect), fmt=fmt,
         act_format=None if act_format == "none" else act_format, rank_format=rank_format,
     )
     result.source["ranking_file"] = str(ranking_file)
+    exported = build_export(result, export) if export else None  # refuses before anything is written
     result.save(out)
-    if export:
-        from sensq.store.files import write_json
-
-        data = export_torchao(result) if export == "torchao" else export_modelopt(result)
-        write_json(out.with_name(f"{out.stem}.{export}.json"), {"schema": f"sensq.export.{export}/1", **data})
+    paths = write_export(exported, out) if exported else {}
     if as_json:
         click.echo(json.dumps(result.to_dict(), indent=1))
         return
-    _table(result, out, export and out.with_name(f"{out.stem}.{export}.json"))
+    _table(result, out, exported, paths)
 
 
 def _validate(path: Path, model_name: str, as_json: bool) -> None:
@@ -96,7 +103,7 @@ def _validate(path: Path, model_name: str, as_json: bool) -> None:
                f"({quantized} quantized, {len(table) - quantized} high precision)")
 
 
-def _table(plan, out: Path, export_path) -> None:
+def _table(plan, out: Path, exported, paths: dict) -> None:
     from rich.table import Table
 
     from sensq.cli.common import console as make_console
@@ -116,4 +123,8 @@ def _table(plan, out: Path, export_path) -> None:
         console.print(f"[bold]{expert}[/bold] keeps in high precision: " + ", ".join(plan.protected(expert)))
     for warning in plan.source.get("warnings", []):
         console.print(f"[yellow]warning:[/yellow] {warning}")
-    console.print(f"plan written to {out}" + (f"; export to {export_path}" if export_path else ""))
+    if exported is not None:
+        for line in exported.unsupported_lines():
+            console.print(f"[yellow]warning:[/yellow] {line}")
+    written = ", ".join(f"{attr}: {path}" for attr, path in paths.items())
+    console.print(f"plan written to {out}" + (f"; {exported.library} export ({written})" if paths else ""))

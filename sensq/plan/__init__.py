@@ -81,6 +81,7 @@ class LayerInfo:
     name: str
     params: int
     in_features: int
+    kind: str = "linear"  # or "conv3d" (the patch embedding): exports need it
 
 
 def resolve(rules: list[Rule], layers: list[LayerInfo]) -> tuple[list[dict], list[int]]:
@@ -102,7 +103,8 @@ def resolve(rules: list[Rule], layers: list[LayerInfo]) -> tuple[list[dict], lis
             if rule.matches(layer.expert, layer.name):
                 used[index] = True
                 table.append({"expert": layer.expert, "layer": layer.name, "weight": rule.weight,
-                              "activation": rule.activation, "params": layer.params, "rule": index})
+                              "activation": rule.activation, "params": layer.params, "kind": layer.kind,
+                              "rule": index})
                 break
         else:
             raise InputError(f"no rule of the plan matches {layer.expert}:{layer.name}; add a catch-all rule "
@@ -236,7 +238,8 @@ def build_plan(ranking, *, budget: float | None = None, top_k: int | None = None
         if any(layer.members for layer in ordered):
             raise InputError("this ranking scores whole blocks (--granularity block); plans need a per-layer "
                              "ranking")
-        infos += [LayerInfo(expert, layer.name, layer.params, layer.in_features) for layer in ordered]
+        infos += [LayerInfo(expert, layer.name, layer.params, layer.in_features, layer.kind)
+                  for layer in ordered]
         total = sum(layer.params for layer in ordered)
         chosen: list[tuple[str, str]] = []
         for layer in ordered:
@@ -286,7 +289,8 @@ def layer_infos(experts: dict) -> list[LayerInfo]:
                 size = rows * cols + (0 if layer.bias is None else layer.bias.numel())
             else:
                 size, cols = sum(p.numel() for p in layer.parameters(recurse=False)), layer.weight[0].numel()
-            infos.append(LayerInfo(expert, name, size, int(cols)))
+            kind = "conv3d" if hasattr(layer, "kernel_size") else "linear"  # Conv3d and its quantized forms
+            infos.append(LayerInfo(expert, name, size, int(cols), kind))
     return infos
 
 
@@ -330,40 +334,3 @@ def _a14b_layers(experts: tuple[str, ...]) -> list:
 
     module = a14b_expert_on_meta()
     return layer_infos({expert: module for expert in experts})
-
-
-_EXPERT_ATTR = {"high": "transformer", "low": "transformer_2"}
-
-
-def export_torchao(plan: Plan) -> dict:
-    """An ``FqnToConfig``-style mapping: pipeline-level module FQNs (or ``re:`` patterns) in rule order,
-    each to ``null`` (skip) or a description of the W/A formats for the user's own torchao config."""
-    mapping = {}
-    for rule in plan.rules:
-        config = None if rule.weight is None else {"weight": rule.weight, "activation": rule.activation}
-        if rule.match.startswith("re:"):
-            expert, _, pattern = rule.match[3:].partition(":")
-            key = f"re:{_EXPERT_ATTR.get(expert, expert)}\\.{pattern}"
-        else:
-            expert, _, name = rule.match.partition(":")
-            key = f"{_EXPERT_ATTR[expert]}.{name}"
-        mapping[key] = config
-    return {"fqn_to_config": mapping, "note": "first match wins; null = leave in high precision"}
-
-
-def export_modelopt(plan: Plan) -> dict:
-    """A ModelOpt-style ``quant_cfg`` (wildcards; later keys override earlier ones, so the
-    protected layers come last and disable both quantizers) and the equivalent filter list."""
-    cfg: dict = {}
-    default = next((r for r in plan.rules if r.weight is not None), None)
-    if default is not None:
-        cfg["*weight_quantizer"] = {"format": default.weight, "axis": None, "block_sizes": {-1: "format"}}
-        cfg["*input_quantizer"] = {"format": default.activation, "block_sizes": {-1: "format"}}
-    protected = []
-    for rule in plan.rules:
-        if rule.weight is None and not rule.match.startswith("re:"):
-            expert, _, name = rule.match.partition(":")
-            fqn = f"{_EXPERT_ATTR[expert]}.{name}"
-            protected.append(fqn)
-            cfg[f"*{fqn}*"] = {"enable": False}
-    return {"quant_cfg": cfg, "algorithm": "max", "filter_fqns": protected}

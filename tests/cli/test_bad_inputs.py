@@ -138,7 +138,7 @@ def _blocker(folder: Path) -> Path:
 
 
 def _export_over_a_foreign_file(ws: Path, folder: Path) -> list:
-    _foreign_file(folder, "p.torchao.json")
+    _foreign_file(folder, "p.torchao.transformer.json")
     return ["plan", ws / "ranking.json", "--top-k", "1", "--export", "torchao", "--out", folder / "p.json"]
 
 
@@ -293,7 +293,7 @@ CASES = [
     Case("probe-out-foreign-file", lambda ws, d: ["probe", "--out", _foreign_file(d, "p.h5")],
          ("p.h5' exists; pass --resume to complete it or --overwrite",)),
     Case("plan-export-foreign-file", lambda ws, d: _export_over_a_foreign_file(ws, d),
-         ("p.torchao.json' exists and is not a torchao export",)),
+         ("p.torchao.transformer.json' exists and is not a torchao export",)),
     Case("ablate-out-foreign", lambda ws, d: ["ablate", ws / "ranking.json", "--out", _foreign_folder(d)],
          ("is not a ablation folder sensq wrote",)),
     # -- option values that parse but cannot run ----------------------------------------------------------

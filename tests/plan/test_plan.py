@@ -1,4 +1,4 @@
-"""Plans: budget and top-k selection, the sensq.plan/1 contract, validation, exports, quantize_."""
+"""Plans: budget and top-k selection, the sensq.plan/1 contract, validation, quantize_ (exports: test_exports)."""
 
 import json
 
@@ -124,18 +124,6 @@ def test_plan_file_round_trip_and_errors(tmp_path):
         Plan.load(tmp_path / "missing.json")
 
 
-def test_exports():
-    from sensq.plan import export_modelopt, export_torchao
-
-    plan = build_plan(_ranking(), top_k=1)
-    torchao = export_torchao(plan)["fqn_to_config"]
-    assert torchao["transformer.patch_embedding"] is None and torchao["transformer_2.blocks.1.l9"] is None
-    assert torchao["re:transformer\\..*"] == {"weight": "hif4", "activation": "hif4"}
-    modelopt = export_modelopt(plan)
-    assert modelopt["quant_cfg"]["*transformer.blocks.1.l0*"] == {"enable": False}
-    assert "transformer_2.blocks.1.l9" in modelopt["filter_fqns"]
-
-
 def test_a14b_inventory_for_validation(tmp_path):
     """A folder with the real A14B configs: inventory on the meta device, no weights."""
     from sensq.models.wan import A14B_TRANSFORMER_CONFIG
@@ -172,11 +160,9 @@ def test_cli_plan_and_validate(tmp_path):
     ranking_path = tmp_path / "ranking.json"
     _ranking().save(ranking_path)
     out = tmp_path / "plan.json"
-    result = runner.invoke(main, ["plan", str(ranking_path), "--top-k", "1", "--out", str(out), "--json",
-                                  "--export", "torchao"])
+    result = runner.invoke(main, ["plan", str(ranking_path), "--top-k", "1", "--out", str(out), "--json"])
     assert result.exit_code == 0, result.output
     assert json.loads(result.stdout)["schema"] == "sensq.plan/1"
-    assert (tmp_path / "plan.torchao.json").is_file()
     bad = runner.invoke(main, ["plan", str(ranking_path), "--budget", "120%"])
     assert bad.exit_code == 1 and "Error: --budget must be within 0..100%, got '120%'" in bad.output
     both = runner.invoke(main, ["plan", str(ranking_path), "--budget", "5%", "--top-k", "2"])
