@@ -3,8 +3,14 @@
 Runs the probe file's own trajectory, prompts and seeds. ``leave-one-in`` quantizes one layer (or
 block) and scores the final-latent NMSE against full precision; ``leave-one-out`` quantizes every
 layer of the expert except one and scores how much that error drops (error with everything
-quantized minus error with this one protected). Quantized twins are built once per layer and
-swapped in and out by reference (the swap is exact, see ``sensq.quant``).
+quantized minus error with this one protected). Layers are swapped in and out by reference (the swap
+is exact, see ``sensq.quant``).
+
+Memory: ``leave-one-in`` builds the quantized twins of one group when it is scored and frees them
+after, so the sweep needs one group's dequantized weights on top of the model (not a second copy of
+the expert). ``leave-one-out`` needs every layer quantized at once: it holds them in their deployed
+form (:mod:`sensq.quant.deployed`: packed codes, decoded per forward, bit-identical to the simulation
+layer), about a quarter of the expert's bf16 bytes for the 4-bit formats instead of a full copy.
 """
 
 from __future__ import annotations
@@ -18,6 +24,7 @@ import torch
 from sensq.formats import FormatSpec
 from sensq.metrics import nmse
 from sensq.quant import quantize_module, swap
+from sensq.quant.deployed import deploy_module, release_scratch
 from sensq.trajectory import Trajectory, apply_trajectory, run
 
 MODES = ("leave-one-in", "leave-one-out")
@@ -67,7 +74,6 @@ def e2e_scores(pipe, expert_module: torch.nn.Module, layers: list[str], job: E2E
     rank = int(os.environ.get("RANK", "0"))
     mine = groups[rank::world]
     originals = {name: expert_module.get_submodule(name) for name in layers}
-    quantized = {name: quantize_module(module, fmt, fmt, backend) for name, module in originals.items()}
 
     def install(names, table):
         for name in names:
@@ -76,13 +82,15 @@ def e2e_scores(pipe, expert_module: torch.nn.Module, layers: list[str], job: E2E
     scores: dict[str, float] = {}
     try:
         if mode == "leave-one-out":
+            quantized = {name: deploy_module(quantize_module(module, fmt, fmt, backend))  # dense twin freed here
+                         for name, module in originals.items()}
             install(layers, quantized)
             everything = _error(_final_latents(pipe, job), reference)
         for done, (group, names) in enumerate(mine):
             if mode == "leave-one-in":
-                install(names, quantized)
+                install(names, {name: quantize_module(originals[name], fmt, fmt, backend) for name in names})
                 scores[group] = _error(_final_latents(pipe, job), reference)
-                install(names, originals)
+                install(names, originals)  # the group's twins are dropped with the last reference
             else:
                 install(names, originals)
                 scores[group] = everything - _error(_final_latents(pipe, job), reference)
@@ -91,6 +99,7 @@ def e2e_scores(pipe, expert_module: torch.nn.Module, layers: list[str], job: E2E
                 progress(done + 1, len(mine))
     finally:
         install(layers, originals)
+        release_scratch()
     if world > 1:
         import torch.distributed as dist
 
