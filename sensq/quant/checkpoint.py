@@ -280,7 +280,7 @@ def load_quantized(path: str | Path, device: torch.device | str = "cpu", dtype: 
         pipe = WanPipeline.from_pretrained(str(folder / "pipeline"), use_safetensors=True, local_files_only=True,
                                            **experts)
     pipe.to(device=device)
-    stored = next(experts["transformer"].parameters()).dtype
+    stored = _main_dtype(experts["transformer"])
     if dtype is not None and dtype != stored:
         raise InputError(f"this checkpoint holds {stored} weights; load it without --dtype or write another "
                          f"checkpoint in {dtype}")
@@ -400,3 +400,12 @@ def _check_packed(packed: PackedTensor) -> None:
         got = packed.data[field].numel() * packed.data[field].element_size()
         if got != numel:
             raise ValueError(f"field {field!r} holds {got} bytes, the header needs {numel}")
+
+
+def _main_dtype(module: torch.nn.Module) -> torch.dtype:
+    """The dtype most of a module's parameters have: diffusers keeps a few small modules of a bf16 Wan
+    expert in float32 (time embedder, norms), so the first parameter does not tell the checkpoint's dtype."""
+    counts: dict[torch.dtype, int] = {}
+    for parameter in module.parameters():
+        counts[parameter.dtype] = counts.get(parameter.dtype, 0) + parameter.numel()
+    return max(counts, key=counts.__getitem__)

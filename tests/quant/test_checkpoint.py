@@ -250,3 +250,17 @@ def test_calibration_under_group_offloading_gives_the_same_model(probed):
     assert {e: {n: (c.weight_clip, c.act_clip) for n, c in v.items()} for e, v in got.items()} == \
            {e: {n: (c.weight_clip, c.act_clip) for n, c in v.items()} for e, v in expected.items()}
     assert torch.equal(_latents(offloaded, trajectory), _latents(plain, trajectory))
+
+
+def test_a_bf16_checkpoint_loads_as_bf16(tmp_path):
+    """diffusers keeps a bf16 Wan expert's time embedder and norms in float32: the checkpoint's dtype is
+    that of most of its weights, so --dtype bf16 loads a bf16 checkpoint (it was refused as float32)."""
+    load_model("tiny", torch.device("cpu"), torch.float32).pipe.save_pretrained(tmp_path / "source")
+    model = load_model(str(tmp_path / "source"), torch.device("cpu"), torch.bfloat16)  # keeps some fp32 parts
+    assert {p.dtype for p in model.pipe.transformer.parameters()} == {torch.bfloat16, torch.float32}
+    _, calibration = apply_plan(model, PLAN)
+    save_quantized(model, tmp_path / "ckpt", plan=PLAN, calibration=calibration)
+    loaded = load_quantized(tmp_path / "ckpt", torch.device("cpu"), torch.bfloat16)
+    assert loaded.pipe.transformer.blocks[0].attn1.to_q.weight.dtype == torch.bfloat16
+    with pytest.raises(InputError, match="holds torch.bfloat16 weights"):
+        load_quantized(tmp_path / "ckpt", torch.device("cpu"), torch.float32)
