@@ -18,7 +18,7 @@ __all__ = ["EXPERTS", "LoadedModel", "WanAdapter", "load_model", "model_fingerpr
 
 _HUB_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
 TRAINED_DIR = Path(__file__).parent / "weights"
-PROCEDURAL_MODELS = ("tiny-trained", "tiny-trained-4step")
+PROCEDURAL_MODELS = ("tiny-trained", "tiny-trained-4step", "tiny-deep", "tiny-deep-4step")
 """Embedded models trained on the procedural world (sensq.eval.procedural): their default prompts are
 procedural ones and sensq eval scores them against exact ground truth."""
 
