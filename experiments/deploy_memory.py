@@ -160,6 +160,54 @@ def e2e_peak(blocks: int) -> dict:
     return {"blocks": blocks, **out}
 
 
+def cuda_memory(blocks: int, device: str = "cuda", tokens_shape=(21, 60, 104)) -> dict:
+    """On a GPU: resident bytes and peak ``torch.cuda.max_memory_allocated`` of one A14B-width expert's forward
+    at 480x832x81 (32,760 tokens), bf16 full precision vs deployed HiF4 (every Linear but the patch Conv3d)."""
+    from sensq.models import load_a14b_width
+    from sensq.plan import Plan
+    from sensq.quant.apply import apply_plan
+    from sensq.quant.deployed import deploy_
+
+    on_cuda = device.startswith("cuda")
+    sync = torch.cuda.synchronize if on_cuda else (lambda: None)
+    model = load_a14b_width(num_layers=blocks)
+    model.pipe.transformer_2 = None
+    expert = model.pipe.transformer.to(device=device, dtype=torch.bfloat16)
+    config = expert.config
+    frames, height, width = tokens_shape
+    generator = torch.Generator().manual_seed(0)
+    inputs = {"hidden_states": torch.randn(1, config.in_channels, frames, height, width, generator=generator),
+              "timestep": torch.tensor([500.0]), "encoder_hidden_states": torch.randn(1, 512, config.text_dim,
+                                                                                       generator=generator)}
+    inputs = {k: v.to(device=device, dtype=torch.bfloat16 if v.is_floating_point() and k != "timestep" else v.dtype)
+              for k, v in inputs.items()}
+
+    def measure(label):
+        sync()
+        if on_cuda:
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats()
+        resident = torch.cuda.memory_allocated() if on_cuda else _module_bytes(expert)
+        start = time.perf_counter()
+        with torch.no_grad():
+            expert(**inputs, return_dict=False)
+        sync()
+        seconds = time.perf_counter() - start
+        peak = torch.cuda.max_memory_allocated() if on_cuda else None
+        print(label, resident, peak, seconds, flush=True)
+        return {"resident_bytes": resident, "peak_bytes": peak, "forward_s": seconds}
+
+    out = {"blocks": blocks, "tokens": frames * height * width // 4, "device": torch.cuda.get_device_name()
+           if on_cuda else "cpu", "fp": measure("fp")}
+    measure("fp warm")
+    plan = Plan.load(_write_plan(Path("/tmp") / "sensq-cuda-plan.json", HIF4_ALL))
+    apply_plan(model, plan, force=True)
+    deploy_(expert)
+    out["deployed"] = measure("deployed")
+    out["deployed_warm"] = measure("deployed warm")
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, required=True)
@@ -174,7 +222,8 @@ def main() -> None:
     results["machine"] = f"{os.cpu_count()} CPU cores, torch {torch.__version__}, threads {torch.get_num_threads()}"
     steps = {"resident": lambda: resident(args.out, args.blocks),
              "decode": lambda: decode_cost(args.rows, args.repeats),
-             "generate": lambda: generate_rss(args.out, args.blocks), "e2e": lambda: e2e_peak(1)}
+             "generate": lambda: generate_rss(args.out, args.blocks), "e2e": lambda: e2e_peak(1),
+             "cuda": lambda: cuda_memory(args.blocks), "cuda-dry-run": lambda: cuda_memory(1, "cpu", (1, 8, 8))}
     for name in args.only.split(","):
         results[name] = steps[name]()
         path.write_text(json.dumps(results, indent=1))
