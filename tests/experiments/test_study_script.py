@@ -28,7 +28,7 @@ def test_tiny_study_runs_and_resumes(tmp_path):
            "OPENS2V": str(source), "FILTER_ARGS": "--exclude-type singleface --dedupe", "LIMIT": "2",
            "FORMATS": "hif4,nvfp4", "STEPS": "4",
            "ORIGINAL_ARGS": "--scheduler euler --shift 3 --guidance 4 --guidance-2 4 --steps 8 --no-video",
-           "ABLATE_ARGS": "--top-k 2 --budget 30%"}
+           "ABLATE_ARGS": "--top-k 2 --budget 30%", "MODEL": "tiny-trained"}  # the script, on the fast model
     config = ROOT / "experiments" / "study" / "tiny.env"
     result = subprocess.run(["bash", str(SCRIPT), str(config)], env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]

@@ -1,0 +1,33 @@
+"""The ablation headline says so when a fixed set beats sensq's ranked set at (nearly) the same cost."""
+
+from sensq.ablate import _aggregate, headline, headline_lines
+
+
+def _row(name, bits, errors):
+    per_item = {str(i): {"latent_nmse": e} for i, e in enumerate(errors)}
+    return {"set": name, "effective_bits": bits, "protected_layers": {"high": 1}, "protected_share": {"high": 0.3},
+            "weight_bytes": 1e6, "weight_bytes_bf16": 2e6, "a14b": None, **_aggregate(per_item)}
+
+
+def _result(fixed_errors):
+    rows = [_row("none", 4.5, [0.10, 0.11, 0.09, 0.10, 0.12, 0.10]),
+            _row("sensq at ModelOpt's budget (33%)", 8.22, [0.050, 0.052, 0.048, 0.051, 0.049, 0.050]),
+            _row("ModelOpt Wan recipe", 8.24, fixed_errors)]  # 0.02 bits more: the same budget
+    result = {"rows": rows, "prompts": ["a", "b", "c"], "seeds": [0, 1]}
+    result["headline"] = headline(result)
+    return result
+
+
+def test_a_better_fixed_set_at_the_same_cost_is_named():
+    result = _result([0.020, 0.022, 0.019, 0.021, 0.020, 0.021])
+    assert result["headline"]["best_fixed_set"] == "ModelOpt Wan recipe"
+    lines = headline_lines(result)
+    assert any(line.startswith("**The fixed set ModelOpt Wan recipe does better at the same cost**") for line in lines)
+    assert "rank with --metric e2e" in lines[-1]
+
+
+def test_a_worse_fixed_set_reads_as_a_gain():
+    result = _result([0.080, 0.082, 0.079, 0.081, 0.080, 0.081])
+    line = headline_lines(result)[-1]
+    assert line.startswith("Gain over the best fixed set that costs no more bits (ModelOpt Wan recipe): 0.03")
+    assert "distinguishable from noise" in line
