@@ -22,9 +22,24 @@ def _quiet_h5py_teardown(unraisable) -> None:
     sys.__unraisablehook__(unraisable)
 
 
+_OPTIONAL_INTEGRATION_LOGGERS = ("torchao", "torch.utils._pytree", "diffusers.quantizers.torchao.torchao_quantizer")
+
+
+def _quiet_optional_integrations() -> None:
+    """With torchao installed (the ``export`` extra), importing diffusers imports it, and torchao, torch and
+    diffusers log warnings about torchao's CUDA-only libraries on every command (``Failed to load
+    _C_mxfp8...so``, ``Unable to import torchao Tensor objects``): noise about an integration sensq does not
+    use there. Their errors still show."""
+    import logging
+
+    for name in _OPTIONAL_INTEGRATION_LOGGERS:
+        logging.getLogger(name).setLevel(logging.ERROR)
+
+
 class _Group(click.Group):
     def invoke(self, ctx: click.Context):
         sys.unraisablehook = _quiet_h5py_teardown
+        _quiet_optional_integrations()
         try:
             return super().invoke(ctx)
         except SensqError as error:

@@ -108,7 +108,7 @@ def test_hub_id_not_in_cache(tmp_path, monkeypatch):
 def test_unknown_model_name(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     expected = (r"unknown model 'huge': not an embedded model "
-                r"\(tiny, tiny-realshape, small, tiny-trained, tiny-trained-4step\)")
+                r"\(tiny, tiny-realshape, small, tiny-trained, tiny-trained-4step, tiny-deep, tiny-deep-4step\)")
     with pytest.raises(InputError, match=expected):
         load_model("huge", CPU, torch.float32)
 
