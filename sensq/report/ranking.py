@@ -72,7 +72,10 @@ def _bars(plt, ranking, expert: str, fmt: str, protected: set[str], top: int, pa
             ax.annotate(f" {value}", (0, position), va="center", fontsize=8, color="#555")
     ax.set_yticks(range(len(layers)), [layer.name for layer in layers], fontsize=8)
     ax.invert_yaxis()
-    if ranking.metric != "sqnr" and finite and all(v > 0 for v in finite) and len(finite) == len(values):
+    # a log axis only where the values span a decade: over less, matplotlib labels its minor ticks and they
+    # collide ("2.2x10^-2 2.4x10^-2 ...")
+    if (ranking.metric != "sqnr" and finite and all(v > 0 for v in finite) and len(finite) == len(values)
+            and max(finite) >= 10 * min(finite)):
         ax.set_xscale("log")
     ax.set_xlabel(f"{ranking.metric} ({ranking.reduce})")
     ax.set_title(f"{expert}-noise expert: top {len(layers)} layers, {fmt} (red = kept in high precision)")

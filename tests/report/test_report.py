@@ -108,3 +108,19 @@ def test_plan_follows_its_formats_own_ranking_or_refuses():
     with pytest.raises(InputError, match="the ranking has no 'nvfp4' scores .*rank with --format nvfp4"):
         build_plan(ranking, top_k=1, fmt="nvfp4")
     assert build_plan(ranking, top_k=1, fmt="nvfp4", rank_format="hif4").source["ranking_format"] == "hif4"
+
+
+@pytest.mark.parametrize("spread,log", [(1.5, False), (50.0, True)])
+def test_bar_chart_uses_a_log_axis_only_over_a_decade_or_more(tmp_path, monkeypatch, spread, log):
+    """Over less than a decade a log axis labels its minor ticks and they collide: the bars go linear."""
+    import sensq.report.ranking as ranking_report
+
+    scales = []
+    monkeypatch.setattr(ranking_report, "save_png", lambda fig, path: scales.append(fig.axes[0].get_xscale()))
+    ranking = _ranking()
+    for i, layer in enumerate(ranking.experts["high"]):
+        layer.value["hif4"] = spread ** (-i / (len(ranking.experts["high"]) - 1))
+    from sensq.report import pyplot
+
+    ranking_report._bars(pyplot(), ranking, "high", "hif4", set(), 20, tmp_path / "bars.png")
+    assert scales == ["log" if log else "linear"]
