@@ -40,6 +40,11 @@ MODELOPT_SCHEMA = "sensq.export.modelopt/2"
 EXPERT_ATTRS = {"high": "transformer", "low": "transformer_2"}  # the Wan2.2 pipeline's expert modules
 
 
+def export_path(out: Path, library: str, attr: str) -> Path:
+    """Where ``library``'s file for the expert module ``pipe.<attr>`` goes, next to the plan ``out``."""
+    return out.with_name(f"{out.stem}.{library}.{attr}.{'json' if library == 'torchao' else 'yml'}")
+
+
 @dataclass
 class Export:
     """One library's files: ``documents[attr]`` is what goes into ``<stem>.<library>.<attr>.<ext>``."""
@@ -49,12 +54,8 @@ class Export:
     quantized: dict[str, list[str]] = field(default_factory=dict)  # attr -> exported layer names
     unsupported: dict[str, list[str]] = field(default_factory=dict)  # reason -> ["expert:layer", ...]
 
-    @property
-    def suffix(self) -> str:
-        return "json" if self.library == "torchao" else "yml"
-
     def paths(self, out: Path) -> dict[str, Path]:
-        return {attr: out.with_name(f"{out.stem}.{self.library}.{attr}.{self.suffix}") for attr in self.documents}
+        return {attr: export_path(out, self.library, attr) for attr in self.documents}
 
     def unsupported_lines(self) -> list[str]:
         """One line per reason: what the library lacks and which layers therefore stay high precision."""
@@ -99,9 +100,10 @@ def build_export(plan, library: str) -> Export:
     export = Export(library)
     chosen: dict[str, list[tuple[str, object]]] = defaultdict(list)
     for row in _planned_rows(plan):
-        if row["weight"] is None or get_format(row["weight"]).family is Family.BF16:
+        weight_format = get_format(row["weight"]) if row["weight"] is not None else None
+        if weight_format is None or weight_format.family is Family.BF16:
             continue  # high precision (bf16 rounding is the identity on the bf16 model)
-        weight = get_format(row["weight"]).identity
+        weight = weight_format.identity
         activation = get_format(row["activation"]).identity if row["activation"] else None
         if row["kind"] != "linear":
             export.unsupported.setdefault(f"equivalent for a quantized {row['kind']} layer", []).append(
@@ -144,10 +146,8 @@ def write_export(export: Export, out: Path) -> dict[str, Path]:
 
 def check_export_paths(out: Path, library: str, plan_experts=("high", "low")) -> None:
     """Before any work: the export files next to ``out`` can be written (or are sensq's own)."""
-    suffix = "json" if library == "torchao" else "yml"
     for attr in filter(None, map(EXPERT_ATTRS.get, plan_experts)):
-        path = out.with_name(f"{out.stem}.{library}.{attr}.{suffix}")
-        check_output_file(path, None, f"{library} export", recognise=_recognise(library))
+        check_output_file(export_path(out, library, attr), None, f"{library} export", recognise=_recognise(library))
 
 
 def _recognise(library: str):
