@@ -30,21 +30,31 @@ def _module_bytes(module: torch.nn.Module) -> int:
     return sum(t.numel() * t.element_size() for t in list(module.parameters()) + list(module.buffers()))
 
 
-def resident(folder: Path, blocks: int) -> dict:
-    """Bytes per quantized parameter of the deployed layers and of a whole expert, bf16 vs simulation vs deployed."""
+def _bf16_expert(blocks: int, device: str = "cpu"):
+    """The A14B-width model with its high-noise expert alone, in bf16 on ``device``: (model, expert)."""
     from sensq.models import load_a14b_width
-    from sensq.models.wan import quantizable_layers
-    from sensq.plan import Plan
-    from sensq.quant.apply import apply_plan
-    from sensq.quant.deployed import deploy_, is_deployed
 
     model = load_a14b_width(num_layers=blocks)
-    model.pipe.transformer.to(torch.bfloat16)
     model.pipe.transformer_2 = None
-    expert = model.pipe.transformer
+    return model, model.pipe.transformer.to(device=device, dtype=torch.bfloat16)
+
+
+def _apply_hif4(model, folder: Path) -> None:
+    """Every layer but the patch Conv3d to simulation HiF4 W4A4, as apply-plan does (no calibration)."""
+    from sensq.plan import Plan
+    from sensq.quant.apply import apply_plan
+
+    apply_plan(model, Plan.load(_write_plan(Path(folder) / "plan.json", HIF4_ALL)), force=True)
+
+
+def resident(folder: Path, blocks: int) -> dict:
+    """Bytes per quantized parameter of the deployed layers and of a whole expert, bf16 vs simulation vs deployed."""
+    from sensq.models.wan import quantizable_layers
+    from sensq.quant.deployed import deploy_, is_deployed
+
+    model, expert = _bf16_expert(blocks)
     bf16 = _module_bytes(expert)
-    plan = Plan.load(_write_plan(Path(folder) / "plan.json", HIF4_ALL))
-    apply_plan(model, plan, force=True)
+    _apply_hif4(model, folder)
     simulation = _module_bytes(expert)
     deploy_(expert)
     deployed = _module_bytes(expert)
@@ -160,19 +170,14 @@ def e2e_peak(blocks: int) -> dict:
     return {"blocks": blocks, **out}
 
 
-def cuda_memory(blocks: int, device: str = "cuda", tokens_shape=(21, 60, 104)) -> dict:
+def cuda_memory(folder: Path, blocks: int, device: str = "cuda", tokens_shape=(21, 60, 104)) -> dict:
     """On a GPU: resident bytes and peak ``torch.cuda.max_memory_allocated`` of one A14B-width expert's forward
     at 480x832x81 (32,760 tokens), bf16 full precision vs deployed HiF4 (every Linear but the patch Conv3d)."""
-    from sensq.models import load_a14b_width
-    from sensq.plan import Plan
-    from sensq.quant.apply import apply_plan
     from sensq.quant.deployed import deploy_
 
     on_cuda = device.startswith("cuda")
     sync = torch.cuda.synchronize if on_cuda else (lambda: None)
-    model = load_a14b_width(num_layers=blocks)
-    model.pipe.transformer_2 = None
-    expert = model.pipe.transformer.to(device=device, dtype=torch.bfloat16)
+    model, expert = _bf16_expert(blocks, device)
     config = expert.config
     frames, height, width = tokens_shape
     generator = torch.Generator().manual_seed(0)
@@ -200,8 +205,7 @@ def cuda_memory(blocks: int, device: str = "cuda", tokens_shape=(21, 60, 104)) -
     out = {"blocks": blocks, "tokens": frames * height * width // 4, "device": torch.cuda.get_device_name()
            if on_cuda else "cpu", "fp": measure("fp")}
     measure("fp warm")
-    plan = Plan.load(_write_plan(Path("/tmp") / "sensq-cuda-plan.json", HIF4_ALL))
-    apply_plan(model, plan, force=True)
+    _apply_hif4(model, folder)
     deploy_(expert)
     out["deployed"] = measure("deployed")
     out["deployed_warm"] = measure("deployed warm")
@@ -223,7 +227,8 @@ def main() -> None:
     steps = {"resident": lambda: resident(args.out, args.blocks),
              "decode": lambda: decode_cost(args.rows, args.repeats),
              "generate": lambda: generate_rss(args.out, args.blocks), "e2e": lambda: e2e_peak(1),
-             "cuda": lambda: cuda_memory(args.blocks), "cuda-dry-run": lambda: cuda_memory(1, "cpu", (1, 8, 8))}
+             "cuda": lambda: cuda_memory(args.out, args.blocks),
+             "cuda-dry-run": lambda: cuda_memory(args.out, 1, "cpu", (1, 8, 8))}
     for name in args.only.split(","):
         results[name] = steps[name]()
         path.write_text(json.dumps(results, indent=1))
