@@ -205,3 +205,17 @@ def test_cli_writes_one_file_per_expert_and_keeps_foreign_files(tmp_path, worksp
     hif4 = runner.invoke(main, args[:5] + ["hif4"] + args[6:-1] + [str(tmp_path / "q.json")])
     assert hif4.exit_code == 1 and "Error: nothing to export" in hif4.output
     assert not (tmp_path / "q.json").exists()  # refused before anything is written
+
+
+def test_plans_an_export_cannot_map_are_one_clear_error(pipe):
+    plan = _plan(pipe, "int8", "int8")
+    old = Plan(plan.rules, [{k: v for k, v in row.items() if k != "kind"} for row in plan.layers])
+    with pytest.raises(InputError, match="does not record layer kinds .*rebuild it with sensq plan"):
+        build_export(old, "modelopt")
+    other = Plan(plan.rules, [{**row, "expert": "mid"} for row in plan.layers])
+    with pytest.raises(InputError, match=r"names expert\(s\) \['mid'\] that the Wan2.2 pipeline lacks"):
+        build_export(other, "modelopt")
+    with pytest.raises(InputError, match="no resolved layer table"):
+        build_export(Plan(plan.rules), "modelopt")
+    with pytest.raises(InputError, match="--export must be one of torchao, modelopt, got 'onnx'"):
+        build_export(plan, "onnx")
