@@ -9,6 +9,30 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import sys
+
+
+def _yield_to_the_pypi_kernels() -> None:
+    """Run from a clone's root, ``import kernels`` finds this folder before the PyPI package ``kernels``
+    (Hugging Face's kernel hub, which transformers imports on a CUDA machine). Imported under that
+    top-level name, this module puts the installed package in its place; without one it stays itself."""
+    from importlib.metadata import PackageNotFoundError, distribution
+
+    try:
+        origin = distribution("kernels").locate_file("kernels/__init__.py")
+    except PackageNotFoundError:
+        return
+    if not os.path.isfile(origin) or os.path.samefile(origin, __file__):
+        return
+    spec = importlib.util.spec_from_file_location("kernels", origin,
+                                                  submodule_search_locations=[os.path.dirname(origin)])
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["kernels"] = module  # the import system returns what sys.modules holds once this file ran
+    spec.loader.exec_module(module)
+
+
+if __name__ == "kernels":
+    _yield_to_the_pypi_kernels()
 
 
 def numba_available() -> bool:

@@ -4,6 +4,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -22,7 +24,8 @@ def test_top_level_kernels_and_cli_are_not_ours(tmp_path):
     assert result.returncode == 0, result.stderr
     for line in result.stdout.splitlines():
         name, origin = line.split(" ", 1)
-        assert origin == "None" or not origin.startswith(str(REPO)), f"top-level {name!r} resolves to {origin}"
+        ours = str(REPO / name) + "/"
+        assert origin == "None" or not origin.startswith(ours), f"top-level {name!r} resolves to {origin}"
 
 
 def test_subpackages_import_from_outside_the_repo(tmp_path):
@@ -50,3 +53,21 @@ def test_every_subpackage_is_listed_in_setup_cfg():
              for p in (REPO / "sensq").rglob("__init__.py") if p.parent != REPO / "sensq"}
     found |= {"sensq", "sensq.cli", "sensq.probes", "sensq.kernels"}
     assert found == listed
+
+
+def test_the_clone_root_kernels_folder_yields_to_the_pypi_kernels_package():
+    """From a clone's root, ``import kernels`` must still find Hugging Face's ``kernels`` (transformers imports
+    it on a CUDA machine); sensq's own kernels stay reachable as ``sensq.kernels``."""
+    from importlib.metadata import PackageNotFoundError, distribution
+
+    try:
+        distribution("kernels")
+    except PackageNotFoundError:
+        pytest.skip("the PyPI package 'kernels' is not installed")
+    root = Path(__file__).resolve().parent.parent
+    code = ("import kernels, sensq.kernels as own; print(kernels.__file__); print(own.__file__); "
+            "print(hasattr(kernels, 'get_kernel'))")
+    out = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True, check=True)
+    pypi, own, has_api = out.stdout.split()
+    assert Path(own).parent == root / "kernels"
+    assert Path(pypi).parent != root / "kernels" and has_api == "True"

@@ -66,13 +66,15 @@ def layer_scores(module: torch.nn.Module, samples: np.ndarray, formats: list[For
     weight = gemm_weight(module)
     bias = module.bias.detach().float() if module.bias is not None else None
     # [step, branch, prompt * rows, in]: one GEMM over everything, metrics per (step, branch) slice
-    x = torch.from_numpy(np.ascontiguousarray(samples.transpose(1, 2, 0, 3, 4))).reshape(steps * branches, -1, width)
+    # samples come from the probe file (CPU); the GEMMs run where the weight is
+    x = torch.from_numpy(np.ascontiguousarray(samples.transpose(1, 2, 0, 3, 4))).reshape(
+        steps * branches, -1, width).to(weight.device)
     groups = range(steps * branches)
     reference = None
     if metric in ("mse", "sqnr", "cosine"):
         if outputs is not None:
             reference = torch.from_numpy(np.ascontiguousarray(outputs.transpose(1, 2, 0, 3, 4))).reshape(
-                steps * branches, -1, outputs.shape[-1])
+                steps * branches, -1, outputs.shape[-1]).to(weight.device)
         else:
             reference = F.linear(x, weight, bias)
     out = {}
