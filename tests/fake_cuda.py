@@ -79,11 +79,10 @@ def _is_cuda(device) -> bool:
     return device is not None and torch.device(device).type == "cuda"
 
 
-_TO_HOST = {torch.Tensor.__float__, torch.Tensor.__int__, torch.Tensor.__bool__, torch.Tensor.__index__,
-            torch.Tensor.tolist}
 # untyped_storage: a wrapper has no storage of its own; safetensors and transformers compare storage pointers
 # to find shared tensors, so they get the CPU data's storage (its pointer is a host one: only compared)
-_TO_HOST |= {torch.Tensor.untyped_storage}
+_TO_HOST = {torch.Tensor.__float__, torch.Tensor.__int__, torch.Tensor.__bool__, torch.Tensor.__index__,
+            torch.Tensor.tolist, torch.Tensor.untyped_storage}
 _GUARDED = _TO_HOST | {torch.Tensor.__getitem__, torch.Tensor.__setitem__, torch.Tensor.contiguous}
 
 
@@ -114,7 +113,7 @@ class _FakeCudaMode(TorchFunctionMode):
         if func is torch.Tensor.cuda:
             device, dtype, non_blocking = CUDA, None, kwargs.get("non_blocking", False)
         else:
-            device, dtype, non_blocking, memory_format = torch._C._nn._parse_to(*rest, **kwargs)
+            device, dtype, non_blocking, _ = torch._C._nn._parse_to(*rest, **kwargs)
         inner = _unwrap(tensor)
         if dtype is not None:
             inner = inner.to(dtype, copy=kwargs.get("copy", False))
