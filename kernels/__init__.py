@@ -40,6 +40,10 @@ def numba_available() -> bool:
     return importlib.util.find_spec("numba") is not None
 
 
+def _numba_runs_on(device_type: str) -> bool:
+    return device_type == "cpu" and numba_available()
+
+
 def triton_interpreted() -> bool:
     """True when Triton kernels run in the CPU interpreter (``TRITON_INTERPRET=1``)."""
     return os.environ.get("TRITON_INTERPRET") == "1"
@@ -55,3 +59,24 @@ def triton_available(device_type: str = "cuda") -> bool:
 
         return torch.cuda.is_available()
     return device_type == "cpu" and triton_interpreted()
+
+
+def register() -> None:
+    """Fill ``sensq.formats``' kernel registry (the ``sensq.kernels`` entry point, setup.cfg): which
+    function implements which op of which format family on which backend. Nothing is imported here;
+    each module loads on its kernel's first call."""
+    from sensq.formats.backend import Backend, register_backend, register_kernel
+    from sensq.formats.spec import Family
+
+    register_backend(Backend.CPU, _numba_runs_on)
+    register_backend(Backend.TRITON, triton_available)
+    register_kernel(Backend.CPU, Family.HIF4, "quantize_dequantize", "sensq.kernels.numba_hif4:quantize_dequantize")
+    register_kernel(Backend.CPU, Family.HIF4, "unpack", "sensq.kernels.numba_hif4:unpack_hif4")
+    for family in (Family.MXFP4, Family.NVFP4, Family.INT, Family.FP8):
+        register_kernel(Backend.CPU, family, "quantize_dequantize", "sensq.kernels.numba_blocks:quantize_dequantize")
+    register_kernel(Backend.TRITON, Family.HIF4, "quantize_dequantize", "sensq.kernels.triton_hif4:quantize_dequantize")
+    register_kernel(Backend.TRITON, Family.HIF4, "pack", "sensq.kernels.triton_hif4:pack_blocks")
+    register_kernel(Backend.TRITON, Family.HIF4, "linear", "sensq.kernels.triton_hif4:hif4_linear")
+    for family in (Family.MXFP4, Family.NVFP4):
+        register_kernel(Backend.TRITON, family, "quantize_dequantize", "sensq.kernels.triton_fp4:quantize_dequantize")
+        register_kernel(Backend.TRITON, family, "encode", "sensq.kernels.triton_fp4:encode_fields")

@@ -1,4 +1,4 @@
-"""What the E2M1-format kernels of both backends (kernels/cpu_blocks.py, kernels/triton_fp4.py) take from the
+"""What the E2M1-format kernels of both backends (kernels/numba_blocks.py, kernels/triton_fp4.py) take from the
 host: numpy and torch only, so that neither backend needs the other's compiler."""
 
 from __future__ import annotations

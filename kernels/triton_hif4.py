@@ -6,7 +6,7 @@ tested against it under ``TRITON_INTERPRET=1`` on CPU (small shapes, default tes
 (real shapes, marked ``gpu``). Interpreter-safe by construction (shared/notes/triton-cpu.md): inputs
 are upcast to float32 right after loading, every bfloat16 / E6M2 rounding is done on integer bits
 (the interpreter's float->bf16 cast truncates), no libdevice, no bf16 arithmetic. The mantissa step
-is fused exactly as in the ``cpu`` backend (kernels/cpu.py explains why it is the same float).
+is fused exactly as in the ``cpu`` backend (kernels/numba_hif4.py explains why it is the same float).
 """
 
 from __future__ import annotations

@@ -151,17 +151,18 @@ def _import_before_the_gpu_appears() -> None:
 @contextlib.contextmanager
 def fake_cuda(monkeypatch):
     """Inside: a CUDA GPU (no triton) that runs on the CPU and raises on device mixing."""
-    from sensq import kernels
+    from sensq.formats import backend
 
     _import_before_the_gpu_appears()
-    real_triton = kernels.triton_available
+    backend.available(backend.Backend.TRITON, "cpu")  # the kernel registry is read before it is patched
+    real_triton = backend._AVAILABLE[backend.Backend.TRITON]
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
     monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (64 << 30, 80 << 30))
     monkeypatch.setattr(torch.cuda, "reset_peak_memory_stats", lambda device=None: None)
     monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda device=None: 0)
     monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: None)
-    monkeypatch.setattr(kernels, "triton_available",
-                        lambda device_type="cuda": False if device_type == "cuda" else real_triton(device_type))
+    monkeypatch.setitem(backend._AVAILABLE, backend.Backend.TRITON,
+                        lambda device_type: False if device_type == "cuda" else real_triton(device_type))
     with _FakeCudaMode(), _FakeCudaFactories():
         yield

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from sensq.formats import reference
-from sensq.formats.backend import Backend, resolve_backend
+from sensq.formats.backend import Backend, kernel, resolve_backend
 from sensq.formats.blocks import check_input, from_blocks, to_blocks
 from sensq.formats.spec import FormatSpec, get_format
 
@@ -44,25 +44,7 @@ def quantize_dequantize(
     if x.numel() == 0:
         return x.clone()
     chosen = resolve_backend(backend, spec, x)
-    if chosen is Backend.CPU:
-        from sensq.formats.spec import Family
-
-        if spec.family is Family.HIF4:
-            from sensq.kernels import cpu
-
-            return cpu.quantize_dequantize(x, spec, dim)
-        from sensq.kernels import cpu_blocks
-
-        return cpu_blocks.quantize_dequantize(x, spec, dim)
-    if chosen is Backend.TRITON:
-        from sensq.formats.spec import Family
-
-        if spec.family is Family.HIF4:
-            from sensq.kernels import triton_hif4
-
-            return triton_hif4.quantize_dequantize(x, spec, dim)
-        from sensq.kernels import triton_fp4
-
-        return triton_fp4.quantize_dequantize(x, spec, dim)
+    if chosen is not Backend.REFERENCE:
+        return kernel(chosen, spec.family, "quantize_dequantize")(x, spec, dim)
     blocks, layout = to_blocks(x, dim, spec.block_size)
     return from_blocks(reference.quantize_dequantize_blocks(blocks, spec), layout, x.dtype)

@@ -21,6 +21,7 @@ from safetensors.torch import save_file
 import sensq
 from sensq.errors import InputError
 from sensq.formats import reference
+from sensq.formats.backend import Backend, find_kernel
 from sensq.formats.blocks import BlockLayout, check_input, from_blocks, to_blocks
 from sensq.formats.spec import Family, FormatSpec, get_format
 
@@ -129,8 +130,11 @@ def pack(x: torch.Tensor, fmt: str | FormatSpec, dim: int = -1) -> PackedTensor:
     dim = check_input(x, dim)
     if x.numel() == 0:
         raise InputError(f"cannot pack an empty tensor of shape {tuple(x.shape)}")
-    blocks, layout = to_blocks(x, dim, spec.block_size)
-    encoded = reference.encode(blocks, spec)
+    if x.device.type == "cuda":  # a registered GPU kernel writes the same bytes (tested)
+        fast = find_kernel(Backend.TRITON, spec.family, "pack", "cuda")
+        if fast is not None:
+            return PackedTensor(spec, tuple(x.shape), dim, x.dtype, {"blocks": fast(x, dim)})
+    encoded = _encode(x, spec, dim)
     rows, n_blocks, block = encoded.codes.shape
     data: dict[str, torch.Tensor]
     if spec.family is Family.HIF4:
@@ -148,6 +152,19 @@ def pack(x: torch.Tensor, fmt: str | FormatSpec, dim: int = -1) -> PackedTensor:
             codes = _pack_nibbles(codes & 0xF)
         data = {"codes": codes.contiguous(), **{k: v.contiguous() for k, v in encoded.meta.items()}}
     return PackedTensor(spec, tuple(x.shape), dim, x.dtype, data)
+
+
+def _encode(x: torch.Tensor, spec: FormatSpec, dim: int) -> reference.Encoded:
+    """The reference encoding of ``x``'s blocks along ``dim``; on a CUDA GPU a registered kernel's (the same
+    codes and scales, tested)."""
+    fast = find_kernel(Backend.TRITON, spec.family, "encode", "cuda") if x.device.type == "cuda" else None
+    if fast is None:
+        return reference.encode(to_blocks(x, dim, spec.block_size)[0], spec)
+    codes, scale, tensor_scale = fast(x, spec, dim)
+    meta = {"scale": scale}
+    if spec.tensor_scale_bits:
+        meta["tensor_scale"] = torch.tensor(tensor_scale, dtype=torch.float32, device=x.device)
+    return reference.Encoded(codes, meta)
 
 
 def unpack(packed: PackedTensor) -> torch.Tensor:
@@ -181,14 +198,11 @@ def unpack_into(packed: PackedTensor, out: torch.Tensor) -> torch.Tensor:
     per-forward decode of a deployed layer, into a reused scratch. HiF4 weights packed along their last
     dim decode with the numba kernel on the CPU (float32 and bfloat16); everything else through
     :func:`unpack`. Bit for bit the same values either way (tested)."""
-    from sensq import kernels
-
     layout = packed.layout
-    if (packed.fmt.family is Family.HIF4 and out.device.type == "cpu" and packed.dim == len(packed.shape) - 1
-            and out.dtype in (torch.float32, torch.bfloat16) and kernels.numba_available()):
-        from sensq.kernels import cpu
-
-        cpu.unpack_hif4(packed.data["blocks"].reshape(layout.rows, layout.n_blocks, HIF4_BLOCK_BYTES),
-                        out.view(layout.rows, layout.length))
+    fast = find_kernel(Backend.CPU, packed.fmt.family, "unpack", out.device.type)
+    if (fast is not None and packed.dim == len(packed.shape) - 1
+            and out.dtype in (torch.float32, torch.bfloat16)):
+        fast(packed.data["blocks"].reshape(layout.rows, layout.n_blocks, HIF4_BLOCK_BYTES),
+             out.view(layout.rows, layout.length))
         return out.view(packed.shape)
     return out.view(packed.shape).copy_(unpack(packed))

@@ -25,7 +25,8 @@ import threading
 import torch
 import torch.nn.functional as F
 
-from sensq.formats import FormatSpec, PackedTensor, get_format, pack
+from sensq.formats import Family, FormatSpec, PackedTensor, get_format, pack
+from sensq.formats.backend import Backend, available, kernel
 from sensq.formats.packing import unpack_into
 from sensq.quant.layers import (
     QuantLinear,
@@ -136,16 +137,12 @@ class PackedLinear(_PackedWeight):
             return False
         if self.backend == "triton":
             return True
-        from sensq import kernels
-
-        return self.backend == "auto" and x.device.type == "cuda" and kernels.triton_available("cuda")
+        return self.backend == "auto" and x.device.type == "cuda" and available(Backend.TRITON, "cuda")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self._fused(x):
-            from sensq.kernels import triton_hif4
-
-            blocks = self.packed().data["blocks"]
-            return triton_hif4.hif4_linear(clip_rows(x, self.act_clip), blocks, self.bias, self.out_features)
+            hif4_linear = kernel(Backend.TRITON, Family.HIF4, "linear")
+            return hif4_linear(clip_rows(x, self.act_clip), self.packed().data["blocks"], self.bias, self.out_features)
         x = fake_quantize(x, self.act_format, self.act_clip, self.backend)
         return F.linear(x, self.decoded_weight().to(x.dtype), self.bias)
 

@@ -18,7 +18,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from sensq.formats import FormatSpec, get_format, quantize_dequantize
+from sensq.formats import Family, FormatSpec, get_format, quantize_dequantize
+from sensq.formats.backend import Backend, kernel
 
 
 def _format(fmt: str | FormatSpec | None) -> FormatSpec | None:
@@ -79,9 +80,8 @@ class QuantLinear(torch.nn.Linear):
         if quant.fused:
             # the fused W4A4 kernel reads the weight packed (spec §6) and quantizes activations on the fly;
             # buffers, so that .to(device) moves them with the layer
-            from sensq.kernels import triton_hif4
-
-            blocks = triton_hif4.pack_blocks(clip_rows(linear.weight.detach(), quant.weight_clip), dim=1)
+            pack_blocks = kernel(Backend.TRITON, Family.HIF4, "pack")
+            blocks = pack_blocks(clip_rows(linear.weight.detach(), quant.weight_clip), dim=1)
             quant.register_buffer("packed_blocks", blocks, persistent=False)
         return quant
 
@@ -94,10 +94,8 @@ class QuantLinear(torch.nn.Linear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.fused:
-            from sensq.kernels import triton_hif4
-
-            return triton_hif4.hif4_linear(clip_rows(x, self.act_clip), self.packed_blocks, self.bias,
-                                           self.out_features)
+            hif4_linear = kernel(Backend.TRITON, Family.HIF4, "linear")
+            return hif4_linear(clip_rows(x, self.act_clip), self.packed_blocks, self.bias, self.out_features)
         x = fake_quantize(x, self.act_format, self.act_clip, self.backend)
         return F.linear(x, self.weight_q.to(x.dtype), self.bias)
 

@@ -160,9 +160,10 @@ def test_cpu_backend_refuses_formats_it_lacks():
 
 
 def test_cpu_backend_without_numba_is_a_clear_error(monkeypatch):
-    from sensq import kernels
+    from sensq.formats import backend
 
-    monkeypatch.setattr(kernels, "numba_available", lambda: False)
+    backend.available(Backend.CPU, "cpu")  # read the registry, then patch it
+    monkeypatch.setitem(backend._AVAILABLE, Backend.CPU, lambda device_type: False)
     with pytest.raises(BackendUnavailableError, match="needs numba.*pip install numba.*backend='reference'"):
         quantize_dequantize(torch.zeros(4, 64), "hif4", backend="cpu")
     # auto quietly uses the reference: same bits, so nothing the user asked for changes
@@ -185,3 +186,20 @@ def test_mxfp4_ocp_uses_the_exact_floor_log2_below_a_power_of_two(backend):
     assert quantize_dequantize(x, "mxfp4_ocp", backend=backend)[0, 0] == 6.0
     x[0, 0] = 8.0
     assert quantize_dequantize(x, "mxfp4_ocp", backend=backend)[0, 0] == 8.0
+
+
+def test_the_kernel_registry_is_filled_by_the_installed_entry_point():
+    """sensq.formats names no kernel module: the families each backend runs come from what
+    ``sensq.kernels:register`` declared (a stale install without the entry point shows up here)."""
+    from sensq.formats.backend import families
+
+    assert families(Backend.CPU) == {Family.HIF4, Family.MXFP4, Family.NVFP4, Family.INT, Family.FP8}
+    assert families(Backend.TRITON) == {Family.HIF4, Family.MXFP4, Family.NVFP4}
+    assert families(Backend.CPU, "unpack") == {Family.HIF4}
+
+
+def test_a_kernel_for_an_unknown_op_is_refused():
+    from sensq.formats.backend import register_kernel
+
+    with pytest.raises(ValueError, match="unknown kernel op 'gemm'"):
+        register_kernel(Backend.CPU, Family.HIF4, "gemm", "x:y")

@@ -4,7 +4,7 @@ import pytest
 from conftest import golden_cases, load_golden
 
 from sensq.formats import quantize_dequantize
-from sensq.formats.backend import CPU_FAMILIES
+from sensq.formats.backend import Backend, families
 from sensq.formats.spec import get_format
 from sensq.testing import assert_bitexact
 
@@ -24,7 +24,10 @@ def test_reference_matches_golden(name):
     assert_bitexact(got, expected, name)
 
 
-@pytest.mark.parametrize("name", [n for n in CASES if get_format(load_golden(n)[2]["format"]).family in CPU_FAMILIES])
+CPU_CASES = [n for n in CASES if get_format(load_golden(n)[2]["format"]).family in families(Backend.CPU)]
+
+
+@pytest.mark.parametrize("name", CPU_CASES)
 def test_cpu_backend_matches_golden(name):
     pytest.importorskip("numba")
     x, expected, meta = load_golden(name)

@@ -53,7 +53,7 @@ def test_cpu_equals_reference_on_bf16_bit_patterns():
                     quantize_dequantize(x, "hif4", backend="reference"), "bf16 patterns")
 
 
-# --- MXFP4 / NVFP4, INT and FP8 (kernels/cpu_blocks.py) ----------------------------------------------------
+# --- MXFP4 / NVFP4, INT and FP8 (kernels/numba_blocks.py) ----------------------------------------------------
 
 FP4 = ["mxfp4", "mxfp4_ocp", "nvfp4", "nvfp4_ts"]
 SCALED = ["int4", "int8", "fp8_e4m3"]

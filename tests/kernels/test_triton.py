@@ -13,7 +13,7 @@ pytest.importorskip("triton")  # without a GPU, tests/conftest.py has set TRITON
 from conftest import awkward_tensor, golden_cases, load_golden  # noqa: E402
 
 from sensq.errors import BackendUnavailableError  # noqa: E402
-from sensq.formats import get_format, pack, quantize_dequantize, unpack  # noqa: E402
+from sensq.formats import Backend, get_format, pack, quantize_dequantize, unpack  # noqa: E402
 from sensq.formats.blocks import to_blocks  # noqa: E402
 from sensq.formats.reference import encode  # noqa: E402
 from sensq.kernels import triton_hif4  # noqa: E402
@@ -73,9 +73,10 @@ def test_fused_linear_matches_f_linear_on_dequantized_operands(m, k, n, bias):
 
 
 def test_unavailable_triton_is_a_clear_error(monkeypatch):
-    from sensq import kernels
+    from sensq.formats import backend
 
-    monkeypatch.setattr(kernels, "triton_available", lambda device_type="cuda": False)
+    backend.available(Backend.TRITON, "cpu")  # read the registry, then patch it
+    monkeypatch.setitem(backend._AVAILABLE, Backend.TRITON, lambda device_type: False)
     with pytest.raises(BackendUnavailableError, match="backend 'triton' cannot run on this cpu tensor"):
         quantize_dequantize(torch.zeros(4, 64), "hif4", backend="triton")
 
@@ -116,3 +117,14 @@ def test_quant_linear_uses_the_fused_kernel_with_backend_triton():
     x_q = quantize_dequantize(clip_rows(x, 0.95), "hif4")
     bound = (x_q.abs().reshape(-1, 130) @ simulated.weight_q.abs().T).reshape(got.shape) * 130 * 2.0**-23 + 1e-5
     assert ((got - expected).abs() <= bound).all(), LINEAR_TOLERANCE
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("fmt", ["hif4", "mxfp4", "nvfp4", "nvfp4_ts"])
+def test_pack_on_gpu_writes_the_bytes_of_the_reference(fmt):
+    """On CUDA tensors ``pack`` takes the registered kernels ("pack" for HiF4, "encode" for the E2M1 formats)."""
+    weight = awkward_tensor((300, 448), seed=5)
+    on_gpu, on_cpu = pack(weight.to("cuda"), fmt), pack(weight, fmt)
+    assert on_gpu.data.keys() == on_cpu.data.keys()
+    for key in on_cpu.data:
+        assert torch.equal(on_gpu.data[key].cpu(), on_cpu.data[key]), key

@@ -1,4 +1,4 @@
-"""The ``cpu`` backend for every format but HiF4 (kernels/cpu.py) and BF16 (a cast): fused numba loops,
+"""The ``cpu`` backend for every format but HiF4 (kernels/numba_hif4.py) and BF16 (a cast): fused numba loops,
 one pass per block or group, parallel over them.
 
 * MXFP4 (the HiFloat4 repo's variant and OCP MX v1.0) and NVFP4 (the repo's single-level variant and the
@@ -11,7 +11,7 @@ one pass per block or group, parallel over them.
   whole row for per-channel/per-token) match ``reference._int_encode``/``_int_decode`` and
   ``_fp8_encode``/``_fp8_decode``.
 
-As in kernels/cpu.py every arithmetic op is a float32 op (no fastmath, no FMA contraction). Powers of two
+As in kernels/numba_hif4.py every arithmetic op is a float32 op (no fastmath, no FMA contraction). Powers of two
 come from bits (subnormals included), rounding half-to-even from ``v - floor(v)`` (exact), E4M3 rounding on
 the exponent taken from the bits (subnormals 2^-9 apart).
 """
@@ -23,8 +23,8 @@ import torch
 from numba import njit, prange
 
 from sensq.formats.spec import Family, FormatSpec
-from sensq.kernels.cpu import _f32_bits, _pow2
 from sensq.kernels.fp4_common import fp4_kind, log2_floor_thresholds, nvfp4_tensor_scale
+from sensq.kernels.numba_hif4 import _f32_bits, _pow2
 
 _F32 = np.float32
 _MX_BIAS = _F32(9.6e-7)  # the HiFloat4 repo's log2 bias (spec §7)
