@@ -10,7 +10,7 @@ from pathlib import Path
 import click
 
 from sensq.cli.common import model_options
-from sensq.sensitivity.local import METRIC_HELP
+from sensq.sensitivity.metrics import METRICS
 
 
 def _formats(ctx, param, value: str) -> list[str]:
@@ -23,8 +23,7 @@ def _formats(ctx, param, value: str) -> list[str]:
 @click.option("--format", "formats", default="hif4", show_default=True, callback=_formats,
               help="Format(s) for weights and activations (W4A4), comma-separated to compare: hif4,mxfp4,nvfp4,int4.")
 @click.option("--metric", default="mse", show_default=True,
-              type=click.Choice(["mse", "sqnr", "cosine", "weight-mse", "act-mse", "e2e"]),
-              help="; ".join(f"{k}: {v}" for k, v in METRIC_HELP.items()))
+              type=click.Choice(list(METRICS)), help="; ".join(f"{m.name}: {m.help}" for m in METRICS.values()))
 @click.option("--reduce", default="mean", show_default=True, type=click.Choice(["mean", "max", "late-weighted"]),
               help="How per-step values become one number (late-weighted: weight 1/sigma per step).")
 @click.option("--expert", type=click.Choice(["high", "low", "both"]), default="both", show_default=True)

@@ -22,9 +22,9 @@ from dataclasses import dataclass
 import torch
 
 from sensq.formats import FormatSpec
-from sensq.metrics import nmse
 from sensq.quant import quantize_module, swap
 from sensq.quant.deployed import deploy_module, release_scratch
+from sensq.sensitivity.metrics import METRICS
 from sensq.trajectory import Trajectory, apply_trajectory, run
 
 MODES = ("leave-one-in", "leave-one-out")
@@ -57,7 +57,8 @@ def _final_latents(pipe, job: E2EJob) -> list[torch.Tensor]:
 
 
 def _error(latents: list[torch.Tensor], reference: list[torch.Tensor]) -> float:
-    return sum(nmse(r, x) for r, x in zip(reference, latents, strict=True)) / len(reference)
+    error = METRICS["e2e"].error
+    return sum(error(r, x) for r, x in zip(reference, latents, strict=True)) / len(reference)
 
 
 def e2e_scores(pipe, expert_module: torch.nn.Module, layers: list[str], job: E2EJob, fmt: FormatSpec, *,

@@ -16,22 +16,8 @@ import torch
 import torch.nn.functional as F
 
 from sensq.formats import FormatSpec, quantize_dequantize
-from sensq.metrics import cosine_distance, nmse, sqnr_db
 from sensq.quant.layers import gemm_weight
-
-LOCAL_METRICS = ("mse", "sqnr", "cosine", "weight-mse", "act-mse")
-METRIC_HELP = {
-    "mse": "NMSE of the layer output, W and X quantized: sum (Y - Yq)^2 / sum Y^2",
-    "sqnr": "SQNR of the layer output in dB (10 log10 sum Y^2 / sum (Y - Yq)^2); lower = more sensitive",
-    "cosine": "1 - cosine similarity of Y and Yq (flattened)",
-    "weight-mse": "NMSE of the weight alone: sum (W - Q(W))^2 / sum W^2",
-    "act-mse": "NMSE of the captured inputs alone: sum (X - Q(X))^2 / sum X^2",
-    "e2e": "NMSE of the final latents of the real trajectory (same prompts and seeds) against full precision",
-}
-
-
-def higher_is_more_sensitive(metric: str) -> bool:
-    return metric != "sqnr"
+from sensq.sensitivity.metrics import METRICS
 
 
 @dataclass
@@ -39,14 +25,6 @@ class LocalScores:
     """``per_step[fmt]`` is ``[steps, branches]`` of the metric value for one layer."""
 
     per_step: dict[str, np.ndarray]
-
-
-def _value(metric: str, reference: torch.Tensor, approx: torch.Tensor) -> float:
-    if metric in ("mse", "weight-mse", "act-mse"):
-        return nmse(reference, approx)
-    if metric == "sqnr":
-        return sqnr_db(reference, approx)
-    return cosine_distance(reference, approx)
 
 
 def layer_scores(module: torch.nn.Module, samples: np.ndarray, formats: list[FormatSpec], metric: str,
@@ -57,11 +35,12 @@ def layer_scores(module: torch.nn.Module, samples: np.ndarray, formats: list[For
         module: the ``nn.Linear`` (or patch ``Conv3d``) with its full-precision weight.
         samples: probe samples ``[prompt, step, branch, rows, in_features]``.
         formats: formats for both weights and activations (W4A4 in the method).
-        metric: one of :data:`LOCAL_METRICS`.
+        metric: a local metric of :data:`sensq.sensitivity.metrics.METRICS`.
         outputs: the layer's recorded outputs at the same rows ``[prompt, step, branch, rows, out_features]``
             (``sensq probe --outputs``): the full-precision reference of mse/sqnr/cosine without recomputing
             the GEMM. ``None``: ``Y = X W^T + b`` from the samples.
     """
+    measure = METRICS[metric]
     prompts, steps, branches, rows, width = samples.shape
     weight = gemm_weight(module)
     bias = module.bias.detach().float() if module.bias is not None else None
@@ -71,7 +50,7 @@ def layer_scores(module: torch.nn.Module, samples: np.ndarray, formats: list[For
         steps * branches, -1, width).to(weight.device)
     groups = range(steps * branches)
     reference = None
-    if metric in ("mse", "sqnr", "cosine"):
+    if measure.operand == "output":
         if outputs is not None:
             reference = torch.from_numpy(np.ascontiguousarray(outputs.transpose(1, 2, 0, 3, 4))).reshape(
                 steps * branches, -1, outputs.shape[-1]).to(weight.device)
@@ -79,16 +58,16 @@ def layer_scores(module: torch.nn.Module, samples: np.ndarray, formats: list[For
             reference = F.linear(x, weight, bias)
     out = {}
     for fmt in formats:
-        if metric == "weight-mse":
-            value = nmse(weight, quantize_dequantize(weight, fmt, backend=backend))
+        if measure.operand == "weight":
+            value = measure.error(weight, quantize_dequantize(weight, fmt, backend=backend))
             values = [value] * len(groups)
         else:
             x_q = quantize_dequantize(x, fmt, backend=backend)
-            if metric == "act-mse":
-                values = [nmse(x[g], x_q[g]) for g in groups]
+            if measure.operand == "input":
+                values = [measure.error(x[g], x_q[g]) for g in groups]
             else:
                 approx = F.linear(x_q, quantize_dequantize(weight, fmt, backend=backend), bias)
-                values = [_value(metric, reference[g], approx[g]) for g in groups]
+                values = [measure.error(reference[g], approx[g]) for g in groups]
         out[fmt.identity] = np.array(values, dtype=np.float64).reshape(steps, branches)
     return LocalScores(out)
 

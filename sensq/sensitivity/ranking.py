@@ -19,14 +19,14 @@ from sensq.errors import InputError
 from sensq.formats import get_format
 from sensq.models import LoadedModel
 from sensq.sensitivity.e2e import GRANULARITIES, MODES, E2EJob, e2e_scores, layer_groups
-from sensq.sensitivity.local import LOCAL_METRICS, REDUCTIONS, higher_is_more_sensitive, layer_scores, reduce_steps
+from sensq.sensitivity.local import REDUCTIONS, layer_scores, reduce_steps
+from sensq.sensitivity.metrics import METRICS
 from sensq.store.files import file_digest, read_json, write_json
 from sensq.store.probe_file import ProbeFile
 from sensq.store.schema import Fields, ListOf, MapOf, validate_document
 from sensq.trajectory import Trajectory
 
 RANKING_SCHEMA = "sensq.ranking/1"
-METRICS = LOCAL_METRICS + ("e2e",)
 
 _LAYER_SPEC = Fields(
     required={"name": str, "kind": str, "params": int, "in_features": int, "out_features": int, "entrance": bool,
@@ -116,7 +116,7 @@ class Ranking:
 
 
 def _assign_ranks(layers: list[LayerRank], formats: list[str], metric: str) -> None:
-    sign = -1.0 if higher_is_more_sensitive(metric) else 1.0
+    sign = -1.0 if METRICS[metric].higher_is_more_sensitive else 1.0
     for fmt in formats:
         # NaN sorts last; ties keep the model's layer order (stable sort): deterministic
         def key(layer, fmt=fmt):
@@ -170,7 +170,7 @@ def validate(request: RankRequest) -> None:
         raise InputError(f"unknown mode {request.mode!r}; use one of {', '.join(MODES)}")
     if request.granularity not in GRANULARITIES:
         raise InputError(f"unknown granularity {request.granularity!r}; use one of {', '.join(GRANULARITIES)}")
-    if request.granularity == "block" and request.metric != "e2e":
+    if request.granularity == "block" and METRICS[request.metric].local:
         raise InputError("--granularity block needs --metric e2e (local metrics are per layer)")
     if not request.formats:
         raise InputError("--format needs at least one format")
@@ -203,7 +203,8 @@ def rank_layers(request: RankRequest, progress: Callable[[str, int, int], None] 
                                  f"{', '.join(probe.experts)})")
         # recorded outputs are the full-precision reference only for the model that produced them
         same_model = probe.model_fingerprint == model.fingerprint
-        use_outputs = {e: same_model and request.metric in ("mse", "sqnr", "cosine") and probe.has_outputs(e)
+        use_outputs = {e: same_model and METRICS[request.metric].operand == "output"
+                       and probe.has_outputs(e)
                        for e in experts}
         table = probe.trajectory_table()
         sigma_of = {row["step"]: row["sigma"] for row in table}
@@ -213,7 +214,7 @@ def rank_layers(request: RankRequest, progress: Callable[[str, int, int], None] 
         for expert in experts:
             expert_module = model.adapter.expert_module(model.pipe, expert)
             layer_names = probe.layers(expert)
-            if request.metric == "e2e":
+            if not METRICS[request.metric].local:
                 ranked[expert] = _rank_e2e(request, probe, model, expert, expert_module, layer_names, formats,
                                            progress)
                 continue
@@ -248,7 +249,7 @@ def rank_layers(request: RankRequest, progress: Callable[[str, int, int], None] 
         ranking = Ranking(
             metric=request.metric, reduce=request.reduce, formats=list(request.formats), experts=ranked,
             steps=steps, sigmas=sigmas, branches=probe.branches, provenance=provenance,
-            mode=request.mode if request.metric == "e2e" else None,
+            mode=None if METRICS[request.metric].local else request.mode,
             granularity=request.granularity,
         )
     if len(request.formats) > 1:

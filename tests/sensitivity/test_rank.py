@@ -195,3 +195,32 @@ def test_recorded_outputs_give_the_same_ranking(fragile, tmp_path, metric):
         for layer in recorded.experts[expert]:
             assert layer.value["hif4"] == pytest.approx(by_name[layer.name], rel=1e-4, abs=1e-9)
     assert recorded.ordered("low")[0].name == FRAGILE
+
+
+def test_a_metric_declared_once_is_ranked(fragile, monkeypatch):
+    """A new metric is one entry of the registry: rank_layers computes it, orders by its direction and
+    refuses block granularity for it (it is local)."""
+    from sensq.sensitivity.metrics import METRICS, Metric
+
+    def max_abs(reference, approx):
+        return float((reference - approx).abs().max())
+
+    monkeypatch.setitem(METRICS, "max-abs", Metric("max-abs", "largest absolute output error", "output", max_abs))
+    model, probe_path = fragile
+    ranking = rank_layers(RankRequest(probe_path=probe_path, model=model, formats=["hif4"], metric="max-abs",
+                                      experts=["low"]))
+    with ProbeFile(probe_path) as probe:
+        samples = probe.read("low", FRAGILE, "samples")
+    module = model.pipe.transformer_2.get_submodule(FRAGILE)
+    x = torch.from_numpy(samples[:, 0, 0]).reshape(-1, samples.shape[-1])  # first step, cond, all prompts
+    y = F.linear(x, module.weight, module.bias).detach()
+    y_q = F.linear(quantize_dequantize(x, "hif4"), quantize_dequantize(module.weight.detach(), "hif4"),
+                   module.bias).detach()
+    layer = next(layer for layer in ranking.experts["low"] if layer.name == FRAGILE)
+    assert layer.per_step["hif4"][0][0] == pytest.approx(max_abs(y, y_q), rel=1e-6)
+    ordered = sorted(ranking.experts["low"], key=lambda layer: layer.rank["hif4"])
+    assert [layer.value["hif4"] for layer in ordered] == sorted((layer.value["hif4"] for layer in ordered),
+                                                                reverse=True)
+    with pytest.raises(InputError, match="--granularity block needs --metric e2e"):
+        rank_layers(RankRequest(probe_path=probe_path, model=model, formats=["hif4"], metric="max-abs",
+                                granularity="block"))
