@@ -116,7 +116,7 @@ def _print_rows(result: dict) -> None:
     table = Table(title=f"ablation: {result['format']} W4A4 vs full precision, mean [95% interval] over {n} "
                         "generations")
     procedural = "procedural" in result["rows"][0]["metrics"]
-    columns = ["protected set", "kept high/low", "bits", "latent NMSE", "PSNR", "SSIM"]
+    columns = ["protected set", "kept per expert", "bits", "latent NMSE", "PSNR", "SSIM"]
     columns += ["procedural avg"] if procedural else []
     for column in columns:
         table.add_column(column, justify="left" if column == "protected set" else "right")
@@ -174,7 +174,7 @@ def demo(model, fmt, n_prompts, steps, budget, seeds, threads, out) -> None:
     from sensq.ablate import run_ablation, standard_sets, write_ablation_report
     from sensq.eval import evaluate_fidelity
     from sensq.generate import GenerateRequest, generate
-    from sensq.models import load_model
+    from sensq.loading import load_model
     from sensq.plan import build_plan, parse_budget
     from sensq.probes.recorder import ProbeRequest, run_probe
     from sensq.prompts import load_prompts
@@ -198,7 +198,8 @@ def demo(model, fmt, n_prompts, steps, budget, seeds, threads, out) -> None:
     prompts = load_prompts(None, n_prompts, procedural=loaded.procedural)
     probe_path = out / "probe.h5"
     step(f"probe: {model}, {len(prompts)} prompts x {steps} UniPC steps with CFG, both experts -> {probe_path}")
-    run_probe(ProbeRequest(loaded, trajectory, prompts, ["high", "low"], probe_path, resume=probe_path.exists()))
+    run_probe(ProbeRequest(loaded, trajectory, prompts, loaded.adapter.experts(loaded.pipe), probe_path,
+                            resume=probe_path.exists()))
     step(f"rank: --metric mse --format {fmt},nvfp4 -> {out / 'ranking.json'}")
     from sensq.cli.common import progress_bar
 

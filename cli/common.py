@@ -16,8 +16,9 @@ def model_options(func=None, *, default_model: str | None = "tiny"):
         return functools.partial(model_options, default_model=default_model)
 
     @click.option("--model", "model", default=default_model, show_default=default_model is not None,
-                  help="Embedded model (tiny, tiny-realshape), a local diffusers folder, or a Hub id already in the "
-                       "local cache (never downloaded).")
+                  help="Embedded model (tiny, tiny-realshape, small: Wan2.2 two experts; tiny-wan21: one-expert Wan; "
+                       "tiny-ltx: LTX-Video; tiny-trained...: see sensq demo), a local diffusers folder, a sensq "
+                       "checkpoint, or a Hub id already in the local cache (never downloaded).")
     @click.option("--device", default=None, help="cpu, cuda, cuda:N. Default: the GPU if present, else cpu.")
     @click.option("--dtype", default=None, type=click.Choice(["fp32", "bf16", "fp16"]),
                   help="Model dtype. Default: bf16 on GPU, fp32 on CPU.")
@@ -90,7 +91,7 @@ def lora_options(func):
 def load_cli_model(model: str, device: str | None, dtype: str | None, lora_high: str | None = None,
                    lora_low: str | None = None):
     """Load ``model`` on the resolved device/dtype and fuse the LoRAs given."""
-    from sensq.models import load_model
+    from sensq.loading import load_model
     from sensq.models.lora import fuse_loras
     from sensq.runtime import resolve_device, resolve_dtype
 

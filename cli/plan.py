@@ -72,7 +72,10 @@ def plan(ranking_file, budget, top_k, protect_entrance, protect, fmt, act_format
         raise InputError("give exactly one of --budget and --top-k")
     check_output_file(out, PLAN_SCHEMA, "plan")  # before any work
     if export:
-        check_export_paths(out, export, ranking.experts)
+        from sensq.models import get_family
+
+        family = get_family(ranking.provenance.get("family") or "wan2.2-t2v-a14b")
+        check_export_paths(out, export, family.expert_attrs, ranking.experts)
     result: Plan = build_plan(
         ranking, budget=parse_budget(budget) if budget is not None else None, top_k=top_k,
         protect_entrance=protect_entrance, protect=list(protect), fmt=fmt,

@@ -14,8 +14,9 @@ from sensq.cli.common import build_trajectory, model_options, trajectory_options
 @click.command()
 @model_options
 @trajectory_options
-@click.option("--expert", type=click.Choice(["high", "low", "both"]), default="both", show_default=True,
-              help="Which expert's layers to record.")
+@click.option("--expert", default="all", show_default=True, metavar="NAME",
+              help="Which expert's layers to record: a name (Wan2.2-T2V-A14B: high, low; one-expert families: "
+                   "main) or all (also: both).")
 @click.option("--prompts", "prompts_path", type=click.Path(dir_okay=False), default=None,
               help="Prompt file: .txt (one per line), .json/.jsonl list, OpenS2V-Eval or OpenS2V-5M records, "
                    "VBench lists (filter one with sensq prompts). Default: 4 built-in prompts.")
@@ -57,7 +58,7 @@ def probe(**kwargs) -> None:
         raise click.BadParameter("must be at least 1", param_hint="--tokens")
     model = load_cli_model(kwargs["model"], kwargs["device"], kwargs["dtype"], kwargs["lora_high"], kwargs["lora_low"])
     prompts = load_prompts(kwargs["prompts_path"], kwargs["limit"], procedural=model.procedural)
-    experts = ["high", "low"] if kwargs["expert"] == "both" else [kwargs["expert"]]
+    experts = (model.adapter.experts(model.pipe) if kwargs["expert"] in ("all", "both") else [kwargs["expert"]])
     request = ProbeRequest(
         model=model, trajectory=trajectory.with_resolution(model.default_resolution), prompts=prompts,
         experts=experts, out=kwargs["out"],

@@ -26,7 +26,9 @@ def _formats(ctx, param, value: str) -> list[str]:
               type=click.Choice(list(METRICS)), help="; ".join(f"{m.name}: {m.help}" for m in METRICS.values()))
 @click.option("--reduce", default="mean", show_default=True, type=click.Choice(["mean", "max", "late-weighted"]),
               help="How per-step values become one number (late-weighted: weight 1/sigma per step).")
-@click.option("--expert", type=click.Choice(["high", "low", "both"]), default="both", show_default=True)
+@click.option("--expert", default="all", show_default=True, metavar="NAME",
+              help="Which expert's layers to rank: a name (Wan2.2-T2V-A14B: high, low; one-expert families: "
+                   "main) or all (also: both).")
 @click.option("--mode", default="leave-one-in", show_default=True, type=click.Choice(["leave-one-in", "leave-one-out"]),
               help="e2e only: quantize just this layer, or everything but this layer.")
 @click.option("--granularity", default="layer", show_default=True, type=click.Choice(["layer", "block"]),
@@ -66,7 +68,7 @@ def rank(probe_file, model, device, dtype, lora_high, lora_low, formats, metric,
         model = model_named_by_file(probe_file, probe.model_id, probe.loras, model, lora_high, lora_low)
     loaded = load_cli_model(model, device, dtype, lora_high, lora_low)
     request = RankRequest(probe_path=probe_file, model=loaded, formats=formats, metric=metric, reduce=reduce,
-                          experts=None if expert == "both" else [expert], mode=mode, granularity=granularity,
+                          experts=None if expert in ("all", "both") else [expert], mode=mode, granularity=granularity,
                           limit=limit, force=force)
     import os
 
@@ -83,14 +85,14 @@ def rank(probe_file, model, device, dtype, lora_high, lora_low, formats, metric,
     if as_json:
         click.echo(json.dumps(ranking.to_dict(), indent=1))
         return
-    _table(ranking, top, out)
+    _table(ranking, top, out, loaded.adapter)
 
 
 def _fmt(value: float) -> str:
     return "nan" if math.isnan(value) else f"{value:.4g}"
 
 
-def _table(ranking, top: int, out: Path) -> None:
+def _table(ranking, top: int, out: Path, family) -> None:
     from rich.table import Table
 
     from sensq.cli.common import console as make_console
@@ -98,7 +100,7 @@ def _table(ranking, top: int, out: Path) -> None:
     console = make_console()
     for expert in ranking.experts:
         layers = ranking.ordered(expert)
-        table = Table(title=f"{expert}-noise expert: top {min(top, len(layers))} of {len(layers)} by "
+        table = Table(title=f"{family.expert_label(expert)}: top {min(top, len(layers))} of {len(layers)} by "
                             f"{ranking.metric} ({ranking.reduce}), {ranking.formats[0]}")
         table.add_column("#", justify="right")
         table.add_column("layer", no_wrap=True)

@@ -49,7 +49,7 @@ def _apply_hif4(model, folder: Path) -> None:
 
 def resident(folder: Path, blocks: int) -> dict:
     """Bytes per quantized parameter of the deployed layers and of a whole expert, bf16 vs simulation vs deployed."""
-    from sensq.models.wan import quantizable_layers
+    from sensq.models.layers import quantizable_layers
     from sensq.quant.deployed import deploy_, is_deployed
 
     model, expert = _bf16_expert(blocks)
@@ -141,7 +141,7 @@ E2E_CHILD = """
 import sys, resource, torch
 from sensq.formats import get_format
 from sensq.models import load_a14b_width
-from sensq.models.wan import quantizable_layers
+from sensq.models.layers import quantizable_layers
 from sensq.quant import quantize_module
 from sensq.sensitivity.e2e import E2EJob, e2e_scores
 from sensq.trajectory import Trajectory
@@ -154,7 +154,7 @@ job = E2EJob(Trajectory(steps=1, guidance=1.0, guidance_2=None).with_resolution(
 held = []
 if mode == "upfront":  # the sweep as it was before: every dense twin built before scoring
     held = [quantize_module(expert.get_submodule(n), get_format("hif4"), get_format("hif4")) for n in layers]
-e2e_scores(model.pipe, expert, layers, job, get_format("hif4"))
+e2e_scores(model.pipe, expert, layers, job, get_format("hif4"), family=model.adapter)
 print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
 """
 

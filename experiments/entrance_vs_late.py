@@ -16,8 +16,8 @@ from pathlib import Path
 
 import torch
 
+from sensq.loading import load_model
 from sensq.metrics import nmse
-from sensq.models import load_model
 from sensq.plan import Plan, Rule, model_layers
 from sensq.probes.recorder import ProbeRequest, run_probe
 from sensq.prompts import load_prompts

@@ -10,7 +10,8 @@ import argparse
 
 import torch
 
-from sensq.models.wan import a14b_expert_on_meta, quantizable_layers
+from sensq.models.layers import quantizable_layers
+from sensq.models.wan import a14b_expert_on_meta
 from sensq.probes.capture import _as_rows
 
 

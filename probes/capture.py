@@ -1,10 +1,12 @@
 """Capture hooks: what every quantizable layer of an expert sees, per step and guidance branch.
 
 Hooks are diffusers ``ModelHook``s registered under one name (:data:`HOOK_NAME`) and removed by
-:func:`remove_probe`. The step index, sigma and branch come from the pipeline's own
-``cache_context("cond" | "uncond", step_index=..., sigma=...)``, caught by a stateful hook on the
-expert (diffusers hands the context to every ``StateManager`` of a stateful hook); the timestep
-comes from the expert's ``timestep`` argument. Nothing counts calls.
+:func:`remove_probe`. The guidance branch comes from the pipeline's own ``cache_context`` ("cond" |
+"uncond" for a family that runs one forward per branch; "cond_uncond" for one that batches them, whose
+batch is then split in the family's branch order), caught by a stateful hook on the expert (diffusers
+hands the context to every ``StateManager`` of a stateful hook); the timestep comes from the expert's
+``timestep`` argument and the step from the pipeline's step-end callback. Nothing counts calls. The
+first block's inputs are read by name from its ``forward`` signature (the family's ``block_arguments``).
 
 Statistics stay on the model's device during a step; :meth:`ProbeSession.take_step` moves them to
 the host once per step.
@@ -19,8 +21,9 @@ import torch
 from diffusers.hooks import HookRegistry, ModelHook
 from diffusers.hooks.hooks import StateManager
 
-from sensq.models.wan import quantizable_layers
-from sensq.quant.layers import patches_to_rows
+from sensq.models.family import ModelFamily
+from sensq.models.layers import input_rows, layer_kind, output_rows, quantizable_layers
+from sensq.store.probe_file import LayerShape
 
 HOOK_NAME = "sensq_probe"
 CONTEXT_HOOK_NAME = "sensq_probe_context"
@@ -32,7 +35,7 @@ class ProbeConfig:
 
     Attributes:
         tokens: token rows sampled (deterministically) from every layer's input per step and branch.
-        first_block_inputs: also keep the full inputs of ``blocks.0`` (what block-by-block
+        first_block_inputs: also keep the full inputs of the first block (what block-by-block
             calibration replays from).
         sample_seed: seed of the token subsample (the same rows at every step and prompt).
         outputs: also keep every layer's output at the sampled rows: ``rank`` then takes them as the
@@ -69,19 +72,13 @@ class _ExpertHook(ModelHook):
 
     def pre_forward(self, module, *args, **kwargs):
         timestep = kwargs.get("timestep", args[1] if len(args) > 1 else None)
-        self.session.begin_forward(self.expert, float(timestep.flatten()[0]))
+        hidden = kwargs.get("hidden_states", args[0] if args else None)
+        self.session.begin_forward(self.expert, float(timestep.flatten()[0]), hidden.shape[0])
         return args, kwargs
 
     def reset_state(self, module):
         self.catcher.reset()
         return module
-
-
-def _as_rows(module: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """Input rows ``[tokens, in_features]`` as the layer's GEMM sees them (Conv3d: its patches)."""
-    if isinstance(module, torch.nn.Conv3d):
-        return patches_to_rows(module, x)
-    return x.reshape(-1, x.shape[-1])
 
 
 class _LayerHook(ModelHook):
@@ -92,17 +89,14 @@ class _LayerHook(ModelHook):
         self.name = name
 
     def pre_forward(self, module, *args, **kwargs):
-        rows = _as_rows(module, args[0].detach())
-        self.session.record_layer(self.expert, self.name, module, rows)
+        for branch, x in self.session.split(args[0].detach()):
+            self.session.record_layer(self.expert, self.name, module, branch, input_rows(module, x))
         return args, kwargs
 
     def post_forward(self, module, output):
         if self.session.config.outputs:
-            out = output.detach()
-            # Conv3d [B, C, F', H', W'] -> one row per patch, in patches_to_rows' order
-            rows = out.permute(0, 2, 3, 4, 1).reshape(-1, out.shape[1]) if out.dim() == 5 else \
-                out.reshape(-1, out.shape[-1])
-            self.session.record_output(self.name, rows)
+            for branch, out in self.session.split(output.detach()):
+                self.session.record_output(self.name, branch, output_rows(out))
         return output
 
 
@@ -113,12 +107,8 @@ class _FirstBlockHook(ModelHook):
         self.expert = expert
 
     def pre_forward(self, module, *args, **kwargs):
-        names = ("hidden_states", "encoder_hidden_states", "temb", "rotary_emb")
-        values = dict(zip(names, args, strict=False))
-        values.update({k: v for k, v in kwargs.items() if k in names})
-        rotary = values.pop("rotary_emb")
-        values["rotary_cos"], values["rotary_sin"] = rotary
-        self.session.record_first_block(self.expert, {k: v.detach() for k, v in values.items()})
+        values = self.session.family.block_inputs(module, args, kwargs)
+        self.session.record_first_block({k: v.detach() for k, v in values.items()})
         return args, kwargs
 
 
@@ -148,23 +138,29 @@ class ProbeSession:
 
     config: ProbeConfig
     branches: tuple[str, ...]
+    family: ModelFamily
     context: object = None
     expert: str | None = None
     timestep: float | None = None
+    forward_branches: tuple[int, ...] = ()
+    """Indices (into ``branches``) of the branches the current forward carries, in batch order."""
     sample_rows: dict[int, torch.Tensor] = field(default_factory=dict)
     orders: dict[str, list[str]] = field(default_factory=dict)
-    layer_meta: dict[tuple[str, str], tuple[str, int, int, int, int]] = field(default_factory=dict)
+    layer_meta: dict[tuple[str, str], LayerShape] = field(default_factory=dict)
     _layers: dict = field(default_factory=dict)
     _first: dict = field(default_factory=dict)
 
-    def begin_forward(self, expert: str, timestep: float) -> None:
-        if self.context is None:
-            raise RuntimeError("probe hooks ran outside the pipeline's cache_context; run the expert via WanPipeline")
+    def begin_forward(self, expert: str, timestep: float, batch: int) -> None:
+        name = None if self.context is None else self.context.name
+        carried = self.family.forward_branches(name, self.branches, batch)
         self.expert, self.timestep = expert, timestep
+        self.forward_branches = tuple(self.branches.index(b) for b in carried)
 
-    @property
-    def branch(self) -> int:
-        return self.branches.index(self.context.name)
+    def split(self, x: torch.Tensor) -> list[tuple[int, torch.Tensor]]:
+        """``x`` (batch first) as ``(branch index, its part)`` for every branch the forward carries."""
+        if len(self.forward_branches) == 1:
+            return [(self.forward_branches[0], x)]
+        return list(zip(self.forward_branches, x.chunk(len(self.forward_branches)), strict=True))
 
     def rows_for(self, tokens: int, device: torch.device) -> torch.Tensor:
         """The sampled row indices for a layer with ``tokens`` input rows (sorted, deterministic)."""
@@ -174,27 +170,32 @@ class ProbeSession:
             self.sample_rows[tokens] = rows
         return self.sample_rows[tokens].to(device)
 
-    def record_layer(self, expert: str, name: str, module: torch.nn.Module, rows: torch.Tensor) -> None:
+    def record_layer(self, expert: str, name: str, module: torch.nn.Module, branch: int, rows: torch.Tensor) -> None:
         magnitude = rows.abs()  # once, reused by both statistics
         stats = {
             "channel_absmax": magnitude.amax(0).float(),
             "token_absmax": magnitude.amax(1).float(),
             "samples": rows.index_select(0, self.rows_for(rows.shape[0], rows.device)).float(),
         }
-        self._layers.setdefault(name, {}).setdefault(self.branch, stats)
+        self._layers.setdefault(name, {}).setdefault(branch, stats)
         if (expert, name) not in self.layer_meta:
-            kind = "conv3d" if isinstance(module, torch.nn.Conv3d) else "linear"
+            kind = layer_kind(module)
             out_features = module.out_channels if kind == "conv3d" else module.out_features
             params = sum(p.numel() for p in module.parameters(recurse=False))
-            self.layer_meta[(expert, name)] = (kind, rows.shape[1], out_features, params, rows.shape[0])
+            self.layer_meta[(expert, name)] = LayerShape(kind, rows.shape[1], out_features, params, rows.shape[0],
+                                                         self.sample_rows[rows.shape[0]].numpy())
 
-    def record_output(self, name: str, rows: torch.Tensor) -> None:
-        stats = self._layers[name][self.branch]
+    def record_output(self, name: str, branch: int, rows: torch.Tensor) -> None:
+        stats = self._layers[name][branch]
         if OUTPUTS not in stats:  # the first call of the branch, as for the inputs
             stats[OUTPUTS] = rows.index_select(0, self.rows_for(rows.shape[0], rows.device)).float()
 
-    def record_first_block(self, expert: str, values: dict[str, torch.Tensor]) -> None:
-        self._first[self.branch] = {k: v[0].float() for k, v in values.items()}  # batch 1 per call
+    def record_first_block(self, values: dict[str, torch.Tensor]) -> None:
+        """One block call's inputs, one batch element per branch (an input broadcast over the batch, such
+        as Wan's rotary table, is kept once per branch too)."""
+        n = len(self.forward_branches)
+        for position, branch in enumerate(self.forward_branches):
+            self._first[branch] = {k: (v[position] if v.shape[0] == n else v[0]).float() for k, v in values.items()}
 
     def take_step(self, step: int) -> StepData:
         """Pack the step just finished (all layers, all branches) and move it to the host at once."""
@@ -217,14 +218,14 @@ class ProbeSession:
         return data
 
 
-def apply_probe(expert_module: torch.nn.Module, expert: str, session: ProbeSession, first_block: str) -> None:
+def apply_probe(expert_module: torch.nn.Module, expert: str, session: ProbeSession) -> None:
     """Attach the probe hooks to every quantizable layer of one expert (and its first block)."""
     HookRegistry.check_if_exists_or_initialize(expert_module).register_hook(
         _ExpertHook(session, expert), CONTEXT_HOOK_NAME)
     for name, module in quantizable_layers(expert_module):
         HookRegistry.check_if_exists_or_initialize(module).register_hook(_LayerHook(session, expert, name), HOOK_NAME)
     if session.config.first_block_inputs:
-        block = expert_module.get_submodule(first_block)
+        block = expert_module.get_submodule(session.family.first_block)
         HookRegistry.check_if_exists_or_initialize(block).register_hook(_FirstBlockHook(session, expert), HOOK_NAME)
     HookRegistry.check_if_exists_or_initialize(expert_module).invalidate_child_registries_cache()
 

@@ -17,7 +17,7 @@ from sensq.models import LoadedModel
 from sensq.probes.capture import ProbeConfig, ProbeSession, apply_probe, remove_probe
 from sensq.prompts import Prompt
 from sensq.store.files import describe_os_error, output_lock
-from sensq.store.probe_file import LayerShape, ProbeWriter
+from sensq.store.probe_file import ProbeWriter
 from sensq.trajectory import Trajectory, apply_trajectory, plan_steps, run
 
 
@@ -133,7 +133,7 @@ def _run_probe(request: ProbeRequest, progress: Callable[[ProgressEvent], None] 
             raise InputError(
                 f"the trajectory never routes a step to the {expert!r} expert (timesteps {timesteps}; boundary "
                 f"t={adapter.boundary_timestep(pipe):g}); use more steps or another schedule, or --expert "
-                f"{'high' if expert == 'low' else 'low'}"
+                f"{' or '.join(e for e in available if e != expert)}"
             )
     seeds = [trajectory.seed + p.index for p in request.prompts]
     digest = _run_digest(request, seeds)
@@ -149,7 +149,7 @@ def _run_probe(request: ProbeRequest, progress: Callable[[ProgressEvent], None] 
         }
         writer = ProbeWriter.create(request.out, attrs=attrs, prompts=request.prompts, seeds=seeds, steps=steps,
                                     expert_steps=expert_steps, branches=trajectory.branches)
-    session = ProbeSession(request.config, trajectory.branches)
+    session = ProbeSession(request.config, trajectory.branches, adapter)
     done = writer.file["prompts/done"][...]
     bytes_written = 0
     prompts_run = 0
@@ -161,12 +161,7 @@ def _run_probe(request: ProbeRequest, progress: Callable[[ProgressEvent], None] 
         if expert in expert_steps:
             data = session.take_step(i)
             if writer.building and not writer.has_layers(expert):
-                shapes = {
-                    name: LayerShape(*session.layer_meta[(expert, name)][:4], tokens=meta[4],
-                                     sample_rows=session.sample_rows[meta[4]].numpy())
-                    for name in data.order
-                    for meta in [session.layer_meta[(expert, name)]]
-                }
+                shapes = {name: session.layer_meta[(expert, name)] for name in data.order}
                 writer.create_layers(expert, shapes, {k: v.shape[1:] for k, v in data.first_block.items()},
                                      outputs=request.config.outputs, yes=request.yes)
             for stat, array in [*data.packed.items(), *data.first_block.items()]:
@@ -181,7 +176,7 @@ def _run_probe(request: ProbeRequest, progress: Callable[[ProgressEvent], None] 
         return callback_kwargs
 
     for name in request.experts:
-        apply_probe(adapter.expert_module(pipe, name), name, session, adapter.first_block)
+        apply_probe(adapter.expert_module(pipe, name), name, session)
     completed = False
     try:
         for slot, prompt in enumerate(request.prompts):

@@ -22,7 +22,7 @@ import sensq
 from sensq.errors import InputError
 from sensq.eval import evaluate_fidelity
 from sensq.generate import GenerateRequest, config_digest, generate
-from sensq.plan import Plan, Rule, build_plan, model_layers, summarize, summary_on_a14b, validate_plan
+from sensq.plan import Plan, Rule, build_plan, model_layers, summarize, summary_at_real_size, validate_plan
 from sensq.quant import dequantize_
 from sensq.quant.apply import apply_plan
 from sensq.stats import bootstrap_mean, format_interval, paired_difference
@@ -45,17 +45,18 @@ def slug(name: str) -> str:
 def standard_sets(model, ranking, fmt: str = "hif4", top_ks=(2, 4), budgets=(0.3,), random_draws: int = 0,
                   protect_entrance: bool = True) -> list[ProtectedSet]:
     """None; the entrance; entrance + top-k (per k); sensq's budgeted plans; the entrance in one expert only;
-    ModelOpt's fixed Wan set (embedders, proj_out, the first and last three blocks) and sensq's plan at the
-    same budget, left out for models of 6 blocks or fewer (the set would keep every block in high
-    precision); and ``random_draws`` random sets per budget with the same share of parameters protected
-    (seeded draws, the yardstick a ranking has to beat). sensq's plans are made as ``sensq plan`` makes them,
-    with ``protect_entrance`` as given (the entrance first, then the ranking; or the ranking alone)."""
-    experts = model.adapter.experts(model.pipe)
+    the family's published fixed set where it has one (Wan: ModelOpt's, the embedders, proj_out, the first
+    and last three blocks) and sensq's plan at the same budget, left out for models of 6 blocks or fewer
+    (the set would keep every block in high precision); and ``random_draws`` random sets per budget with the
+    same share of parameters protected (seeded draws, the yardstick a ranking has to beat). sensq's plans are
+    made as ``sensq plan`` makes them, with ``protect_entrance`` as given (the entrance first, then the
+    ranking; or the ranking alone)."""
+    family = model.adapter
+    experts = family.experts(model.pipe)
     everything = [Rule(f"re:{e}:.*", fmt, fmt) for e in experts]
-    entrance = r"(patch_embedding|condition_embedder\..*|blocks\.0\..*)"
-    n_blocks = len(model.adapter.expert_module(model.pipe, experts[0]).blocks)
-    edge = sorted({0, 1, 2, n_blocks - 3, n_blocks - 2, n_blocks - 1} & set(range(n_blocks)))
-    modelopt = r"(patch_embedding|condition_embedder\..*|proj_out|blocks\.(" + "|".join(map(str, edge)) + r")\..*)"
+    entrance = "(" + "|".join(family.entrance) + ")"
+    n_blocks = len(family.block_list(family.expert_module(model.pipe, experts[0])))
+    recipe = family.fixed_recipe(n_blocks)
     sets = [ProtectedSet("none", Plan(everything)),
             ProtectedSet("entrance", Plan([Rule(f"re:({'|'.join(experts)}):{entrance}", None, None)] + everything))]
     for k in top_ks:
@@ -63,12 +64,13 @@ def standard_sets(model, ranking, fmt: str = "hif4", top_ks=(2, 4), budgets=(0.3
     for budget in budgets:
         sets.append(ProtectedSet(f"budget {budget:.0%}", build_plan(ranking, budget=budget, fmt=fmt,
                                                                     protect_entrance=protect_entrance)))
-    for expert in experts:
+    for expert in experts if len(experts) > 1 else []:
         sets.append(ProtectedSet(f"entrance, {expert} only",
                                  Plan([Rule(f"re:{expert}:{entrance}", None, None)] + everything)))
-    if n_blocks > 6:
-        fixed = Plan([Rule(f"re:({'|'.join(experts)}):{modelopt}", None, None)] + everything)
-        sets.append(ProtectedSet("ModelOpt Wan recipe", fixed))
+    if n_blocks > 6 and recipe is not None:
+        recipe_name, pattern = recipe
+        fixed = Plan([Rule(f"re:({'|'.join(experts)}):{pattern}", None, None)] + everything)
+        sets.append(ProtectedSet(recipe_name, fixed))
         layers = model_layers(model)
         share = summarize(validate_plan(fixed, layers), layers)["total"]["protected_share"]
         sets.append(ProtectedSet(f"sensq at ModelOpt's budget ({share:.0%})",
@@ -174,7 +176,7 @@ def run_ablation(model, trajectory, prompts, sets: list[ProtectedSet], out: Path
             "effective_bits": summary["total"]["effective_bits"],
             "weight_bytes": summary["total"]["weight_bytes_after"],
             "weight_bytes_bf16": summary["total"]["weight_bytes_before"],
-            "a14b": summary_on_a14b(protected.plan),
+            "real_size": summary_at_real_size(protected.plan),
             **_aggregate(per_item),
         })
         if progress is not None:
@@ -276,7 +278,7 @@ def headline(result: dict) -> dict:
     out = {"set": best["set"], "protected_layers": best["protected_layers"],
            "protected_share": best["protected_share"], "effective_bits": best["effective_bits"],
            "weight_gb": best["weight_bytes"] / 1e9, "weight_gb_bf16": best["weight_bytes_bf16"] / 1e9,
-           "a14b": best["a14b"], "latent_nmse": best["intervals"]["latent_nmse"]}
+           "real_size": best["real_size"], "latent_nmse": best["intervals"]["latent_nmse"]}
     none = next((r for r in rows if r["set"] == "none"), None)
     if none is not None:
         gain = _paired(none, best, "latent_nmse")
@@ -324,12 +326,13 @@ def headline_lines(result: dict) -> list[str]:
         return ["No ranked set in this ablation: nothing to recommend."]
     kept = ", ".join(f"{e}: {n} layers ({head['protected_share'][e]:.1%} of its parameters)"
                      for e, n in head["protected_layers"].items())
+    real = head.get("real_size")
     lines = [f"Recommended: **{head['set']}**, keeping in high precision {kept}.",
              f"Cost: {head['effective_bits']:.2f} effective bits per weight; {head['weight_gb'] * 1e3:.2f} MB of "
              f"weights here (BF16: {head['weight_gb_bf16'] * 1e3:.2f} MB)"
-             + (f"; the same rules on Wan2.2-T2V-A14B: {head['a14b']['effective_bits']:.2f} bits, "
-                f"{head['a14b']['weight_gb']:.1f} GB of expert weights (BF16: {head['a14b']['weight_gb_bf16']:.1f} GB)"
-                if head.get("a14b") else "") + ".",
+             + (f"; the same rules on {real['model']}: {real['effective_bits']:.2f} bits, "
+                f"{real['weight_gb']:.1f} GB of expert weights (BF16: {real['weight_gb_bf16']:.1f} GB)"
+                if real else "") + ".",
              f"Latent NMSE vs full precision: {format_interval(head['latent_nmse'])} (mean [95% interval] over "
              f"{head['latent_nmse']['n']} generations: {len(result['prompts'])} prompts x {len(result['seeds'])} "
              "seeds)."]
@@ -424,24 +427,27 @@ def write_ablation_report(result: dict, out: Path, commands: list[str] | None = 
         plot = out / "pareto_procedural.png"
         _pareto_plot(plt, result, plot, "procedural", "procedural evaluator average (higher is better)")
         files.append(plot)
-    columns = ["protected set", "kept high / low", "effective bits", "weight MB (BF16 MB)", "A14B GB (same rules)",
+    real_model = next((r["real_size"]["model"] for r in rows if r.get("real_size")), "real size")
+    columns = ["protected set", "kept per expert", "effective bits", "weight MB (BF16 MB)",
+               f"{real_model.rpartition('/')[2]} GB (same rules)",
                "latent NMSE [95%]", "PSNR dB [95%]", "SSIM [95%]"] + (["procedural [95%]"] if procedural else []) + [
         "first-frame NMSE", "temporal NMSE"]
     table = []
     reference = result.get("reference_row")
     if reference is not None:
         bf16 = rows[0]["weight_bytes_bf16"]
-        a14b = rows[0].get("a14b") or {}
-        table.append(["full precision", "100% / 100%", "16.00", f"{bf16 / 1e6:.3f} ({bf16 / 1e6:.3f})",
-                      f"{a14b.get('weight_gb_bf16', float('nan')):.1f}", "0", "inf", "1"]
+        real = rows[0].get("real_size") or {}
+        everything = " / ".join("100%" for _ in rows[0]["protected_share"])
+        table.append(["full precision", everything, "16.00", f"{bf16 / 1e6:.3f} ({bf16 / 1e6:.3f})",
+                      f"{real.get('weight_gb_bf16', float('nan')):.1f}", "0", "inf", "1"]
                      + ([_interval_text(reference, "procedural", 3)] if procedural else []) + ["0", "0"])
     for row in rows:
         m = row["metrics"]
-        a14b = row.get("a14b")
+        real = row.get("real_size")
         table.append([row["set"], " / ".join(f"{v:.1%}" for v in row["protected_share"].values()),
                       f"{row['effective_bits']:.2f}",
                       f"{row['weight_bytes'] / 1e6:.3f} ({row['weight_bytes_bf16'] / 1e6:.3f})",
-                      f"{a14b['weight_gb']:.1f}" if a14b else "n/a",
+                      f"{real['weight_gb']:.1f}" if real else "n/a",
                       _interval_text(row, "latent_nmse", 3), _interval_text(row, "psnr", 3),
                       _interval_text(row, "ssim", 3)]
                      + ([_interval_text(row, "procedural", 3)] if procedural else [])

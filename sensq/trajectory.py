@@ -144,12 +144,20 @@ def get_preset(name: str) -> Trajectory:
 
 
 def apply_trajectory(pipe, trajectory: Trajectory) -> None:
-    """Install the trajectory's scheduler on ``pipe`` (in place)."""
+    """Install the trajectory's scheduler on ``pipe`` (in place).
+
+    Raises:
+        InputError: a scheduler the model's family does not run (LTX-Video: Euler only).
+    """
     from diffusers import FlowMatchEulerDiscreteScheduler, UniPCMultistepScheduler
 
+    from sensq.models.family import family_of
+
+    family_of(pipe).check_trajectory(trajectory)
     # always start from the model's own scheduler config, not from what an earlier call installed
     if not hasattr(pipe, "_sensq_model_scheduler_config"):
         pipe._sensq_model_scheduler_config = dict(pipe.scheduler.config)
+        pipe._sensq_model_scheduler_class = type(pipe.scheduler).__name__
     base = dict(pipe._sensq_model_scheduler_config)
     if trajectory.scheduler == "unipc":
         accepted = inspect.signature(UniPCMultistepScheduler.__init__).parameters
@@ -158,14 +166,18 @@ def apply_trajectory(pipe, trajectory: Trajectory) -> None:
         if trajectory.shift is not None:
             overrides["flow_shift"] = trajectory.shift
         scheduler = UniPCMultistepScheduler.from_config(base, **overrides)
+    elif pipe._sensq_model_scheduler_class == "FlowMatchEulerDiscreteScheduler":
+        # the model's own Euler config (LTX-Video: dynamic shifting); an explicit --shift replaces it
+        overrides = {} if trajectory.shift is None else {"shift": trajectory.shift, "use_dynamic_shifting": False}
+        scheduler = FlowMatchEulerDiscreteScheduler.from_config(base, **overrides)
     else:
         shift = trajectory.shift if trajectory.shift is not None else base.get("flow_shift", 1.0)
         scheduler = FlowMatchEulerDiscreteScheduler(shift=shift, num_train_timesteps=base.get("num_train_timesteps",
                                                                                               1000))
-        if trajectory.sigmas is not None:
-            # WanPipeline.__call__ has no sigmas= argument and calls set_timesteps(steps, device=...):
-            # bind the custom sigmas to this scheduler instance (the scheduler shifts them itself)
-            scheduler.set_timesteps = functools.partial(scheduler.set_timesteps, sigmas=list(trajectory.sigmas))
+    if trajectory.scheduler == "euler" and trajectory.sigmas is not None:
+        # WanPipeline.__call__ has no sigmas= argument and calls set_timesteps(steps, device=...):
+        # bind the custom sigmas to this scheduler instance (the scheduler shifts them itself)
+        scheduler.set_timesteps = functools.partial(scheduler.set_timesteps, sigmas=list(trajectory.sigmas))
     pipe.scheduler = scheduler
 
 
@@ -182,7 +194,7 @@ def plan_steps(pipe, adapter, trajectory: Trajectory) -> list[Step]:
     import copy
 
     scheduler = copy.deepcopy(pipe.scheduler)
-    scheduler.set_timesteps(trajectory.steps, device="cpu")
+    scheduler.set_timesteps(device="cpu", **adapter.schedule(pipe, trajectory))
     sigmas = scheduler.sigmas
     return [
         Step(i, float(t), float(sigmas[i]), adapter.route(pipe, float(t)))
@@ -197,15 +209,16 @@ def run(pipe, prompt: str, trajectory: Trajectory, *, seed: int | None = None, c
     Prompt embeddings are computed by the pipeline with ``trajectory.max_sequence_length``.
     ``negative`` (a prompt's own negative prompt) overrides ``trajectory.negative_prompt``.
     """
+    from sensq.models.family import family_of
+
+    family = family_of(pipe)
     generator = torch.Generator(device="cpu").manual_seed(trajectory.seed if seed is None else seed)
-    kwargs = {}
-    if pipe.config.boundary_ratio is not None:
-        kwargs["guidance_scale_2"] = trajectory.guidance_2 if trajectory.guidance_2 is not None else trajectory.guidance
-    return pipe(
+    frames = pipe(
         prompt=prompt,
         negative_prompt=(negative or trajectory.negative_prompt) if trajectory.cfg else None,
         height=trajectory.height, width=trajectory.width, num_frames=trajectory.frames,
         num_inference_steps=trajectory.steps, guidance_scale=trajectory.guidance,
         max_sequence_length=trajectory.max_sequence_length, generator=generator,
-        output_type=output_type, callback_on_step_end=callback, **kwargs,
+        output_type=output_type, callback_on_step_end=callback, **family.call_kwargs(pipe, trajectory),
     ).frames
+    return family.video_latents(pipe, frames, trajectory) if output_type == "latent" else frames

@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from sensq.errors import InputError
-from sensq.models import load_model
+from sensq.loading import load_model
 from sensq.trajectory import Trajectory, apply_trajectory, get_preset, plan_steps, run
 
 

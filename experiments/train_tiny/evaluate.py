@@ -12,7 +12,7 @@ import torch
 
 from sensq.eval import evaluate_procedural
 from sensq.generate import GenerateRequest, generate
-from sensq.models import load_model
+from sensq.loading import load_model
 from sensq.plan import Plan, Rule
 from sensq.prompts import load_prompts
 from sensq.quant import dequantize_

@@ -1,4 +1,9 @@
-"""Loading models: the embedded tiny pipelines, a local diffusers folder, or a Hub id from the cache only."""
+"""Source models: the embedded tiny pipelines, a local diffusers folder, or a Hub id from the cache only.
+
+Importing this package registers the built-in model families (:mod:`sensq.models.family`): Wan2.2-T2V-A14B
+and single-expert Wan (:mod:`sensq.models.wan`), LTX-Video (:mod:`sensq.models.ltx`). Quantized sensq
+checkpoints load through :func:`sensq.loading.load_model`, which also takes everything this module loads.
+"""
 
 from __future__ import annotations
 
@@ -12,9 +17,15 @@ from pathlib import Path
 import torch
 
 from sensq.errors import InputError
-from sensq.models.wan import EXPERTS, TINY_SPECS, WanAdapter, build_tiny_pipeline, quantizable_layers
+from sensq.models import ltx, wan
+from sensq.models.family import FAMILIES, ModelFamily, family_of, get_family
+from sensq.models.layers import quantizable_layers
 
-__all__ = ["EXPERTS", "LoadedModel", "WanAdapter", "load_model", "model_fingerprint", "quantizable_layers"]
+__all__ = ["FAMILIES", "LoadedModel", "ModelFamily", "family_of", "get_family", "load_source_model",
+           "model_fingerprint", "quantizable_layers"]
+
+EMBEDDED = {**wan.TINY_MODELS, **ltx.TINY_MODELS}
+"""Embedded model name -> how to build it (random weights, seeds fixed, nothing downloaded)."""
 
 _HUB_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
 TRAINED_DIR = Path(__file__).parent / "weights"
@@ -29,7 +40,7 @@ class LoadedModel:
 
     Attributes:
         pipe: the diffusers pipeline, on ``device`` in ``dtype``.
-        adapter: the model family's metadata (experts, routing, entrance layers).
+        adapter: the model's family (experts, routing, blocks, entrance layers; :mod:`sensq.models.family`).
         model_id: what the user passed (``tiny``, a folder, a Hub id).
         fingerprint: see :func:`model_fingerprint`.
         default_resolution: (height, width, frames) when the user passes none.
@@ -38,7 +49,7 @@ class LoadedModel:
     """
 
     pipe: object
-    adapter: WanAdapter
+    adapter: ModelFamily
     model_id: str
     fingerprint: str
     default_resolution: tuple[int, int, int]
@@ -55,10 +66,10 @@ class LoadedModel:
 
 def model_names() -> list[str]:
     """Embedded model names (a local folder or a cached Hub id work too)."""
-    return list(TINY_SPECS) + list(PROCEDURAL_MODELS)
+    return list(EMBEDDED) + list(PROCEDURAL_MODELS)
 
 
-def model_fingerprint(pipe, adapter: WanAdapter) -> str:
+def model_fingerprint(pipe, adapter: ModelFamily) -> str:
     """A 16-hex-digit fingerprint of the experts: configs, parameter names, shapes, dtypes, and up to
     1024 values sampled at a fixed stride from every tensor (hashing all of A14B's 57 GB would take
     minutes; two checkpoints that differ only in unsampled elements get the same fingerprint)."""
@@ -93,7 +104,7 @@ def quiet_hf_progress():
 
 
 def _from_folder(path: Path, dtype: torch.dtype):
-    from diffusers import DiffusionPipeline, WanPipeline
+    from diffusers import DiffusionPipeline
 
     if not (path / "model_index.json").is_file():
         raise InputError(f"{str(path)!r} has no model_index.json: not a diffusers pipeline folder")
@@ -103,8 +114,7 @@ def _from_folder(path: Path, dtype: torch.dtype):
     except Exception as error:  # noqa: BLE001 - diffusers' loader raises many kinds; report any as one line
         first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         raise InputError(f"cannot load the pipeline in {str(path)!r}: {first_line}") from None
-    if not isinstance(pipe, WanPipeline):
-        raise InputError(f"{str(path)!r} holds a {type(pipe).__name__}; sensq supports WanPipeline (Wan2.1/2.2 T2V)")
+    family_of(pipe)  # an InputError naming the supported families for any other pipeline
     return pipe
 
 
@@ -121,27 +131,24 @@ def _from_hub_cache(repo_id: str) -> Path:
         ) from None
 
 
-def load_model(model: str, device: torch.device, dtype: torch.dtype) -> LoadedModel:
-    """Load ``model``: an embedded name (``tiny``, ``tiny-realshape``, ``small``), a local diffusers
-    folder, a sensq quantized checkpoint folder (``sensq apply-plan``), or a Hub id that is already in
-    the local cache.
+def load_source_model(model: str, device: torch.device, dtype: torch.dtype) -> LoadedModel:
+    """Load ``model``: an embedded name (:func:`model_names`), a local diffusers folder, or a Hub id that is
+    already in the local cache (a sensq checkpoint: :func:`sensq.loading.load_model`).
 
     Raises:
-        InputError: unknown name, folder without a pipeline, Hub id not cached, unsupported pipeline.
+        InputError: unknown name, folder without a pipeline, Hub id not cached, a pipeline of no
+            registered family.
     """
-    adapter = WanAdapter()
-    from sensq.quant.checkpoint import is_checkpoint, load_quantized
-
-    if is_checkpoint(model):
-        return load_quantized(model, device, None if dtype == torch.float32 else dtype)
-    if model in TINY_SPECS:
-        pipe = build_tiny_pipeline(model)
-        resolution = TINY_SPECS[model].resolution
+    if model in EMBEDDED:
+        tiny = EMBEDDED[model]
+        pipe = tiny.build()
+        resolution = tiny.resolution
         if dtype != torch.float32:
             pipe.to(dtype=dtype)
     else:
         pipe = _from_folder(model_folder(model), dtype)
-        resolution = _resolution_for(pipe, adapter)
+        resolution = default_resolution(pipe, family_of(pipe))
+    adapter = family_of(pipe)
     pipe.to(device=device)
     pipe.set_progress_bar_config(disable=True)  # sensq shows its own progress
     return LoadedModel(pipe, adapter, model, model_fingerprint(pipe, adapter), resolution, device, dtype)
@@ -185,34 +192,54 @@ def layer_inventory(model: str) -> list:
     (they are tiny); folders and cached Hub ids are instantiated from their configs on the meta device.
 
     Raises:
-        InputError: as :func:`load_model`.
+        InputError: as :func:`load_source_model`.
     """
-    from diffusers import WanTransformer3DModel
+    from sensq.models.layers import layer_infos
 
-    from sensq.plan import layer_infos
-
-    adapter = WanAdapter()
-    if model in TINY_SPECS:
-        experts = {e: adapter.expert_module(build_tiny_pipeline(model), e) for e in EXPERTS}
-    else:
-        path = model_folder(model)
-        experts = {}
-        for expert, attr in adapter.expert_attrs.items():
-            config_file = path / attr / "config.json"
-            if config_file.is_file():
-                config = WanTransformer3DModel.load_config(str(path / attr))
-                with torch.device("meta"):
-                    experts[expert] = WanTransformer3DModel.from_config(config)
-        if not experts:
-            raise InputError(f"{str(path)!r} has no transformer/config.json: not a Wan pipeline folder")
+    if model in EMBEDDED:
+        pipe = EMBEDDED[model].build()
+        family = family_of(pipe)
+        return layer_infos({e: family.expert_module(pipe, e) for e in family.experts(pipe)})
+    path = model_folder(model)
+    family = folder_family(path)
+    experts = {}
+    for expert, attr in family.expert_attrs.items():
+        config = family.transformer_type().load_config(str(path / attr))
+        with torch.device("meta"):
+            experts[expert] = family.transformer_type().from_config(config)
     return layer_infos(experts)
 
 
-def _resolution_for(pipe, adapter: WanAdapter) -> tuple[int, int, int]:
-    """Tiny saved pipelines keep tiny defaults; real ones get 480x832x81."""
-    expert = adapter.expert_module(pipe, "high")
+def folder_family(path: Path) -> ModelFamily:
+    """The family of a diffusers pipeline folder, from its model_index.json and which expert folders hold a
+    config.json (without loading anything).
+
+    Raises:
+        InputError: no model_index.json, or no registered family matches.
+    """
+    import json as _json
+
+    index = path / "model_index.json"
+    if not index.is_file():
+        raise InputError(f"{str(path)!r} has no model_index.json: not a diffusers pipeline folder")
+    try:
+        pipeline_class = _json.loads(index.read_text()).get("_class_name")
+    except (ValueError, AttributeError):
+        raise InputError(f"{str(index)!r} is not a valid model_index.json") from None
+    for family in FAMILIES.values():
+        attrs = {attr for f in FAMILIES.values() for attr in f.expert_attrs.values()}
+        present = {attr for attr in attrs if (path / attr / "config.json").is_file()}
+        if family.pipeline_class == pipeline_class and present == set(family.expert_attrs.values()):
+            return family
+    raise InputError(f"{str(path)!r} holds a {pipeline_class}; sensq has no model family for it (supported: "
+                     + "; ".join(f"{f.name} ({f.description})" for f in FAMILIES.values()) + ")")
+
+
+def default_resolution(pipe, adapter: ModelFamily) -> tuple[int, int, int]:
+    """Tiny saved pipelines (hidden size < 1024) keep tiny defaults; real ones get the family's."""
+    expert = adapter.expert_module(pipe, adapter.experts(pipe)[0])
     hidden = expert.config.num_attention_heads * expert.config.attention_head_dim
-    return (32, 32, 9) if hidden < 1024 else adapter.default_resolution
+    return adapter.tiny_resolution if hidden < 1024 else adapter.default_resolution
 
 
 def load_a14b_width(num_layers: int = 1, seed: int = 1) -> LoadedModel:
@@ -221,14 +248,11 @@ def load_a14b_width(num_layers: int = 1, seed: int = 1) -> LoadedModel:
     ``num_layers`` (585 M parameters per expert at 1 block: the 5120/13824-wide blocks, the real condition
     embedder and proj_out), random weights, fp32. For timing sensq's work at real widths (benchmarks,
     experiments/rank_a14b_width.py), not for generating anything."""
-    from diffusers import WanTransformer3DModel
-
-    from sensq.models.wan import A14B_TRANSFORMER_CONFIG
-
-    model = load_model("tiny-realshape", torch.device("cpu"), torch.float32)
-    for offset, attr in enumerate(("transformer", "transformer_2")):
+    model = load_source_model("tiny-realshape", torch.device("cpu"), torch.float32)
+    family = model.adapter
+    for offset, attr in enumerate(family.expert_attrs.values()):
         torch.manual_seed(seed + offset)
-        setattr(model.pipe, attr, WanTransformer3DModel(**{**A14B_TRANSFORMER_CONFIG, "num_layers": num_layers}).eval())
+        setattr(model.pipe, attr, family.transformer_type()(**{**family.real_config, "num_layers": num_layers}).eval())
     model.model_id = f"a14b-width-{num_layers}"
     model.fingerprint = model_fingerprint(model.pipe, model.adapter)
     return model

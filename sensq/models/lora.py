@@ -54,10 +54,14 @@ def fuse_loras(model, *, high: str | None = None, low: str | None = None, scale:
         if not Path(path).is_file():
             raise InputError(f"LoRA file for the {expert}-noise expert not found: {str(path)!r} (a probe or ranking "
                              f"records where its LoRAs were: pass --lora-{expert} with the file's new place)")
+        if expert not in model.adapter.expert_attrs:
+            raise InputError(f"--lora-{expert}: this {model.adapter.name} model has no {expert!r} expert (it has "
+                             f"{', '.join(model.adapter.expert_attrs)}); --lora-high/--lora-low are Wan2.2's experts")
         check_lora_file(path, expert)
         component = model.adapter.expert_attrs[expert]
         try:
-            pipe.load_lora_weights(path, adapter_name=f"sensq_{expert}", load_into_transformer_2=(expert == "low"))
+            pipe.load_lora_weights(path, adapter_name=f"sensq_{expert}",
+                                   load_into_transformer_2=(component == "transformer_2"))
             pipe.fuse_lora(components=[component], adapter_names=[f"sensq_{expert}"], lora_scale=scale)
         except (ValueError, KeyError, RuntimeError) as error:
             raise InputError(f"cannot apply LoRA {path!r} to the {expert}-noise expert: {error}") from None

@@ -1,18 +1,23 @@
-"""Wan2.2 (two experts) in diffusers: the adapter, the embedded tiny pipelines, and A14B's inventory.
+"""Wan in diffusers: the two-expert Wan2.2-T2V-A14B family, the single-expert Wan family (Wan2.1-T2V),
+the embedded tiny pipelines, and the real models' inventories.
 
-The adapter is small metadata: which pipeline attributes are the experts, how steps are routed,
-which layers are the entrance and the exit. Everything else is plain diffusers.
+Both families are :class:`WanFamily`: routing by the pipeline's ``boundary_ratio`` and the resolution
+check (rotary positions, a lower bound on the peak memory) are Wan's own; everything else is the
+generic :class:`sensq.models.family.ModelFamily`.
 """
 
 from __future__ import annotations
 
-import re
-from dataclasses import dataclass, field
+import functools
+from dataclasses import dataclass
 
 import torch
 
+from sensq.errors import InputError
+from sensq.models.family import BlockArgument, ModelFamily, TinyModel, register_family
+
 EXPERTS = ("high", "low")
-"""Expert names used everywhere in sensq: plan rules, probe files, rankings."""
+"""Wan2.2's expert names, used in plan rules, probe files and rankings: ``high`` runs t >= boundary."""
 
 A14B_TRANSFORMER_CONFIG = {
     "patch_size": [1, 2, 2], "num_attention_heads": 40, "attention_head_dim": 128, "in_channels": 16,
@@ -22,44 +27,48 @@ A14B_TRANSFORMER_CONFIG = {
 }
 """`Wan-AI/Wan2.2-T2V-A14B-Diffusers` transformer/config.json (identical for both experts)."""
 
+WAN21_14B_TRANSFORMER_CONFIG = {**A14B_TRANSFORMER_CONFIG}
+"""`Wan-AI/Wan2.1-T2V-14B-Diffusers` transformer/config.json: the same architecture as one A14B expert."""
+
+_WAN_BLOCK_ARGUMENTS = (
+    BlockArgument("hidden_states", ("hidden_states",), model_dtype=True),
+    BlockArgument("encoder_hidden_states", ("encoder_hidden_states",), model_dtype=True),
+    BlockArgument("temb", ("temb",)),
+    BlockArgument("rotary_emb", ("rotary_cos", "rotary_sin")),
+)
+
 
 @dataclass(frozen=True)
-class WanAdapter:
-    """What sensq needs to know about a Wan2.2 pipeline.
+class WanFamily(ModelFamily):
+    """A ``WanPipeline`` family: routing by ``boundary_ratio``, Wan's resolution check."""
 
-    Attributes:
-        expert_attrs: pipeline attribute per expert name (``high`` runs t >= boundary).
-        entrance: regexes (on layer names inside an expert) of the entrance layers the method protects.
-        exit: regexes of the exit layers.
-        default_resolution: (height, width, frames) used when the user does not pass any.
-    """
-
-    expert_attrs: dict[str, str] = field(default_factory=lambda: {"high": "transformer", "low": "transformer_2"})
-    entrance: tuple[str, ...] = (r"patch_embedding", r"condition_embedder\..*", r"blocks\.0\..*")
-    exit: tuple[str, ...] = (r"proj_out",)
-    default_resolution: tuple[int, int, int] = (480, 832, 81)
-    first_block: str = "blocks.0"
-
-    def expert_module(self, pipe, expert: str) -> torch.nn.Module:
-        module = getattr(pipe, self.expert_attrs[expert], None)
-        if module is None:
-            raise ValueError(f"this pipeline has no {self.expert_attrs[expert]!r} ({expert}-noise expert)")
-        return module
-
-    def experts(self, pipe) -> list[str]:
-        """Expert names present in ``pipe`` (Wan2.1-style pipelines have only ``high``)."""
-        return [name for name, attr in self.expert_attrs.items() if getattr(pipe, attr, None) is not None]
+    def expert_label(self, expert: str) -> str:
+        return f"{expert}-noise expert" if len(self.expert_attrs) > 1 else super().expert_label(expert)
 
     def boundary_timestep(self, pipe) -> float | None:
+        if len(self.expert_attrs) < 2:
+            return None
         ratio = pipe.config.get("boundary_ratio") if hasattr(pipe.config, "get") else pipe.config.boundary_ratio
         if ratio is None:
             return None
         return ratio * pipe.scheduler.config.num_train_timesteps
 
     def route(self, pipe, timestep: float) -> str:
-        """The expert that runs ``timestep``: ``high`` when t >= boundary_ratio * num_train_timesteps."""
+        """The first expert (``high``) when t >= boundary_ratio * num_train_timesteps, else the second."""
         boundary = self.boundary_timestep(pipe)
-        return "high" if boundary is None or timestep >= boundary else "low"
+        names = self.experts(pipe)
+        return names[0] if boundary is None or timestep >= boundary else names[1]
+
+    def call_kwargs(self, pipe, trajectory) -> dict:
+        if self.boundary_timestep(pipe) is None:
+            return {}
+        return {"guidance_scale_2": trajectory.guidance_2 if trajectory.guidance_2 is not None else trajectory.guidance}
+
+    def fixed_recipe(self, n_blocks: int) -> tuple[str, str] | None:
+        """ModelOpt's Wan recipe (its diffusers example): the embedders, proj_out, the first and last three blocks."""
+        edge = sorted({0, 1, 2, n_blocks - 3, n_blocks - 2, n_blocks - 1} & set(range(n_blocks)))
+        return ("ModelOpt Wan recipe",
+                r"(patch_embedding|condition_embedder\..*|proj_out|blocks\.(" + "|".join(map(str, edge)) + r")\..*)")
 
     def check_resolution(self, pipe, height: int, width: int, frames: int, dtype: torch.dtype,
                          device: torch.device) -> int:
@@ -73,8 +82,7 @@ class WanAdapter:
             InputError: more latent positions than the rotary embedding covers, or an estimate above the
                 memory available on ``device``.
         """
-        from sensq.errors import InputError
-
+        super().check_resolution(pipe, height, width, frames, dtype, device)
         expert = self.expert_module(pipe, self.experts(pipe)[0])
         config = expert.config
         p_t, p_h, p_w = config.patch_size
@@ -99,11 +107,22 @@ class WanAdapter:
                              "--height/--width")
         return needed
 
-    def is_entrance(self, layer: str) -> bool:
-        return any(re.fullmatch(pattern, layer) for pattern in self.entrance)
 
-    def is_exit(self, layer: str) -> bool:
-        return any(re.fullmatch(pattern, layer) for pattern in self.exit)
+_WAN_COMMON = {
+    "pipeline_class": "WanPipeline", "transformer_class": "WanTransformer3DModel", "blocks": "blocks",
+    "block_arguments": _WAN_BLOCK_ARGUMENTS,
+    "entrance": (r"patch_embedding", r"condition_embedder\..*", r"blocks\.0\..*"), "exit": (r"proj_out",),
+}
+
+WAN22_A14B = register_family(WanFamily(
+    name="wan2.2-t2v-a14b", description="Wan2.2-T2V-A14B: WanPipeline with two experts, transformer and transformer_2",
+    expert_attrs={"high": "transformer", "low": "transformer_2"}, real_model_id="Wan-AI/Wan2.2-T2V-A14B-Diffusers",
+    real_config=A14B_TRANSFORMER_CONFIG, **_WAN_COMMON))
+
+WAN_SINGLE = register_family(WanFamily(
+    name="wan-t2v", description="Wan2.1-T2V style: WanPipeline with one transformer (no transformer_2)",
+    expert_attrs={"main": "transformer"}, real_model_id="Wan-AI/Wan2.1-T2V-14B-Diffusers",
+    real_config=WAN21_14B_TRANSFORMER_CONFIG, **_WAN_COMMON))
 
 
 def _available_memory(device: torch.device) -> int | None:
@@ -122,38 +141,9 @@ def _available_memory(device: torch.device) -> int | None:
     return None
 
 
-def quantizable_layers(expert: torch.nn.Module) -> list[tuple[str, torch.nn.Module]]:
-    """Every ``nn.Linear`` and the patch-embedding ``Conv3d`` of an expert, in registration order, and
-    their deployed forms (:mod:`sensq.quant.deployed`) in a loaded checkpoint: probing a deployed model
-    sees the same layers as probing its source.
-
-    Raises:
-        ValueError: the expert still holds unfused LoRA layers (fuse and unload them first).
-    """
-    from sensq.quant.deployed import is_deployed
-
-    layers = []
-    for name, module in expert.named_modules():
-        if ".lora_A" in name or ".lora_B" in name or name.endswith(".base_layer"):
-            raise ValueError(f"layer {name!r} is part of an unfused LoRA: fuse_lora() and unload_lora_weights() first")
-        if (isinstance(module, torch.nn.Linear) or is_deployed(module)
-                or (isinstance(module, torch.nn.Conv3d) and name == "patch_embedding")):
-            layers.append((name, module))
-    return layers
-
-
-def linear_count_and_params(expert: torch.nn.Module) -> tuple[int, int]:
-    """(number of ``nn.Linear`` layers, total parameters of the expert). Works on the meta device."""
-    n_linear = sum(isinstance(m, torch.nn.Linear) for m in expert.modules())
-    return n_linear, sum(p.numel() for p in expert.parameters())
-
-
 def a14b_expert_on_meta() -> torch.nn.Module:
     """One A14B expert with the real config on the meta device (no memory, no weights)."""
-    from diffusers import WanTransformer3DModel
-
-    with torch.device("meta"):
-        return WanTransformer3DModel(**A14B_TRANSFORMER_CONFIG)
+    return WAN22_A14B.real_expert_on_meta()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -194,6 +184,7 @@ class TinySpec:
     text_d_kv: int = 8
     text_ff: int = 64
     resolution: tuple[int, int, int] = (32, 32, 9)
+    experts: int = 2
 
 
 TINY_SPECS = {
@@ -203,6 +194,8 @@ TINY_SPECS = {
                                text_heads=2, text_d_kv=32, text_ff=64),
     # more blocks and A14B-like proportions (entrance ~1/4 of the parameters) for ablations on a CPU
     "small": TinySpec(heads=4, head_dim=64, ffn=1024, layers=6, text_dim=32),
+    # the single-expert Wan family (Wan2.1-T2V style: no transformer_2, no boundary)
+    "tiny-wan21": TinySpec(heads=2, head_dim=16, ffn=64, layers=2, text_dim=32, experts=1),
 }
 
 
@@ -219,7 +212,8 @@ def _tiny_transformer(spec: TinySpec, seed: int):
 
 
 def build_tiny_pipeline(name: str = "tiny"):
-    """A two-expert ``WanPipeline`` with random weights (seeds fixed), boundary_ratio 0.875.
+    """A ``WanPipeline`` with random weights (seeds fixed): two experts and boundary_ratio 0.875, or for a
+    one-expert spec a Wan2.1-style pipeline (no ``transformer_2``, no boundary).
 
     Raises:
         KeyError: unknown tiny preset.
@@ -242,6 +236,12 @@ def build_tiny_pipeline(name: str = "tiny"):
     scheduler = UniPCMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True, flow_shift=3.0)
     return WanPipeline(
         tokenizer=tokenizer, text_encoder=text_encoder, vae=vae, scheduler=scheduler,
-        transformer=_tiny_transformer(spec, seed=1), transformer_2=_tiny_transformer(spec, seed=2),
-        boundary_ratio=0.875,
+        transformer=_tiny_transformer(spec, seed=1),
+        transformer_2=_tiny_transformer(spec, seed=2) if spec.experts == 2 else None,
+        boundary_ratio=0.875 if spec.experts == 2 else None,
     )
+
+
+TINY_MODELS = {name: TinyModel(functools.partial(build_tiny_pipeline, name), spec.resolution)
+               for name, spec in TINY_SPECS.items()}
+"""The embedded Wan pipelines (both families)."""

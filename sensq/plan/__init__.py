@@ -21,6 +21,9 @@ from pathlib import Path
 import sensq
 from sensq.errors import InputError
 from sensq.formats import get_format
+from sensq.models import ModelFamily, get_family
+from sensq.models.layers import LayerInfo, layer_infos
+from sensq.models.wan import WAN22_A14B
 from sensq.store.files import read_json, write_json
 from sensq.store.schema import Fields, ListOf, validate_document
 
@@ -71,17 +74,6 @@ class Rule:
         if self.match.startswith("re:"):
             return compile_pattern(self.match[3:]).fullmatch(qualified) is not None
         return self.match == qualified
-
-
-@dataclass(frozen=True)
-class LayerInfo:
-    """What the plan needs to know about a layer: its expert, name, parameters and input width."""
-
-    expert: str
-    name: str
-    params: int
-    in_features: int
-    kind: str = "linear"  # or "conv3d" (the patch embedding): exports need it
 
 
 def resolve(rules: list[Rule], layers: list[LayerInfo]) -> tuple[list[dict], list[int]]:
@@ -269,29 +261,13 @@ def build_plan(ranking, *, budget: float | None = None, top_k: int | None = None
     return Plan(
         rules=rules, layers=table, summary=summarize(table, infos),
         model={"id": ranking.provenance.get("model_id"), "fingerprint": ranking.provenance.get("model_fingerprint"),
-               "loras": ranking.provenance.get("loras") or {}},
+               "loras": ranking.provenance.get("loras") or {},
+               "family": ranking.provenance.get("family", WAN22_A14B.name)},
         source={"ranking_metric": ranking.metric, "ranking_format": rank_format, "reduce": ranking.reduce,
                 "budget": budget, "top_k": top_k, "protect_entrance": protect_entrance, "protect": protect or [],
                 "probe_sha256": ranking.provenance.get("probe_sha256"), "warnings": warnings,
                 "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())},
     )
-
-
-def layer_infos(experts: dict) -> list[LayerInfo]:
-    """Every quantizable layer of the given expert modules (``{expert name: module}``; meta device is fine)."""
-    from sensq.models.wan import quantizable_layers
-
-    infos = []
-    for expert, module in experts.items():
-        for name, layer in quantizable_layers(module):
-            if hasattr(layer, "weight_shape"):  # a deployed layer: its packed weight has no Parameter
-                rows, cols = layer.weight_shape
-                size = rows * cols + (0 if layer.bias is None else layer.bias.numel())
-            else:
-                size, cols = sum(p.numel() for p in layer.parameters(recurse=False)), layer.weight[0].numel()
-            kind = "conv3d" if hasattr(layer, "kernel_size") else "linear"  # Conv3d and its quantized forms
-            infos.append(LayerInfo(expert, name, size, int(cols), kind))
-    return infos
 
 
 def model_layers(model) -> list[LayerInfo]:
@@ -313,24 +289,29 @@ def validate_plan(plan: Plan, layers: list[LayerInfo]) -> list[dict]:
     return table
 
 
-def summary_on_a14b(plan: Plan) -> dict | None:
-    """The same rules resolved on Wan2.2-T2V-A14B's real layer inventory (meta device): the effective bits and
-    weight GB the plan would give there. None when the rules leave an A14B layer undecided."""
-    experts = sorted({row["expert"] for row in plan.layers}) or ["high", "low"]
-    layers = _a14b_layers(tuple(experts))
+def plan_family(plan: Plan) -> ModelFamily:
+    """The model family a plan was made for (plans from before families name none: Wan2.2-T2V-A14B)."""
+    return get_family((plan.model or {}).get("family") or WAN22_A14B.name)
+
+
+def summary_at_real_size(plan: Plan) -> dict | None:
+    """The same rules resolved on the real model of the plan's family (its transformer config on the meta
+    device; Wan2.2: A14B): the effective bits and weight GB the plan would give there. None when the rules
+    leave a layer of the real model undecided."""
+    family = plan_family(plan)
+    experts = sorted({row["expert"] for row in plan.layers}) or list(family.expert_names)
+    layers = _real_layers(family.name, tuple(experts))
     try:
         table, _ = resolve(plan.rules, layers)
     except InputError:
         return None
     total = summarize(table, layers)["total"]
-    return {"effective_bits": total["effective_bits"], "weight_gb": total["weight_bytes_after"] / 1e9,
-            "weight_gb_bf16": total["weight_bytes_before"] / 1e9, "protected_share": total["protected_share"]}
+    return {"model": family.real_model_id, "effective_bits": total["effective_bits"],
+            "weight_gb": total["weight_bytes_after"] / 1e9, "weight_gb_bf16": total["weight_bytes_before"] / 1e9,
+            "protected_share": total["protected_share"]}
 
 
-@functools.lru_cache(maxsize=4)
-def _a14b_layers(experts: tuple[str, ...]) -> list:
-    from sensq.models.wan import a14b_expert_on_meta
-    from sensq.plan import layer_infos
-
-    module = a14b_expert_on_meta()
+@functools.lru_cache(maxsize=8)
+def _real_layers(family_name: str, experts: tuple[str, ...]) -> list:
+    module = get_family(family_name).real_expert_on_meta()
     return layer_infos({expert: module for expert in experts})

@@ -32,12 +32,12 @@ from pathlib import Path
 
 from sensq.errors import InputError
 from sensq.formats import Family, get_format
+from sensq.plan import plan_family
 from sensq.store.files import atomic_write_bytes, check_output_file
 
 LIBRARIES = ("torchao", "modelopt")
 TORCHAO_SCHEMA = "sensq.export.torchao/2"
 MODELOPT_SCHEMA = "sensq.export.modelopt/2"
-EXPERT_ATTRS = {"high": "transformer", "low": "transformer_2"}  # the Wan2.2 pipeline's expert modules
 
 
 def export_path(out: Path, library: str, attr: str) -> Path:
@@ -77,9 +77,11 @@ def _planned_rows(plan) -> list[dict]:
     if missing:
         raise InputError(f"the plan's layer table does not record layer kinds (made by an older sensq, e.g. "
                          f"{missing[0]!r}); rebuild it with sensq plan to export it")
-    unknown = sorted({row["expert"] for row in plan.layers} - set(EXPERT_ATTRS))
+    family = plan_family(plan)
+    unknown = sorted({row["expert"] for row in plan.layers} - set(family.expert_attrs))
     if unknown:
-        raise InputError(f"the plan names expert(s) {unknown} that the Wan2.2 pipeline lacks (it has high, low)")
+        raise InputError(f"the plan names expert(s) {unknown} that a {family.name} pipeline lacks (it has "
+                         f"{', '.join(family.expert_attrs)})")
     return plan.layers
 
 
@@ -99,6 +101,7 @@ def build_export(plan, library: str) -> Export:
     translate = _torchao_config if library == "torchao" else _modelopt_entries
     export = Export(library)
     chosen: dict[str, list[tuple[str, object]]] = defaultdict(list)
+    attrs = plan_family(plan).expert_attrs
     for row in _planned_rows(plan):
         weight_format = get_format(row["weight"]) if row["weight"] is not None else None
         if weight_format is None or weight_format.family is Family.BF16:
@@ -113,7 +116,7 @@ def build_export(plan, library: str) -> Export:
         if config is None:
             export.unsupported.setdefault(_pair_name(weight, activation), []).append(f"{row['expert']}:{row['layer']}")
             continue
-        chosen[EXPERT_ATTRS[row["expert"]]].append((row["layer"], config))
+        chosen[attrs[row["expert"]]].append((row["layer"], config))
     if not chosen:
         raise InputError(f"nothing to export: {library} takes none of the plan's quantized layers "
                          f"({'; '.join(export.unsupported) or 'every layer is high precision'}); plan with "
@@ -144,9 +147,9 @@ def write_export(export: Export, out: Path) -> dict[str, Path]:
     return paths
 
 
-def check_export_paths(out: Path, library: str, plan_experts=("high", "low")) -> None:
+def check_export_paths(out: Path, library: str, expert_attrs: dict[str, str], plan_experts) -> None:
     """Before any work: the export files next to ``out`` can be written (or are sensq's own)."""
-    for attr in filter(None, map(EXPERT_ATTRS.get, plan_experts)):
+    for attr in filter(None, map(expert_attrs.get, plan_experts)):
         check_output_file(export_path(out, library, attr), None, f"{library} export", recognise=_recognise(library))
 
 

@@ -80,7 +80,7 @@ def apply_plan(model, plan: Plan, *, probe_path=None, calibrate: str = "none", s
     if calibrate == "none":
         for expert in experts:
             calibration[expert] = calibrate_expert(model.adapter.expert_module(model.pipe, expert), expert, table,
-                                                   None, method="none", backend=backend)
+                                                   None, model.adapter, method="none", backend=backend)
         return table, calibration
     with ProbeFile(probe_path) as probe:
         if probe.model_fingerprint != model.fingerprint and not force:
@@ -88,13 +88,16 @@ def apply_plan(model, plan: Plan, *, probe_path=None, calibrate: str = "none", s
                     if probe.loras != model.loras else "")
             raise InputError(f"{str(probe_path)!r} was probed on another model (fingerprint "
                              f"{probe.model_fingerprint}, this model {model.fingerprint}){hint}; or pass --force")
+        # sequential: every expert after the first is calibrated on a re-probe made with the experts before
+        # it already quantized (the trajectory's later steps see what the quantized earlier expert produced)
+        later = experts[1:] if sequential_experts else []
         for expert in experts:
-            if sequential_experts and expert == "low":
+            if expert in later:
                 continue
             calibration[expert] = calibrate_expert(model.adapter.expert_module(model.pipe, expert), expert, table,
-                                                   probe, method=calibrate, backend=backend, device=model.device,
-                                                   progress=progress)
-        if sequential_experts and "low" in experts:
+                                                   probe, model.adapter, method=calibrate, backend=backend,
+                                                   device=model.device, progress=progress)
+        if later:
             from sensq.probes.capture import ProbeConfig
             from sensq.probes.recorder import ProbeRequest, run_probe
             from sensq.prompts import Prompt
@@ -104,12 +107,12 @@ def apply_plan(model, plan: Plan, *, probe_path=None, calibrate: str = "none", s
             prompts = [Prompt(int(i), t, n) for i, t, n, d in
                        zip(probe.prompt_index, probe.prompts, probe.negatives, probe.done, strict=True) if d]
             config = ProbeConfig(**probe.attr_json("probe_config"))
-    if sequential_experts and "low" in experts:
+    for expert in later:
         with tempfile.TemporaryDirectory() as tmp:
-            reprobe = Path(tmp) / "low_after_quantized_high.h5"
-            run_probe(ProbeRequest(model, trajectory, prompts, ["low"], reprobe, config=config))
+            reprobe = Path(tmp) / f"{expert}_after_quantized_earlier_experts.h5"
+            run_probe(ProbeRequest(model, trajectory, prompts, [expert], reprobe, config=config))
             with ProbeFile(reprobe) as probe:
-                calibration["low"] = calibrate_expert(model.adapter.expert_module(model.pipe, "low"), "low", table,
-                                                      probe, method=calibrate, backend=backend, device=model.device,
-                                                      progress=progress)
+                calibration[expert] = calibrate_expert(model.adapter.expert_module(model.pipe, expert), expert,
+                                                       table, probe, model.adapter, method=calibrate,
+                                                       backend=backend, device=model.device, progress=progress)
     return table, calibration

@@ -19,7 +19,9 @@ import torch
 from sensq.errors import InputError
 from sensq.formats import FormatSpec, get_format
 from sensq.metrics import nmse
-from sensq.quant.layers import fake_quantize, gemm_weight, patches_to_rows, quantize_module, swap
+from sensq.models.family import ModelFamily
+from sensq.models.layers import input_rows
+from sensq.quant.layers import fake_quantize, gemm_weight, quantize_module, swap
 
 CALIBRATIONS = ("none", "mse")
 CLIP_GRID = (1.0, 0.95, 0.9, 0.85, 0.8, 0.75, 0.7, 0.65, 0.6, 0.55, 0.5)
@@ -63,15 +65,16 @@ def _formats(row: dict) -> tuple[FormatSpec | None, FormatSpec | None]:
     return weight, activation
 
 
-def calibrate_expert(expert_module: torch.nn.Module, expert: str, table: list[dict], probe, *, method: str = "mse",
-                     first_block: str = "blocks.0", max_rows: int = 4096, backend: str = "auto",
+def calibrate_expert(expert_module: torch.nn.Module, expert: str, table: list[dict], probe, family: ModelFamily, *,
+                     method: str = "mse", max_rows: int = 4096, backend: str = "auto",
                      device: torch.device | None = None,
                      progress: Callable[[str, int, int], None] | None = None) -> dict[str, LayerCalibration]:
     """Quantize one expert in place according to ``table`` (the plan's resolved rows), calibrated.
 
     Args:
         probe: an open ``ProbeFile`` holding this expert's captured inputs (``samples`` and, for the
-            blocks, the ``blocks.0`` inputs).
+            blocks, the first block's inputs).
+        family: the model's family: its block list and how a block is called.
         method: ``none`` (format rule, clip 1) or ``mse``.
         max_rows: cap on the captured rows per layer used to choose the activation clip.
         device: where the blocks run (default: where the expert's parameters are; pass it when the expert
@@ -92,8 +95,7 @@ def calibrate_expert(expert_module: torch.nn.Module, expert: str, table: list[di
         return results
     if expert not in probe.experts:
         raise InputError(f"the probe file has no captured inputs for the {expert!r} expert; probe it first")
-    block_prefix = first_block.rsplit(".", 1)[0] + "."  # "blocks."
-    outside = [name for name in rows if not name.startswith(block_prefix)]
+    outside = [name for name in rows if family.block_of(name) is None]
     for name in outside:
         samples = probe.read(expert, name, "samples")
         act_rows = torch.from_numpy(samples.reshape(-1, samples.shape[-1]))[:max_rows]
@@ -102,37 +104,34 @@ def calibrate_expert(expert_module: torch.nn.Module, expert: str, table: list[di
         results[name] = calib = _calibrate_layer(module, weight_fmt, act_fmt, act_rows, backend)
         swap(expert_module, name, quantize_module(module, weight_fmt, act_fmt, backend,
                                                   weight_clip=calib.weight_clip, act_clip=calib.act_clip))
-    if any(name.startswith(block_prefix) for name in rows):
-        _calibrate_blocks(expert_module, expert, rows, probe, block_prefix, max_rows, backend, results, progress,
-                          device)
+    if len(outside) < len(rows):
+        _calibrate_blocks(expert_module, expert, rows, probe, family, max_rows, backend, results, progress, device)
     return results
 
 
-def _block_inputs(probe, expert: str) -> list[tuple[torch.Tensor, ...]]:
-    names = ("hidden_states", "encoder_hidden_states", "temb", "rotary_cos", "rotary_sin")
-    if "first_block" not in probe.file[f"experts/{expert}"] or not len(probe.file[f"experts/{expert}/first_block"]):
-        raise InputError("block-by-block calibration needs the inputs of blocks.0: probe without --no-first-block")
-    arrays = [probe.first_block(expert, name) for name in names]
-    prompts, steps, branches = arrays[0].shape[:3]
-    calls = []
-    for p in range(prompts):
-        for s in range(steps):
-            for b in range(branches):
-                calls.append(tuple(torch.from_numpy(a[p, s, b]).unsqueeze(0) for a in arrays))
-    return calls
+def _block_inputs(probe, expert: str, family: ModelFamily) -> list[dict[str, torch.Tensor]]:
+    """Every recorded call of the first block (prompt, step, branch), by stored name, batch 1."""
+    group = probe.file[f"experts/{expert}"]
+    if "first_block" not in group or not len(group["first_block"]):
+        raise InputError(f"block-by-block calibration needs the inputs of {family.first_block}: probe without "
+                         "--no-first-block")
+    names = [name for argument in family.block_arguments for name in argument.stored if name in group["first_block"]]
+    arrays = {name: probe.first_block(expert, name) for name in names}
+    prompts, steps, branches = arrays["hidden_states"].shape[:3]
+    return [{name: torch.from_numpy(a[p, s, b]).unsqueeze(0) for name, a in arrays.items()}
+            for p in range(prompts) for s in range(steps) for b in range(branches)]
 
 
-def _calibrate_blocks(expert_module, expert, rows, probe, block_prefix, max_rows, backend, results, progress,
+def _calibrate_blocks(expert_module, expert, rows, probe, family, max_rows, backend, results, progress,
                       device=None):
-    calls = _block_inputs(probe, expert)
+    calls = _block_inputs(probe, expert, family)
     dtype = next(expert_module.parameters()).dtype
     device = device or next(expert_module.parameters()).device
-    hidden = [c[0] for c in calls]
-    blocks = expert_module.get_submodule(block_prefix[:-1])
+    hidden = [c["hidden_states"] for c in calls]
+    blocks = family.block_list(expert_module)
     generator = torch.Generator().manual_seed(0)
     for index, block in enumerate(blocks):
-        prefix = f"{block_prefix}{index}."
-        names = [name for name in rows if name.startswith(prefix)]
+        names = [name for name in rows if family.block_of(name) == f"{family.blocks}.{index}"]
         captured: dict[str, list[torch.Tensor]] = {name: [] for name in names}
         handles = []
         for name in names:
@@ -140,14 +139,13 @@ def _calibrate_blocks(expert_module, expert, rows, probe, block_prefix, max_rows
 
             def capture(mod, args, name=name, captured=captured):
                 x = args[0].detach()
-                flat = patches_to_rows(mod, x) if isinstance(mod, torch.nn.Conv3d) else x.reshape(-1, x.shape[-1])
-                captured[name].append(flat.float().cpu())
+                captured[name].append(input_rows(mod, x).float().cpu())
 
             handles.append(module.register_forward_pre_hook(capture))
         with torch.no_grad():
             try:
                 for h, call in zip(hidden, calls, strict=True):
-                    _run_block(block, h, call, dtype, device)
+                    _run_block(family, block, h, call, dtype, device)
             finally:
                 for handle in handles:
                     handle.remove()
@@ -161,16 +159,16 @@ def _calibrate_blocks(expert_module, expert, rows, probe, block_prefix, max_rows
             swap(expert_module, name, quantize_module(module, weight_fmt, act_fmt, backend,
                                                       weight_clip=calib.weight_clip, act_clip=calib.act_clip))
         with torch.no_grad():  # the quantized block's outputs feed the next block
-            hidden = [_run_block(block, h, call, dtype, device).cpu() for h, call in zip(hidden, calls, strict=True)]
+            hidden = [_run_block(family, block, h, call, dtype, device).cpu()
+                      for h, call in zip(hidden, calls, strict=True)]
         if progress is not None:
             progress(expert, index + 1, len(blocks))
 
 
-def _run_block(block, hidden, call, dtype, device) -> torch.Tensor:
-    _, text, temb, cos, sin = call
-    to = {"device": device}
-    return block(hidden.to(dtype=dtype, **to), text.to(dtype=dtype, **to), temb.to(**to),
-                 (cos.to(**to), sin.to(**to)))
+def _run_block(family: ModelFamily, block, hidden, call, dtype, device) -> torch.Tensor:
+    """One recorded block call with ``hidden`` (the previous, quantized, block's output) as its input."""
+    kwargs = family.block_call({**call, "hidden_states": hidden}, dtype, device)
+    return family.block_output(block(**kwargs))
 
 
 def summarize_calibration(results: dict[str, dict[str, LayerCalibration]]) -> dict:

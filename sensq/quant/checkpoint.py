@@ -33,6 +33,8 @@ from safetensors.torch import save_file
 import sensq
 from sensq.errors import InputError, OutputError
 from sensq.formats import PackedTensor, pack
+from sensq.models import LoadedModel, default_resolution, get_family, model_fingerprint, quiet_hf_progress
+from sensq.models.wan import WAN22_A14B
 from sensq.quant.layers import clip_rows, is_quantized, quantize_module, swap
 from sensq.store.files import (
     check_output_folder,
@@ -60,7 +62,8 @@ _MANIFEST_SPEC = Fields(
               "experts": MapOf(str), "layers": MapOf(Fields(
                   required={"weight": (str, None), "activation": (str, None), "weight_clip": float, "act_clip": float},
                   extra=True)), "plan": dict},
-    optional={"version": int, "sensq_version": str, "packed": bool, "source_model": dict, "sizes": dict},
+    optional={"version": int, "sensq_version": str, "packed": bool, "source_model": dict, "sizes": dict,
+              "family": str},
     extra=True,
 )
 
@@ -115,8 +118,6 @@ def _write_checkpoint(model, tmp: Path, *, plan, calibration: dict, fake: bool) 
     layers_manifest: dict[str, dict] = {}
     files: dict[str, dict] = {}
     quantized_params = quantized_bytes = bf16_bytes = resident = 0
-    from sensq.models import quiet_hf_progress
-
     experts = {}
     for expert in adapter.experts(pipe):
         attr = adapter.expert_attrs[expert]
@@ -155,10 +156,10 @@ def _write_checkpoint(model, tmp: Path, *, plan, calibration: dict, fake: bool) 
             quantized_bytes += packed.nbytes
         target = tmp / attr / WEIGHTS_FILE
         save_file(tensors, str(target), metadata={"sensq.packed": json.dumps(headers)})
-    saved = {attr: getattr(pipe, attr) for attr in ("transformer", "transformer_2")}
+    saved = {attr: getattr(pipe, attr) for attr in adapter.expert_attrs.values()}
     try:
-        pipe.register_modules(transformer=None, transformer_2=None)
-        with quiet_hf_progress():
+        pipe.register_modules(**{attr: None for attr in saved})
+        with quiet_hf_progress(), _diffusers_errors_only():  # not "transformer=None cannot be saved": by design
             pipe.save_pretrained(tmp / "pipeline")
     finally:
         pipe.register_modules(**saved)
@@ -174,13 +175,26 @@ def _write_checkpoint(model, tmp: Path, *, plan, calibration: dict, fake: bool) 
     )
     manifest = {
         "schema": CHECKPOINT_SCHEMA, "version": CHECKPOINT_VERSION, "sensq_version": sensq.__version__,
-        "packed": not fake, "source_model": {"id": model.model_id, "fingerprint": model.fingerprint,
-                                          "loras": dict(model.loras), "source_id": model.source_id},
+        "family": adapter.name, "packed": not fake,
+        "source_model": {"id": model.model_id, "fingerprint": model.fingerprint, "loras": dict(model.loras),
+                         "source_id": model.source_id},
         "experts": {expert: attr for expert, (attr, _) in experts.items()}, "layers": layers_manifest,
         "plan": plan.to_dict(), "files": files, "sizes": sizes.__dict__,
     }
     write_json(tmp / "manifest.json", manifest)
     return manifest
+
+
+@contextlib.contextmanager
+def _diffusers_errors_only():
+    from diffusers.utils import logging as diffusers_logging
+
+    level = diffusers_logging.get_verbosity()
+    diffusers_logging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        diffusers_logging.set_verbosity(level)
 
 
 def _calibration_entry(calibration: dict, expert: str, name: str) -> dict:
@@ -231,6 +245,11 @@ def read_manifest(path: str | Path, verify: bool = True) -> dict:
         if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", expert) or not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", attr):
             raise InputError(f"{str(manifest_path)!r} names expert {expert!r} -> {attr!r}; expert folders are plain "
                              "names (transformer, transformer_2): refusing it")
+    if "family" in manifest:
+        family = get_family(manifest["family"])
+        if manifest["experts"] != family.expert_attrs:
+            raise InputError(f"{str(manifest_path)!r} names experts {manifest['experts']} but its family "
+                             f"{family.name} has {family.expert_attrs}")
     listed = {str(inside(folder, name, "file")) for name in manifest["files"]}
     for file in sorted(folder.rglob("*")):
         if file == manifest_path or file.is_dir():
@@ -263,30 +282,26 @@ def load_quantized(path: str | Path, device: torch.device | str = "cpu", dtype: 
     outputs equal the in-memory quantized model's bit for bit. A ``fake`` checkpoint (dequantized weights)
     loads as simulation layers.
     """
-    from diffusers import WanPipeline
-
-    from sensq.models import LoadedModel, WanAdapter, _resolution_for, model_fingerprint, quiet_hf_progress
-
     folder = Path(path)
     manifest = read_manifest(folder)
-    adapter = WanAdapter()
+    adapter = get_family(manifest.get("family", WAN22_A14B.name))  # checkpoints before families were Wan2.2
     experts = {}
     for expert, attr in manifest["experts"].items():
         if expert not in adapter.expert_attrs or adapter.expert_attrs[expert] != attr:
             raise InputError(f"checkpoint {str(folder)!r} names expert {expert!r} -> {attr!r}; this model family has "
                              + ", ".join(f"{e} -> {a}" for e, a in adapter.expert_attrs.items()))
-        experts[attr] = _load_expert(folder, manifest, expert, attr)
+        experts[attr] = _load_expert(folder, manifest, expert, attr, adapter)
     with quiet_hf_progress():
-        pipe = WanPipeline.from_pretrained(str(folder / "pipeline"), use_safetensors=True, local_files_only=True,
-                                           **experts)
+        pipe = adapter.pipeline_type().from_pretrained(str(folder / "pipeline"), use_safetensors=True,
+                                                       local_files_only=True, **experts)
     pipe.to(device=device)
-    stored = _main_dtype(experts["transformer"])
+    stored = _main_dtype(next(iter(experts.values())))
     if dtype is not None and dtype != stored:
         raise InputError(f"this checkpoint holds {stored} weights; load it without --dtype or write another "
                          f"checkpoint in {dtype}")
     pipe.set_progress_bar_config(disable=True)
     source = manifest.get("source_model", {})
-    return LoadedModel(pipe, adapter, str(folder), model_fingerprint(pipe, adapter), _resolution_for(pipe, adapter),
+    return LoadedModel(pipe, adapter, str(folder), model_fingerprint(pipe, adapter), default_resolution(pipe, adapter),
                        torch.device(device), stored, loras=source.get("loras", {}),
                        source_id=source.get("source_id") or source.get("id", ""))
 
@@ -303,18 +318,19 @@ def _read_weights(weights_path: Path) -> tuple[dict, dict[str, torch.Tensor]]:
     return headers, tensors
 
 
-def _load_expert(folder: Path, manifest: dict, expert: str, attr: str) -> torch.nn.Module:
-    """One expert: built on the meta device from its config, packed layers deployed from their packed
-    tensors, the rest of the state dict assigned, then the simulation layers of unpacked entries."""
+def _load_expert(folder: Path, manifest: dict, expert: str, attr: str, family) -> torch.nn.Module:
+    """One expert: built on the meta device from its config (the family's transformer class), packed layers
+    deployed from their packed tensors, the rest of the state dict assigned, then the simulation layers of
+    unpacked entries."""
     from accelerate import init_empty_weights
-    from diffusers import WanTransformer3DModel
 
     from sensq.formats import get_format
     from sensq.quant.deployed import PackedLinear, PackedPatchConv3d
 
-    config = WanTransformer3DModel.load_config(str(folder / attr))
+    transformer_type = family.transformer_type()
+    config = transformer_type.load_config(str(folder / attr))
     with init_empty_weights(include_buffers=False):
-        module = WanTransformer3DModel.from_config(config)
+        module = transformer_type.from_config(config)
     headers, tensors = _read_weights(folder / attr / WEIGHTS_FILE)
     expected = {key: tuple(value.shape) for key, value in module.state_dict().items()}
     entries = {qualified.partition(":")[2]: entry for qualified, entry in manifest["layers"].items()

@@ -112,6 +112,8 @@ class _PackedWeight(torch.nn.Module):
 class PackedLinear(_PackedWeight):
     """A deployed ``nn.Linear``: ``F.linear(Q_act(x), decode(packed W), b)``."""
 
+    sensq_layer_kind = "linear"  # sensq.models.layers: a quantizable layer, as the nn.Linear it replaces
+
     @classmethod
     def from_packed(cls, packed: PackedTensor, bias: torch.Tensor | None, act_format, *, act_clip: float = 1.0,
                     weight_clip: float = 1.0, backend: str = "auto") -> PackedLinear:
@@ -154,6 +156,8 @@ class PackedLinear(_PackedWeight):
 
 class PackedPatchConv3d(_PackedWeight):
     """The deployed patch-embedding Conv3d (stride = kernel): packed weight over flattened patches."""
+
+    sensq_layer_kind = "conv3d"
 
     @classmethod
     def from_packed(cls, packed: PackedTensor, bias: torch.Tensor | None, act_format, *, conv_shape,

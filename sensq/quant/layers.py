@@ -20,6 +20,7 @@ import torch.nn.functional as F
 
 from sensq.formats import Family, FormatSpec, get_format, quantize_dequantize
 from sensq.formats.backend import Backend, kernel
+from sensq.models.layers import patches_to_rows
 
 
 def _format(fmt: str | FormatSpec | None) -> FormatSpec | None:
@@ -104,14 +105,6 @@ class QuantLinear(torch.nn.Linear):
         a = self.act_format.identity if self.act_format else None
         return (f"{self.in_features}, {self.out_features}, weight={w} (clip {self.weight_clip:g}), "
                 f"act={a} (clip {self.act_clip:g})")
-
-
-def patches_to_rows(conv: torch.nn.Conv3d, x: torch.Tensor) -> torch.Tensor:
-    """``x`` ``[B, C, F, H, W]`` -> ``[B*F'*H'*W', C*kt*kh*kw]`` (the patch vector in weight order)."""
-    kt, kh, kw = conv.kernel_size
-    b, c, f, h, w = x.shape
-    patches = x.reshape(b, c, f // kt, kt, h // kh, kh, w // kw, kw)
-    return patches.permute(0, 2, 4, 6, 1, 3, 5, 7).reshape(-1, c * kt * kh * kw)
 
 
 def rows_to_patches(conv: torch.nn.Conv3d, rows: torch.Tensor, shape: torch.Size) -> torch.Tensor:

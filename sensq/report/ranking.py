@@ -26,6 +26,12 @@ class ReportResult:
     notes: list[str] = field(default_factory=list)
 
 
+def _label(ranking, expert: str) -> str:
+    from sensq.models import get_family
+
+    return get_family(ranking.provenance.get("family") or "wan2.2-t2v-a14b").expert_label(expert)
+
+
 def _heatmap(plt, ranking, expert: str, fmt: str, path: Path) -> bool:
     layers = ranking.experts[expert]  # model (execution) order
     if not layers or not layers[0].per_step:
@@ -52,7 +58,7 @@ def _heatmap(plt, ranking, expert: str, fmt: str, path: Path) -> bool:
     ax.set_yticks(range(len(layers)), [layer.name for layer in layers], fontsize=7)
     ax.set_xlabel("denoising step")
     label = "-SQNR dB" if ranking.metric == "sqnr" else ranking.metric
-    ax.set_title(f"{expert}-noise expert: {label} per step ({fmt}, mean over CFG branches)")
+    ax.set_title(f"{_label(ranking, expert)}: {label} per step ({fmt}, mean over CFG branches)")
     fig.colorbar(image, ax=ax, label=label)
     save_png(fig, path)
     plt.close(fig)
@@ -78,7 +84,7 @@ def _bars(plt, ranking, expert: str, fmt: str, protected: set[str], top: int, pa
             and max(finite) >= 10 * min(finite)):
         ax.set_xscale("log")
     ax.set_xlabel(f"{ranking.metric} ({ranking.reduce})")
-    ax.set_title(f"{expert}-noise expert: top {len(layers)} layers, {fmt} (red = kept in high precision)")
+    ax.set_title(f"{_label(ranking, expert)}: top {len(layers)} layers, {fmt} (red = kept in high precision)")
     save_png(fig, path)
     plt.close(fig)
 
@@ -101,12 +107,13 @@ def plan_mismatches(ranking, plan) -> list[str]:
 
 def ranking_headline(ranking, plan, fmt: str) -> list[str]:
     """What a reader needs first: per expert the most sensitive layers; with a plan, what it protects and what
-    that costs here and, with the same rules, on Wan2.2-T2V-A14B; and how to measure what it buys (a ranking
-    predicts, only an ablation measures)."""
+    that costs here and, with the same rules, on the real model of its family (Wan2.2-T2V-A14B); and how to
+    measure what it buys (a ranking predicts, only an ablation measures)."""
     lines = []
     for expert in ranking.experts:
         top = [layer.name for layer in ranking.ordered(expert, fmt)[:3]]
-        lines.append(f"Most sensitive in the {expert}-noise expert ({ranking.metric}, {fmt}): " + ", ".join(top) + ".")
+        lines.append(f"Most sensitive in the {_label(ranking, expert)} ({ranking.metric}, {fmt}): "
+                     + ", ".join(top) + ".")
     if plan is not None and plan.summary:
         kept = ", ".join(f"{e}: {len(plan.protected(e))} layers ({plan.summary[e]['protected_share']:.1%} of its "
                          "parameters)" for e in ranking.experts if e in plan.summary)
@@ -114,12 +121,12 @@ def ranking_headline(ranking, plan, fmt: str) -> list[str]:
         lines.append(f"The plan keeps in high precision {kept}: {total['effective_bits']:.2f} effective bits per "
                      f"weight, {total['weight_bytes_after'] / 1e6:.2f} MB of weights here (BF16 "
                      f"{total['weight_bytes_before'] / 1e6:.2f} MB).")
-        from sensq.plan import summary_on_a14b
+        from sensq.plan import summary_at_real_size
 
-        a14b = summary_on_a14b(plan)
-        if a14b:
-            lines.append(f"The same rules on Wan2.2-T2V-A14B: {a14b['effective_bits']:.2f} bits, "
-                         f"{a14b['weight_gb']:.1f} GB of expert weights (BF16 {a14b['weight_gb_bf16']:.1f} GB).")
+        real = summary_at_real_size(plan)
+        if real:
+            lines.append(f"The same rules on {real['model']}: {real['effective_bits']:.2f} bits, "
+                         f"{real['weight_gb']:.1f} GB of expert weights (BF16 {real['weight_gb_bf16']:.1f} GB).")
     lines.append("What protection buys is measured, with intervals, by sensq ablate on this ranking.")
     return lines
 
@@ -161,7 +168,7 @@ def write_ranking_report(ranking, out_dir: str | Path, *, plan=None, top: int = 
             table_md.append(f"| {layer.rank[fmt]} | `{layer.name}` | {layer.params:,} | {cells} | "
                             f"{'yes' if layer.name in protected else ''} |")
         images = [bars] + ([heat] if has_heatmap else [])
-        sections_md.append(f"## {expert}-noise expert\n\n" + "\n".join(table_md) + "\n\n" +
+        sections_md.append(f"## {_label(ranking, expert)}\n\n" + "\n".join(table_md) + "\n\n" +
                            "\n".join(f"![{p.stem}]({p.name})" for p in images) + "\n")
         embedded = "".join(embedded_png(p) for p in images)
         table_html = "<table><tr><th>#</th><th>layer</th><th>params</th>" + "".join(
@@ -169,7 +176,7 @@ def write_ranking_report(ranking, out_dir: str | Path, *, plan=None, top: int = 
             f"<tr><td>{layer.rank[fmt]}</td><td><code>{html.escape(layer.name)}</code></td><td>{layer.params:,}</td>"
             + "".join(f"<td>{layer.value[f]:.4g}</td>" for f in ranking.formats)
             + f"<td>{'yes' if layer.name in protected else ''}</td></tr>" for layer in rows) + "</table>"
-        sections_html.append(f"<h2>{expert}-noise expert</h2>{table_html}{embedded}")
+        sections_html.append(f"<h2>{_label(ranking, expert)}</h2>{table_html}{embedded}")
     provenance = json.dumps(ranking.provenance, indent=1, default=str)
     agreement = json.dumps(ranking.agreement, indent=1) if ranking.agreement else ""
     reproduce = "\n".join(commands or [])

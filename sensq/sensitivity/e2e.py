@@ -22,6 +22,7 @@ from dataclasses import dataclass
 import torch
 
 from sensq.formats import FormatSpec
+from sensq.models.family import ModelFamily
 from sensq.quant import quantize_module, swap
 from sensq.quant.deployed import deploy_module, release_scratch
 from sensq.sensitivity.metrics import METRICS
@@ -31,15 +32,14 @@ MODES = ("leave-one-in", "leave-one-out")
 GRANULARITIES = ("layer", "block")
 
 
-def layer_groups(layers: list[str], granularity: str) -> list[tuple[str, list[str]]]:
-    """``layer``: one group per layer. ``block``: ``blocks.N`` groups its layers; others stay single."""
+def layer_groups(layers: list[str], granularity: str, family: ModelFamily) -> list[tuple[str, list[str]]]:
+    """``layer``: one group per layer. ``block``: each of the family's blocks (``blocks.N``) groups its layers;
+    others stay single."""
     if granularity == "layer":
         return [(name, [name]) for name in layers]
     groups: dict[str, list[str]] = {}
     for name in layers:
-        parts = name.split(".")
-        key = ".".join(parts[:2]) if parts[0] == "blocks" and len(parts) > 2 else name
-        groups.setdefault(key, []).append(name)
+        groups.setdefault(family.block_of(name) or name, []).append(name)
     return list(groups.items())
 
 
@@ -62,7 +62,7 @@ def _error(latents: list[torch.Tensor], reference: list[torch.Tensor]) -> float:
 
 
 def e2e_scores(pipe, expert_module: torch.nn.Module, layers: list[str], job: E2EJob, fmt: FormatSpec, *,
-               mode: str = "leave-one-in", granularity: str = "layer", backend: str = "auto",
+               family: ModelFamily, mode: str = "leave-one-in", granularity: str = "layer", backend: str = "auto",
                progress: Callable[[int, int], None] | None = None) -> dict[str, float]:
     """Score every group of ``layers`` (names inside ``expert_module``); returns ``{group: value}``.
 
@@ -70,7 +70,7 @@ def e2e_scores(pipe, expert_module: torch.nn.Module, layers: list[str], job: E2E
     """
     apply_trajectory(pipe, job.trajectory)
     reference = _final_latents(pipe, job)
-    groups = layer_groups(layers, granularity)
+    groups = layer_groups(layers, granularity, family)
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     mine = groups[rank::world]

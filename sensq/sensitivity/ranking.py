@@ -240,6 +240,7 @@ def rank_layers(request: RankRequest, progress: Callable[[str, int, int], None] 
         provenance = {
             "probe_file": str(request.probe_path), "probe_sha256": file_digest(request.probe_path, length=64),
             "probe_model_fingerprint": probe.model_fingerprint, "model_id": model.model_id,
+            "family": model.adapter.name,
             "model_fingerprint": model.fingerprint, "loras": dict(model.loras),
             "reference": "recorded outputs" if any(use_outputs.values()) else "recomputed from the samples",
             "trajectory": probe.attr_json("trajectory"),
@@ -270,12 +271,12 @@ def _rank_e2e(request, probe, model, expert, expert_module, layer_names, formats
     values = {}
     for fmt in formats:
         values[fmt.identity] = e2e_scores(
-            model.pipe, expert_module, layer_names, job, fmt, mode=request.mode, granularity=request.granularity,
-            backend=request.backend,
+            model.pipe, expert_module, layer_names, job, fmt, family=model.adapter, mode=request.mode,
+            granularity=request.granularity, backend=request.backend,
             progress=None if progress is None else (lambda i, n: progress(f"{expert} e2e", i, n)),
         )
     layers = []
-    for group, members in layer_groups(layer_names, request.granularity):
+    for group, members in layer_groups(layer_names, request.granularity, model.adapter):
         infos = [probe.layer_attrs(expert, name) for name in members]
         layers.append(LayerRank(
             name=group, kind=infos[0]["kind"] if len(infos) == 1 else "block",

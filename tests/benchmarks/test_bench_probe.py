@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import torch
 
-from sensq.models import load_model
+from sensq.loading import load_model
 from sensq.probes.recorder import ProbeRequest, run_probe
 from sensq.prompts import load_prompts
 from sensq.store.probe_file import LayerShape, ProbeWriter

@@ -99,7 +99,7 @@ def test_ablation_intervals_comparisons_and_headline(workspace, tmp_path):
     head = data["headline"]
     ranked = [r for r in data["rows"] if r["set"].startswith(("budget", "entrance + top"))]
     assert head["set"] == min(ranked, key=lambda r: r["metrics"]["latent_nmse"])["set"]
-    assert head["a14b"]["weight_gb_bf16"] == pytest.approx(2 * 14_288_491_584 * 2 / 1e9, rel=0.01)
+    assert head["real_size"]["weight_gb_bf16"] == pytest.approx(2 * 14_288_491_584 * 2 / 1e9, rel=0.01)
     page = (tmp_path / "a" / "ablation.html").read_text()
     assert "Recommended:" in page and "full precision" in page and "distinguishable from noise" in page
     assert "--random 2 --seeds 2" in page  # the stated command reproduces these numbers

@@ -6,7 +6,7 @@ from sensq.ablate import _aggregate, headline, headline_lines
 def _row(name, bits, errors):
     per_item = {str(i): {"latent_nmse": e} for i, e in enumerate(errors)}
     return {"set": name, "effective_bits": bits, "protected_layers": {"high": 1}, "protected_share": {"high": 0.3},
-            "weight_bytes": 1e6, "weight_bytes_bf16": 2e6, "a14b": None, **_aggregate(per_item)}
+            "weight_bytes": 1e6, "weight_bytes_bf16": 2e6, "real_size": None, **_aggregate(per_item)}
 
 
 def _result(fixed_errors):

@@ -13,7 +13,7 @@ from sensq.errors import InputError, OutputError
 from sensq.eval import evaluate_fidelity
 from sensq.eval.fidelity import fidelity, psnr, ssim
 from sensq.generate import GenerateRequest, generate, video_name
-from sensq.models import load_model
+from sensq.loading import load_model
 from sensq.plan import Plan, Rule
 from sensq.prompts import Prompt, load_prompts
 from sensq.quant.apply import apply_plan

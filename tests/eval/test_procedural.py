@@ -63,7 +63,7 @@ def test_procedural_evaluation_of_a_generation_folder(tmp_path):
 
     from sensq.eval import evaluate_procedural, is_procedural
     from sensq.generate import GenerateRequest, generate
-    from sensq.models import load_model
+    from sensq.loading import load_model
     from sensq.prompts import PROCEDURAL_PROMPTS, load_prompts
     from sensq.trajectory import Trajectory
 

@@ -12,7 +12,7 @@ from sensq.cli import main
 from sensq.errors import InputError
 from sensq.eval.vbench_eval import DIMENSIONS, missing_files, normalize, required_files, run_vbench
 from sensq.generate import GenerateRequest, generate
-from sensq.models import load_model
+from sensq.loading import load_model
 from sensq.prompts import load_prompts
 from sensq.trajectory import Trajectory
 

@@ -5,9 +5,9 @@ import torch
 from safetensors.torch import save_file
 
 from sensq.errors import InputError
-from sensq.models import load_model
+from sensq.loading import load_model
+from sensq.models.layers import quantizable_layers
 from sensq.models.lora import fuse_loras
-from sensq.models.wan import quantizable_layers
 
 pytest.importorskip("peft")
 

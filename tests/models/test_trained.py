@@ -7,7 +7,8 @@ import torch
 from click.testing import CliRunner
 
 from sensq.cli import main
-from sensq.models import PROCEDURAL_MODELS, TRAINED_DIR, load_model
+from sensq.loading import load_model
+from sensq.models import PROCEDURAL_MODELS, TRAINED_DIR
 
 RANDOM_CHANCE = (1 / 5 + 1 / 4 + 1 / 3) / 3  # colour, direction and shape checks by guessing: 0.26
 
@@ -61,9 +62,10 @@ def test_plans_validate_against_the_shipped_models_without_loading_weights():
 def test_the_deep_model_has_a14b_like_proportions():
     """At least 16 blocks per expert and the entrance under 10% of each expert's parameters, as on A14B:
     a 5-20% budget is a real choice there, and ModelOpt's fixed first/last-blocks set applies."""
-    from sensq.models import WanAdapter, layer_inventory
+    from sensq.models import layer_inventory
+    from sensq.models.wan import WAN22_A14B
 
-    adapter = WanAdapter()
+    adapter = WAN22_A14B
     for name in ("tiny-deep", "tiny-deep-4step"):
         layers = layer_inventory(name)
         for expert in ("high", "low"):

@@ -6,14 +6,9 @@ import pytest
 import torch
 
 from sensq.errors import InputError
-from sensq.models import load_model
-from sensq.models.wan import (
-    WanAdapter,
-    a14b_expert_on_meta,
-    build_tiny_pipeline,
-    linear_count_and_params,
-    quantizable_layers,
-)
+from sensq.loading import load_model
+from sensq.models.layers import linear_count_and_params, quantizable_layers
+from sensq.models.wan import WAN22_A14B, a14b_expert_on_meta, build_tiny_pipeline
 
 CPU = torch.device("cpu")
 
@@ -48,7 +43,7 @@ def test_tiny_realshape_has_real_widths():
 
 
 def test_routing_and_entrance():
-    adapter = WanAdapter()
+    adapter = WAN22_A14B
     pipe = build_tiny_pipeline()
     assert adapter.route(pipe, 875.0) == "high" and adapter.route(pipe, 874.9) == "low"
     assert adapter.experts(pipe) == ["high", "low"]
@@ -108,7 +103,8 @@ def test_hub_id_not_in_cache(tmp_path, monkeypatch):
 def test_unknown_model_name(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     expected = (r"unknown model 'huge': not an embedded model "
-                r"\(tiny, tiny-realshape, small, tiny-trained, tiny-trained-4step, tiny-deep, tiny-deep-4step\)")
+                r"\(tiny, tiny-realshape, small, tiny-wan21, tiny-ltx, tiny-trained, tiny-trained-4step, tiny-deep, "
+                r"tiny-deep-4step\)")
     with pytest.raises(InputError, match=expected):
         load_model("huge", CPU, torch.float32)
 

@@ -8,7 +8,8 @@ from click.testing import CliRunner
 
 from sensq.cli import main
 from sensq.errors import InputError, SensqError
-from sensq.models import layer_inventory, load_model
+from sensq.loading import load_model
+from sensq.models import layer_inventory
 from sensq.plan import LayerInfo, Plan, Rule, build_plan, parse_budget, resolve, validate_plan
 from sensq.quant import QuantLinear, dequantize_, quantize_
 from sensq.sensitivity.ranking import LayerRank, Ranking

@@ -16,7 +16,7 @@ from click.testing import CliRunner
 
 from sensq.cli import main
 from sensq.errors import InputError
-from sensq.models import load_model
+from sensq.loading import load_model
 from sensq.probes.capture import ProbeConfig
 from sensq.probes.recorder import ProbeRequest, run_probe
 from sensq.prompts import load_prompts

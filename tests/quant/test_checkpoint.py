@@ -10,7 +10,7 @@ from click.testing import CliRunner
 
 from sensq.cli import main
 from sensq.errors import InputError
-from sensq.models import load_model
+from sensq.loading import load_model
 from sensq.plan import Plan, Rule
 from sensq.probes.capture import ProbeConfig
 from sensq.probes.recorder import ProbeRequest, run_probe
@@ -95,7 +95,7 @@ def test_fake_checkpoint_gives_the_same_outputs(probed, tmp_path):
 
 def test_checkpoint_loads_as_deployed_layers_without_dense_weights(probed, tmp_path):
     """A quantized layer of a loaded checkpoint holds only its packed weight; probing sees every layer."""
-    from sensq.models import quantizable_layers
+    from sensq.models.layers import quantizable_layers
     from sensq.plan import model_layers
     from sensq.quant.deployed import PackedLinear, PackedPatchConv3d
 

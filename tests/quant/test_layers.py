@@ -3,8 +3,9 @@ import torch
 import torch.nn.functional as F
 
 from sensq.formats import quantize_dequantize
+from sensq.models.layers import patches_to_rows
 from sensq.quant import QuantLinear, QuantPatchConv3d, original_module, quantize_module, swap
-from sensq.quant.layers import patches_to_rows, rows_to_patches
+from sensq.quant.layers import rows_to_patches
 
 
 def test_quant_linear_is_w4a4_along_in_features():

@@ -7,9 +7,10 @@ import pytest
 import torch
 
 from sensq.formats import get_format
+from sensq.loading import load_model
 from sensq.metrics import nmse
-from sensq.models import load_model
-from sensq.models.wan import quantizable_layers
+from sensq.models.layers import quantizable_layers
+from sensq.models.wan import WAN22_A14B
 from sensq.quant import QuantLinear, QuantPatchConv3d, quantize_module, swap
 from sensq.quant.deployed import PackedLinear, is_deployed
 from sensq.sensitivity.e2e import E2EJob, _final_latents, e2e_scores, layer_groups
@@ -40,7 +41,7 @@ def _upfront_leave_one_in(pipe, expert, layers, job, fmt, granularity):
     twins = {name: quantize_module(expert.get_submodule(name), fmt, fmt) for name in layers}
     originals = {name: expert.get_submodule(name) for name in layers}
     scores = {}
-    for group, names in layer_groups(layers, granularity):
+    for group, names in layer_groups(layers, granularity, WAN22_A14B):
         for name in names:
             swap(expert, name, twins[name])
         latents = _final_latents(pipe, job)
@@ -54,14 +55,15 @@ def _upfront_leave_one_in(pipe, expert, layers, job, fmt, granularity):
 def test_leave_one_in_builds_one_group_at_a_time_and_scores_the_same(setup, granularity):
     model, job, expert, layers = setup
     fmt = get_format("hif4")
-    groups = dict(layer_groups(layers, granularity))
+    groups = dict(layer_groups(layers, granularity, model.adapter))
     alive = []
 
     def progress(done, total):
         alive.append(_dense_twins_alive())
 
     baseline = _dense_twins_alive()
-    scores = e2e_scores(model.pipe, expert, layers, job, fmt, granularity=granularity, progress=progress)
+    scores = e2e_scores(model.pipe, expert, layers, job, fmt, family=model.adapter, granularity=granularity,
+                        progress=progress)
     assert alive and max(alive) - baseline <= max(len(names) for names in groups.values())
     assert _dense_twins_alive() == baseline  # nothing left behind
     assert scores == _upfront_leave_one_in(model.pipe, expert, layers, job, fmt, granularity)
@@ -76,7 +78,8 @@ def test_leave_one_out_holds_packed_twins_only(setup):
         seen.append((sum(is_deployed(m) for m in expert.modules()),
                      sum(isinstance(m, (QuantLinear, QuantPatchConv3d)) for m in expert.modules())))
 
-    scores = e2e_scores(model.pipe, expert, layers, job, fmt, mode="leave-one-out", progress=progress)
+    scores = e2e_scores(model.pipe, expert, layers, job, fmt, family=model.adapter, mode="leave-one-out",
+                        progress=progress)
     assert all(dense == 0 and packed == len(layers) for packed, dense in seen)  # swapped back before progress
     assert set(scores) == set(layers) and not any(is_deployed(m) for m in expert.modules())
     # every layer quantized: the packed twins give the simulation's latents exactly

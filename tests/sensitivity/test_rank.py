@@ -12,8 +12,9 @@ from click.testing import CliRunner
 from sensq.cli import main
 from sensq.errors import InputError, SensqError
 from sensq.formats import get_format, quantize_dequantize
+from sensq.loading import load_model
 from sensq.metrics import nmse
-from sensq.models import load_model, model_fingerprint
+from sensq.models import model_fingerprint
 from sensq.probes.recorder import ProbeRequest, run_probe
 from sensq.prompts import load_prompts
 from sensq.sensitivity import Ranking, RankRequest, rank_layers

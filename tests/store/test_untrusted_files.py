@@ -304,7 +304,7 @@ def test_probe_overwrite_keeps_the_old_file_until_the_new_one_is_complete(worksp
 
 
 def test_checkpoint_replacement_keeps_the_old_one_on_failure(workspace, tmp_path, monkeypatch):
-    from sensq.models import load_model
+    from sensq.loading import load_model
     from sensq.plan import Plan
     from sensq.quant.apply import apply_plan
     from sensq.quant.checkpoint import read_manifest, save_quantized
