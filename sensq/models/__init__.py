@@ -217,22 +217,29 @@ def folder_family(path: Path) -> ModelFamily:
     Raises:
         InputError: no model_index.json, or no registered family matches.
     """
-    import json as _json
-
     index = path / "model_index.json"
-    if not index.is_file():
-        raise InputError(f"{str(path)!r} has no model_index.json: not a diffusers pipeline folder")
-    try:
-        pipeline_class = _json.loads(index.read_text()).get("_class_name")
-    except (ValueError, AttributeError):
-        raise InputError(f"{str(index)!r} is not a valid model_index.json") from None
-    for family in FAMILIES.values():
-        attrs = {attr for f in FAMILIES.values() for attr in f.expert_attrs.values()}
-        present = {attr for attr in attrs if (path / attr / "config.json").is_file()}
-        if family.pipeline_class == pipeline_class and present == set(family.expert_attrs.values()):
+    attrs = {attr for f in FAMILIES.values() for attr in f.expert_attrs.values()}
+    present = {attr for attr in attrs if (path / attr / "config.json").is_file()}
+    if index.is_file():
+        pipeline_class = _class_name(index)
+        found = [f for f in FAMILIES.values() if f.pipeline_class == pipeline_class]
+    else:  # only the transformer configs (enough for an inventory): the family by its transformer class
+        classes = {_class_name(path / attr / "config.json") for attr in present}
+        pipeline_class = "folder of " + (", ".join(sorted(filter(None, classes))) or "no transformer config")
+        found = [f for f in FAMILIES.values() if {f.transformer_class} == classes]
+    for family in found:
+        if present == set(family.expert_attrs.values()):
             return family
-    raise InputError(f"{str(path)!r} holds a {pipeline_class}; sensq has no model family for it (supported: "
+    raise InputError(f"{str(path)!r} holds a {pipeline_class} with {sorted(present) or 'no'} expert folders; sensq "
+                     "has no model family for it (supported: "
                      + "; ".join(f"{f.name} ({f.description})" for f in FAMILIES.values()) + ")")
+
+
+def _class_name(config_file: Path) -> str | None:
+    try:
+        return json.loads(config_file.read_text()).get("_class_name")
+    except (OSError, ValueError, AttributeError):
+        raise InputError(f"{str(config_file)!r} is not a valid diffusers config (JSON object)") from None
 
 
 def default_resolution(pipe, adapter: ModelFamily) -> tuple[int, int, int]:

@@ -87,8 +87,8 @@ def test_hooks_leave_the_generation_bit_identical_and_are_removed(tiny, tmp_path
     reference = run(tiny.pipe, "a red ball", trajectory, seed=3)
     from sensq.probes.capture import ProbeSession, apply_probe, remove_probe
 
-    session = ProbeSession(ProbeConfig(), trajectory.branches)
-    apply_probe(tiny.pipe.transformer, "high", session, "blocks.0")
+    session = ProbeSession(ProbeConfig(), trajectory.branches, tiny.adapter)
+    apply_probe(tiny.pipe.transformer, "high", session)
     steps_seen = []
 
     def take(pipe, i, t, kw):
@@ -180,8 +180,8 @@ def test_cli_probe_json_and_errors(tmp_path):
     empty.write_text("\n")
     bad = runner.invoke(main, ["probe", "--prompts", str(empty), "--out", str(tmp_path / "q.h5")])
     assert bad.exit_code == 1 and f"prompt file {str(empty)!r} holds no prompts" in bad.output
-    bad_expert = runner.invoke(main, ["probe", "--expert", "mid"])
-    assert bad_expert.exit_code == 2
+    bad_expert = runner.invoke(main, ["probe", "--expert", "mid", "--out", str(tmp_path / "r.h5")])
+    assert bad_expert.exit_code == 1 and "unknown expert 'mid'; this model has: high, low" in bad_expert.output
 
 
 def _files_equal(a: Path, b: Path) -> None:

@@ -53,7 +53,7 @@ def test_save_load_in_a_fresh_process_is_bit_identical(probed, calibrate, tmp_pa
     torch.save(expected, tmp_path / "expected.pt")
     code = (
         "import torch, sys\n"
-        "from sensq.models import load_model\n"
+        "from sensq.loading import load_model\n"
         "from sensq.trajectory import Trajectory, apply_trajectory, run\n"
         f"model = load_model({str(tmp_path / 'ckpt')!r}, torch.device('cpu'), torch.float32)\n"
         f"trajectory = Trajectory.from_dict({trajectory.to_dict()!r})\n"
