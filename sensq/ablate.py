@@ -176,7 +176,7 @@ def run_ablation(model, trajectory, prompts, sets: list[ProtectedSet], out: Path
             "effective_bits": summary["total"]["effective_bits"],
             "weight_bytes": summary["total"]["weight_bytes_after"],
             "weight_bytes_bf16": summary["total"]["weight_bytes_before"],
-            "real_size": summary_at_real_size(protected.plan),
+            "real_size": summary_at_real_size(protected.plan, model.adapter),
             **_aggregate(per_item),
         })
         if progress is not None:

@@ -294,11 +294,11 @@ def plan_family(plan: Plan) -> ModelFamily:
     return get_family((plan.model or {}).get("family") or WAN22_A14B.name)
 
 
-def summary_at_real_size(plan: Plan) -> dict | None:
-    """The same rules resolved on the real model of the plan's family (its transformer config on the meta
-    device; Wan2.2: A14B): the effective bits and weight GB the plan would give there. None when the rules
-    leave a layer of the real model undecided."""
-    family = plan_family(plan)
+def summary_at_real_size(plan: Plan, family: ModelFamily | None = None) -> dict | None:
+    """The same rules resolved on the real model of ``family`` (default: the plan's; its transformer config
+    on the meta device; Wan2.2: A14B): the effective bits and weight GB the plan would give there. None when
+    the rules leave a layer of the real model undecided."""
+    family = family or plan_family(plan)
     experts = sorted({row["expert"] for row in plan.layers}) or list(family.expert_names)
     layers = _real_layers(family.name, tuple(experts))
     try:
