@@ -109,14 +109,12 @@ def run_probe(request: ProbeRequest, progress: Callable[[ProgressEvent], None] |
             raise OutputError(describe_os_error(error, request.out)) from None
 
 
-def _run_probe(request: ProbeRequest, progress: Callable[[ProgressEvent], None] | None = None) -> ProbeResult:
-    """Probe ``request.experts`` along the trajectory for every prompt; resumable.
+def _route(request: ProbeRequest) -> tuple[list, dict[str, list[int]]]:
+    """Install the trajectory and say which steps go to which requested expert.
 
     Raises:
-        InputError: no step of the trajectory runs on a requested expert; output problems (see
-            :func:`_check_output`); unknown expert.
+        InputError: an unknown expert, a resolution the family refuses, an expert no step is routed to.
     """
-    started = time.perf_counter()
     model, trajectory = request.model, request.trajectory
     pipe, adapter = model.pipe, model.adapter
     available = adapter.experts(pipe)
@@ -130,25 +128,44 @@ def _run_probe(request: ProbeRequest, progress: Callable[[ProgressEvent], None] 
     for expert, indices in expert_steps.items():
         if not indices:
             timesteps = ", ".join(f"{s.timestep:g}" for s in steps)
+            boundary = adapter.boundary_timestep(pipe)
             raise InputError(
-                f"the trajectory never routes a step to the {expert!r} expert (timesteps {timesteps}; boundary "
-                f"t={adapter.boundary_timestep(pipe):g}); use more steps or another schedule, or --expert "
-                f"{' or '.join(e for e in available if e != expert)}"
+                f"the trajectory never routes a step to the {expert!r} expert (timesteps {timesteps}"
+                + (f"; boundary t={boundary:g}" if boundary is not None else "") + "); use more steps or another "
+                f"schedule, or --expert {' or '.join(e for e in available if e != expert)}"
             )
-    seeds = [trajectory.seed + p.index for p in request.prompts]
+    return steps, expert_steps
+
+
+def _open_writer(request: ProbeRequest, steps: list, expert_steps: dict[str, list[int]], seeds: list[int]):
+    """The probe file's writer: the existing file resumed (same run digest) or a new one."""
+    model, trajectory = request.model, request.trajectory
     digest = _run_digest(request, seeds)
-    resuming = _check_output(request, digest)
-    if resuming:
-        writer = ProbeWriter.resume(request.out)
-    else:
-        attrs = {
-            "model_id": model.model_id, "model_fingerprint": model.fingerprint, "loras": dict(model.loras),
-            "trajectory": trajectory.to_dict(), "probe_config": request.config.__dict__,
-            "run_digest": digest, "device": str(model.device), "dtype": str(model.dtype).removeprefix("torch."),
-            "shard": list(request.shard), "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        }
-        writer = ProbeWriter.create(request.out, attrs=attrs, prompts=request.prompts, seeds=seeds, steps=steps,
-                                    expert_steps=expert_steps, branches=trajectory.branches)
+    if _check_output(request, digest):
+        return ProbeWriter.resume(request.out)
+    attrs = {
+        "model_id": model.model_id, "model_fingerprint": model.fingerprint, "loras": dict(model.loras),
+        "trajectory": trajectory.to_dict(), "probe_config": request.config.__dict__,
+        "run_digest": digest, "device": str(model.device), "dtype": str(model.dtype).removeprefix("torch."),
+        "shard": list(request.shard), "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
+    return ProbeWriter.create(request.out, attrs=attrs, prompts=request.prompts, seeds=seeds, steps=steps,
+                              expert_steps=expert_steps, branches=trajectory.branches)
+
+
+def _run_probe(request: ProbeRequest, progress: Callable[[ProgressEvent], None] | None = None) -> ProbeResult:
+    """Probe ``request.experts`` along the trajectory for every prompt; resumable.
+
+    Raises:
+        InputError: no step of the trajectory runs on a requested expert; output problems (see
+            :func:`_check_output`); unknown expert.
+    """
+    started = time.perf_counter()
+    model, trajectory = request.model, request.trajectory
+    pipe, adapter = model.pipe, model.adapter
+    steps, expert_steps = _route(request)
+    seeds = [trajectory.seed + p.index for p in request.prompts]
+    writer = _open_writer(request, steps, expert_steps, seeds)
     session = ProbeSession(request.config, trajectory.branches, adapter)
     done = writer.file["prompts/done"][...]
     bytes_written = 0

@@ -2,10 +2,19 @@
 
 from __future__ import annotations
 
+import tempfile
+from pathlib import Path
+
 import torch
 
+from sensq.errors import InputError
 from sensq.plan import Plan, model_layers, validate_plan
+from sensq.probes.capture import ProbeConfig
+from sensq.probes.recorder import ProbeRequest, run_probe
+from sensq.prompts import Prompt
+from sensq.quant.calibrate import calibrate_expert
 from sensq.quant.layers import is_quantized, original_module, swap
+from sensq.trajectory import Trajectory
 
 
 def quantize_(model, plan: Plan, backend: str = "auto") -> list[dict]:
@@ -45,9 +54,9 @@ def apply_plan(model, plan: Plan, *, probe_path=None, calibrate: str = "none", s
                progress=None) -> tuple[list[dict], dict]:
     """Quantize ``model`` by ``plan`` expert by expert, calibrated on ``probe_path`` when asked.
 
-    With ``sequential_experts`` the low-noise expert is calibrated on a fresh probe of the trajectory
-    run with the already-quantized high-noise expert (same prompts, seeds and trajectory as the probe
-    file), so its calibration sees the high expert's quantization error.
+    With ``sequential_experts`` every expert after the first (Wan2.2: the low-noise one) is calibrated on a
+    fresh probe of the trajectory run with the experts before it already quantized (same prompts, seeds and
+    trajectory as the probe file), so its calibration sees their quantization error.
 
     Returns:
         The resolved table and ``{expert: {layer: LayerCalibration}}``.
@@ -56,13 +65,45 @@ def apply_plan(model, plan: Plan, *, probe_path=None, calibrate: str = "none", s
         InputError: a plan for another model (unless ``force``), unmatched rules, ``mse`` without a probe
             file, a probe file from another model (unless ``force``).
     """
-    import tempfile
-    from pathlib import Path
-
-    from sensq.errors import InputError
-    from sensq.quant.calibrate import calibrate_expert
     from sensq.store.probe_file import ProbeFile
 
+    _check_made_for(plan, model, force)
+    table = validate_plan(plan, model_layers(model))
+    if offload:
+        offload_experts(model)
+    if calibrate != "none" and probe_path is None:
+        raise InputError("--calibrate mse needs --probe PROBE.h5 (the captured inputs to calibrate on)")
+    family, experts = model.adapter, model.adapter.experts(model.pipe)
+
+    def calibrate_one(expert, probe, method):
+        return calibrate_expert(family.expert_module(model.pipe, expert), expert, table, probe, family,
+                                method=method, backend=backend, device=model.device, progress=progress)
+
+    if calibrate == "none":
+        return table, {expert: calibrate_one(expert, None, "none") for expert in experts}
+    later = experts[1:] if sequential_experts else []
+    calibration: dict = {}
+    with ProbeFile(probe_path) as probe:
+        if probe.model_fingerprint != model.fingerprint and not force:
+            hint = (f"; it was probed with LoRAs {probe.loras}: pass the same --lora-high/--lora-low"
+                    if probe.loras != model.loras else "")
+            raise InputError(f"{str(probe_path)!r} was probed on another model (fingerprint "
+                             f"{probe.model_fingerprint}, this model {model.fingerprint}){hint}; or pass --force")
+        for expert in experts:
+            if expert not in later:
+                calibration[expert] = calibrate_one(expert, probe, calibrate)
+        trajectory, prompts, config = _rerun_of(probe)
+    for expert in later:  # each on a re-probe made with the experts before it already quantized
+        with tempfile.TemporaryDirectory() as tmp:
+            reprobe = Path(tmp) / f"{expert}_after_quantized_earlier_experts.h5"
+            run_probe(ProbeRequest(model, trajectory, prompts, [expert], reprobe, config=config))
+            with ProbeFile(reprobe) as probe:
+                calibration[expert] = calibrate_one(expert, probe, calibrate)
+    return table, calibration
+
+
+def _check_made_for(plan: Plan, model, force: bool) -> None:
+    """Raises InputError when the plan records another model's fingerprint (unless ``force``)."""
     planned_for = (plan.model or {}).get("fingerprint")
     if planned_for and planned_for != model.fingerprint and not force:
         loras = (plan.model or {}).get("loras") or {}
@@ -70,49 +111,11 @@ def apply_plan(model, plan: Plan, *, probe_path=None, calibrate: str = "none", s
                 "--lora-high/--lora-low)" if loras != model.loras else "")
         raise InputError(f"the plan was made for model fingerprint {planned_for} but this model has "
                          f"{model.fingerprint}{hint}; pass --force to apply it anyway")
-    table = validate_plan(plan, model_layers(model))
-    if offload:
-        offload_experts(model)
-    if calibrate != "none" and probe_path is None:
-        raise InputError("--calibrate mse needs --probe PROBE.h5 (the captured inputs to calibrate on)")
-    calibration: dict = {}
-    experts = model.adapter.experts(model.pipe)
-    if calibrate == "none":
-        for expert in experts:
-            calibration[expert] = calibrate_expert(model.adapter.expert_module(model.pipe, expert), expert, table,
-                                                   None, model.adapter, method="none", backend=backend)
-        return table, calibration
-    with ProbeFile(probe_path) as probe:
-        if probe.model_fingerprint != model.fingerprint and not force:
-            hint = (f"; it was probed with LoRAs {probe.loras}: pass the same --lora-high/--lora-low"
-                    if probe.loras != model.loras else "")
-            raise InputError(f"{str(probe_path)!r} was probed on another model (fingerprint "
-                             f"{probe.model_fingerprint}, this model {model.fingerprint}){hint}; or pass --force")
-        # sequential: every expert after the first is calibrated on a re-probe made with the experts before
-        # it already quantized (the trajectory's later steps see what the quantized earlier expert produced)
-        later = experts[1:] if sequential_experts else []
-        for expert in experts:
-            if expert in later:
-                continue
-            calibration[expert] = calibrate_expert(model.adapter.expert_module(model.pipe, expert), expert, table,
-                                                   probe, model.adapter, method=calibrate, backend=backend,
-                                                   device=model.device, progress=progress)
-        if later:
-            from sensq.probes.capture import ProbeConfig
-            from sensq.probes.recorder import ProbeRequest, run_probe
-            from sensq.prompts import Prompt
-            from sensq.trajectory import Trajectory
 
-            trajectory = Trajectory.from_dict(probe.attr_json("trajectory"))
-            prompts = [Prompt(int(i), t, n) for i, t, n, d in
-                       zip(probe.prompt_index, probe.prompts, probe.negatives, probe.done, strict=True) if d]
-            config = ProbeConfig(**probe.attr_json("probe_config"))
-    for expert in later:
-        with tempfile.TemporaryDirectory() as tmp:
-            reprobe = Path(tmp) / f"{expert}_after_quantized_earlier_experts.h5"
-            run_probe(ProbeRequest(model, trajectory, prompts, [expert], reprobe, config=config))
-            with ProbeFile(reprobe) as probe:
-                calibration[expert] = calibrate_expert(model.adapter.expert_module(model.pipe, expert), expert,
-                                                       table, probe, model.adapter, method=calibrate,
-                                                       backend=backend, device=model.device, progress=progress)
-    return table, calibration
+
+def _rerun_of(probe) -> tuple[Trajectory, list[Prompt], ProbeConfig]:
+    """What re-probes the same run: the probe file's trajectory, its finished prompts and its config."""
+    trajectory = Trajectory.from_dict(probe.attr_json("trajectory"))
+    prompts = [Prompt(int(i), t, n) for i, t, n, d in
+               zip(probe.prompt_index, probe.prompts, probe.negatives, probe.done, strict=True) if d]
+    return trajectory, prompts, ProbeConfig(**probe.attr_json("probe_config"))

@@ -218,35 +218,11 @@ def rank_layers(request: RankRequest, progress: Callable[[str, int, int], None] 
                 ranked[expert] = _rank_e2e(request, probe, model, expert, expert_module, layer_names, formats,
                                            progress)
                 continue
-            layers = []
-            for i, name in enumerate(layer_names):
-                info = probe.layer_attrs(expert, name)
-                recorded = probe.read(expert, name, "outputs") if use_outputs[expert] else None
-                scores = layer_scores(expert_module.get_submodule(name), probe.read(expert, name, "samples"),
-                                      formats, request.metric, request.backend, outputs=recorded)
-                layers.append(LayerRank(
-                    name=name, kind=info["kind"], params=info["params"], in_features=info["in_features"],
-                    out_features=info["out_features"], entrance=model.adapter.is_entrance(name),
-                    exit=model.adapter.is_exit(name),
-                    value={f: reduce_steps(v, np.array(sigmas[expert]), request.reduce)
-                           for f, v in scores.per_step.items()},
-                    per_step={f: v.tolist() for f, v in scores.per_step.items()},
-                ))
-                if progress is not None:
-                    progress(expert, i + 1, len(layer_names))
-            ranked[expert] = layers
+            ranked[expert] = _rank_local(request, probe, expert, expert_module, formats, np.array(sigmas[expert]),
+                                         use_outputs[expert], progress)
         for layers in ranked.values():
             _assign_ranks(layers, request.formats, request.metric)
-        provenance = {
-            "probe_file": str(request.probe_path), "probe_sha256": file_digest(request.probe_path, length=64),
-            "probe_model_fingerprint": probe.model_fingerprint, "model_id": model.model_id,
-            "family": model.adapter.name,
-            "model_fingerprint": model.fingerprint, "loras": dict(model.loras),
-            "reference": "recorded outputs" if any(use_outputs.values()) else "recomputed from the samples",
-            "trajectory": probe.attr_json("trajectory"),
-            "prompts": int(probe.done.sum()), "seconds": round(time.perf_counter() - started, 3),
-            "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        }
+        provenance = _provenance(request, probe, any(use_outputs.values()), time.perf_counter() - started)
         ranking = Ranking(
             metric=request.metric, reduce=request.reduce, formats=list(request.formats), experts=ranked,
             steps=steps, sigmas=sigmas, branches=probe.branches, provenance=provenance,
@@ -256,6 +232,40 @@ def rank_layers(request: RankRequest, progress: Callable[[str, int, int], None] 
     if len(request.formats) > 1:
         ranking.agreement = {e: _agreement(layers, request.formats) for e, layers in ranked.items()}
     return ranking
+
+
+def _rank_local(request: RankRequest, probe, expert: str, expert_module, formats, sigmas: np.ndarray,
+                use_outputs: bool, progress) -> list[LayerRank]:
+    """Every probed layer of one expert scored by a local metric, reduced over steps."""
+    family = request.model.adapter
+    layer_names = probe.layers(expert)
+    layers = []
+    for i, name in enumerate(layer_names):
+        info = probe.layer_attrs(expert, name)
+        recorded = probe.read(expert, name, "outputs") if use_outputs else None
+        scores = layer_scores(expert_module.get_submodule(name), probe.read(expert, name, "samples"),
+                              formats, request.metric, request.backend, outputs=recorded)
+        layers.append(LayerRank(
+            name=name, kind=info["kind"], params=info["params"], in_features=info["in_features"],
+            out_features=info["out_features"], entrance=family.is_entrance(name), exit=family.is_exit(name),
+            value={f: reduce_steps(v, sigmas, request.reduce) for f, v in scores.per_step.items()},
+            per_step={f: v.tolist() for f, v in scores.per_step.items()},
+        ))
+        if progress is not None:
+            progress(expert, i + 1, len(layer_names))
+    return layers
+
+
+def _provenance(request: RankRequest, probe, used_outputs: bool, seconds: float) -> dict:
+    model = request.model
+    return {
+        "probe_file": str(request.probe_path), "probe_sha256": file_digest(request.probe_path, length=64),
+        "probe_model_fingerprint": probe.model_fingerprint, "model_id": model.model_id,
+        "family": model.adapter.name, "model_fingerprint": model.fingerprint, "loras": dict(model.loras),
+        "reference": "recorded outputs" if used_outputs else "recomputed from the samples",
+        "trajectory": probe.attr_json("trajectory"), "prompts": int(probe.done.sum()), "seconds": round(seconds, 3),
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
 
 
 def _rank_e2e(request, probe, model, expert, expert_module, layer_names, formats, progress) -> list[LayerRank]:
