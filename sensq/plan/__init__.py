@@ -194,18 +194,8 @@ def parse_budget(text: str) -> float:
     return share
 
 
-def build_plan(ranking, *, budget: float | None = None, top_k: int | None = None, protect_entrance: bool = True,
-               protect: list[str] | None = None, fmt: str = "hif4", act_format: str | None = "same",
-               rank_format: str | None = None) -> Plan:
-    """Protect, per expert, the entrance layers (optional) and extra patterns, then the most sensitive
-    layers of the ranking: the top ``top_k``, or while the protected share of the expert's parameters
-    stays within ``budget`` (walking the ranking in order and protecting each layer that still fits).
-    Everything else gets ``fmt`` for weights and ``act_format`` (default: the same) for activations.
-
-    Raises:
-        InputError: both or neither of ``budget``/``top_k``, a ranked block (plans are per layer),
-            an unknown format, a negative ``top_k``.
-    """
+def _check_plan_request(ranking, budget, top_k, fmt, act_format, rank_format) -> tuple[str | None, str]:
+    """The activation format and the format whose ranking orders the layers; raises InputError on bad options."""
     if (budget is None) == (top_k is None):
         raise InputError("give exactly one of --budget and --top-k")
     if top_k is not None and top_k < 0:
@@ -221,6 +211,52 @@ def build_plan(ranking, *, budget: float | None = None, top_k: int | None = None
         rank_format = fmt  # a plan for format F follows F's own ranking
     if rank_format not in ranking.formats:
         raise InputError(f"the ranking has no {rank_format!r} scores (it has {', '.join(ranking.formats)})")
+    return activation, rank_format
+
+
+def _protected_layers(ordered, expert: str, budget, top_k, protect_entrance: bool, patterns, rank_format: str,
+                      metric: str, warnings: list[str]) -> list[tuple[str, str]]:
+    """One expert's protected layers with the reason for each: the entrance and --protect patterns, then the
+    ranking in order (the top ``top_k``, or each layer that still fits the ``budget`` share)."""
+    total = sum(layer.params for layer in ordered)
+    chosen: list[tuple[str, str]] = []
+    for layer in ordered:
+        if protect_entrance and layer.entrance:
+            chosen.append((layer.name, "entrance"))
+        elif any(p.fullmatch(layer.name) for p in patterns):
+            chosen.append((layer.name, "--protect"))
+    used = sum(layer.params for layer in ordered if layer.name in dict(chosen))
+    if budget is not None and used > budget * total:
+        warnings.append(f"{expert}: the entrance and --protect layers alone keep {used / total:.1%} of the "
+                        f"parameters in high precision, more than the {budget:.1%} budget")
+    picked = 0
+    for layer in ordered:
+        if layer.name in dict(chosen):
+            continue
+        if top_k is not None:
+            if picked >= top_k:
+                break
+        elif used + layer.params > budget * total:
+            continue
+        chosen.append((layer.name, f"rank {layer.rank[rank_format]} by {metric}"))
+        used += layer.params
+        picked += 1
+    return chosen
+
+
+def build_plan(ranking, *, budget: float | None = None, top_k: int | None = None, protect_entrance: bool = True,
+               protect: list[str] | None = None, fmt: str = "hif4", act_format: str | None = "same",
+               rank_format: str | None = None) -> Plan:
+    """Protect, per expert, the entrance layers (optional) and extra patterns, then the most sensitive
+    layers of the ranking: the top ``top_k``, or while the protected share of the expert's parameters
+    stays within ``budget`` (walking the ranking in order and protecting each layer that still fits).
+    Everything else gets ``fmt`` for weights and ``act_format`` (default: the same) for activations.
+
+    Raises:
+        InputError: both or neither of ``budget``/``top_k``, a ranked block (plans are per layer),
+            an unknown format, a negative ``top_k``.
+    """
+    activation, rank_format = _check_plan_request(ranking, budget, top_k, fmt, act_format, rank_format)
     patterns = [compile_pattern(p) for p in (protect or [])]
     rules: list[Rule] = []
     infos: list[LayerInfo] = []
@@ -232,29 +268,8 @@ def build_plan(ranking, *, budget: float | None = None, top_k: int | None = None
                              "ranking")
         infos += [LayerInfo(expert, layer.name, layer.params, layer.in_features, layer.kind)
                   for layer in ordered]
-        total = sum(layer.params for layer in ordered)
-        chosen: list[tuple[str, str]] = []
-        for layer in ordered:
-            if protect_entrance and layer.entrance:
-                chosen.append((layer.name, "entrance"))
-            elif any(p.fullmatch(layer.name) for p in patterns):
-                chosen.append((layer.name, "--protect"))
-        used = sum(layer.params for layer in ordered if layer.name in dict(chosen))
-        if budget is not None and used > budget * total:
-            warnings.append(f"{expert}: the entrance and --protect layers alone keep {used / total:.1%} of the "
-                            f"parameters in high precision, more than the {budget:.1%} budget")
-        picked = 0
-        for layer in ordered:
-            if layer.name in dict(chosen):
-                continue
-            if top_k is not None:
-                if picked >= top_k:
-                    break
-            elif used + layer.params > budget * total:
-                continue
-            chosen.append((layer.name, f"rank {layer.rank[rank_format]} by {ranking.metric}"))
-            used += layer.params
-            picked += 1
+        chosen = _protected_layers(ordered, expert, budget, top_k, protect_entrance, patterns, rank_format,
+                                   ranking.metric, warnings)
         rules += [Rule(f"{expert}:{name}", None, None, why) for name, why in chosen]
         rules.append(Rule(f"re:{expert}:.*", fmt, activation, "everything else"))
     table, _ = resolve(rules, infos)
