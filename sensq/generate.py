@@ -161,7 +161,8 @@ def _generate(request: GenerateRequest, progress: Callable[[int, int, Prompt], N
 
         def keep_final(_pipe, i, _t, kwargs, final=final):
             if i == trajectory.steps - 1:
-                final["latents"] = kwargs["latents"].detach().cpu().clone()
+                latents = request.model.adapter.video_latents(pipe, kwargs["latents"].detach(), trajectory)
+                final["latents"] = latents.cpu().clone()  # [B, C, F, H, W] in every family
             return kwargs
 
         started = time.perf_counter()

@@ -83,7 +83,8 @@ def _is_cuda(device) -> bool:
 # to find shared tensors, so they get the CPU data's storage (its pointer is a host one: only compared)
 _TO_HOST = {torch.Tensor.__float__, torch.Tensor.__int__, torch.Tensor.__bool__, torch.Tensor.__index__,
             torch.Tensor.tolist, torch.Tensor.untyped_storage}
-_GUARDED = _TO_HOST | {torch.Tensor.__getitem__, torch.Tensor.__setitem__, torch.Tensor.contiguous}
+_GUARDED = _TO_HOST | {torch.Tensor.__getitem__, torch.Tensor.__setitem__, torch.Tensor.contiguous,
+                       torch.Tensor.nonzero}
 
 
 class _FakeCudaMode(TorchFunctionMode):

@@ -70,3 +70,30 @@ def test_chain_on_cuda(tmp_path, monkeypatch):
     assert all(math.isfinite(v["hif4"]) for v in values("e2e.json").values())
     latents = load_file(next((tmp_path / "gen" / "latents").glob("*.safetensors")))
     assert latents and all(torch.isfinite(t).all() for t in latents.values())
+
+
+def test_ltx_chain_on_cuda(tmp_path, monkeypatch):
+    """The non-Wan family on "the GPU": batched CFG split, LTX's block arguments replayed by calibration,
+    its own schedule and packed latents."""
+    runner = CliRunner()
+    device = ["--device", "cuda", "--dtype", "fp32"]
+    model, euler = ["--model", "tiny-ltx"], ["--scheduler", "euler"]
+    steps = [
+        ["probe", *model, "--limit", "1", "--steps", "2", *euler, *device, "--out", str(tmp_path / "probe.h5")],
+        ["rank", str(tmp_path / "probe.h5"), *device, "--metric", "e2e", "--granularity", "block",
+         "--out", str(tmp_path / "e2e.json")],
+        ["rank", str(tmp_path / "probe.h5"), *device, "--out", str(tmp_path / "ranking.json")],
+        ["plan", str(tmp_path / "ranking.json"), "--budget", "70%", "--out", str(tmp_path / "plan.json")],
+        ["apply-plan", str(tmp_path / "plan.json"), *model, *device, "--probe", str(tmp_path / "probe.h5"),
+         "--calibrate", "mse", "--out", str(tmp_path / "ckpt")],
+        ["generate", "--model", str(tmp_path / "ckpt"), *device, "--limit", "1", "--steps", "2", *euler,
+         "--no-video", "--out", str(tmp_path / "gen")],
+    ]
+    with fake_cuda(monkeypatch):
+        for args in steps:
+            result = runner.invoke(main, args)
+            assert result.exit_code == 0, (args[0], result.output, result.exception)
+    e2e = json.loads((tmp_path / "e2e.json").read_text())["experts"]["main"]
+    assert all(math.isfinite(layer["value"]["hif4"]) for layer in e2e)
+    latents = load_file(next((tmp_path / "gen" / "latents").glob("*.safetensors")))
+    assert latents and all(torch.isfinite(t).all() and t.dim() == 5 for t in latents.values())

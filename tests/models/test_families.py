@@ -74,8 +74,10 @@ def test_the_whole_chain(model, tmp_path):
     assert deployed.adapter is source.adapter
     assert any(type(m).__name__ == "PackedLinear" for e in experts
                for m in deployed.adapter.expert_module(deployed.pipe, e).modules())
-    latents = list((tmp_path / "gen").rglob("*.safetensors"))
-    assert latents
+    from safetensors.torch import load_file
+
+    latents = [load_file(path)["latents"] for path in (tmp_path / "gen").rglob("*.safetensors")]
+    assert latents and all(t.dim() == 5 and torch.isfinite(t).all() for t in latents)  # [B, C, F, H, W] for all
     result = json.loads((tmp_path / "ablation" / "ablation.json").read_text())
     rows = {row["set"]: row for row in result["rows"]}
     assert rows["none"]["metrics"]["latent_nmse"] > 0 and all(math.isfinite(r["metrics"]["latent_nmse"])
