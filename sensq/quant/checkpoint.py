@@ -113,49 +113,65 @@ def save_quantized(model, out_dir: str | Path, *, plan, calibration: dict, fake:
     return manifest
 
 
+@dataclass
+class _Tally:
+    """What the experts written so far hold, for the manifest's sizes."""
+
+    quantized_params: int = 0
+    quantized_bytes: int = 0
+    bf16_bytes: int = 0
+    resident: int = 0
+
+
+def _write_expert(module: torch.nn.Module, folder: Path, expert: str, calibration: dict, fake: bool,
+                  layers_manifest: dict[str, dict], tally: _Tally) -> None:
+    """One expert's config and weights file: quantized weights packed (or, ``fake``, dequantized), the rest
+    as they are; each quantized layer's formats, clips and calibration go into ``layers_manifest``."""
+    folder.mkdir()
+    module.save_config(folder)
+    tensors: dict[str, torch.Tensor] = {}
+    headers: dict[str, dict] = {}
+    for key, value in module.state_dict().items():
+        tensors[key] = value.detach().contiguous()
+        tally.bf16_bytes += value.numel() * 2 if value.is_floating_point() else value.numel() * value.element_size()
+        tally.resident += value.numel() * value.element_size()
+    for name, layer in module.named_modules():
+        if not is_quantized(layer):
+            continue
+        weight = layer.weight.detach()
+        flat = weight.reshape(weight.shape[0], -1)
+        layers_manifest[f"{expert}:{name}"] = {
+            "weight": layer.weight_format.identity if layer.weight_format else None,
+            "activation": layer.act_format.identity if layer.act_format else None,
+            "weight_clip": layer.weight_clip, "act_clip": layer.act_clip,
+            **_calibration_entry(calibration, expert, name)}
+        if layer.weight_format is None:
+            continue
+        del tensors[f"{name}.weight"]
+        tally.quantized_params += weight.numel()
+        if fake:
+            tensors[f"{name}.weight"] = layer.weight_q.detach().contiguous()
+            tally.quantized_bytes += weight.numel() * weight.element_size()
+            continue
+        packed = pack(clip_rows(flat, layer.weight_clip), layer.weight_format)
+        headers[name] = packed.header() | {"layer_shape": list(weight.shape)}
+        for field, value in packed.data.items():
+            tensors[f"{name}.weight.{field}"] = value.contiguous()
+        tally.quantized_bytes += packed.nbytes
+    save_file(tensors, str(folder / WEIGHTS_FILE), metadata={"sensq.packed": json.dumps(headers)})
+
+
 def _write_checkpoint(model, tmp: Path, *, plan, calibration: dict, fake: bool) -> dict:
     pipe, adapter = model.pipe, model.adapter
     layers_manifest: dict[str, dict] = {}
     files: dict[str, dict] = {}
-    quantized_params = quantized_bytes = bf16_bytes = resident = 0
+    tally = _Tally()
     experts = {}
     for expert in adapter.experts(pipe):
         attr = adapter.expert_attrs[expert]
-        module = adapter.expert_module(pipe, expert)
-        experts[expert] = (attr, module)
-        (tmp / attr).mkdir()
-        module.save_config(tmp / attr)
-        tensors: dict[str, torch.Tensor] = {}
-        headers: dict[str, dict] = {}
-        for key, value in module.state_dict().items():
-            tensors[key] = value.detach().contiguous()
-            bf16_bytes += value.numel() * 2 if value.is_floating_point() else value.numel() * value.element_size()
-            resident += value.numel() * value.element_size()
-        for name, layer in module.named_modules():
-            if not is_quantized(layer):
-                continue
-            weight = layer.weight.detach()
-            flat = weight.reshape(weight.shape[0], -1)
-            entry = {"weight": layer.weight_format.identity if layer.weight_format else None,
-                     "activation": layer.act_format.identity if layer.act_format else None,
-                     "weight_clip": layer.weight_clip, "act_clip": layer.act_clip,
-                     **_calibration_entry(calibration, expert, name)}
-            layers_manifest[f"{expert}:{name}"] = entry
-            if layer.weight_format is None:
-                continue
-            del tensors[f"{name}.weight"]
-            quantized_params += weight.numel()
-            if fake:
-                tensors[f"{name}.weight"] = layer.weight_q.detach().contiguous()
-                quantized_bytes += weight.numel() * weight.element_size()
-                continue
-            packed = pack(clip_rows(flat, layer.weight_clip), layer.weight_format)
-            headers[name] = packed.header() | {"layer_shape": list(weight.shape)}
-            for field, value in packed.data.items():
-                tensors[f"{name}.weight.{field}"] = value.contiguous()
-            quantized_bytes += packed.nbytes
-        target = tmp / attr / WEIGHTS_FILE
-        save_file(tensors, str(target), metadata={"sensq.packed": json.dumps(headers)})
+        experts[expert] = attr
+        _write_expert(adapter.expert_module(pipe, expert), tmp / attr, expert, calibration, fake, layers_manifest,
+                      tally)
     saved = {attr: getattr(pipe, attr) for attr in adapter.expert_attrs.values()}
     try:
         pipe.register_modules(**{attr: None for attr in saved})
@@ -168,17 +184,17 @@ def _write_checkpoint(model, tmp: Path, *, plan, calibration: dict, fake: bool) 
             files[str(path.relative_to(tmp))] = {"sha256": file_digest(path, length=64), "bytes": path.stat().st_size}
     disk = sum(f["bytes"] for f in files.values())
     sizes = CheckpointSizes(
-        disk_bytes=disk, weight_bytes_bf16=bf16_bytes, quantized_params=quantized_params,
-        quantized_weight_bytes=quantized_bytes,
-        effective_bits_quantized=8 * quantized_bytes / quantized_params if quantized_params else 0.0,
-        resident_weight_bytes_simulation=resident,
+        disk_bytes=disk, weight_bytes_bf16=tally.bf16_bytes, quantized_params=tally.quantized_params,
+        quantized_weight_bytes=tally.quantized_bytes,
+        effective_bits_quantized=8 * tally.quantized_bytes / tally.quantized_params if tally.quantized_params else 0.0,
+        resident_weight_bytes_simulation=tally.resident,
     )
     manifest = {
         "schema": CHECKPOINT_SCHEMA, "version": CHECKPOINT_VERSION, "sensq_version": sensq.__version__,
         "family": adapter.name, "packed": not fake,
         "source_model": {"id": model.model_id, "fingerprint": model.fingerprint, "loras": dict(model.loras),
                          "source_id": model.source_id},
-        "experts": {expert: attr for expert, (attr, _) in experts.items()}, "layers": layers_manifest,
+        "experts": experts, "layers": layers_manifest,
         "plan": plan.to_dict(), "files": files, "sizes": sizes.__dict__,
     }
     write_json(tmp / "manifest.json", manifest)
