@@ -35,13 +35,18 @@ def _formats(ctx, param, value: str) -> list[str]:
               help="e2e only: score layers or whole blocks (blocks.N) to make big models affordable.")
 @click.option("--limit", type=click.IntRange(min=1), default=None,
               help="e2e only: use the first N prompts of the probe file.")
+@click.option("--validate", "validate_against", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              metavar="E2E_RANKING",
+              help="Check the proxy: Spearman rho (95% bootstrap interval over layers) of this ranking against a "
+                   "per-layer e2e ranking of the same probe (sensq rank --metric e2e), per expert; stored in the "
+                   "ranking and warned about when weak.")
 @click.option("--top", type=click.IntRange(min=1), default=15, show_default=True, help="Rows of the table per expert.")
 @click.option("--force", is_flag=True, help="Rank even if the probe file was made with another model.")
 @click.option("--out", type=click.Path(dir_okay=False, path_type=Path), default=Path("ranking.json"),
               show_default=True, help="The ranking JSON to write.")
 @click.option("--json", "as_json", is_flag=True, help="Print the ranking JSON instead of the table.")
 def rank(probe_file, model, device, dtype, lora_high, lora_low, formats, metric, reduce, expert, mode, granularity,
-         limit, top, force, out, as_json) -> None:
+         limit, validate_against, top, force, out, as_json) -> None:
     """Rank the layers of each expert by how much W4A4 quantization hurts them.
 
     Local metrics (mse, sqnr, cosine, weight-mse, act-mse) use the probe file's captured inputs and
@@ -55,6 +60,7 @@ def rank(probe_file, model, device, dtype, lora_high, lora_low, formats, metric,
       sensq rank probe.h5 --model ./Wan2.2-T2V-A14B-Diffusers --lora-high high.safetensors --lora-low low.safetensors
       sensq rank probe.h5 --format hif4,mxfp4,nvfp4,int4   # formats side by side, with their agreement
       sensq rank probe.h5 --metric e2e --granularity block --limit 2
+      sensq rank probe.h5 --metric e2e --out e2e.json && sensq rank probe.h5 --validate e2e.json   # proxy check
       torchrun --nproc-per-node 4 -m sensq.cli rank probe.h5 --metric e2e   # layers split across ranks
     """
     from sensq.cli.common import load_cli_model, model_named_by_file
@@ -64,6 +70,13 @@ def rank(probe_file, model, device, dtype, lora_high, lora_low, formats, metric,
     from sensq.store.probe_file import ProbeFile
 
     check_output_file(out, RANKING_SCHEMA, "ranking")  # before any work
+    truth = None
+    if validate_against is not None:
+        from sensq.sensitivity import Ranking
+        from sensq.sensitivity.validate import require_layer_e2e
+
+        truth = Ranking.load(validate_against)
+        require_layer_e2e(truth)
     with ProbeFile(probe_file) as probe:
         model = model_named_by_file(probe_file, probe.model_id, probe.loras, model, lora_high, lora_low)
     loaded = load_cli_model(model, device, dtype, lora_high, lora_low)
@@ -81,11 +94,32 @@ def rank(probe_file, model, device, dtype, lora_high, lora_low, formats, metric,
             ranking = rank_layers(request, progress)
         if not writer:
             return
+        if truth is not None:
+            from sensq.sensitivity.validate import validate_proxy
+
+            ranking.validation = validate_proxy(ranking, truth, against=str(validate_against))
         ranking.save(out)
     if as_json:
         click.echo(json.dumps(ranking.to_dict(), indent=1))
         return
     _table(ranking, top, out, loaded.adapter)
+    if ranking.validation:
+        _validation_lines(ranking.validation, loaded.adapter)
+
+
+def _validation_lines(validation: dict, family) -> None:
+    from sensq.stats import format_interval
+
+    for expert, result in validation["experts"].items():
+        rho = result["spearman"]
+        line = (f"proxy check, {family.expert_label(expert)}: {validation['metric']} vs e2e over {result['layers']} "
+                f"layers, Spearman rho {format_interval(rho, 3)}")
+        if result["weak"]:
+            worst = result["top_disagreements"][0]
+            line = (f"warning: {line}: a weak proxy (the interval reaches below {validation['weak_below']}); "
+                    f"plan from the e2e ranking instead. Largest disagreement: {worst['layer']} (local rank "
+                    f"{worst['local_rank']}, e2e rank {worst['e2e_rank']})")
+        click.echo(line, err=result["weak"])
 
 
 def _fmt(value: float) -> str:

@@ -38,7 +38,7 @@ _RANKING_SPEC = Fields(
               "experts": MapOf(ListOf(_LAYER_SPEC)),
               "steps": MapOf(ListOf(int)), "sigmas": MapOf(ListOf(float)), "branches": ListOf(str),
               "provenance": dict},
-    optional={"mode": (str, None), "granularity": str, "agreement": dict, "sensq_version": str},
+    optional={"mode": (str, None), "granularity": str, "agreement": dict, "validation": dict, "sensq_version": str},
     extra=True,
 )
 
@@ -77,6 +77,8 @@ class Ranking:
     mode: str | None = None
     granularity: str = "layer"
     agreement: dict = field(default_factory=dict)
+    validation: dict = field(default_factory=dict)
+    """How this (local) ranking agrees with an e2e one, per expert (:mod:`sensq.sensitivity.validate`)."""
     schema: str = RANKING_SCHEMA
     sensq_version: str = sensq.__version__
 
