@@ -15,8 +15,18 @@ import click
 @click.option("--top-k", type=click.IntRange(min=0), default=None,
               help="Instead of --budget: protect the K most sensitive layers "
               "per expert (besides the entrance).")
-@click.option("--protect-entrance/--no-protect-entrance", default=True, show_default=True,
-              help="Keep the entrance layers (patch_embedding, condition_embedder.*, blocks.0.*) in high precision.")
+@click.option("--tiers", default=None, metavar="FORMATS",
+              help="Instead of --budget/--top-k: give each layer one of these formats (W=A), e.g. hif4,fp8_e4m3,bf16, "
+                   "minimizing the ranking's predicted error within --bits per expert (the ranking must hold every "
+                   "quantized tier: sensq rank --format hif4,fp8_e4m3).")
+@click.option("--bits", type=float, default=None, help="With --tiers: effective bits per weight per expert, e.g. 6.")
+@click.option("--search", type=click.Choice(["exact", "greedy"]), default="exact", show_default=True,
+              help="With --tiers: an exact integer program (scipy HiGHS) or greedy by error removed per bit.")
+@click.option("--pareto", is_flag=True, help="With --tiers: also record the front of predicted error vs effective "
+              "bits (12 budgets) and the chosen point in the plan's source, and print it.")
+@click.option("--protect-entrance/--no-protect-entrance", default=None,
+              help="Keep the entrance layers (the family's; Wan: patch_embedding, condition_embedder.*, blocks.0.*) "
+                   "in high precision. Default: on for --budget/--top-k, off for --tiers (the data decides).")
 @click.option("--protect", multiple=True, help="Also protect layers whose name matches this regex (repeatable).")
 @click.option("--format", "fmt", default="hif4", show_default=True, help="Weight format of the other layers.")
 @click.option("--act-format", default="same", show_default=True,
@@ -32,8 +42,8 @@ import click
               "(OUT-stem.modelopt.transformer.yml). Exact layer names, no pipeline prefix.")
 @click.option("--out", type=click.Path(dir_okay=False, path_type=Path), default=Path("plan.json"), show_default=True)
 @click.option("--json", "as_json", is_flag=True, help="Print the plan (or the validation) as JSON.")
-def plan(ranking_file, budget, top_k, protect_entrance, protect, fmt, act_format, rank_format, validate_file, model,
-         export, out, as_json) -> None:
+def plan(ranking_file, budget, top_k, tiers, bits, search, pareto, protect_entrance, protect, fmt, act_format,
+         rank_format, validate_file, model, export, out, as_json) -> None:
     """Choose, per expert, the layers that stay in high precision and the format of all the others.
 
     The entrance layers come first (unless --no-protect-entrance), then the most sensitive layers of
@@ -68,6 +78,10 @@ def plan(ranking_file, budget, top_k, protect_entrance, protect, fmt, act_format
     from sensq.store.files import check_output_file
 
     ranking = Ranking.load(ranking_file)
+    if tiers is not None and (budget is not None or top_k is not None):
+        raise InputError("--tiers chooses every layer's format within --bits: give it without --budget/--top-k")
+    if tiers is not None and bits is None:
+        raise InputError("--tiers needs --bits (effective bits per weight per expert, e.g. --bits 6)")
     if budget is not None and top_k is not None:
         raise InputError("give exactly one of --budget and --top-k")
     check_output_file(out, PLAN_SCHEMA, "plan")  # before any work
@@ -76,11 +90,18 @@ def plan(ranking_file, budget, top_k, protect_entrance, protect, fmt, act_format
 
         family = get_family(ranking.provenance.get("family") or "wan2.2-t2v-a14b")
         check_export_paths(out, export, family.expert_attrs, ranking.experts)
-    result: Plan = build_plan(
-        ranking, budget=parse_budget(budget) if budget is not None else None, top_k=top_k,
-        protect_entrance=protect_entrance, protect=list(protect), fmt=fmt,
-        act_format=None if act_format == "none" else act_format, rank_format=rank_format,
-    )
+    if tiers is not None:
+        from sensq.plan.tiers import build_tier_plan, parse_tiers
+
+        result: Plan = build_tier_plan(ranking, parse_tiers(tiers), bits, search=search,
+                                       protect_entrance=bool(protect_entrance), protect=list(protect),
+                                       with_pareto=pareto)
+    else:
+        result = build_plan(
+            ranking, budget=parse_budget(budget) if budget is not None else None, top_k=top_k,
+            protect_entrance=protect_entrance is not False, protect=list(protect), fmt=fmt,
+            act_format=None if act_format == "none" else act_format, rank_format=rank_format,
+        )
     result.source["ranking_file"] = str(ranking_file)
     exported = build_export(result, export) if export else None  # refuses before anything is written
     result.save(out)
@@ -124,6 +145,15 @@ def _table(plan, out: Path, exported, paths: dict) -> None:
     console.print(table)
     for expert in sorted({row["expert"] for row in plan.layers}):
         console.print(f"[bold]{expert}[/bold] keeps in high precision: " + ", ".join(plan.protected(expert)))
+        if plan.source.get("tiers"):
+            tiers = plan.summary[expert]["by_precision"]
+            console.print(f"  tiers ({plan.source['search']} search within {plan.source['budget_bits']:g} bits): "
+                          + ", ".join(f"{name} {info['layers']} layers" for name, info in tiers.items()))
+        front = plan.source.get("pareto", {}).get(expert)
+        if front:
+            console.print("  pareto (effective bits -> predicted error): " + ", ".join(
+                f"{point['effective_bits']:.2f} -> {point['predicted_error']:.3g}" for point in front["front"])
+                + f"; chosen {front['chosen']['effective_bits']:.2f} -> {front['chosen']['predicted_error']:.3g}")
     for warning in plan.source.get("warnings", []):
         console.print(f"[yellow]warning:[/yellow] {warning}")
     if exported is not None:

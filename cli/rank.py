@@ -10,7 +10,7 @@ from pathlib import Path
 import click
 
 from sensq.cli.common import model_options
-from sensq.sensitivity.metrics import METRICS
+from sensq.metrics import METRICS
 
 
 def _formats(ctx, param, value: str) -> list[str]:

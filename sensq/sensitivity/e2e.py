@@ -22,10 +22,10 @@ from dataclasses import dataclass
 import torch
 
 from sensq.formats import FormatSpec
+from sensq.metrics import METRICS
 from sensq.models.family import ModelFamily
 from sensq.quant import quantize_module, swap
 from sensq.quant.deployed import deploy_module, release_scratch
-from sensq.sensitivity.metrics import METRICS
 from sensq.trajectory import Trajectory, apply_trajectory, run
 
 MODES = ("leave-one-in", "leave-one-out")

@@ -16,8 +16,8 @@ import torch
 import torch.nn.functional as F
 
 from sensq.formats import FormatSpec, quantize_dequantize
+from sensq.metrics import METRICS
 from sensq.quant.layers import gemm_weight
-from sensq.sensitivity.metrics import METRICS
 
 
 @dataclass
@@ -35,7 +35,7 @@ def layer_scores(module: torch.nn.Module, samples: np.ndarray, formats: list[For
         module: the ``nn.Linear`` (or patch ``Conv3d``) with its full-precision weight.
         samples: probe samples ``[prompt, step, branch, rows, in_features]``.
         formats: formats for both weights and activations (W4A4 in the method).
-        metric: a local metric of :data:`sensq.sensitivity.metrics.METRICS`.
+        metric: a local metric of :data:`sensq.metrics.METRICS`.
         outputs: the layer's recorded outputs at the same rows ``[prompt, step, branch, rows, out_features]``
             (``sensq probe --outputs``): the full-precision reference of mse/sqnr/cosine without recomputing
             the GEMM. ``None``: ``Y = X W^T + b`` from the samples.

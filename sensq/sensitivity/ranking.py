@@ -17,10 +17,10 @@ import numpy as np
 import sensq
 from sensq.errors import InputError
 from sensq.formats import get_format
+from sensq.metrics import METRICS
 from sensq.models import LoadedModel
 from sensq.sensitivity.e2e import GRANULARITIES, MODES, E2EJob, e2e_scores, layer_groups
 from sensq.sensitivity.local import REDUCTIONS, layer_scores, reduce_steps
-from sensq.sensitivity.metrics import METRICS
 from sensq.store.files import file_digest, read_json, write_json
 from sensq.store.probe_file import ProbeFile
 from sensq.store.schema import Fields, ListOf, MapOf, validate_document

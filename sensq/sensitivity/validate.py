@@ -63,7 +63,7 @@ def _pearson_rows(a: np.ndarray, b: np.ndarray) -> np.ndarray:
 
 def require_layer_e2e(e2e) -> None:
     """Raises InputError unless ``e2e`` is a per-layer e2e ranking (what a proxy is checked against)."""
-    from sensq.sensitivity.metrics import METRICS
+    from sensq.metrics import METRICS
 
     if METRICS[e2e.metric].local or e2e.granularity != "layer":
         raise InputError(f"--validate needs a per-layer e2e ranking (got metric {e2e.metric!r}, granularity "
@@ -81,7 +81,7 @@ def validate_proxy(local, e2e, fmt: str | None = None, against: str = "") -> dic
         InputError: ``e2e`` is not a per-layer e2e ranking, the two share no expert or format, or an expert
             has fewer than 3 layers in common.
     """
-    from sensq.sensitivity.metrics import METRICS
+    from sensq.metrics import METRICS
 
     require_layer_e2e(e2e)
     fmt = fmt or local.formats[0]

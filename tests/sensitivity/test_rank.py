@@ -201,7 +201,7 @@ def test_recorded_outputs_give_the_same_ranking(fragile, tmp_path, metric):
 def test_a_metric_declared_once_is_ranked(fragile, monkeypatch):
     """A new metric is one entry of the registry: rank_layers computes it, orders by its direction and
     refuses block granularity for it (it is local)."""
-    from sensq.sensitivity.metrics import METRICS, Metric
+    from sensq.metrics import METRICS, Metric
 
     def max_abs(reference, approx):
         return float((reference - approx).abs().max())
