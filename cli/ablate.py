@@ -33,10 +33,10 @@ def _ints(ctx, param, value: str) -> list[int]:
               help="Random sets per budget with the same share of parameters protected (seeded draws).")
 @click.option("--seeds", type=click.IntRange(min=1), default=2, show_default=True,
               help="Seeds per prompt: every set is generated for every prompt x seed; intervals are over them.")
-@click.option("--calibrate", type=click.Choice(["none", "mse"]), default="none", show_default=True,
-              help="Calibration of every variant, as in sensq apply-plan (mse needs --probe).")
+@click.option("--calibrate", type=click.Choice(["none", "mse", "gptq"]), default="none", show_default=True,
+              help="Calibration of every variant, as in sensq apply-plan (mse and gptq need --probe).")
 @click.option("--probe", "probe_file", type=click.Path(path_type=Path), default=None,
-              help="Probe file to calibrate on (--calibrate mse); the ranking's own is not followed silently.")
+              help="Probe file to calibrate on (--calibrate mse/gptq); the ranking's own is not followed silently.")
 @click.option("--backend", type=click.Choice(["auto", "reference", "cpu", "triton"]), default="auto",
               show_default=True, help="Quantization backend, as in sensq apply-plan.")
 @click.option("--prompts", "prompts_path", type=click.Path(dir_okay=False), default=None,

@@ -16,10 +16,14 @@ from sensq.cli.common import model_options
 @click.argument("plan_file", type=click.Path(path_type=Path))
 @model_options
 @click.option("--probe", "probe_file", type=click.Path(path_type=Path), default=None,
-              help="Probe file with the captured inputs (needed by --calibrate mse).")
-@click.option("--calibrate", type=click.Choice(["none", "mse"]), default="none", show_default=True,
+              help="Probe file with the captured inputs (needed by --calibrate mse/gptq and by rules with a "
+                   "'calibration' field).")
+@click.option("--calibrate", type=click.Choice(["none", "mse", "gptq"]), default="none", show_default=True,
               help="none: the format's own scale rule (bit-exact golden semantics); mse: per layer, the clipping "
-                   "factor of weights and activations that minimizes their quantization MSE, block by block.")
+                   "factor of weights and activations that minimizes their quantization MSE (the curves go into the "
+                   "manifest); gptq: activations as mse, 4-bit weights rounded by GPTQ onto the format's own block "
+                   "grid with the error propagated (other weights as mse). Block by block, on the probe's inputs. A "
+                   "plan rule's 'calibration' field overrides it for its layers.")
 @click.option("--sequential-experts", is_flag=True,
               help="Calibrate the low-noise expert on the trajectory produced by the already-quantized high-noise "
                    "expert (re-probes it).")
@@ -46,6 +50,7 @@ def apply_plan(plan_file, model, device, dtype, lora_high, lora_low, probe_file,
     Examples:
       sensq apply-plan plan.json --out quantized/
       sensq apply-plan plan.json --probe probe.h5 --calibrate mse --sequential-experts --out quantized/
+      sensq apply-plan plan.json --probe probe.h5 --calibrate gptq --out quantized-gptq/
       sensq probe --model quantized/ --out after.h5      # the checkpoint is a model like any other
     """
     import torch

@@ -134,7 +134,14 @@ def pack(x: torch.Tensor, fmt: str | FormatSpec, dim: int = -1) -> PackedTensor:
         fast = find_kernel(Backend.TRITON, spec.family, "pack", "cuda")
         if fast is not None:
             return PackedTensor(spec, tuple(x.shape), dim, x.dtype, {"blocks": fast(x, dim)})
-    encoded = _encode(x, spec, dim)
+    return pack_encoded(_encode(x, spec, dim), spec, tuple(x.shape), dim, x.dtype)
+
+
+def pack_encoded(encoded: reference.Encoded, spec: FormatSpec, shape: tuple[int, ...], dim: int,
+                 dtype: torch.dtype) -> PackedTensor:
+    """Store already-chosen codes and metadata (``[rows, n_blocks, block]``, as :mod:`reference` encodes
+    them) in the format's bit layout: what :func:`pack` does after encoding, and what a calibration that
+    chooses its own codes (GPTQ) uses to keep exactly its choice."""
     rows, n_blocks, block = encoded.codes.shape
     data: dict[str, torch.Tensor]
     if spec.family is Family.HIF4:
@@ -151,7 +158,7 @@ def pack(x: torch.Tensor, fmt: str | FormatSpec, dim: int = -1) -> PackedTensor:
         if spec.element_bits == 4:
             codes = _pack_nibbles(codes & 0xF)
         data = {"codes": codes.contiguous(), **{k: v.contiguous() for k, v in encoded.meta.items()}}
-    return PackedTensor(spec, tuple(x.shape), dim, x.dtype, data)
+    return PackedTensor(spec, shape, dim, dtype, data)
 
 
 def _encode(x: torch.Tensor, spec: FormatSpec, dim: int) -> reference.Encoded:

@@ -31,7 +31,11 @@ PLAN_SCHEMA = "sensq.plan/1"
 HIGH_PRECISION_BITS = 16  # protected layers stay in the model's bf16
 MAX_PATTERN_LENGTH = 2000
 
-_RULE_SPEC = Fields(required={"match": str}, optional={"weight": (str, None), "activation": (str, None), "why": str})
+CALIBRATIONS = ("none", "mse", "gptq")
+"""How a rule's layers are calibrated (``calibration`` field; see :mod:`sensq.quant.calibrate`)."""
+
+_RULE_SPEC = Fields(required={"match": str}, optional={"weight": (str, None), "activation": (str, None), "why": str,
+                                                        "calibration": (str, None)})
 _PLAN_SPEC = Fields(
     required={"schema": str, "rules": ListOf(_RULE_SPEC)},
     optional={"sensq_version": str, "model": dict, "source": dict, "layers": ListOf(dict), "summary": dict},
@@ -68,6 +72,13 @@ class Rule:
     weight: str | None
     activation: str | None
     why: str = ""
+    calibration: str | None = None
+    """None: the method apply-plan is given (``--calibrate``); else one of :data:`CALIBRATIONS`."""
+
+    def __post_init__(self):
+        if self.calibration is not None and self.calibration not in CALIBRATIONS:
+            raise InputError(f"rule {self.match!r}: unknown calibration {self.calibration!r}; use one of "
+                             f"{', '.join(CALIBRATIONS)} (or leave it out to use apply-plan's --calibrate)")
 
     def matches(self, expert: str, layer: str) -> bool:
         qualified = f"{expert}:{layer}"
@@ -96,7 +107,7 @@ def resolve(rules: list[Rule], layers: list[LayerInfo]) -> tuple[list[dict], lis
                 used[index] = True
                 table.append({"expert": layer.expert, "layer": layer.name, "weight": rule.weight,
                               "activation": rule.activation, "params": layer.params, "kind": layer.kind,
-                              "rule": index})
+                              "rule": index, **({"calibration": rule.calibration} if rule.calibration else {})})
                 break
         else:
             raise InputError(f"no rule of the plan matches {layer.expert}:{layer.name}; add a catch-all rule "
@@ -149,7 +160,8 @@ class Plan:
         return {
             "schema": self.schema, "sensq_version": self.sensq_version, "model": self.model, "source": self.source,
             "rules": [{"match": r.match, "weight": r.weight, "activation": r.activation,
-                       **({"why": r.why} if r.why else {})} for r in self.rules],
+                       **({"why": r.why} if r.why else {}),
+                       **({"calibration": r.calibration} if r.calibration else {})} for r in self.rules],
             "layers": self.layers, "summary": self.summary,
         }
 
@@ -168,7 +180,8 @@ class Plan:
                     get_format(raw[key])
             if raw["match"].startswith("re:"):
                 compile_pattern(raw["match"][3:])
-            rules.append(Rule(raw["match"], raw.get("weight"), raw.get("activation"), raw.get("why", "")))
+            rules.append(Rule(raw["match"], raw.get("weight"), raw.get("activation"), raw.get("why", ""),
+                              raw.get("calibration")))
         if not rules:
             raise InputError(f"{str(path)!r} has no rules")
         return cls(rules, data.get("layers", []), data.get("summary", {}), data.get("model", {}),

@@ -12,7 +12,7 @@ from sensq.plan import Plan, model_layers, validate_plan
 from sensq.probes.capture import ProbeConfig
 from sensq.probes.recorder import ProbeRequest, run_probe
 from sensq.prompts import Prompt
-from sensq.quant.calibrate import calibrate_expert
+from sensq.quant.calibrate import calibrate_expert, method_of
 from sensq.quant.layers import is_quantized, original_module, swap
 from sensq.trajectory import Trajectory
 
@@ -71,16 +71,18 @@ def apply_plan(model, plan: Plan, *, probe_path=None, calibrate: str = "none", s
     table = validate_plan(plan, model_layers(model))
     if offload:
         offload_experts(model)
-    if calibrate != "none" and probe_path is None:
-        raise InputError("--calibrate mse needs --probe PROBE.h5 (the captured inputs to calibrate on)")
+    methods = {method_of(row, calibrate) for row in table if row["weight"] or row["activation"]}
+    if methods - {"none"} and probe_path is None:
+        which = f"--calibrate {calibrate} needs" if calibrate != "none" else "the plan's 'calibration' rules need"
+        raise InputError(f"{which} --probe PROBE.h5 (the captured inputs to calibrate on)")
     family, experts = model.adapter, model.adapter.experts(model.pipe)
 
     def calibrate_one(expert, probe, method):
         return calibrate_expert(family.expert_module(model.pipe, expert), expert, table, probe, family,
                                 method=method, backend=backend, device=model.device, progress=progress)
 
-    if calibrate == "none":
-        return table, {expert: calibrate_one(expert, None, "none") for expert in experts}
+    if not methods - {"none"}:
+        return table, {expert: calibrate_one(expert, None, calibrate) for expert in experts}
     later = experts[1:] if sequential_experts else []
     calibration: dict = {}
     with ProbeFile(probe_path) as probe:

@@ -1,4 +1,16 @@
-"""Calibration: per layer, the clipping factor of each operand that minimizes its quantization MSE.
+"""Calibration: per layer, how each operand is rounded, chosen on the layer's captured inputs.
+
+Methods (``--calibrate``, or a plan rule's ``calibration`` field for its layers):
+
+* ``none``: the format's own rule (clip factor 1).
+* ``mse``: per operand, the clipping factor of :data:`CLIP_GRID` with the lowest quantization NMSE; the
+  whole curve is kept (``LayerCalibration.weight_curve``/``act_curve``, in the checkpoint manifest), so a
+  search that never moves shows why (on HiF4 the E6M2 scale moves in steps of 12.5-25%, and the
+  hierarchical lv2/lv3 levels already fit each 8- and 4-element group: clipping the largest values of a
+  trained layer rarely pays).
+* ``gptq``: activations as ``mse``; 4-bit weights rounded by GPTQ onto the format's grid
+  (:mod:`sensq.quant.gptq`) on the layer's captured inputs, error propagated column by column. Weights
+  in other formats (an 8-bit tier) are calibrated as ``mse``; the manifest records each layer's method.
 
 Branch-wise and layer-by-layer, as the method does. Each expert is calibrated on its own captured
 inputs (the probe file). Inside an expert, the layers outside the transformer blocks use the probe's
@@ -11,52 +23,113 @@ inputs that carry the realistic upstream quantization error.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 
 from sensq.errors import InputError
-from sensq.formats import FormatSpec, get_format
+from sensq.formats import FormatSpec, PackedTensor, get_format, unpack
 from sensq.metrics import nmse
 from sensq.models.family import ModelFamily
 from sensq.models.layers import input_rows
+from sensq.plan import CALIBRATIONS
+from sensq.quant.gptq import check_gptq_format, gptq_pack
 from sensq.quant.layers import fake_quantize, gemm_weight, quantize_module, swap
 
-CALIBRATIONS = ("none", "mse")
-CLIP_GRID = (1.0, 0.95, 0.9, 0.85, 0.8, 0.75, 0.7, 0.65, 0.6, 0.55, 0.5)
+CLIP_GRID = (1.0, 0.99, 0.98, 0.97, 0.96, 0.95, 0.94, 0.93, 0.92, 0.91, 0.9, 0.875, 0.85, 0.825, 0.8, 0.75,
+             0.7, 0.65, 0.6, 0.55, 0.5)
+"""Clip factors searched by ``mse``: steps of 1% near 1 (where a trained layer's best factor lies when
+clipping helps at all), coarser below."""
 
 
 @dataclass
 class LayerCalibration:
+    method: str = "none"
     weight_clip: float = 1.0
     act_clip: float = 1.0
     weight_nmse: float | None = None
     act_nmse: float | None = None
     act_rows: int = 0
+    weight_curve: list[tuple[float, float]] | None = None
+    act_curve: list[tuple[float, float]] | None = None
+    weight_packed: PackedTensor | None = field(default=None, repr=False)
+
+    def manifest_entry(self) -> dict:
+        """What a checkpoint manifest records of it (JSON)."""
+        entry = {"calibration": self.method, "weight_nmse": self.weight_nmse, "act_nmse": self.act_nmse,
+                 "act_rows": self.act_rows}
+        for name, curve in (("weight_clip_curve", self.weight_curve), ("act_clip_curve", self.act_curve)):
+            if curve is not None:
+                entry[name] = [[clip, error] for clip, error in curve]
+        return entry
+
+
+def clip_curve(rows: torch.Tensor, fmt: FormatSpec, backend: str = "auto") -> list[tuple[float, float]]:
+    """NMSE of ``Q(clip(rows))`` against ``rows`` for every factor of :data:`CLIP_GRID`."""
+    return [(clip, nmse(rows, fake_quantize(rows, fmt, clip, backend))) for clip in CLIP_GRID]
 
 
 def best_clip(rows: torch.Tensor, fmt: FormatSpec, backend: str = "auto") -> tuple[float, float]:
     """The factor of :data:`CLIP_GRID` with the lowest NMSE of ``Q(clip(rows))`` against ``rows``;
     ties go to the larger factor (the format's own rule when nothing helps)."""
-    best = (1.0, nmse(rows, fake_quantize(rows, fmt, 1.0, backend)))
-    for clip in CLIP_GRID[1:]:
-        error = nmse(rows, fake_quantize(rows, fmt, clip, backend))
+    return _best(clip_curve(rows, fmt, backend))
+
+
+def _best(curve: list[tuple[float, float]]) -> tuple[float, float]:
+    best = curve[0]
+    for clip, error in curve[1:]:
         if error < best[1]:
             best = (clip, error)
     return best
 
 
-def _calibrate_layer(module, weight_fmt, act_fmt, act_rows: torch.Tensor | None, backend) -> LayerCalibration:
-    result = LayerCalibration()
-    if weight_fmt is not None:
-        result.weight_clip, result.weight_nmse = best_clip(gemm_weight(module), weight_fmt, backend)
-    if act_fmt is not None:
+def _calibrate_layer(module, weight_fmt, act_fmt, act_rows: torch.Tensor | None, backend,
+                     method: str) -> LayerCalibration:
+    result = LayerCalibration(method=method)
+    if method == "none":
+        return result
+    if act_fmt is not None or method == "gptq":
         if act_rows is None or act_rows.numel() == 0:
-            raise InputError("calibrating activations needs captured inputs: probe the model first (sensq probe)")
-        result.act_clip, result.act_nmse = best_clip(act_rows.float(), act_fmt, backend)
+            raise InputError("calibrating needs captured inputs: probe the model first (sensq probe)")
         result.act_rows = int(act_rows.shape[0])
+    if act_fmt is not None:
+        result.act_curve = clip_curve(act_rows.float(), act_fmt, backend)
+        result.act_clip, result.act_nmse = _best(result.act_curve)
+    if weight_fmt is None:
+        return result
+    weight = gemm_weight(module)
+    if method == "gptq" and _gptq_rounds(weight_fmt):
+        result.weight_packed = gptq_pack(weight, act_rows.float(), weight_fmt, dtype=module.weight.dtype)
+        result.weight_nmse = nmse(weight, unpack(result.weight_packed).float())
+        return result
+    result.method = "mse"
+    result.weight_curve = clip_curve(weight, weight_fmt, backend)
+    result.weight_clip, result.weight_nmse = _best(result.weight_curve)
     return result
+
+
+def _gptq_rounds(fmt: FormatSpec) -> bool:
+    try:
+        check_gptq_format(fmt)
+    except InputError:
+        return False
+    return True
+
+
+def _quantize_calibrated(expert_module, name: str, row: dict, calib: LayerCalibration, backend) -> None:
+    weight_fmt, act_fmt = _formats(row)
+    module = expert_module.get_submodule(name)
+    swap(expert_module, name, quantize_module(module, weight_fmt, act_fmt, backend, weight_clip=calib.weight_clip,
+                                              act_clip=calib.act_clip, weight_packed=calib.weight_packed))
+
+
+def method_of(row: dict, default: str) -> str:
+    """A resolved plan row's calibration: its rule's ``calibration`` field, else ``default``."""
+    method = row.get("calibration") or default
+    if method not in CALIBRATIONS:
+        raise InputError(f"unknown calibration {method!r}; use one of {', '.join(CALIBRATIONS)}")
+    return method
 
 
 def _formats(row: dict) -> tuple[FormatSpec | None, FormatSpec | None]:
@@ -73,39 +146,40 @@ def calibrate_expert(expert_module: torch.nn.Module, expert: str, table: list[di
 
     Args:
         probe: an open ``ProbeFile`` holding this expert's captured inputs (``samples`` and, for the
-            blocks, the first block's inputs).
+            blocks, the first block's inputs); may be None when no layer is calibrated.
         family: the model's family: its block list and how a block is called.
-        method: ``none`` (format rule, clip 1) or ``mse``.
-        max_rows: cap on the captured rows per layer used to choose the activation clip.
+        method: the default of :data:`CALIBRATIONS` (``none``, ``mse``, ``gptq``); a row's own
+            ``calibration`` (from its plan rule) wins.
+        max_rows: cap on the captured rows per layer used to calibrate it.
         device: where the blocks run (default: where the expert's parameters are; pass it when the expert
             is group-offloaded, so that the replayed inputs go to the execution device).
 
     Returns:
         The calibration of every quantized layer.
     """
-    if method not in CALIBRATIONS:
-        raise InputError(f"unknown calibration {method!r}; use one of {', '.join(CALIBRATIONS)}")
     rows = {r["layer"]: r for r in table if r["expert"] == expert and (r["weight"] or r["activation"])}
+    methods = {name: method_of(row, method) for name, row in rows.items()}
     results: dict[str, LayerCalibration] = {}
-    if method == "none":
+    if all(m == "none" for m in methods.values()):
         for name, row in rows.items():
-            weight_fmt, act_fmt = _formats(row)
-            swap(expert_module, name, quantize_module(expert_module.get_submodule(name), weight_fmt, act_fmt, backend))
             results[name] = LayerCalibration()
+            _quantize_calibrated(expert_module, name, row, results[name], backend)
         return results
-    if expert not in probe.experts:
+    if probe is None or expert not in probe.experts:
         raise InputError(f"the probe file has no captured inputs for the {expert!r} expert; probe it first")
     outside = [name for name in rows if family.block_of(name) is None]
     for name in outside:
-        samples = probe.read(expert, name, "samples")
-        act_rows = torch.from_numpy(samples.reshape(-1, samples.shape[-1]))[:max_rows]
+        act_rows = None
+        if methods[name] != "none":
+            samples = probe.read(expert, name, "samples")
+            act_rows = torch.from_numpy(samples.reshape(-1, samples.shape[-1]))[:max_rows]
         weight_fmt, act_fmt = _formats(rows[name])
-        module = expert_module.get_submodule(name)
-        results[name] = calib = _calibrate_layer(module, weight_fmt, act_fmt, act_rows, backend)
-        swap(expert_module, name, quantize_module(module, weight_fmt, act_fmt, backend,
-                                                  weight_clip=calib.weight_clip, act_clip=calib.act_clip))
+        results[name] = _calibrate_layer(expert_module.get_submodule(name), weight_fmt, act_fmt, act_rows, backend,
+                                         methods[name])
+        _quantize_calibrated(expert_module, name, rows[name], results[name], backend)
     if len(outside) < len(rows):
-        _calibrate_blocks(expert_module, expert, rows, probe, family, max_rows, backend, results, progress, device)
+        _calibrate_blocks(expert_module, expert, rows, methods, probe, family, max_rows, backend, results, progress,
+                          device)
     return results
 
 
@@ -122,7 +196,7 @@ def _block_inputs(probe, expert: str, family: ModelFamily) -> list[dict[str, tor
             for p in range(prompts) for s in range(steps) for b in range(branches)]
 
 
-def _calibrate_blocks(expert_module, expert, rows, probe, family, max_rows, backend, results, progress,
+def _calibrate_blocks(expert_module, expert, rows, methods, probe, family, max_rows, backend, results, progress,
                       device=None):
     calls = _block_inputs(probe, expert, family)
     dtype = next(expert_module.parameters()).dtype
@@ -132,9 +206,9 @@ def _calibrate_blocks(expert_module, expert, rows, probe, family, max_rows, back
     generator = torch.Generator().manual_seed(0)
     for index, block in enumerate(blocks):
         names = [name for name in rows if family.block_of(name) == f"{family.blocks}.{index}"]
-        captured: dict[str, list[torch.Tensor]] = {name: [] for name in names}
+        captured: dict[str, list[torch.Tensor]] = {name: [] for name in names if methods[name] != "none"}
         handles = []
-        for name in names:
+        for name in captured:
             module = expert_module.get_submodule(name)
 
             def capture(mod, args, name=name, captured=captured):
@@ -142,22 +216,25 @@ def _calibrate_blocks(expert_module, expert, rows, probe, family, max_rows, back
                 captured[name].append(input_rows(mod, x).float().cpu())
 
             handles.append(module.register_forward_pre_hook(capture))
-        with torch.no_grad():
-            try:
-                for h, call in zip(hidden, calls, strict=True):
-                    _run_block(family, block, h, call, dtype, device)
-            finally:
-                for handle in handles:
-                    handle.remove()
+        if handles:
+            with torch.no_grad():
+                try:
+                    for h, call in zip(hidden, calls, strict=True):
+                        _run_block(family, block, h, call, dtype, device)
+                finally:
+                    for handle in handles:
+                        handle.remove()
         for name in names:
-            act_rows = torch.cat(captured[name])
-            if act_rows.shape[0] > max_rows:
-                act_rows = act_rows[torch.randperm(act_rows.shape[0], generator=generator)[:max_rows].sort().values]
+            act_rows = None
+            if name in captured:
+                act_rows = torch.cat(captured.pop(name))
+                if act_rows.shape[0] > max_rows:
+                    keep = torch.randperm(act_rows.shape[0], generator=generator)[:max_rows].sort().values
+                    act_rows = act_rows[keep]
             weight_fmt, act_fmt = _formats(rows[name])
-            module = expert_module.get_submodule(name)
-            results[name] = calib = _calibrate_layer(module, weight_fmt, act_fmt, act_rows, backend)
-            swap(expert_module, name, quantize_module(module, weight_fmt, act_fmt, backend,
-                                                      weight_clip=calib.weight_clip, act_clip=calib.act_clip))
+            results[name] = _calibrate_layer(expert_module.get_submodule(name), weight_fmt, act_fmt, act_rows,
+                                             backend, methods[name])
+            _quantize_calibrated(expert_module, name, rows[name], results[name], backend)
         with torch.no_grad():  # the quantized block's outputs feed the next block
             hidden = [_run_block(family, block, h, call, dtype, device).cpu()
                       for h, call in zip(hidden, calls, strict=True)]

@@ -32,10 +32,10 @@ from safetensors.torch import save_file
 
 import sensq
 from sensq.errors import InputError, OutputError
-from sensq.formats import PackedTensor, pack
+from sensq.formats import PackedTensor
 from sensq.models import LoadedModel, default_resolution, get_family, model_fingerprint, quiet_hf_progress
 from sensq.models.wan import WAN22_A14B
-from sensq.quant.layers import clip_rows, is_quantized, quantize_module, swap
+from sensq.quant.layers import is_quantized, packed_weight, quantize_module, swap
 from sensq.store.files import (
     check_output_folder,
     describe_os_error,
@@ -139,7 +139,6 @@ def _write_expert(module: torch.nn.Module, folder: Path, expert: str, calibratio
         if not is_quantized(layer):
             continue
         weight = layer.weight.detach()
-        flat = weight.reshape(weight.shape[0], -1)
         layers_manifest[f"{expert}:{name}"] = {
             "weight": layer.weight_format.identity if layer.weight_format else None,
             "activation": layer.act_format.identity if layer.act_format else None,
@@ -153,7 +152,7 @@ def _write_expert(module: torch.nn.Module, folder: Path, expert: str, calibratio
             tensors[f"{name}.weight"] = layer.weight_q.detach().contiguous()
             tally.quantized_bytes += weight.numel() * weight.element_size()
             continue
-        packed = pack(clip_rows(flat, layer.weight_clip), layer.weight_format)
+        packed = packed_weight(layer)
         headers[name] = packed.header() | {"layer_shape": list(weight.shape)}
         for field, value in packed.data.items():
             tensors[f"{name}.weight.{field}"] = value.contiguous()
@@ -215,9 +214,7 @@ def _diffusers_errors_only():
 
 def _calibration_entry(calibration: dict, expert: str, name: str) -> dict:
     calib = calibration.get(expert, {}).get(name)
-    if calib is None:
-        return {}
-    return {"weight_nmse": calib.weight_nmse, "act_nmse": calib.act_nmse, "act_rows": calib.act_rows}
+    return {} if calib is None else calib.manifest_entry()
 
 
 def is_checkpoint(path: str | Path) -> bool:

@@ -25,7 +25,7 @@ import threading
 import torch
 import torch.nn.functional as F
 
-from sensq.formats import Family, FormatSpec, PackedTensor, get_format, pack
+from sensq.formats import Family, FormatSpec, PackedTensor, get_format
 from sensq.formats.backend import Backend, available, kernel
 from sensq.formats.packing import unpack_into
 from sensq.quant.layers import (
@@ -33,6 +33,7 @@ from sensq.quant.layers import (
     QuantPatchConv3d,
     clip_rows,
     fake_quantize,
+    packed_weight,
     patches_to_rows,
     rows_to_patches,
 )
@@ -128,8 +129,7 @@ class PackedLinear(_PackedWeight):
     @classmethod
     def from_quant(cls, quant: QuantLinear) -> PackedLinear:
         """The deployed form of a simulation layer (same formats, clipping and backend)."""
-        packed = pack(clip_rows(quant.weight.detach(), quant.weight_clip), quant.weight_format)
-        return cls.from_packed(packed, quant.bias, quant.act_format, act_clip=quant.act_clip,
+        return cls.from_packed(packed_weight(quant), quant.bias, quant.act_format, act_clip=quant.act_clip,
                                weight_clip=quant.weight_clip, backend=quant.backend)
 
     def _fused(self, x: torch.Tensor) -> bool:
@@ -171,9 +171,7 @@ class PackedPatchConv3d(_PackedWeight):
 
     @classmethod
     def from_quant(cls, quant: QuantPatchConv3d) -> PackedPatchConv3d:
-        flat = quant.weight.detach().reshape(quant.weight.shape[0], -1)
-        packed = pack(clip_rows(flat, quant.weight_clip), quant.weight_format)
-        return cls.from_packed(packed, quant.bias, quant.act_format, conv_shape=quant.weight.shape,
+        return cls.from_packed(packed_weight(quant), quant.bias, quant.act_format, conv_shape=quant.weight.shape,
                                kernel_size=quant.kernel_size, act_clip=quant.act_clip,
                                weight_clip=quant.weight_clip, backend=quant.backend)
 

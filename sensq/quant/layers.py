@@ -10,7 +10,9 @@ Weights are quantized per output channel and activations per token, both in bloc
 
 Calibration: an optional clipping factor ``c`` in (0, 1] per operand; the operand is clamped to
 ``c`` times its absmax (per output channel for weights, per token for activations) before it is
-quantized, so block scales come from the clipped range. ``c = 1`` is the format's own rule.
+quantized, so block scales come from the clipped range. ``c = 1`` is the format's own rule. Or the
+weight's codes were chosen by a calibration (GPTQ, :mod:`sensq.quant.gptq`): the layer then holds that
+packed weight (``weight_packed``) and its ``weight_q`` is the packed weight decoded, never re-encoded.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from sensq.formats import Family, FormatSpec, get_format, quantize_dequantize
+from sensq.formats import Family, FormatSpec, PackedTensor, get_format, pack, quantize_dequantize, unpack
 from sensq.formats.backend import Backend, kernel
 from sensq.models.layers import patches_to_rows
 
@@ -60,11 +62,13 @@ class QuantLinear(torch.nn.Linear):
 
     @classmethod
     def from_linear(cls, linear: torch.nn.Linear, weight_format, act_format, *, weight_clip: float = 1.0,
-                    act_clip: float = 1.0, backend: str = "auto", weight_q: torch.Tensor | None = None) -> QuantLinear:
+                    act_clip: float = 1.0, backend: str = "auto", weight_q: torch.Tensor | None = None,
+                    weight_packed: PackedTensor | None = None) -> QuantLinear:
         """Wrap ``linear`` (its parameters are shared, not copied).
 
         ``weight_q`` supplies the already-quantized weight (e.g. unpacked from a checkpoint) instead of
-        quantizing ``linear.weight`` (HiF4 is not idempotent: never re-quantize a quantized weight).
+        quantizing ``linear.weight`` (HiF4 is not idempotent: never re-quantize a quantized weight);
+        ``weight_packed`` supplies it packed (codes a calibration chose), and is what a checkpoint stores.
         """
         quant = cls.__new__(cls)
         torch.nn.Module.__init__(quant)
@@ -74,10 +78,15 @@ class QuantLinear(torch.nn.Linear):
         quant.weight_format = _format(weight_format)
         quant.act_format = _format(act_format)
         quant.weight_clip, quant.act_clip, quant.backend = float(weight_clip), float(act_clip), backend
+        quant.weight_packed = _chosen(weight_packed, quant.weight_format, linear.weight)
+        if weight_q is None and weight_packed is not None:
+            weight_q = unpack(weight_packed).to(linear.weight.device)
         if weight_q is None:
             weight_q = fake_quantize(linear.weight.detach(), quant.weight_format, quant.weight_clip, backend)
         quant.register_buffer("weight_q", weight_q, persistent=False)
-        quant.fused = backend == "triton" and _is_hif4(quant.weight_format) and _is_hif4(quant.act_format)
+        # the fused kernel packs the weight itself: only for weights the format's own rule rounds
+        quant.fused = (backend == "triton" and weight_packed is None and _is_hif4(quant.weight_format)
+                       and _is_hif4(quant.act_format))
         if quant.fused:
             # the fused W4A4 kernel reads the weight packed (spec §6) and quantizes activations on the fly;
             # buffers, so that .to(device) moves them with the layer
@@ -123,8 +132,8 @@ class QuantPatchConv3d(torch.nn.Conv3d):
 
     @classmethod
     def from_conv(cls, conv: torch.nn.Conv3d, weight_format, act_format, *, weight_clip: float = 1.0,
-                  act_clip: float = 1.0, backend: str = "auto", weight_q: torch.Tensor | None = None
-                  ) -> QuantPatchConv3d:
+                  act_clip: float = 1.0, backend: str = "auto", weight_q: torch.Tensor | None = None,
+                  weight_packed: PackedTensor | None = None) -> QuantPatchConv3d:
         if tuple(conv.stride) != tuple(conv.kernel_size) or any(conv.padding):
             raise ValueError("QuantPatchConv3d needs stride == kernel_size and no padding (a patch embedding)")
         quant = cls.__new__(cls)
@@ -135,6 +144,9 @@ class QuantPatchConv3d(torch.nn.Conv3d):
         quant.weight, quant.bias = conv.weight, conv.bias
         quant.weight_format, quant.act_format = _format(weight_format), _format(act_format)
         quant.weight_clip, quant.act_clip, quant.backend = float(weight_clip), float(act_clip), backend
+        quant.weight_packed = _chosen(weight_packed, quant.weight_format, conv.weight)
+        if weight_q is None and weight_packed is not None:
+            weight_q = unpack(weight_packed).reshape(conv.weight.shape).to(conv.weight.device)
         if weight_q is None:
             flat = conv.weight.detach().reshape(conv.weight.shape[0], -1)
             weight_q = fake_quantize(flat, quant.weight_format, quant.weight_clip, backend).reshape(conv.weight.shape)
@@ -157,12 +169,33 @@ class QuantPatchConv3d(torch.nn.Conv3d):
         return F.conv3d(x, self.weight_q.to(x.dtype), self.bias, self.stride)
 
 
+def _chosen(packed: PackedTensor | None, fmt: FormatSpec | None, weight: torch.Tensor) -> PackedTensor | None:
+    """``packed`` after checking it is this weight's format and GEMM shape (``[out, in]`` along in)."""
+    if packed is None:
+        return None
+    gemm = (weight.shape[0], weight[0].numel())
+    if fmt is None or packed.fmt.identity != fmt.identity or tuple(packed.shape) != gemm or packed.dim != 1:
+        raise ValueError(f"a packed weight {packed.fmt.identity} {list(packed.shape)} does not fit a "
+                         f"{fmt.identity if fmt else 'high-precision'} weight {list(gemm)}")
+    return packed
+
+
+def packed_weight(layer: torch.nn.Module) -> PackedTensor:
+    """What a quantized layer's weight is stored as: the packed weight a calibration chose, else the
+    (clipped) GEMM weight packed by the format's own rule. Decodes to the layer's ``weight_q``."""
+    if layer.weight_packed is not None:
+        return layer.weight_packed
+    flat = layer.weight.detach().reshape(layer.weight.shape[0], -1)
+    return pack(clip_rows(flat, layer.weight_clip), layer.weight_format)
+
+
 def quantize_module(module: torch.nn.Module, weight_format, act_format, backend: str = "auto", *,
                     weight_clip: float = 1.0, act_clip: float = 1.0,
-                    weight_q: torch.Tensor | None = None) -> torch.nn.Module:
+                    weight_q: torch.Tensor | None = None, weight_packed: PackedTensor | None = None) -> torch.nn.Module:
     """The fake-quantized twin of a Linear or patch Conv3d (parameters shared)."""
     module = original_module(module)
-    kwargs = {"weight_clip": weight_clip, "act_clip": act_clip, "backend": backend, "weight_q": weight_q}
+    kwargs = {"weight_clip": weight_clip, "act_clip": act_clip, "backend": backend, "weight_q": weight_q,
+              "weight_packed": weight_packed}
     if isinstance(module, torch.nn.Linear):
         return QuantLinear.from_linear(module, weight_format, act_format, **kwargs)
     if isinstance(module, torch.nn.Conv3d):

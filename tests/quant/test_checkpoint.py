@@ -40,7 +40,7 @@ def _latents(model, trajectory):
     return run(model.pipe, "a red ball moving left", trajectory, seed=7)
 
 
-@pytest.mark.parametrize("calibrate", ["none", "mse"])
+@pytest.mark.parametrize("calibrate", ["none", "mse", "gptq"])
 def test_save_load_in_a_fresh_process_is_bit_identical(probed, calibrate, tmp_path):
     folder, trajectory = probed
     model = load_model("tiny", torch.device("cpu"), torch.float32)
@@ -74,6 +74,44 @@ def test_mse_calibration_clips_only_when_it_helps(probed):
         for calib in layers.values():
             assert 0.5 <= calib.act_clip <= 1.0 and 0.5 <= calib.weight_clip <= 1.0
             assert calib.act_rows > 0 and calib.act_nmse is not None
+
+
+def test_a_rules_calibration_field_applies_to_its_layers_only(probed, tmp_path):
+    """GPTQ for one block of the high expert (by its rule), the format's own rounding elsewhere; the manifest
+    says which layer got what, and the checkpoint keeps GPTQ's codes (not a re-encoding)."""
+    from sensq.formats import quantize_dequantize, unpack
+
+    folder, trajectory = probed
+    plan = Plan([Rule(ENTRANCE, None, None), Rule(r"re:high:blocks\.1\..*", "hif4", "hif4", calibration="gptq"),
+                 *PLAN.rules[1:]])
+    model = load_model("tiny", torch.device("cpu"), torch.float32)
+    with pytest.raises(InputError, match="the plan's 'calibration' rules need --probe"):
+        apply_plan(load_model("tiny", torch.device("cpu"), torch.float32), plan)
+    table, calibration = apply_plan(model, plan, probe_path=folder / "probe.h5")
+    assert {row["layer"] for row in table if row.get("calibration") == "gptq"} == {
+        n for n in calibration["high"] if n.startswith("blocks.1.")}
+    gptq_layer = model.pipe.transformer.blocks[1].attn1.to_q
+    assert gptq_layer.weight_packed is not None and model.pipe.transformer_2.blocks[1].attn1.to_q.weight_packed is None
+    assert not torch.equal(gptq_layer.weight_q, quantize_dequantize(gptq_layer.weight, "hif4"))
+    assert torch.equal(gptq_layer.weight_q, unpack(gptq_layer.weight_packed))
+    manifest = save_quantized(model, tmp_path / "ckpt", plan=plan, calibration=calibration)
+    assert manifest["layers"]["high:blocks.1.attn1.to_q"]["calibration"] == "gptq"
+    assert manifest["layers"]["low:blocks.1.attn1.to_q"]["calibration"] == "none"
+    loaded = load_quantized(tmp_path / "ckpt")
+    assert torch.equal(loaded.pipe.transformer.blocks[1].attn1.to_q.decoded_weight(), gptq_layer.weight_q)
+    with pytest.raises(InputError, match="unknown calibration 'smooth'"):
+        Rule("re:high:.*", "hif4", "hif4", calibration="smooth")
+
+
+def test_mse_calibration_keeps_its_clip_curves(probed, tmp_path):
+    folder, _ = probed
+    model = load_model("tiny", torch.device("cpu"), torch.float32)
+    _, calibration = apply_plan(model, PLAN, probe_path=folder / "probe.h5", calibrate="mse")
+    manifest = save_quantized(model, tmp_path / "ckpt", plan=PLAN, calibration=calibration)
+    entry = manifest["layers"]["high:blocks.1.ffn.net.0.proj"]
+    curve = dict(map(tuple, entry["weight_clip_curve"]))
+    assert entry["calibration"] == "mse" and curve[1.0] >= curve[entry["weight_clip"]] == min(curve.values())
+    assert len(entry["act_clip_curve"]) == len(curve)
 
 
 def test_sequential_experts_reprobes_the_low_expert(probed):
