@@ -31,6 +31,10 @@ def _ints(ctx, param, value: str) -> list[int]:
                    "alone decide).")
 @click.option("--random", "random_draws", type=click.IntRange(min=0), default=0, show_default=True,
               help="Random sets per budget with the same share of parameters protected (seeded draws).")
+@click.option("--plans", "plan_files", multiple=True, type=click.Path(dir_okay=False, path_type=Path),
+              help="Ablate these plan files instead of the standard sets (repeat the option; each set is named "
+                   "after its file; 'none' is always run as the yardstick). Points of a plan --pareto front, tier "
+                   "plans, plans whose rules carry a 'calibration' (then pass --probe).")
 @click.option("--seeds", type=click.IntRange(min=1), default=2, show_default=True,
               help="Seeds per prompt: every set is generated for every prompt x seed; intervals are over them.")
 @click.option("--calibrate", type=click.Choice(["none", "mse", "gptq"]), default="none", show_default=True,
@@ -46,7 +50,8 @@ def _ints(ctx, param, value: str) -> list[int]:
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=Path("ablation"), show_default=True)
 @click.option("--json", "as_json", is_flag=True, help="Print the ablation table as JSON.")
 def ablate(ranking_file, model, device, dtype, lora_high, lora_low, fmt, top_ks, budgets, protect_entrance,
-           random_draws, seeds, calibrate, probe_file, backend, prompts_path, limit, video, out, as_json) -> None:
+           random_draws, plan_files, seeds, calibrate, probe_file, backend, prompts_path, limit, video, out,
+           as_json) -> None:
     """Sweep protected sets at one format and say which differences are real: none, the entrance, entrance
     + top-k, sensq's budgeted plans, the entrance in one expert only, ModelOpt's fixed Wan recipe
     (embedders, proj_out, first and last three blocks) and sensq's plan at its budget, random sets.
@@ -64,8 +69,9 @@ def ablate(ranking_file, model, device, dtype, lora_high, lora_low, fmt, top_ks,
     Examples:
       sensq ablate ranking.json --top-k 2,4,8 --budget 5%,10% --random 3 --out ablation/
       sensq ablate ranking.json --calibrate mse --probe probe.h5 --seeds 4 --out ablation-mse/
+      sensq ablate ranking.json --plans tiers-6bits.json --plans keep-13pct.json --seeds 4 --out ablation-plans/
     """
-    from sensq.ablate import ABLATION_SCHEMA, run_ablation, standard_sets, write_ablation_report
+    from sensq.ablate import ABLATION_SCHEMA, plan_sets, run_ablation, standard_sets, write_ablation_report
     from sensq.cli.common import load_cli_model, model_named_by_file, progress_bar
     from sensq.errors import InputError
     from sensq.plan import parse_budget
@@ -85,15 +91,20 @@ def ablate(ranking_file, model, device, dtype, lora_high, lora_low, fmt, top_ks,
     loaded = load_cli_model(model, device, dtype, lora_high, lora_low)
     trajectory = Trajectory.from_dict(ranking.provenance.get("trajectory") or {})
     prompts = load_prompts(prompts_path, limit, procedural=loaded.procedural)
-    sets = standard_sets(loaded, ranking, fmt, top_ks=top_ks, budgets=shares, random_draws=random_draws,
-                         protect_entrance=protect_entrance)
+    if plan_files:
+        sets = plan_sets(loaded, list(plan_files), fmt)
+    else:
+        sets = standard_sets(loaded, ranking, fmt, top_ks=top_ks, budgets=shares, random_draws=random_draws,
+                             protect_entrance=protect_entrance)
     with progress_bar("ablate", enabled=not as_json) as progress:
         result = run_ablation(loaded, trajectory, prompts, sets, out, fmt=fmt, seeds=seeds, calibrate=calibrate,
                               probe_path=probe_file, backend=backend, write_video=video,
                               progress=None if progress is None else lambda name, done, total: progress(
                                   "protected sets", done, total))
-    command = (f"sensq ablate {ranking_file} --format {fmt} --top-k {','.join(map(str, top_ks))} --budget {budgets}"
-               f"{'' if protect_entrance else ' --no-protect-entrance'} --random {random_draws} --seeds {seeds} "
+    chosen = (''.join(f" --plans {p}" for p in plan_files) if plan_files else
+              f" --top-k {','.join(map(str, top_ks))} --budget {budgets}"
+              f"{'' if protect_entrance else ' --no-protect-entrance'} --random {random_draws}")
+    command = (f"sensq ablate {ranking_file} --format {fmt}{chosen} --seeds {seeds} "
                f"--calibrate {calibrate}{f' --probe {probe_file}' if probe_file else ''} --backend {backend}"
                f"{f' --prompts {prompts_path}' if prompts_path else ''}{f' --limit {limit}' if limit else ''}"
                f"{f' --model {given_model}' if given_model else ''} --out {out}")
@@ -145,6 +156,10 @@ def _print_rows(result: dict) -> None:
               help="Built-in prompts to use.")
 @click.option("--steps", type=click.IntRange(min=1), default=8, show_default=True)
 @click.option("--budget", default="10%", show_default=True, help="Protected budget of the demo plan.")
+@click.option("--plans", "plan_files", multiple=True, type=click.Path(dir_okay=False, path_type=Path),
+              help="Ablate these plan files instead of the standard sets (repeat the option; each set is named "
+                   "after its file; 'none' is always run as the yardstick). Points of a plan --pareto front, tier "
+                   "plans, plans whose rules carry a 'calibration' (then pass --probe).")
 @click.option("--seeds", type=click.IntRange(min=1), default=2, show_default=True,
               help="Seeds per prompt in the ablation (its intervals are over prompts x seeds).")
 @click.option("--threads", type=click.IntRange(min=1), default=None,

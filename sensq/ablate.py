@@ -82,6 +82,22 @@ def standard_sets(model, ranking, fmt: str = "hif4", top_ks=(2, 4), budgets=(0.3
     return sets
 
 
+def plan_sets(model, paths: list[Path], fmt: str = "hif4") -> list[ProtectedSet]:
+    """``none`` (every layer in ``fmt``, the yardstick) and each plan file as a set named after the file.
+
+    Raises:
+        InputError: a plan that cannot be read, two files with the same name.
+    """
+    experts = model.adapter.experts(model.pipe)
+    sets = [ProtectedSet("none", Plan([Rule(f"re:{e}:.*", fmt, fmt) for e in experts]))]
+    for path in paths:
+        name = Path(path).stem
+        if any(s.name == name for s in sets):
+            raise InputError(f"two sets would be named {name!r} ({str(path)!r}); rename one plan file")
+        sets.append(ProtectedSet(name, Plan.load(path)))
+    return sets
+
+
 def random_plan(model, experts: list[str], budget: float, fmt: str, seed: int) -> Plan:
     """Protect, per expert, layers drawn at random (seeded) while they fit in ``budget`` of its parameters."""
     import random
@@ -129,6 +145,10 @@ def run_ablation(model, trajectory, prompts, sets: list[ProtectedSet], out: Path
 
     if calibrate != "none" and probe_path is None:
         raise InputError(f"--calibrate {calibrate} needs --probe PROBE.h5 (the captured inputs to calibrate on)")
+    asking = [s.name for s in sets if any(r.calibration not in (None, "none") for r in s.plan.rules)]
+    if asking and probe_path is None:
+        raise InputError(f"the plan's 'calibration' rules need --probe PROBE.h5 (the captured inputs to calibrate "
+                         f"on); set {asking[0]!r} has them")
     out = claim_output_folder(out, "ablation.json", ABLATION_SCHEMA, "ablation folder")
     bases = seed_bases(trajectory, seeds)
     references = {}
@@ -297,7 +317,8 @@ def headline(result: dict) -> dict:
 def hash_rules(plan: Plan) -> int:
     import zlib
 
-    return zlib.crc32(repr([(r.match, r.weight, r.activation) for r in plan.rules]).encode())
+    return zlib.crc32(repr([(r.match, r.weight, r.activation, *([r.calibration] if r.calibration else []))
+                            for r in plan.rules]).encode())
 
 
 def load_ablation(folder: str | Path) -> dict:

@@ -103,3 +103,37 @@ def test_ablation_intervals_comparisons_and_headline(workspace, tmp_path):
     page = (tmp_path / "a" / "ablation.html").read_text()
     assert "Recommended:" in page and "full precision" in page and "distinguishable from noise" in page
     assert "--random 2 --seeds 2" in page  # the stated command reproduces these numbers
+
+
+def test_ablate_plans_measures_plan_files_as_apply_plan_deploys_them(workspace, tmp_path):
+    """--plans: 'none' and each file, named after it; a plan whose rule asks for GPTQ gives, bit for bit, what
+    apply-plan (GPTQ codes packed) + generate --model CKPT give."""
+    from safetensors.torch import load_file
+
+    plan = {"schema": "sensq.plan/1", "rules": [
+        {"match": r"re:(high|low):blocks\.0\..*", "weight": None, "activation": None},
+        {"match": r"re:high:blocks\.1\..*", "weight": "hif4", "activation": "hif4", "calibration": "gptq"},
+        {"match": "re:(high|low):.*", "weight": "hif4", "activation": "hif4"}]}
+    (tmp_path / "gptq-block1.json").write_text(json.dumps(plan))
+    runner = CliRunner()
+    out = tmp_path / "abl"
+    args = ["ablate", str(workspace / "ranking.json"), "--plans", str(tmp_path / "gptq-block1.json"), "--seeds", "1",
+            "--limit", "2", "--out", str(out), "--json"]
+    refused = runner.invoke(main, args)
+    assert refused.exit_code == 1 and "'calibration' rules need --probe" in refused.output
+    result = runner.invoke(main, args + ["--probe", str(workspace / "probe.h5")])
+    assert result.exit_code == 0, result.output
+    rows = json.loads(result.stdout)["rows"]
+    assert [r["set"] for r in rows] == ["none", "gptq-block1"]
+    applied = runner.invoke(main, ["apply-plan", str(tmp_path / "gptq-block1.json"), "--probe",
+                                   str(workspace / "probe.h5"), "--out", str(tmp_path / "q")])
+    assert applied.exit_code == 0, applied.output
+    manifest = json.loads((tmp_path / "q" / "manifest.json").read_text())
+    assert manifest["layers"]["high:blocks.1.attn1.to_q"]["calibration"] == "gptq"
+    generated = runner.invoke(main, ["generate", "--model", str(tmp_path / "q"), "--limit", "2", "--steps", "3",
+                                     "--no-video", "--out", str(tmp_path / "g")])
+    assert generated.exit_code == 0, generated.output
+    for index in ("00000", "00001"):
+        ours = load_file(out / rows[1]["folder"] / "seed-0" / "latents" / f"{index}.safetensors")["latents"]
+        theirs = load_file(tmp_path / "g" / "latents" / f"{index}.safetensors")["latents"]
+        assert torch.equal(ours, theirs), index
