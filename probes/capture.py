@@ -71,8 +71,9 @@ class _ExpertHook(ModelHook):
         self.catcher = _ContextCatcher(session)
 
     def pre_forward(self, module, *args, **kwargs):
-        timestep = kwargs.get("timestep", args[1] if len(args) > 1 else None)
-        hidden = kwargs.get("hidden_states", args[0] if args else None)
+        family = self.session.family
+        timestep = family.forward_argument(module, args, kwargs, "timestep")
+        hidden = family.forward_argument(module, args, kwargs, "hidden_states")
         self.session.begin_forward(self.expert, float(timestep.flatten()[0]), hidden.shape[0])
         return args, kwargs
 

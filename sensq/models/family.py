@@ -124,6 +124,12 @@ class ModelFamily:
         """The expert that runs ``timestep`` (one expert: always it)."""
         return self.experts(pipe)[0]
 
+    def forward_argument(self, expert_module: torch.nn.Module, args: tuple, kwargs: dict, name: str):
+        """Argument ``name`` (``timestep``, ``hidden_states``) of a call of an expert's ``forward``, bound to
+        its signature (positional or keyword alike); None when the call does not pass it."""
+        forward = type(expert_module).forward  # the class's: hooks replace the instance's forward
+        return inspect.signature(forward).bind_partial(expert_module, *args, **kwargs).arguments.get(name)
+
     def call_kwargs(self, pipe, trajectory) -> dict:
         """Extra pipeline ``__call__`` arguments a trajectory needs in this family."""
         return {}

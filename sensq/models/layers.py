@@ -3,8 +3,9 @@
 A layer is quantizable when it is a GEMM: an ``nn.Linear``, or a ``Conv3d`` whose stride equals its
 kernel and that has no padding (a patch embedding, one GEMM over flattened patches, see
 :func:`patches_to_rows`). A layer class outside ``torch.nn`` (sensq's deployed layers) says which of
-the two it stands for with a class attribute ``sensq_layer_kind`` (``"linear"`` or ``"conv3d"``): a
-loaded checkpoint then shows the same layers as its source. Nothing here knows a model family.
+the two it stands for with an attribute ``sensq_layer_kind`` (``"linear"`` or ``"conv3d"``): a
+loaded checkpoint then shows the same layers as its source. Modules inside such a layer are not layers.
+Nothing here knows a model family.
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ def is_patch_conv(module: torch.nn.Module) -> bool:
 
 def layer_kind(module: torch.nn.Module) -> str | None:
     """``"linear"``, ``"conv3d"`` (a patch embedding) or None (not quantizable)."""
-    declared = getattr(type(module), "sensq_layer_kind", None)
+    declared = getattr(type(module), "sensq_layer_kind", None) or getattr(module, "sensq_layer_kind", None)
     if declared is not None:
         return declared
     if isinstance(module, torch.nn.Linear):
@@ -53,6 +54,8 @@ def quantizable_layers(expert: torch.nn.Module) -> list[tuple[str, torch.nn.Modu
     for name, module in expert.named_modules():
         if ".lora_A" in name or ".lora_B" in name or name.endswith(".base_layer"):
             raise ValueError(f"layer {name!r} is part of an unfused LoRA: fuse_lora() and unload_lora_weights() first")
+        if layers and name.startswith(layers[-1][0] + "."):
+            continue  # inside a layer (the variants of a layer whose precision follows the step)
         if name and layer_kind(module) is not None:
             layers.append((name, module))
     return layers

@@ -35,7 +35,7 @@ CALIBRATIONS = ("none", "mse", "gptq")
 """How a rule's layers are calibrated (``calibration`` field; see :mod:`sensq.quant.calibrate`)."""
 
 _RULE_SPEC = Fields(required={"match": str}, optional={"weight": (str, None), "activation": (str, None), "why": str,
-                                                        "calibration": (str, None)})
+                                                        "calibration": (str, None), "steps": list, "sigma": list})
 _PLAN_SPEC = Fields(
     required={"schema": str, "rules": ListOf(_RULE_SPEC)},
     optional={"sensq_version": str, "model": dict, "source": dict, "layers": ListOf(dict), "summary": dict},
@@ -66,6 +66,16 @@ def compile_pattern(pattern: str):
                          f"{reason}") from None
 
 
+def _range(match: str, key: str, value) -> tuple[float, float]:
+    import math
+
+    if (not isinstance(value, (list, tuple)) or len(value) != 2
+            or not all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in value)
+            or value[0] > value[1]):
+        raise InputError(f"rule {match!r}: {key!r} must be [low, high] with finite numbers, low <= high; got {value!r}")
+    return float(value[0]), float(value[1])
+
+
 @dataclass(frozen=True)
 class Rule:
     match: str
@@ -75,10 +85,37 @@ class Rule:
     calibration: str | None = None
     """None: the method apply-plan is given (``--calibrate``); else one of :data:`CALIBRATIONS`."""
 
+    steps: tuple[int, int] | None = None
+    """Only at these denoising steps (0-based, both ends included, counted over the whole trajectory)."""
+    sigma: tuple[float, float] | None = None
+    """Only at steps whose noise level sigma (timestep / 1000 for flow matching) is in this range, both ends
+    included."""
+
     def __post_init__(self):
         if self.calibration is not None and self.calibration not in CALIBRATIONS:
             raise InputError(f"rule {self.match!r}: unknown calibration {self.calibration!r}; use one of "
                              f"{', '.join(CALIBRATIONS)} (or leave it out to use apply-plan's --calibrate)")
+        if self.steps is not None and self.sigma is not None:
+            raise InputError(f"rule {self.match!r} has both 'steps' and 'sigma'; give one range")
+        if self.steps is not None:
+            lo, hi = _range(self.match, "steps", self.steps)
+            if lo != int(lo) or hi != int(hi) or lo < 0:
+                raise InputError(f"rule {self.match!r}: 'steps' must be two step indices >= 0, got {list(self.steps)}")
+            object.__setattr__(self, "steps", (int(lo), int(hi)))
+        if self.sigma is not None:
+            object.__setattr__(self, "sigma", _range(self.match, "sigma", self.sigma))
+
+    @property
+    def phase(self) -> dict | None:
+        """``{"steps": [a, b]}`` or ``{"sigma": [lo, hi]}`` for a rule with a range, else None."""
+        if self.steps is not None:
+            return {"steps": list(self.steps)}
+        return {"sigma": list(self.sigma)} if self.sigma is not None else None
+
+    def to_dict(self) -> dict:
+        return {"match": self.match, "weight": self.weight, "activation": self.activation,
+                **({"why": self.why} if self.why else {}),
+                **({"calibration": self.calibration} if self.calibration else {}), **(self.phase or {})}
 
     def matches(self, expert: str, layer: str) -> bool:
         qualified = f"{expert}:{layer}"
@@ -102,17 +139,32 @@ def resolve(rules: list[Rule], layers: list[LayerInfo]) -> tuple[list[dict], lis
     used = [False] * len(rules)
     table = []
     for layer in layers:
+        phases = []
         for index, rule in enumerate(rules):
-            if rule.matches(layer.expert, layer.name):
-                used[index] = True
-                table.append({"expert": layer.expert, "layer": layer.name, "weight": rule.weight,
-                              "activation": rule.activation, "params": layer.params, "kind": layer.kind,
-                              "rule": index, **({"calibration": rule.calibration} if rule.calibration else {})})
-                break
+            if not rule.matches(layer.expert, layer.name):
+                continue
+            used[index] = True
+            if rule.phase is not None:  # decides only inside its range; later rules decide the other steps
+                phases.append({**rule.phase, "weight": rule.weight, "activation": rule.activation, "rule": index})
+                continue
+            table.append({"expert": layer.expert, "layer": layer.name, "weight": rule.weight,
+                          "activation": rule.activation, "params": layer.params, "kind": layer.kind,
+                          "rule": index, **({"calibration": rule.calibration} if rule.calibration else {}),
+                          **({"phases": phases} if phases else {})})
+            break
         else:
-            raise InputError(f"no rule of the plan matches {layer.expert}:{layer.name}; add a catch-all rule "
+            raise InputError(f"no rule of the plan matches {layer.expert}:{layer.name}"
+                             f"{' outside its step ranges' if phases else ''}; add a catch-all rule "
                              f"such as 're:{layer.expert}:.*'")
     return table, [i for i, hit in enumerate(used) if not hit]
+
+
+def resident_bits(row: dict, in_features: int) -> float:
+    """Bits per weight a resolved row keeps resident: its format's, or, for a layer whose precision changes
+    with the step (``phases``), the sum over the distinct weights it holds (each phase's format and the
+    base's; high precision counts 16): both are deployed, neither is re-derived from the other."""
+    formats = {row["weight"]} | {phase["weight"] for phase in row.get("phases", ())}
+    return sum(HIGH_PRECISION_BITS if f is None else get_format(f).bits_per_element(in_features) for f in formats)
 
 
 def summarize(table: list[dict], layers: list[LayerInfo]) -> dict:
@@ -128,9 +180,7 @@ def summarize(table: list[dict], layers: list[LayerInfo]) -> dict:
             entry = by_precision.setdefault(key, {"layers": 0, "params": 0})
             entry["layers"] += 1
             entry["params"] += row["params"]
-            per_element = (HIGH_PRECISION_BITS if row["weight"] is None else
-                           get_format(row["weight"]).bits_per_element(width[(row["expert"], row["layer"])]))
-            bits += per_element * row["params"]
+            bits += resident_bits(row, width[(row["expert"], row["layer"])]) * row["params"]
         params = sum(row["params"] for row in rows)
         protected = by_precision.get("high-precision", {"params": 0})["params"]
         out[scope] = {
@@ -159,9 +209,7 @@ class Plan:
     def to_dict(self) -> dict:
         return {
             "schema": self.schema, "sensq_version": self.sensq_version, "model": self.model, "source": self.source,
-            "rules": [{"match": r.match, "weight": r.weight, "activation": r.activation,
-                       **({"why": r.why} if r.why else {}),
-                       **({"calibration": r.calibration} if r.calibration else {})} for r in self.rules],
+            "rules": [r.to_dict() for r in self.rules],
             "layers": self.layers, "summary": self.summary,
         }
 
@@ -181,7 +229,7 @@ class Plan:
             if raw["match"].startswith("re:"):
                 compile_pattern(raw["match"][3:])
             rules.append(Rule(raw["match"], raw.get("weight"), raw.get("activation"), raw.get("why", ""),
-                              raw.get("calibration")))
+                              raw.get("calibration"), raw.get("steps"), raw.get("sigma")))
         if not rules:
             raise InputError(f"{str(path)!r} has no rules")
         return cls(rules, data.get("layers", []), data.get("summary", {}), data.get("model", {}),

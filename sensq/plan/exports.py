@@ -77,6 +77,11 @@ def _planned_rows(plan) -> list[dict]:
     if missing:
         raise InputError(f"the plan's layer table does not record layer kinds (made by an older sensq, e.g. "
                          f"{missing[0]!r}); rebuild it with sensq plan to export it")
+    phased = [f"{row['expert']}:{row['layer']}" for row in plan.layers if row.get("phases")]
+    if phased:
+        raise InputError(f"the plan changes {phased[0]!r} (and {len(phased) - 1} more) with the denoising step "
+                         "(rules with 'steps' or 'sigma'); torchao and ModelOpt quantize a layer the same at every "
+                         "step: export a plan without ranges")
     family = plan_family(plan)
     unknown = sorted({row["expert"] for row in plan.layers} - set(family.expert_attrs))
     if unknown:

@@ -14,6 +14,7 @@ from sensq.probes.recorder import ProbeRequest, run_probe
 from sensq.prompts import Prompt
 from sensq.quant.calibrate import calibrate_expert, method_of
 from sensq.quant.layers import is_quantized, original_module, swap
+from sensq.quant.phased import is_phased, phased_layer, remove_step_clock, step_clock
 from sensq.trajectory import Trajectory
 
 
@@ -33,9 +34,28 @@ def dequantize_(model) -> None:
     """Put plain layers back everywhere (exact: the twins share the original parameters)."""
     for expert_name in model.adapter.experts(model.pipe):
         expert = model.adapter.expert_module(model.pipe, expert_name)
+        phased = ""
         for name, module in list(expert.named_modules()):
-            if is_quantized(module):
+            if phased and name.startswith(phased):
+                continue  # a variant of the phased layer just put back
+            if is_phased(module):
+                swap(expert, name, original_module(module.base))
+                phased = name + "."
+            elif is_quantized(module):
                 swap(expert, name, original_module(module))
+    remove_step_clock(model.pipe)
+
+
+def phase_layers(model, table: list[dict], expert: str, backend: str = "auto") -> int:
+    """Wrap every layer of ``expert`` whose resolved row has ``phases`` (rules with a step or sigma range) in a
+    :class:`sensq.quant.phased.PhasedLayer` around its current module (quantized by the plan, calibrated or
+    not). Returns how many layers were wrapped."""
+    module = model.adapter.expert_module(model.pipe, expert)
+    rows = [row for row in table if row["expert"] == expert and row.get("phases")]
+    for row in rows:
+        clock = step_clock(model.pipe, model.adapter)
+        swap(module, row["layer"], phased_layer(module.get_submodule(row["layer"]), row, clock, backend))
+    return len(rows)
 
 
 def offload_experts(model) -> None:
@@ -78,8 +98,10 @@ def apply_plan(model, plan: Plan, *, probe_path=None, calibrate: str = "none", s
     family, experts = model.adapter, model.adapter.experts(model.pipe)
 
     def calibrate_one(expert, probe, method):
-        return calibrate_expert(family.expert_module(model.pipe, expert), expert, table, probe, family,
-                                method=method, backend=backend, device=model.device, progress=progress)
+        calibration = calibrate_expert(family.expert_module(model.pipe, expert), expert, table, probe, family,
+                                       method=method, backend=backend, device=model.device, progress=progress)
+        phase_layers(model, table, expert, backend)
+        return calibration
 
     if not methods - {"none"}:
         return table, {expert: calibrate_one(expert, None, calibrate) for expert in experts}

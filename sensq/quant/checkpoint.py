@@ -32,10 +32,12 @@ from safetensors.torch import save_file
 
 import sensq
 from sensq.errors import InputError, OutputError
-from sensq.formats import PackedTensor
+from sensq.formats import PackedTensor, get_format
 from sensq.models import LoadedModel, default_resolution, get_family, model_fingerprint, quiet_hf_progress
 from sensq.models.wan import WAN22_A14B
-from sensq.quant.layers import is_quantized, packed_weight, quantize_module, swap
+from sensq.plan import Rule
+from sensq.quant.layers import is_quantized, original_module, packed_weight, quantize_module, swap
+from sensq.quant.phased import is_phased, phased_layer, step_clock
 from sensq.store.files import (
     check_output_folder,
     describe_os_error,
@@ -135,7 +137,14 @@ def _write_expert(module: torch.nn.Module, folder: Path, expert: str, calibratio
         tensors[key] = value.detach().contiguous()
         tally.bf16_bytes += value.numel() * 2 if value.is_floating_point() else value.numel() * value.element_size()
         tally.resident += value.numel() * value.element_size()
+    phased = ""
     for name, layer in module.named_modules():
+        if phased and name.startswith(phased):
+            continue
+        if is_phased(layer):
+            phased = name + "."
+            _write_phased(name, layer, tensors, expert, calibration, layers_manifest)
+            continue
         if not is_quantized(layer):
             continue
         weight = layer.weight.detach()
@@ -158,6 +167,29 @@ def _write_expert(module: torch.nn.Module, folder: Path, expert: str, calibratio
             tensors[f"{name}.weight.{field}"] = value.contiguous()
         tally.quantized_bytes += packed.nbytes
     save_file(tensors, str(folder / WEIGHTS_FILE), metadata={"sensq.packed": json.dumps(headers)})
+
+
+def _write_phased(name: str, layer, tensors: dict[str, torch.Tensor], expert: str, calibration: dict,
+                  layers_manifest: dict[str, dict]) -> None:
+    """A layer whose precision follows the step is stored as its full-precision weight (some step may need it)
+    plus its base formats, clips and ranges; loading rebuilds the variants by the formats' own rules."""
+    base = layer.base
+    if is_quantized(base) and base.weight_packed is not None:
+        raise InputError(f"{expert}:{name} has step ranges and GPTQ-chosen codes; a checkpoint stores such layers "
+                         "unpacked and rebuilds them by the format's rule, which would lose GPTQ's choice: use "
+                         "another calibration for its rule")
+    for key in [k for k in tensors if k.startswith(name + ".")]:
+        del tensors[key]
+    plain = original_module(base)
+    tensors[f"{name}.weight"] = plain.weight.detach().contiguous()
+    if plain.bias is not None:
+        tensors[f"{name}.bias"] = plain.bias.detach().contiguous()
+    quantized = is_quantized(base)
+    layers_manifest[f"{expert}:{name}"] = {
+        "weight": base.weight_format.identity if quantized and base.weight_format else None,
+        "activation": base.act_format.identity if quantized and base.act_format else None,
+        "weight_clip": base.weight_clip if quantized else 1.0, "act_clip": base.act_clip if quantized else 1.0,
+        "phases": [dict(phase) for phase in layer.phases], **_calibration_entry(calibration, expert, name)}
 
 
 def _write_checkpoint(model, tmp: Path, *, plan, calibration: dict, fake: bool) -> dict:
@@ -313,6 +345,11 @@ def load_quantized(path: str | Path, device: torch.device | str = "cpu", dtype: 
         raise InputError(f"this checkpoint holds {stored} weights; load it without --dtype or write another "
                          f"checkpoint in {dtype}")
     pipe.set_progress_bar_config(disable=True)
+    phased = [m for module in experts.values() for m in module.modules() if is_phased(m)]
+    if phased:
+        clock = step_clock(pipe, adapter)
+        for layer in phased:
+            layer.clock = clock
     source = manifest.get("source_model", {})
     return LoadedModel(pipe, adapter, str(folder), model_fingerprint(pipe, adapter), default_resolution(pipe, adapter),
                        torch.device(device), stored, loras=source.get("loras", {}),
@@ -337,7 +374,6 @@ def _load_expert(folder: Path, manifest: dict, expert: str, attr: str, family) -
     unpacked entries."""
     from accelerate import init_empty_weights
 
-    from sensq.formats import get_format
     from sensq.quant.deployed import PackedLinear, PackedPatchConv3d
 
     transformer_type = family.transformer_type()
@@ -407,6 +443,9 @@ def _load_expert(folder: Path, manifest: dict, expert: str, attr: str, family) -
         except AttributeError:
             raise InputError(f"checkpoint {str(folder)!r} lists layer '{expert}:{name}', which its config does not "
                              "have") from None
+        if "phases" in entry:
+            swap(module, name, _load_phased(folder, expert, name, layer, entry))
+            continue
         if entry["weight"] is not None and manifest.get("packed", True):
             raise InputError(f"checkpoint {str(folder)!r}: {expert}:{name} is quantized to {entry['weight']} but its "
                              "packed weight is missing; write the checkpoint again")
@@ -415,6 +454,33 @@ def _load_expert(folder: Path, manifest: dict, expert: str, attr: str, family) -
         swap(module, name, quantize_module(layer, entry["weight"], entry["activation"], act_clip=entry["act_clip"],
                                            weight_clip=entry["weight_clip"], weight_q=weight_q))
     return module.eval()
+
+
+def _load_phased(folder: Path, expert: str, name: str, layer: torch.nn.Module, entry: dict) -> torch.nn.Module:
+    """A layer stored with step ranges: its full-precision weight, the base rebuilt by its formats' rule, the
+    variants as apply-plan makes them; the step clock is attached once the pipeline exists."""
+    phases = entry["phases"]
+    try:
+        if not isinstance(phases, list) or not phases:
+            raise ValueError("'phases' must be a non-empty list")
+        for phase in phases:
+            for key in ("weight", "activation"):
+                if phase.get(key) is not None:
+                    get_format(phase[key])
+            Rule(name, phase.get("weight"), phase.get("activation"), steps=phase.get("steps"),
+                 sigma=phase.get("sigma"))
+            if ("steps" in phase) == ("sigma" in phase):
+                raise ValueError("each phase needs one of 'steps' or 'sigma'")
+    except (InputError, ValueError, TypeError, AttributeError, KeyError) as error:
+        raise InputError(f"checkpoint {str(folder)!r}: {expert}:{name} has malformed step ranges ({error})") from None
+    base = layer
+    if entry["weight"] is not None or entry["activation"] is not None:
+        base = quantize_module(layer, entry["weight"], entry["activation"], act_clip=entry["act_clip"],
+                               weight_clip=entry["weight_clip"])
+    row = {"weight": entry["weight"], "activation": entry["activation"],
+           "phases": [{"weight": p.get("weight"), "activation": p.get("activation"),
+                       **({"steps": p["steps"]} if "steps" in p else {"sigma": p["sigma"]})} for p in phases]}
+    return phased_layer(base, row, None)
 
 
 def _check_packed(packed: PackedTensor) -> None:

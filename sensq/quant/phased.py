@@ -1,0 +1,142 @@
+"""Layers whose precision follows the denoising step: a plan rule with a ``steps`` or ``sigma`` range.
+
+A :class:`StepClock` follows the pipeline: a forward pre-hook on every expert reads the ``timestep``
+argument of the call (bound to the expert's ``forward`` signature by the model family; nothing counts
+calls) and finds its step in the scheduler's ``timesteps`` and its noise level ``sigma = timestep /
+num_train_timesteps``. A :class:`PhasedLayer` holds the layer's variants (its base form, the one the
+first range-less rule gives, and one per range rule) and runs, at every call, the first variant whose
+range holds the clock's step, else the base. Variants share the original parameters; a variant in the
+base's formats is the base itself. A phased layer called outside a pipeline run (no timestep seen yet)
+is an error, not a guess.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from sensq.models.layers import layer_kind
+from sensq.quant.layers import original_module, quantize_module
+
+STEP_CLOCK_ATTR = "_sensq_step_clock"
+"""The pipeline attribute holding its :class:`StepClock` (one per pipeline, attached once)."""
+
+
+class StepClock:
+    """The step the pipeline is running, kept up to date by pre-hooks on its experts."""
+
+    def __init__(self, pipe, family):
+        self.pipe, self.family = pipe, family
+        self.timestep: float | None = None
+        self.handles: list = []
+
+    def attach(self) -> StepClock:
+        for expert in self.family.experts(self.pipe):
+            module = self.family.expert_module(self.pipe, expert)
+            self.handles.append(module.register_forward_pre_hook(self._see, with_kwargs=True))
+        return self
+
+    def detach(self) -> None:
+        for handle in self.handles:
+            handle.remove()
+        self.handles.clear()
+
+    def _see(self, module, args, kwargs):
+        timestep = self.family.forward_argument(module, args, kwargs, "timestep")
+        if timestep is not None:
+            self.timestep = float(torch.as_tensor(timestep).flatten()[0])
+
+    def _now(self) -> float:
+        if self.timestep is None:
+            raise RuntimeError("a layer whose precision follows the denoising step ran outside a pipeline call "
+                               "(no expert forward with a timestep has been seen)")
+        return self.timestep
+
+    @property
+    def step(self) -> int:
+        """0-based index of the current timestep in the scheduler's ``timesteps``."""
+        timesteps = torch.as_tensor(self.pipe.scheduler.timesteps, dtype=torch.float64).flatten()
+        return int((timesteps - self._now()).abs().argmin())
+
+    @property
+    def sigma(self) -> float:
+        return self._now() / float(self.pipe.scheduler.config.get("num_train_timesteps", 1000))
+
+
+def _in_range(clock: StepClock, phase: dict) -> bool:
+    if "steps" in phase:
+        low, high = phase["steps"]
+        return low <= clock.step <= high
+    low, high = phase["sigma"]
+    return low <= clock.sigma <= high
+
+
+class PhasedLayer(torch.nn.Module):
+    """One quantizable layer with a variant per step range (see the module docstring)."""
+
+    def __init__(self, base: torch.nn.Module, variants: list[torch.nn.Module], phases: list[dict],
+                 clock: StepClock):
+        super().__init__()
+        self.base = base
+        self.variants = torch.nn.ModuleList(variants)
+        self.phases = [{k: v for k, v in phase.items() if k in ("steps", "sigma", "weight", "activation")}
+                       for phase in phases]
+        self.clock = clock
+        self.sensq_layer_kind = layer_kind(base)  # the layer it stands for (sensq.models.layers)
+
+    @property
+    def weight_shape(self) -> tuple[int, int]:
+        """The GEMM weight's ``[out, in]`` (what layer inventories count)."""
+        if hasattr(self.base, "weight_shape"):
+            return tuple(self.base.weight_shape)
+        return self.base.weight.shape[0], self.base.weight[0].numel()
+
+    @property
+    def bias(self):
+        return self.base.bias
+
+    def current(self) -> torch.nn.Module:
+        for phase, variant in zip(self.phases, self.variants, strict=True):
+            if _in_range(self.clock, phase):
+                return variant
+        return self.base
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.current()(x)
+
+    def extra_repr(self) -> str:
+        return "phases: " + "; ".join(f"{ {k: v for k, v in p.items()} }" for p in self.phases)
+
+
+def is_phased(module: torch.nn.Module) -> bool:
+    return isinstance(module, PhasedLayer)
+
+
+def step_clock(pipe, family) -> StepClock:
+    """The pipeline's step clock, attached on first use (one per pipeline)."""
+    clock = getattr(pipe, STEP_CLOCK_ATTR, None)
+    if clock is None:
+        clock = StepClock(pipe, family).attach()
+        setattr(pipe, STEP_CLOCK_ATTR, clock)
+    return clock
+
+
+def remove_step_clock(pipe) -> None:
+    clock = getattr(pipe, STEP_CLOCK_ATTR, None)
+    if clock is not None:
+        clock.detach()
+        delattr(pipe, STEP_CLOCK_ATTR)
+
+
+def phased_layer(base: torch.nn.Module, row: dict, clock: StepClock | None, backend: str = "auto") -> PhasedLayer:
+    """``base`` (the layer as the row's range-less rule left it) with a variant per ``row["phases"]``: the base
+    itself when a range's formats are the base's, the original layer for high precision, else a twin in
+    its formats (the format's own rule)."""
+    variants = []
+    for phase in row["phases"]:
+        if (phase["weight"], phase["activation"]) == (row["weight"], row["activation"]):
+            variants.append(base)
+        elif phase["weight"] is None and phase["activation"] is None:
+            variants.append(original_module(base))
+        else:
+            variants.append(quantize_module(base, phase["weight"], phase["activation"], backend))
+    return PhasedLayer(base, variants, row["phases"], clock)
