@@ -4,8 +4,7 @@ import pytest
 import torch
 
 from sensq.errors import InputError
-from sensq.formats import get_format, pack, quantize_dequantize, unpack
-from sensq.formats import reference
+from sensq.formats import get_format, pack, quantize_dequantize, reference, unpack
 from sensq.formats.blocks import to_blocks
 from sensq.quant.gptq import gptq_pack
 
