@@ -9,6 +9,7 @@ from pathlib import Path
 import click
 
 from sensq.cli.common import model_options
+from sensq.plan import CALIBRATIONS, CALIBRATIONS_WITHOUT_DATA
 
 
 def _ints(ctx, param, value: str) -> list[int]:
@@ -37,8 +38,8 @@ def _ints(ctx, param, value: str) -> list[int]:
                    "plans, plans whose rules carry a 'calibration' (then pass --probe).")
 @click.option("--seeds", type=click.IntRange(min=1), default=2, show_default=True,
               help="Seeds per prompt: every set is generated for every prompt x seed; intervals are over them.")
-@click.option("--calibrate", type=click.Choice(["none", "mse", "gptq"]), default="none", show_default=True,
-              help="Calibration of every variant, as in sensq apply-plan (mse and gptq need --probe).")
+@click.option("--calibrate", type=click.Choice(CALIBRATIONS), default="none", show_default=True,
+              help="Calibration of every variant, as in sensq apply-plan (all but none and rotate need --probe).")
 @click.option("--probe", "probe_file", type=click.Path(path_type=Path), default=None,
               help="Probe file to calibrate on (--calibrate mse/gptq); the ranking's own is not followed silently.")
 @click.option("--backend", type=click.Choice(["auto", "reference", "cpu", "triton"]), default="auto",
@@ -83,7 +84,7 @@ def ablate(ranking_file, model, device, dtype, lora_high, lora_low, fmt, top_ks,
     ranking = Ranking.load(ranking_file)
     check_output_folder(out, "ablation.json", ABLATION_SCHEMA, "ablation folder")  # before any work
     shares = [parse_budget(b) for b in budgets.split(",") if b.strip()]
-    if calibrate != "none" and probe_file is None:
+    if calibrate not in CALIBRATIONS_WITHOUT_DATA and probe_file is None:
         raise InputError(f"--calibrate {calibrate} needs --probe PROBE.h5 (the captured inputs to calibrate on)")
     given_model = model
     model = model_named_by_file(ranking_file, str(ranking.provenance.get("model_id")),

@@ -10,6 +10,7 @@ from pathlib import Path
 import click
 
 from sensq.cli.common import model_options
+from sensq.plan import CALIBRATIONS
 
 
 @click.command("apply-plan")
@@ -18,12 +19,14 @@ from sensq.cli.common import model_options
 @click.option("--probe", "probe_file", type=click.Path(path_type=Path), default=None,
               help="Probe file with the captured inputs (needed by --calibrate mse/gptq and by rules with a "
                    "'calibration' field).")
-@click.option("--calibrate", type=click.Choice(["none", "mse", "gptq"]), default="none", show_default=True,
+@click.option("--calibrate", type=click.Choice(CALIBRATIONS), default="none", show_default=True,
               help="none: the format's own scale rule (bit-exact golden semantics); mse: per layer, the clipping "
                    "factor of weights and activations that minimizes their quantization MSE (the curves go into the "
                    "manifest); gptq: activations as mse, 4-bit weights rounded by GPTQ onto the format's own block "
-                   "grid with the error propagated (other weights as mse). Block by block, on the probe's inputs. A "
-                   "plan rule's 'calibration' field overrides it for its layers.")
+                   "grid with the error propagated (other weights as mse); rotate: both operands of each Linear "
+                   "rotated by a block-diagonal Hadamard of size 64 before the format's rule (spreads outlier "
+                   "channels; no probe needed); rotate-gptq: both. Block by block, on the probe's inputs. A plan "
+                   "rule's 'calibration' field overrides it for its layers; the manifest records each layer's.")
 @click.option("--sequential-experts", is_flag=True,
               help="Calibrate the low-noise expert on the trajectory produced by the already-quantized high-noise "
                    "expert (re-probes it).")

@@ -22,7 +22,16 @@ import sensq
 from sensq.errors import InputError
 from sensq.eval import evaluate_fidelity
 from sensq.generate import GenerateRequest, config_digest, generate
-from sensq.plan import Plan, Rule, build_plan, model_layers, summarize, summary_at_real_size, validate_plan
+from sensq.plan import (
+    CALIBRATIONS_WITHOUT_DATA,
+    Plan,
+    Rule,
+    build_plan,
+    model_layers,
+    summarize,
+    summary_at_real_size,
+    validate_plan,
+)
 from sensq.quant import dequantize_
 from sensq.quant.apply import apply_plan
 from sensq.stats import bootstrap_mean, format_interval, paired_difference
@@ -143,9 +152,10 @@ def run_ablation(model, trajectory, prompts, sets: list[ProtectedSet], out: Path
     from sensq.eval import evaluate_procedural, is_procedural
     from sensq.store.files import file_digest
 
-    if calibrate != "none" and probe_path is None:
+    if calibrate not in CALIBRATIONS_WITHOUT_DATA and probe_path is None:
         raise InputError(f"--calibrate {calibrate} needs --probe PROBE.h5 (the captured inputs to calibrate on)")
-    asking = [s.name for s in sets if any(r.calibration not in (None, "none") for r in s.plan.rules)]
+    asking = [s.name for s in sets if any(r.calibration not in (None, *CALIBRATIONS_WITHOUT_DATA)
+                                          for r in s.plan.rules)]
     if asking and probe_path is None:
         raise InputError(f"the plan's 'calibration' rules need --probe PROBE.h5 (the captured inputs to calibrate "
                          f"on); set {asking[0]!r} has them")

@@ -31,8 +31,10 @@ PLAN_SCHEMA = "sensq.plan/1"
 HIGH_PRECISION_BITS = 16  # protected layers stay in the model's bf16
 MAX_PATTERN_LENGTH = 2000
 
-CALIBRATIONS = ("none", "mse", "gptq")
+CALIBRATIONS = ("none", "mse", "gptq", "rotate", "rotate-gptq")
 """How a rule's layers are calibrated (``calibration`` field; see :mod:`sensq.quant.calibrate`)."""
+CALIBRATIONS_WITHOUT_DATA = ("none", "rotate")
+"""The calibrations that need no captured inputs (no probe file)."""
 
 _RULE_SPEC = Fields(required={"match": str}, optional={"weight": (str, None), "activation": (str, None), "why": str,
                                                         "calibration": (str, None), "steps": list, "sigma": list})

@@ -11,6 +11,12 @@ Methods (``--calibrate``, or a plan rule's ``calibration`` field for its layers)
 * ``gptq``: activations as ``mse``; 4-bit weights rounded by GPTQ onto the format's grid
   (:mod:`sensq.quant.gptq`) on the layer's captured inputs, error propagated column by column. Weights
   in other formats (an 8-bit tier) are calibrated as ``mse``; the manifest records each layer's method.
+* ``rotate``: an activation-outlier method. Both operands of a Linear are multiplied by a block-diagonal
+  Hadamard rotation of size 64 (:func:`sensq.quant.layers.rotate`; orthogonal, so the product is unchanged)
+  before the format's own rule quantizes them: an outlier channel is spread over the 64 channels of its
+  block, which share one scale anyway. Needs no captured inputs. Layers it cannot rotate (the patch
+  embedding, widths that are not a multiple of 64) get ``none``.
+* ``rotate-gptq``: the rotation, then ``gptq`` on the rotated operands (``mse`` where GPTQ does not apply).
 
 Branch-wise and layer-by-layer, as the method does. Each expert is calibrated on its own captured
 inputs (the probe file). Inside an expert, the layers outside the transformer blocks use the probe's
@@ -33,9 +39,9 @@ from sensq.formats import FormatSpec, PackedTensor, get_format, unpack
 from sensq.metrics import nmse
 from sensq.models.family import ModelFamily
 from sensq.models.layers import input_rows
-from sensq.plan import CALIBRATIONS
+from sensq.plan import CALIBRATIONS, CALIBRATIONS_WITHOUT_DATA
 from sensq.quant.gptq import check_gptq_format, gptq_pack
-from sensq.quant.layers import fake_quantize, gemm_weight, quantize_module, swap
+from sensq.quant.layers import ROTATION_BLOCK, fake_quantize, gemm_weight, quantize_module, rotate, swap
 
 CLIP_GRID = (1.0, 0.99, 0.98, 0.97, 0.96, 0.95, 0.94, 0.93, 0.92, 0.91, 0.9, 0.875, 0.85, 0.825, 0.8, 0.75,
              0.7, 0.65, 0.6, 0.55, 0.5)
@@ -53,6 +59,7 @@ class LayerCalibration:
     act_rows: int = 0
     weight_curve: list[tuple[float, float]] | None = None
     act_curve: list[tuple[float, float]] | None = None
+    rotation: int | None = None
     weight_packed: PackedTensor | None = field(default=None, repr=False)
 
     def manifest_entry(self) -> dict:
@@ -87,23 +94,30 @@ def _best(curve: list[tuple[float, float]]) -> tuple[float, float]:
 def _calibrate_layer(module, weight_fmt, act_fmt, act_rows: torch.Tensor | None, backend,
                      method: str) -> LayerCalibration:
     result = LayerCalibration(method=method)
+    if method.startswith("rotate"):
+        width = gemm_weight(module).shape[1]
+        if isinstance(module, torch.nn.Linear) and width % ROTATION_BLOCK == 0:
+            result.rotation = ROTATION_BLOCK
+        method = result.method = method.removeprefix("rotate").removeprefix("-") or "none"
+        if result.rotation is not None:
+            result.method = f"rotate-{method}" if method != "none" else "rotate"
     if method == "none":
         return result
-    if act_fmt is not None or method == "gptq":
-        if act_rows is None or act_rows.numel() == 0:
-            raise InputError("calibrating needs captured inputs: probe the model first (sensq probe)")
-        result.act_rows = int(act_rows.shape[0])
+    if act_rows is None or act_rows.numel() == 0:
+        raise InputError("calibrating needs captured inputs: probe the model first (sensq probe)")
+    act_rows = rotate(act_rows.float(), result.rotation)
+    result.act_rows = int(act_rows.shape[0])
     if act_fmt is not None:
-        result.act_curve = clip_curve(act_rows.float(), act_fmt, backend)
+        result.act_curve = clip_curve(act_rows, act_fmt, backend)
         result.act_clip, result.act_nmse = _best(result.act_curve)
     if weight_fmt is None:
         return result
-    weight = gemm_weight(module)
+    weight = rotate(gemm_weight(module), result.rotation)
     if method == "gptq" and _gptq_rounds(weight_fmt):
-        result.weight_packed = gptq_pack(weight, act_rows.float(), weight_fmt, dtype=module.weight.dtype)
+        result.weight_packed = gptq_pack(weight, act_rows, weight_fmt, dtype=module.weight.dtype)
         result.weight_nmse = nmse(weight, unpack(result.weight_packed).float())
         return result
-    result.method = "mse"
+    result.method = result.method.replace("gptq", "mse")
     result.weight_curve = clip_curve(weight, weight_fmt, backend)
     result.weight_clip, result.weight_nmse = _best(result.weight_curve)
     return result
@@ -121,7 +135,8 @@ def _quantize_calibrated(expert_module, name: str, row: dict, calib: LayerCalibr
     weight_fmt, act_fmt = _formats(row)
     module = expert_module.get_submodule(name)
     swap(expert_module, name, quantize_module(module, weight_fmt, act_fmt, backend, weight_clip=calib.weight_clip,
-                                              act_clip=calib.act_clip, weight_packed=calib.weight_packed))
+                                              act_clip=calib.act_clip, weight_packed=calib.weight_packed,
+                                              rotation=calib.rotation))
 
 
 def method_of(row: dict, default: str) -> str:
@@ -160,9 +175,11 @@ def calibrate_expert(expert_module: torch.nn.Module, expert: str, table: list[di
     rows = {r["layer"]: r for r in table if r["expert"] == expert and (r["weight"] or r["activation"])}
     methods = {name: method_of(row, method) for name, row in rows.items()}
     results: dict[str, LayerCalibration] = {}
-    if all(m == "none" for m in methods.values()):
+    if all(m in CALIBRATIONS_WITHOUT_DATA for m in methods.values()):
         for name, row in rows.items():
-            results[name] = LayerCalibration()
+            weight_fmt, act_fmt = _formats(row)
+            results[name] = _calibrate_layer(expert_module.get_submodule(name), weight_fmt, act_fmt, None, backend,
+                                             methods[name])
             _quantize_calibrated(expert_module, name, row, results[name], backend)
         return results
     if probe is None or expert not in probe.experts:
@@ -170,7 +187,7 @@ def calibrate_expert(expert_module: torch.nn.Module, expert: str, table: list[di
     outside = [name for name in rows if family.block_of(name) is None]
     for name in outside:
         act_rows = None
-        if methods[name] != "none":
+        if methods[name] not in CALIBRATIONS_WITHOUT_DATA:
             samples = probe.read(expert, name, "samples")
             act_rows = torch.from_numpy(samples.reshape(-1, samples.shape[-1]))[:max_rows]
         weight_fmt, act_fmt = _formats(rows[name])
@@ -206,7 +223,8 @@ def _calibrate_blocks(expert_module, expert, rows, methods, probe, family, max_r
     generator = torch.Generator().manual_seed(0)
     for index, block in enumerate(blocks):
         names = [name for name in rows if family.block_of(name) == f"{family.blocks}.{index}"]
-        captured: dict[str, list[torch.Tensor]] = {name: [] for name in names if methods[name] != "none"}
+        captured: dict[str, list[torch.Tensor]] = {name: [] for name in names
+                                                   if methods[name] not in CALIBRATIONS_WITHOUT_DATA}
         handles = []
         for name in captured:
             module = expert_module.get_submodule(name)

@@ -36,7 +36,7 @@ from sensq.formats import PackedTensor, get_format
 from sensq.models import LoadedModel, default_resolution, get_family, model_fingerprint, quiet_hf_progress
 from sensq.models.wan import WAN22_A14B
 from sensq.plan import Rule
-from sensq.quant.layers import is_quantized, original_module, packed_weight, quantize_module, swap
+from sensq.quant.layers import ROTATION_BLOCK, is_quantized, original_module, packed_weight, quantize_module, swap
 from sensq.quant.phased import is_phased, phased_layer, step_clock
 from sensq.store.files import (
     check_output_folder,
@@ -152,6 +152,7 @@ def _write_expert(module: torch.nn.Module, folder: Path, expert: str, calibratio
             "weight": layer.weight_format.identity if layer.weight_format else None,
             "activation": layer.act_format.identity if layer.act_format else None,
             "weight_clip": layer.weight_clip, "act_clip": layer.act_clip,
+            **({"rotation": layer.rotation} if layer.rotation else {}),
             **_calibration_entry(calibration, expert, name)}
         if layer.weight_format is None:
             continue
@@ -189,6 +190,7 @@ def _write_phased(name: str, layer, tensors: dict[str, torch.Tensor], expert: st
         "weight": base.weight_format.identity if quantized and base.weight_format else None,
         "activation": base.act_format.identity if quantized and base.act_format else None,
         "weight_clip": base.weight_clip if quantized else 1.0, "act_clip": base.act_clip if quantized else 1.0,
+        **({"rotation": base.rotation} if quantized and base.rotation else {}),
         "phases": [dict(phase) for phase in layer.phases], **_calibration_entry(calibration, expert, name)}
 
 
@@ -417,13 +419,14 @@ def _load_expert(folder: Path, manifest: dict, expert: str, attr: str, family) -
                              f"config needs {list(expected[f'{name}.bias'])}")
         kwargs = {"act_clip": entry["act_clip"], "weight_clip": entry["weight_clip"]}
         layer = module.get_submodule(name)
+        rotation = _rotation(entry, where, layer)
         if isinstance(layer, torch.nn.Conv3d):
             flat = PackedTensor(packed.fmt, (shape[0], int(torch.tensor(shape[1:]).prod())), 1, packed.dtype,
                                 packed.data)
             new = PackedPatchConv3d.from_packed(flat, bias, entry["activation"], conv_shape=shape,
                                                 kernel_size=layer.kernel_size, **kwargs)
         else:
-            new = PackedLinear.from_packed(packed, bias, entry["activation"], **kwargs)
+            new = PackedLinear.from_packed(packed, bias, entry["activation"], rotation=rotation, **kwargs)
         swap(module, name, new)
         deployed.add(name)
     for key, tensor in tensors.items():
@@ -452,8 +455,22 @@ def _load_expert(folder: Path, manifest: dict, expert: str, attr: str, family) -
         # a fake checkpoint stores the dequantized weight: use it as is (never re-quantize)
         weight_q = layer.weight.detach() if entry["weight"] is not None else None
         swap(module, name, quantize_module(layer, entry["weight"], entry["activation"], act_clip=entry["act_clip"],
-                                           weight_clip=entry["weight_clip"], weight_q=weight_q))
+                                           weight_clip=entry["weight_clip"], weight_q=weight_q,
+                                           rotation=_rotation(entry, f"checkpoint {str(folder)!r}: {expert}:{name}",
+                                                              layer)))
     return module.eval()
+
+
+def _rotation(entry: dict, where: str, layer: torch.nn.Module) -> int | None:
+    """The manifest's rotation of a layer: none, or sensq's block on a Linear whose width it divides."""
+    rotation = entry.get("rotation")
+    if rotation is None:
+        return None
+    width = layer.weight[0].numel() if hasattr(layer, "weight") else 0
+    if rotation != ROTATION_BLOCK or not isinstance(layer, torch.nn.Linear) or width % ROTATION_BLOCK:
+        raise InputError(f"{where} has rotation {rotation!r}; sensq rotates Linear layers in blocks of "
+                         f"{ROTATION_BLOCK} only: write the checkpoint again")
+    return rotation
 
 
 def _load_phased(folder: Path, expert: str, name: str, layer: torch.nn.Module, entry: dict) -> torch.nn.Module:
@@ -476,7 +493,8 @@ def _load_phased(folder: Path, expert: str, name: str, layer: torch.nn.Module, e
     base = layer
     if entry["weight"] is not None or entry["activation"] is not None:
         base = quantize_module(layer, entry["weight"], entry["activation"], act_clip=entry["act_clip"],
-                               weight_clip=entry["weight_clip"])
+                               weight_clip=entry["weight_clip"],
+                               rotation=_rotation(entry, f"checkpoint {str(folder)!r}: {expert}:{name}", layer))
     row = {"weight": entry["weight"], "activation": entry["activation"],
            "phases": [{"weight": p.get("weight"), "activation": p.get("activation"),
                        **({"steps": p["steps"]} if "steps" in p else {"sigma": p["sigma"]})} for p in phases]}

@@ -35,6 +35,7 @@ from sensq.quant.layers import (
     fake_quantize,
     packed_weight,
     patches_to_rows,
+    rotate,
     rows_to_patches,
 )
 
@@ -111,26 +112,30 @@ class _PackedWeight(torch.nn.Module):
 
 
 class PackedLinear(_PackedWeight):
-    """A deployed ``nn.Linear``: ``F.linear(Q_act(x), decode(packed W), b)``."""
+    """A deployed ``nn.Linear``: ``F.linear(Q_act(x R), decode(packed W R), b)`` (``R``: the rotation, when the
+    layer has one)."""
 
     sensq_layer_kind = "linear"  # sensq.models.layers: a quantizable layer, as the nn.Linear it replaces
 
     @classmethod
     def from_packed(cls, packed: PackedTensor, bias: torch.Tensor | None, act_format, *, act_clip: float = 1.0,
-                    weight_clip: float = 1.0, backend: str = "auto") -> PackedLinear:
+                    weight_clip: float = 1.0, backend: str = "auto", rotation: int | None = None) -> PackedLinear:
         if len(packed.shape) != 2 or packed.dim != 1:
             raise ValueError(f"a packed Linear weight is [out, in] packed along in; got {list(packed.shape)} "
                              f"along dim {packed.dim}")
         layer = cls()
         layer.out_features, layer.in_features = packed.shape
+        if rotation is not None and layer.in_features % rotation:
+            raise ValueError(f"a rotation in blocks of {rotation} does not fit {layer.in_features} input features")
+        layer.rotation = rotation
         layer._init_packed(packed, bias, act_format, act_clip, weight_clip, backend)
         return layer
 
     @classmethod
     def from_quant(cls, quant: QuantLinear) -> PackedLinear:
-        """The deployed form of a simulation layer (same formats, clipping and backend)."""
+        """The deployed form of a simulation layer (same formats, clipping, rotation and backend)."""
         return cls.from_packed(packed_weight(quant), quant.bias, quant.act_format, act_clip=quant.act_clip,
-                               weight_clip=quant.weight_clip, backend=quant.backend)
+                               weight_clip=quant.weight_clip, backend=quant.backend, rotation=quant.rotation)
 
     def _fused(self, x: torch.Tensor) -> bool:
         """HiF4 W4A4 runs the fused kernel: with backend 'triton' (as the simulation layer does), and with
@@ -142,6 +147,7 @@ class PackedLinear(_PackedWeight):
         return self.backend == "auto" and x.device.type == "cuda" and available(Backend.TRITON, "cuda")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = rotate(x, self.rotation)
         if self._fused(x):
             hif4_linear = kernel(Backend.TRITON, Family.HIF4, "linear")
             return hif4_linear(clip_rows(x, self.act_clip), self.packed().data["blocks"], self.bias, self.out_features)
@@ -150,8 +156,9 @@ class PackedLinear(_PackedWeight):
 
     def extra_repr(self) -> str:
         act = self.act_format.identity if self.act_format else None
+        rotation = f", Hadamard rotation {self.rotation}" if self.rotation else ""
         return (f"{self.in_features}, {self.out_features}, weight={self.weight_format.identity} packed "
-                f"({self.packed_bytes} bytes), act={act} (clip {self.act_clip:g})")
+                f"({self.packed_bytes} bytes), act={act} (clip {self.act_clip:g}){rotation}")
 
 
 class PackedPatchConv3d(_PackedWeight):

@@ -47,6 +47,33 @@ def clip_rows(x: torch.Tensor, clip: float) -> torch.Tensor:
     return torch.minimum(torch.maximum(x, -bound), bound)
 
 
+ROTATION_BLOCK = 64
+"""Size of the block-diagonal Hadamard rotation (``calibration: rotate``): HiF4's block, a multiple of MXFP4's
+32 and NVFP4's 16, so a rotation never mixes values across two scale blocks of those formats."""
+
+
+def hadamard(n: int) -> torch.Tensor:
+    """The orthonormal Sylvester Hadamard matrix of size ``n`` (a power of two), float32; symmetric."""
+    if n < 1 or n & (n - 1):
+        raise ValueError(f"a Sylvester Hadamard matrix needs a power of two, got {n}")
+    h = torch.ones(1, 1)
+    while h.shape[0] < n:
+        h = torch.cat((torch.cat((h, h), 1), torch.cat((h, -h), 1)), 0)
+    return h / n**0.5
+
+
+def rotate(x: torch.Tensor, block: int | None) -> torch.Tensor:
+    """``x`` times the block-diagonal Hadamard rotation along its last dim (float32 math, ``x``'s dtype back);
+    the identity for ``block`` None. Orthogonal and symmetric: ``(x R)(W R)^T = x W^T``."""
+    if block is None:
+        return x
+    shape = x.shape
+    if shape[-1] % block:
+        raise ValueError(f"a rotation in blocks of {block} needs a width that is a multiple of it, got {shape[-1]}")
+    h = hadamard(block).to(x.device)
+    return (x.float().reshape(*shape[:-1], shape[-1] // block, block) @ h).reshape(shape).to(x.dtype)
+
+
 def fake_quantize(x: torch.Tensor, fmt: FormatSpec | None, clip: float = 1.0, backend: str = "auto") -> torch.Tensor:
     """``Q(clip_rows(x))`` along the last dim (``x`` itself when ``fmt`` is None)."""
     if fmt is None:
@@ -55,7 +82,8 @@ def fake_quantize(x: torch.Tensor, fmt: FormatSpec | None, clip: float = 1.0, ba
 
 
 class QuantLinear(torch.nn.Linear):
-    """``F.linear(Q_act(x), Q_w(W), b)``; ``None`` formats leave that operand as it is."""
+    """``F.linear(Q_act(x R), Q_w(W R), b)``; ``None`` formats leave that operand as it is; ``R`` is the
+    block-diagonal Hadamard rotation when ``rotation`` is set (the identity otherwise)."""
 
     weight_format: FormatSpec | None
     act_format: FormatSpec | None
@@ -63,12 +91,14 @@ class QuantLinear(torch.nn.Linear):
     @classmethod
     def from_linear(cls, linear: torch.nn.Linear, weight_format, act_format, *, weight_clip: float = 1.0,
                     act_clip: float = 1.0, backend: str = "auto", weight_q: torch.Tensor | None = None,
-                    weight_packed: PackedTensor | None = None) -> QuantLinear:
+                    weight_packed: PackedTensor | None = None, rotation: int | None = None) -> QuantLinear:
         """Wrap ``linear`` (its parameters are shared, not copied).
 
         ``weight_q`` supplies the already-quantized weight (e.g. unpacked from a checkpoint) instead of
         quantizing ``linear.weight`` (HiF4 is not idempotent: never re-quantize a quantized weight);
         ``weight_packed`` supplies it packed (codes a calibration chose), and is what a checkpoint stores.
+        ``rotation``: both operands are rotated (block-diagonal Hadamard of that size) before they are
+        quantized; ``weight_q``/``weight_packed`` are then of the rotated weight.
         """
         quant = cls.__new__(cls)
         torch.nn.Module.__init__(quant)
@@ -78,15 +108,17 @@ class QuantLinear(torch.nn.Linear):
         quant.weight_format = _format(weight_format)
         quant.act_format = _format(act_format)
         quant.weight_clip, quant.act_clip, quant.backend = float(weight_clip), float(act_clip), backend
+        quant.rotation = rotation
         quant.weight_packed = _chosen(weight_packed, quant.weight_format, linear.weight)
         if weight_q is None and weight_packed is not None:
             weight_q = unpack(weight_packed).to(linear.weight.device)
         if weight_q is None:
-            weight_q = fake_quantize(linear.weight.detach(), quant.weight_format, quant.weight_clip, backend)
+            weight_q = fake_quantize(rotate(linear.weight.detach(), rotation), quant.weight_format,
+                                     quant.weight_clip, backend)
         quant.register_buffer("weight_q", weight_q, persistent=False)
-        # the fused kernel packs the weight itself: only for weights the format's own rule rounds
-        quant.fused = (backend == "triton" and weight_packed is None and _is_hif4(quant.weight_format)
-                       and _is_hif4(quant.act_format))
+        # the fused kernel packs the weight itself: only for plain weights the format's own rule rounds
+        quant.fused = (backend == "triton" and weight_packed is None and rotation is None
+                       and _is_hif4(quant.weight_format) and _is_hif4(quant.act_format))
         if quant.fused:
             # the fused W4A4 kernel reads the weight packed (spec §6) and quantizes activations on the fly;
             # buffers, so that .to(device) moves them with the layer
@@ -106,14 +138,15 @@ class QuantLinear(torch.nn.Linear):
         if self.fused:
             hif4_linear = kernel(Backend.TRITON, Family.HIF4, "linear")
             return hif4_linear(clip_rows(x, self.act_clip), self.packed_blocks, self.bias, self.out_features)
-        x = fake_quantize(x, self.act_format, self.act_clip, self.backend)
+        x = fake_quantize(rotate(x, self.rotation), self.act_format, self.act_clip, self.backend)
         return F.linear(x, self.weight_q.to(x.dtype), self.bias)
 
     def extra_repr(self) -> str:
         w = self.weight_format.identity if self.weight_format else None
         a = self.act_format.identity if self.act_format else None
+        rotation = f", Hadamard rotation {self.rotation}" if self.rotation else ""
         return (f"{self.in_features}, {self.out_features}, weight={w} (clip {self.weight_clip:g}), "
-                f"act={a} (clip {self.act_clip:g})")
+                f"act={a} (clip {self.act_clip:g}){rotation}")
 
 
 def rows_to_patches(conv: torch.nn.Conv3d, rows: torch.Tensor, shape: torch.Size) -> torch.Tensor:
@@ -144,6 +177,7 @@ class QuantPatchConv3d(torch.nn.Conv3d):
         quant.weight, quant.bias = conv.weight, conv.bias
         quant.weight_format, quant.act_format = _format(weight_format), _format(act_format)
         quant.weight_clip, quant.act_clip, quant.backend = float(weight_clip), float(act_clip), backend
+        quant.rotation = None  # the patch embedding is not rotated
         quant.weight_packed = _chosen(weight_packed, quant.weight_format, conv.weight)
         if weight_q is None and weight_packed is not None:
             weight_q = unpack(weight_packed).reshape(conv.weight.shape).to(conv.weight.device)
@@ -186,18 +220,21 @@ def packed_weight(layer: torch.nn.Module) -> PackedTensor:
     if layer.weight_packed is not None:
         return layer.weight_packed
     flat = layer.weight.detach().reshape(layer.weight.shape[0], -1)
-    return pack(clip_rows(flat, layer.weight_clip), layer.weight_format)
+    return pack(clip_rows(rotate(flat, layer.rotation), layer.weight_clip), layer.weight_format)
 
 
 def quantize_module(module: torch.nn.Module, weight_format, act_format, backend: str = "auto", *,
                     weight_clip: float = 1.0, act_clip: float = 1.0,
-                    weight_q: torch.Tensor | None = None, weight_packed: PackedTensor | None = None) -> torch.nn.Module:
-    """The fake-quantized twin of a Linear or patch Conv3d (parameters shared)."""
+                    weight_q: torch.Tensor | None = None, weight_packed: PackedTensor | None = None,
+                    rotation: int | None = None) -> torch.nn.Module:
+    """The fake-quantized twin of a Linear or patch Conv3d (parameters shared); ``rotation`` for Linears only."""
     module = original_module(module)
     kwargs = {"weight_clip": weight_clip, "act_clip": act_clip, "backend": backend, "weight_q": weight_q,
               "weight_packed": weight_packed}
     if isinstance(module, torch.nn.Linear):
-        return QuantLinear.from_linear(module, weight_format, act_format, **kwargs)
+        return QuantLinear.from_linear(module, weight_format, act_format, rotation=rotation, **kwargs)
+    if rotation is not None:
+        raise ValueError("only Linear layers can be rotated (the patch embedding cannot)")
     if isinstance(module, torch.nn.Conv3d):
         return QuantPatchConv3d.from_conv(module, weight_format, act_format, **kwargs)
     raise TypeError(f"cannot quantize a {type(module).__name__}; sensq quantizes nn.Linear and the patch Conv3d")

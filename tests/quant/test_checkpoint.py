@@ -40,7 +40,7 @@ def _latents(model, trajectory):
     return run(model.pipe, "a red ball moving left", trajectory, seed=7)
 
 
-@pytest.mark.parametrize("calibrate", ["none", "mse", "gptq"])
+@pytest.mark.parametrize("calibrate", ["none", "mse", "gptq", "rotate", "rotate-gptq"])
 def test_save_load_in_a_fresh_process_is_bit_identical(probed, calibrate, tmp_path):
     folder, trajectory = probed
     model = load_model("tiny", torch.device("cpu"), torch.float32)

@@ -1,0 +1,112 @@
+"""What do timestep-range rules buy? Layers kept in BF16 in the early steps only, against keeping them at every
+step and against none.
+
+Probe, rank (mse, HiF4), then deploy every set as apply-plan deploys it and generate every prompt x seed
+(sensq.ablate.run_ablation): latent NMSE vs full precision with 95% bootstrap intervals and the paired
+differences; on the procedural models also the evaluator's score. Besides the resident bits, each set's
+quantized share of the GEMM work is reported: parameters x steps run quantized over parameters x steps run
+(a layer kept in BF16 at a step does that step's work in BF16).
+
+Sets (W4A4 HiF4 unless kept):
+  none                                   everything quantized at every step
+  entrance, every step                   the entrance in BF16
+  entrance, step 0 only                  the entrance in BF16 at the first step, quantized after
+  everything at step 0                   the whole model in BF16 at the first step, quantized after
+  ranked B, every step                   sensq plan --budget B (no forced entrance)
+  ranked B, first half of the steps      the same layers in BF16 only in the first half of the steps
+
+    python experiments/step_ranges.py --model tiny-trained-4step --prompts 8 --seeds 4 --out /tmp/steps
+"""
+
+import argparse
+import json
+from pathlib import Path
+
+import torch
+
+from sensq.ablate import ProtectedSet, run_ablation, write_ablation_report
+from sensq.loading import load_model
+from sensq.plan import Plan, Rule, build_plan, model_layers, validate_plan
+from sensq.probes.recorder import ProbeRequest, run_probe
+from sensq.prompts import load_prompts
+from sensq.sensitivity import RankRequest, rank_layers
+from sensq.trajectory import Trajectory, apply_trajectory, plan_steps
+
+
+def ranged(plan: Plan, steps: tuple[int, int]) -> Plan:
+    """``plan`` with its BF16 rules limited to ``steps``."""
+    return Plan([Rule(r.match, r.weight, r.activation, r.why, r.calibration, steps) if r.weight is None else r
+                 for r in plan.rules])
+
+
+def quantized_work_share(model, plan: Plan, trajectory: Trajectory) -> float:
+    """Parameters x steps run with a quantized weight over parameters x steps run, along ``trajectory``."""
+    table = validate_plan(plan, model_layers(model))
+    apply_trajectory(model.pipe, trajectory)
+    steps = plan_steps(model.pipe, model.adapter, trajectory)
+    done = total = 0
+    for step in steps:
+        for row in (r for r in table if r["expert"] == step.expert):
+            weight = row["weight"]
+            for phase in row.get("phases", ()):
+                low, high = phase["steps"] if "steps" in phase else phase["sigma"]
+                at = step.index if "steps" in phase else step.timestep / 1000
+                if low <= at <= high:
+                    weight = phase["weight"]
+                    break
+            total += row["params"]
+            done += row["params"] if weight is not None else 0
+    return done / total
+
+
+def sets_for(model, ranking, steps: int, budget: float, fmt: str = "hif4") -> list[ProtectedSet]:
+    experts = model.adapter.experts(model.pipe)
+    entrance = f"re:({'|'.join(experts)}):({'|'.join(model.adapter.entrance)})"
+    everything = [Rule(f"re:{e}:.*", fmt, fmt) for e in experts]
+    kept = build_plan(ranking, budget=budget, fmt=fmt, protect_entrance=False)
+    half = (0, max(steps // 2 - 1, 0))
+    return [
+        ProtectedSet("none", Plan(everything)),
+        ProtectedSet("entrance, every step", Plan([Rule(entrance, None, None)] + everything)),
+        ProtectedSet("entrance, step 0 only", Plan([Rule(entrance, None, None, steps=(0, 0))] + everything)),
+        ProtectedSet("everything at step 0", Plan([Rule(f"re:({'|'.join(experts)}):.*", None, None, steps=(0, 0))]
+                                                  + everything)),
+        ProtectedSet(f"ranked {budget:.0%}, every step", kept),
+        ProtectedSet(f"ranked {budget:.0%}, steps {half[0]}-{half[1]}", ranged(kept, half)),
+    ]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="tiny-trained-4step")
+    parser.add_argument("--prompts", type=int, default=4)
+    parser.add_argument("--seeds", type=int, default=2)
+    parser.add_argument("--steps", type=int, default=4)
+    parser.add_argument("--budget", type=float, default=0.1)
+    parser.add_argument("--out", type=Path, default=Path("step-ranges"))
+    args = parser.parse_args()
+    args.out.mkdir(parents=True, exist_ok=True)
+    model = load_model(args.model, torch.device("cpu"), torch.float32)
+    trajectory = Trajectory(steps=args.steps).with_resolution(model.default_resolution)
+    prompts = load_prompts(None, args.prompts, procedural=model.procedural)
+    probe = args.out / "probe.h5"
+    run_probe(ProbeRequest(model, trajectory, prompts, model.adapter.experts(model.pipe), probe,
+                           resume=probe.exists()))
+    ranking = rank_layers(RankRequest(probe, model, ["hif4"]))
+    ranking.save(args.out / "ranking.json")
+    sets = sets_for(model, ranking, args.steps, args.budget)
+    shares = {s.name: quantized_work_share(model, s.plan, trajectory) for s in sets}
+    result = run_ablation(model, trajectory, prompts, sets, args.out / "ablation", fmt="hif4", seeds=args.seeds)
+    write_ablation_report(result, args.out / "ablation", [
+        f"python experiments/step_ranges.py --model {args.model} --prompts {args.prompts} --seeds {args.seeds} "
+        f"--steps {args.steps} --budget {args.budget} --out {args.out}"])
+    rows = [{"set": r["set"], "effective_bits": r["effective_bits"], "quantized_work": shares[r["set"]],
+             "latent_nmse": r["intervals"]["latent_nmse"],
+             **({"procedural": r["intervals"]["procedural"]} if "procedural" in r["intervals"] else {})}
+            for r in result["rows"]]
+    (args.out / "summary.json").write_text(json.dumps({"rows": rows, "comparisons": result["comparisons"]}, indent=1))
+    print(json.dumps({"rows": rows}, indent=1))
+
+
+if __name__ == "__main__":
+    main()
