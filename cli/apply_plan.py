@@ -36,13 +36,17 @@ from sensq.plan import CALIBRATIONS
                    "backend; the fused linear equals F.linear on the dequantized operands up to fp32 summation order.")
 @click.option("--offload", is_flag=True, help="Keep only the block being calibrated on the GPU (diffusers group "
               "offloading; the rest of each expert waits on the host).")
+@click.option("--probe-from-another-model", is_flag=True,
+              help="Calibrate on a probe made with another model on purpose (the study calibrates a 4-step student "
+                   "on its 40-step teacher's trajectory); the layer names must match. The manifest records the "
+                   "probe's model and trajectory under 'calibration'.")
 @click.option("--force", is_flag=True, help="Apply a plan or probe made for another model.")
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=Path("quantized"),
               show_default=True, help="Checkpoint folder to write: new, empty, or a sensq checkpoint (replaced only "
               "when the new one is complete).")
 @click.option("--json", "as_json", is_flag=True, help="Print the manifest summary as JSON.")
 def apply_plan(plan_file, model, device, dtype, lora_high, lora_low, probe_file, calibrate, sequential_experts, fake,
-               backend, offload, force, out, as_json) -> None:
+               backend, offload, probe_from_another_model, force, out, as_json) -> None:
     """Quantize the model by the plan, expert by expert, and write a checkpoint that
     `--model DIR` (any command) and `sensq.quant.checkpoint.load_quantized(DIR)` load back.
 
@@ -54,6 +58,8 @@ def apply_plan(plan_file, model, device, dtype, lora_high, lora_low, probe_file,
       sensq apply-plan plan.json --out quantized/
       sensq apply-plan plan.json --probe probe.h5 --calibrate mse --sequential-experts --out quantized/
       sensq apply-plan plan.json --probe probe.h5 --calibrate gptq --out quantized-gptq/
+      sensq apply-plan plan.json --model tiny-deep-4step --probe teacher-40step.h5 --probe-from-another-model \
+          --calibrate mse --out student-q/
       sensq probe --model quantized/ --out after.h5      # the checkpoint is a model like any other
     """
     import torch
@@ -61,6 +67,7 @@ def apply_plan(plan_file, model, device, dtype, lora_high, lora_low, probe_file,
     from sensq.cli.common import load_cli_model
     from sensq.plan import Plan
     from sensq.quant.apply import apply_plan as run_apply
+    from sensq.quant.apply import calibration_source
     from sensq.quant.calibrate import summarize_calibration
     from sensq.quant.checkpoint import CHECKPOINT_SCHEMA, save_quantized
     from sensq.store.files import check_output_folder, make_parent, output_lock
@@ -80,15 +87,18 @@ def apply_plan(plan_file, model, device, dtype, lora_high, lora_low, probe_file,
             torch.cuda.reset_peak_memory_stats()
         from sensq.cli.common import progress_bar
 
-        with progress_bar(f"calibrate ({calibrate}) blocks", enabled=not as_json and calibrate != "none") as bar:
+        with progress_bar(f"calibrate ({calibrate}) blocks", enabled=not as_json and probe_file is not None) as bar:
             _, calibration = run_apply(loaded, plan, probe_path=probe_file, calibrate=calibrate,
                                        sequential_experts=sequential_experts, force=force, backend=backend,
-                                       offload=offload, progress=bar)
-        manifest = save_quantized(loaded, out, plan=plan, calibration=calibration, fake=fake, lock=False)
+                                       offload=offload, probe_from_another_model=probe_from_another_model,
+                                       progress=bar)
+        source = calibration_source(loaded, probe_file, calibrate, sequential_experts)
+        manifest = save_quantized(loaded, out, plan=plan, calibration=calibration, fake=fake, lock=False,
+                                  calibration_source=source)
     peak_host = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     summary = {
         "out": str(out), "packed": manifest["packed"], "calibrate": calibrate, "sizes": manifest["sizes"],
-        "calibration": summarize_calibration(calibration) if calibrate != "none" else {},
+        "calibration": summarize_calibration(calibration), "calibration_source": source,
         "layers_quantized": sum(1 for entry in manifest["layers"].values() if entry["weight"] is not None),
         "seconds": round(time.perf_counter() - started, 2), "peak_host_bytes": peak_host,
         "peak_gpu_bytes": torch.cuda.max_memory_allocated() if device.type == "cuda" else None,
@@ -99,6 +109,10 @@ def apply_plan(plan_file, model, device, dtype, lora_high, lora_low, probe_file,
     sizes = summary["sizes"]
     click.echo(f"checkpoint written to {out} ({'packed' if manifest['packed'] else 'fake-quant'}, "
                f"calibration {calibrate}, {summary['layers_quantized']} layers quantized, {summary['seconds']} s)")
+    if source["probe"] is not None and source["probe"]["another_model"]:
+        click.echo(f"  calibrated on inputs of another model: {source['probe']['model_id']} (fingerprint "
+                   f"{source['probe']['model_fingerprint']}), {source['probe']['trajectory'].get('steps')} steps; "
+                   "recorded in the manifest")
     click.echo(f"  on disk {sizes['disk_bytes'] / 1e6:.3f} MB (all components); expert weights in BF16 would be "
                f"{sizes['weight_bytes_bf16'] / 1e6:.3f} MB")
     click.echo(f"  quantized weights: {sizes['quantized_params']:,} params in {sizes['quantized_weight_bytes']:,} "

@@ -10,6 +10,8 @@ Sets (W4A4 HiF4 everywhere unless kept):
   plain                       format's own rounding everywhere                       4.5 bits
   mse clip                    clipping search everywhere                             4.5 bits
   gptq                        GPTQ weights (+ mse activation clip) everywhere        4.5 bits
+  rotate                      block-diagonal Hadamard rotation (64) everywhere       4.5 bits
+  rotate-gptq                 rotation, then GPTQ                                    4.5 bits
   entrance gptq               GPTQ on the entrance only                              4.5 bits
   entrance protected          entrance in BF16                                       B bits
   entrance gptq + ranked B    entrance GPTQ, the ranking's top layers in BF16 up to the entrance's share: B bits
@@ -51,6 +53,8 @@ def sets_for(model, ranking, fmt: str = "hif4") -> list[ProtectedSet]:
         ProtectedSet("plain", Plan(everything())),
         ProtectedSet("mse clip", Plan(everything("mse"))),
         ProtectedSet("gptq", Plan(everything("gptq"))),
+        ProtectedSet("rotate", Plan(everything("rotate"))),
+        ProtectedSet("rotate-gptq", Plan(everything("rotate-gptq"))),
         ProtectedSet("entrance gptq", Plan([Rule(entrance, fmt, fmt, calibration="gptq")] + everything())),
         ProtectedSet(f"entrance protected ({share:.0%})", protected),
         ProtectedSet(f"entrance gptq + ranked {share:.0%}", enhanced_ranked),

@@ -71,19 +71,23 @@ def offload_experts(model) -> None:
 
 def apply_plan(model, plan: Plan, *, probe_path=None, calibrate: str = "none", sequential_experts: bool = False,
                backend: str = "auto", force: bool = False, offload: bool = False,
-               progress=None) -> tuple[list[dict], dict]:
+               probe_from_another_model: bool = False, progress=None) -> tuple[list[dict], dict]:
     """Quantize ``model`` by ``plan`` expert by expert, calibrated on ``probe_path`` when asked.
 
     With ``sequential_experts`` every expert after the first (Wan2.2: the low-noise one) is calibrated on a
     fresh probe of the trajectory run with the experts before it already quantized (same prompts, seeds and
     trajectory as the probe file), so its calibration sees their quantization error.
 
+    ``probe_from_another_model``: calibrate on inputs captured with another model (a 4-step student calibrated
+    on its 40-step teacher's probe, as the study does); the layer names must match. Record it with
+    :func:`calibration_source`.
+
     Returns:
         The resolved table and ``{expert: {layer: LayerCalibration}}``.
 
     Raises:
         InputError: a plan for another model (unless ``force``), unmatched rules, ``mse`` without a probe
-            file, a probe file from another model (unless ``force``).
+            file, a probe file from another model (unless ``force`` or ``probe_from_another_model``).
     """
     from sensq.store.probe_file import ProbeFile
 
@@ -108,11 +112,12 @@ def apply_plan(model, plan: Plan, *, probe_path=None, calibrate: str = "none", s
     later = experts[1:] if sequential_experts else []
     calibration: dict = {}
     with ProbeFile(probe_path) as probe:
-        if probe.model_fingerprint != model.fingerprint and not force:
+        if probe.model_fingerprint != model.fingerprint and not (force or probe_from_another_model):
             hint = (f"; it was probed with LoRAs {probe.loras}: pass the same --lora-high/--lora-low"
                     if probe.loras != model.loras else "")
             raise InputError(f"{str(probe_path)!r} was probed on another model (fingerprint "
-                             f"{probe.model_fingerprint}, this model {model.fingerprint}){hint}; or pass --force")
+                             f"{probe.model_fingerprint}, this model {model.fingerprint}){hint}; to calibrate on "
+                             "another model's inputs on purpose pass --probe-from-another-model")
         for expert in experts:
             if expert not in later:
                 calibration[expert] = calibrate_one(expert, probe, calibrate)
@@ -124,6 +129,26 @@ def apply_plan(model, plan: Plan, *, probe_path=None, calibrate: str = "none", s
             with ProbeFile(reprobe) as probe:
                 calibration[expert] = calibrate_one(expert, probe, calibrate)
     return table, calibration
+
+
+def calibration_source(model, probe_path, calibrate: str, sequential_experts: bool) -> dict:
+    """What a checkpoint records of its calibration: the default method, and the probe it was calibrated on
+    (its model, trajectory and prompts, and whether that is another model or trajectory than this one)."""
+    from sensq.store.files import file_digest
+    from sensq.store.probe_file import ProbeFile
+
+    source = {"default": calibrate, "sequential_experts": sequential_experts, "probe": None}
+    if probe_path is None:
+        return source
+    with ProbeFile(probe_path) as probe:
+        trajectory = probe.attr_json("trajectory")
+        source["probe"] = {
+            "file": str(probe_path), "sha256": file_digest(probe_path, length=64), "model_id": probe.model_id,
+            "model_fingerprint": probe.model_fingerprint, "loras": probe.loras,
+            "another_model": probe.model_fingerprint != model.fingerprint,
+            "trajectory": trajectory, "prompts": int(probe.done.sum()),
+        }
+    return source
 
 
 def _check_made_for(plan: Plan, model, force: bool) -> None:

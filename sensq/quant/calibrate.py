@@ -272,8 +272,12 @@ def summarize_calibration(results: dict[str, dict[str, LayerCalibration]]) -> di
     for expert, layers in results.items():
         weights = [c.weight_nmse for c in layers.values() if c.weight_nmse is not None]
         acts = [c.act_nmse for c in layers.values() if c.act_nmse is not None]
+        methods: dict[str, int] = {}
+        for calib in layers.values():
+            methods[calib.method] = methods.get(calib.method, 0) + 1
         out[expert] = {
             "layers": len(layers),
+            "methods": methods,
             "clipped_weights": sum(c.weight_clip < 1 for c in layers.values()),
             "clipped_activations": sum(c.act_clip < 1 for c in layers.values()),
             "mean_weight_nmse": float(np.mean(weights)) if weights else None,

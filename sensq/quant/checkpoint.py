@@ -81,7 +81,7 @@ class CheckpointSizes:
 
 
 def save_quantized(model, out_dir: str | Path, *, plan, calibration: dict, fake: bool = False,
-                   lock: bool = True) -> dict:
+                   lock: bool = True, calibration_source: dict | None = None) -> dict:
     """Write a checkpoint of ``model`` (already quantized in memory by ``quantize_``/calibration).
 
     Written under a unique hidden temporary folder next to ``out_dir`` and moved into place at the end; an
@@ -102,7 +102,8 @@ def save_quantized(model, out_dir: str | Path, *, plan, calibration: dict, fake:
         tmp = temporary_sibling(out, ".tmp")
         tmp.mkdir(parents=True)
         try:
-            manifest = _write_checkpoint(model, tmp, plan=plan, calibration=calibration, fake=fake)
+            manifest = _write_checkpoint(model, tmp, plan=plan, calibration=calibration, fake=fake,
+                                         calibration_source=calibration_source)
             replace_folder(tmp, out)
         except (OSError, SafetensorError) as error:  # a full disk, most often: nothing half-written is left
             shutil.rmtree(tmp, ignore_errors=True)
@@ -194,7 +195,8 @@ def _write_phased(name: str, layer, tensors: dict[str, torch.Tensor], expert: st
         "phases": [dict(phase) for phase in layer.phases], **_calibration_entry(calibration, expert, name)}
 
 
-def _write_checkpoint(model, tmp: Path, *, plan, calibration: dict, fake: bool) -> dict:
+def _write_checkpoint(model, tmp: Path, *, plan, calibration: dict, fake: bool,
+                      calibration_source: dict | None = None) -> dict:
     pipe, adapter = model.pipe, model.adapter
     layers_manifest: dict[str, dict] = {}
     files: dict[str, dict] = {}
@@ -229,6 +231,7 @@ def _write_checkpoint(model, tmp: Path, *, plan, calibration: dict, fake: bool) 
                          "source_id": model.source_id},
         "experts": experts, "layers": layers_manifest,
         "plan": plan.to_dict(), "files": files, "sizes": sizes.__dict__,
+        **({"calibration": calibration_source} if calibration_source else {}),
     }
     write_json(tmp / "manifest.json", manifest)
     return manifest

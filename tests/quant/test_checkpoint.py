@@ -302,3 +302,25 @@ def test_a_bf16_checkpoint_loads_as_bf16(tmp_path):
     assert loaded.pipe.transformer.blocks[0].attn1.to_q.weight.dtype == torch.bfloat16
     with pytest.raises(InputError, match="holds torch.bfloat16 weights"):
         load_quantized(tmp_path / "ckpt", torch.device("cpu"), torch.float32)
+
+
+def test_calibrating_a_student_on_its_teachers_probe_is_explicit_and_recorded(tmp_path):
+    """The study calibrates the 4-step student on the teacher's trajectory: refused by default, allowed with
+    --probe-from-another-model, and the manifest says which model and trajectory the inputs came from."""
+    runner = CliRunner()
+    probe = tmp_path / "teacher.h5"
+    done = runner.invoke(main, ["probe", "--model", "tiny-trained", "--limit", "1", "--steps", "6", "--out", str(probe)])
+    assert done.exit_code == 0, done.output
+    plan = tmp_path / "plan.json"
+    Plan([Rule("re:(high|low):.*", "hif4", "hif4")]).save(plan)
+    args = ["apply-plan", str(plan), "--model", "tiny-trained-4step", "--probe", str(probe), "--calibrate", "mse",
+            "--out", str(tmp_path / "q")]
+    refused = runner.invoke(main, args)
+    assert refused.exit_code == 1 and "pass --probe-from-another-model" in refused.output
+    assert not (tmp_path / "q").exists()
+    applied = runner.invoke(main, args + ["--probe-from-another-model"])
+    assert applied.exit_code == 0, applied.output
+    assert "calibrated on inputs of another model: tiny-trained" in applied.output
+    source = read_manifest(tmp_path / "q")["calibration"]
+    assert source["default"] == "mse" and source["probe"]["another_model"] is True
+    assert source["probe"]["model_id"] == "tiny-trained" and source["probe"]["trajectory"]["steps"] == 6
