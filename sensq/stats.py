@@ -32,7 +32,9 @@ class Interval:
 
     @property
     def excludes_zero(self) -> bool:
-        return self.low > 0 or self.high < 0
+        """Distinguishable from noise: the interval excludes zero, and it is an interval (one generation
+        has no spread to resample: never distinguishable)."""
+        return self.n >= 2 and (self.low > 0 or self.high < 0)
 
 
 def bootstrap_mean(values, resamples: int = RESAMPLES, level: float = LEVEL, seed: int = 0) -> Interval:

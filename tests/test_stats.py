@@ -38,3 +38,11 @@ def test_reproducible_non_finite_dropped_and_errors():
     with pytest.raises(ValueError, match="same shape"):
         paired_difference([1.0, 2.0], [1.0])
     assert format_interval({"mean": 0.02649, "low": 0.0221, "high": 0.03031, "n": 8}, 3) == "0.0265 [0.0221, 0.0303]"
+
+
+def test_one_generation_is_never_distinguishable_from_noise():
+    from sensq.stats import paired_difference
+
+    one = paired_difference([0.5], [0.1])
+    assert one.n == 1 and not one.excludes_zero
+    assert paired_difference([0.5, 0.6, 0.55], [0.1, 0.12, 0.11]).excludes_zero
