@@ -28,6 +28,10 @@ import click
               help="Keep the entrance layers (the family's; Wan: patch_embedding, condition_embedder.*, blocks.0.*) "
                    "in high precision. Default: on for --budget/--top-k, off for --tiers (the data decides).")
 @click.option("--protect", multiple=True, help="Also protect layers whose name matches this regex (repeatable).")
+@click.option("--protect-steps", default=None, metavar="A-B",
+              help="With --budget/--top-k: keep the chosen layers in high precision at denoising steps A..B only "
+                   "(0-based over the whole trajectory; quantized at the other steps), chosen by their sensitivity "
+                   "at those steps (the ranking's per-step values). E.g. 0-1: the first two high-noise steps.")
 @click.option("--format", "fmt", default="hif4", show_default=True, help="Weight format of the other layers.")
 @click.option("--act-format", default="same", show_default=True,
               help="Activation format: 'same' (W4A4), a format name, or 'none' (weight-only).")
@@ -42,8 +46,8 @@ import click
               "(OUT-stem.modelopt.transformer.yml). Exact layer names, no pipeline prefix.")
 @click.option("--out", type=click.Path(dir_okay=False, path_type=Path), default=Path("plan.json"), show_default=True)
 @click.option("--json", "as_json", is_flag=True, help="Print the plan (or the validation) as JSON.")
-def plan(ranking_file, budget, top_k, tiers, bits, search, pareto, protect_entrance, protect, fmt, act_format,
-         rank_format, validate_file, model, export, out, as_json) -> None:
+def plan(ranking_file, budget, top_k, tiers, bits, search, pareto, protect_entrance, protect, protect_steps, fmt,
+         act_format, rank_format, validate_file, model, export, out, as_json) -> None:
     """Choose, per expert, the layers that stay in high precision and the format of all the others.
 
     The entrance layers come first (unless --no-protect-entrance), then the most sensitive layers of
@@ -55,6 +59,7 @@ def plan(ranking_file, budget, top_k, tiers, bits, search, pareto, protect_entra
     Examples:
       sensq plan ranking.json --budget 5% --out plan.json
       sensq plan ranking.json --top-k 4 --format nvfp4_ts --export modelopt
+      sensq plan ranking.json --budget 10% --protect-steps 0-1 --out early.json   # BF16 in steps 0-1 only
 
     \b
     Loading an export (apply each file to its own expert module):
@@ -84,6 +89,9 @@ def plan(ranking_file, budget, top_k, tiers, bits, search, pareto, protect_entra
         raise InputError("--tiers needs --bits (effective bits per weight per expert, e.g. --bits 6)")
     if budget is not None and top_k is not None:
         raise InputError("give exactly one of --budget and --top-k")
+    if protect_steps is not None and tiers is not None:
+        raise InputError("--protect-steps goes with --budget/--top-k, not --tiers")
+    steps = _step_range(protect_steps) if protect_steps is not None else None
     check_output_file(out, PLAN_SCHEMA, "plan")  # before any work
     if export:
         from sensq.models import get_family
@@ -101,6 +109,7 @@ def plan(ranking_file, budget, top_k, tiers, bits, search, pareto, protect_entra
             ranking, budget=parse_budget(budget) if budget is not None else None, top_k=top_k,
             protect_entrance=protect_entrance is not False, protect=list(protect), fmt=fmt,
             act_format=None if act_format == "none" else act_format, rank_format=rank_format,
+            protect_steps=steps,
         )
     result.source["ranking_file"] = str(ranking_file)
     exported = build_export(result, export) if export else None  # refuses before anything is written
@@ -110,6 +119,19 @@ def plan(ranking_file, budget, top_k, tiers, bits, search, pareto, protect_entra
         click.echo(json.dumps(result.to_dict(), indent=1))
         return
     _table(result, out, exported, paths)
+
+
+def _step_range(text: str) -> tuple[int, int]:
+    from sensq.errors import InputError
+
+    low, _, high = text.partition("-")
+    try:
+        first, last = int(low), int(high or low)
+    except ValueError:
+        raise InputError(f"--protect-steps takes A-B (step indices, e.g. 0-1), got {text!r}") from None
+    if first < 0 or last < first:
+        raise InputError(f"--protect-steps takes A-B with 0 <= A <= B, got {text!r}")
+    return first, last
 
 
 def _validate(path: Path, model_name: str, as_json: bool) -> None:
@@ -145,6 +167,14 @@ def _table(plan, out: Path, exported, paths: dict) -> None:
     console.print(table)
     for expert in sorted({row["expert"] for row in plan.layers}):
         console.print(f"[bold]{expert}[/bold] keeps in high precision: " + ", ".join(plan.protected(expert)))
+        ranged: dict[str, list[str]] = {}
+        for row in (r for r in plan.layers if r["expert"] == expert):
+            for phase in row.get("phases", ()):
+                if phase["weight"] is None:
+                    key = "steps" if "steps" in phase else "sigma"
+                    ranged.setdefault(f"{key} {phase[key][0]:g}-{phase[key][1]:g}", []).append(row["layer"])
+        for where, names in ranged.items():
+            console.print(f"  and at {where} only: " + ", ".join(names))
         if plan.source.get("tiers"):
             tiers = plan.summary[expert]["by_precision"]
             console.print(f"  tiers ({plan.source['search']} search within {plan.source['budget_bits']:g} bits): "

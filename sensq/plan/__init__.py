@@ -307,17 +307,49 @@ def _protected_layers(ordered, expert: str, budget, top_k, protect_entrance: boo
     return chosen
 
 
+def _in_steps(ranking, expert: str, fmt: str, steps: tuple[int, int]) -> list:
+    """The expert's layers ordered by their per-step values averaged over the denoising steps in ``steps``
+    (branches averaged), most sensitive first; [] when none of the expert's steps falls in the range.
+
+    Raises:
+        InputError: a ranking without per-step values (e2e rankings score the whole trajectory).
+    """
+    import numpy as np
+
+    from sensq.metrics import METRICS
+
+    inside = [i for i, step in enumerate(ranking.steps[expert]) if steps[0] <= step <= steps[1]]
+    if not inside:
+        return []
+    layers = ranking.experts[expert]
+    if not all(fmt in layer.per_step for layer in layers):
+        raise InputError(f"--protect-steps orders layers by their per-step values, which this {ranking.metric} "
+                         "ranking does not hold: rank with a local metric (mse, sqnr, ...)")
+    sign = -1.0 if METRICS[ranking.metric].higher_is_more_sensitive else 1.0
+
+    def score(layer) -> float:
+        values = np.asarray(layer.per_step[fmt], dtype=np.float64)[inside].mean(axis=1)
+        finite = values[np.isfinite(values)]
+        return sign * (float(finite.mean()) if finite.size else np.inf)
+
+    return sorted(layers, key=score)
+
+
 def build_plan(ranking, *, budget: float | None = None, top_k: int | None = None, protect_entrance: bool = True,
                protect: list[str] | None = None, fmt: str = "hif4", act_format: str | None = "same",
-               rank_format: str | None = None) -> Plan:
+               rank_format: str | None = None, protect_steps: tuple[int, int] | None = None) -> Plan:
     """Protect, per expert, the entrance layers (optional) and extra patterns, then the most sensitive
     layers of the ranking: the top ``top_k``, or while the protected share of the expert's parameters
     stays within ``budget`` (walking the ranking in order and protecting each layer that still fits).
     Everything else gets ``fmt`` for weights and ``act_format`` (default: the same) for activations.
 
+    ``protect_steps=(a, b)``: the protected layers keep high precision at denoising steps a..b only (rules with
+    a ``steps`` range; quantized at the other steps), chosen by their sensitivity at those steps (the
+    ranking's per-step values); an expert that runs none of those steps protects nothing.
+
     Raises:
         InputError: both or neither of ``budget``/``top_k``, a ranked block (plans are per layer),
-            an unknown format, a negative ``top_k``.
+            an unknown format, a negative ``top_k``, ``protect_steps`` with a ranking without per-step values.
     """
     activation, rank_format = _check_plan_request(ranking, budget, top_k, fmt, act_format, rank_format)
     patterns = [compile_pattern(p) for p in (protect or [])]
@@ -331,9 +363,19 @@ def build_plan(ranking, *, budget: float | None = None, top_k: int | None = None
                              "ranking")
         infos += [LayerInfo(expert, layer.name, layer.params, layer.in_features, layer.kind)
                   for layer in ordered]
+        if protect_steps is not None:
+            ordered = _in_steps(ranking, expert, rank_format, protect_steps)
+            if not ordered:
+                warnings.append(f"{expert}: runs none of steps {protect_steps[0]}-{protect_steps[1]}; nothing "
+                                "protected there")
         chosen = _protected_layers(ordered, expert, budget, top_k, protect_entrance, patterns, rank_format,
                                    ranking.metric, warnings)
-        rules += [Rule(f"{expert}:{name}", None, None, why) for name, why in chosen]
+        if protect_steps is not None:  # say where in the steps' own order each ranked layer stands
+            position = {layer.name: i + 1 for i, layer in enumerate(ordered)}
+            chosen = [(name, why if not why.startswith("rank ") else
+                       f"rank {position[name]} at steps {protect_steps[0]}-{protect_steps[1]} by {ranking.metric}")
+                      for name, why in chosen]
+        rules += [Rule(f"{expert}:{name}", None, None, why, steps=protect_steps) for name, why in chosen]
         rules.append(Rule(f"re:{expert}:.*", fmt, activation, "everything else"))
     table, _ = resolve(rules, infos)
     return Plan(
@@ -343,6 +385,7 @@ def build_plan(ranking, *, budget: float | None = None, top_k: int | None = None
                "family": ranking.provenance.get("family", WAN22_A14B.name)},
         source={"ranking_metric": ranking.metric, "ranking_format": rank_format, "reduce": ranking.reduce,
                 "budget": budget, "top_k": top_k, "protect_entrance": protect_entrance, "protect": protect or [],
+                **({"protect_steps": list(protect_steps)} if protect_steps is not None else {}),
                 "probe_sha256": ranking.provenance.get("probe_sha256"), "warnings": warnings,
                 "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())},
     )

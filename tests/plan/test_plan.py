@@ -172,3 +172,51 @@ def test_cli_plan_and_validate(tmp_path):
     invalid = runner.invoke(main, ["plan", "--validate", str(out), "--model", "tiny"])
     assert invalid.exit_code == 1 and "match no layer of this model: 'high:blocks.1.l0'" in invalid.output
     assert runner.invoke(main, ["plan"]).exit_code == 2
+
+
+def _per_step_ranking():
+    """Two layers per expert; at steps 0-1 (the high expert) l_early is the more sensitive, at steps 2-3 (the
+    low expert) l_late; over the whole trajectory their order is the other way round in the high expert."""
+    experts = {}
+    per_step = {"high": {"l_early": [[0.9], [0.1]], "l_late": [[0.2], [0.9]]},
+                "low": {"l_early": [[0.1], [0.1]], "l_late": [[0.5], [0.6]]}}
+    overall = {"high": {"l_early": 2, "l_late": 1}, "low": {"l_early": 2, "l_late": 1}}
+    for expert in ("high", "low"):
+        experts[expert] = [LayerRank(f"blocks.1.{name}", "linear", 100, 64, 8, False, False, {"hif4": 0.5},
+                                     per_step={"hif4": values}, rank={"hif4": overall[expert][name]})
+                           for name, values in per_step[expert].items()]
+    return Ranking("mse", "mean", ["hif4"], experts, {"high": [0, 1], "low": [2, 3]}, {}, ["cond"],
+                   {"model_id": "x", "model_fingerprint": "f"})
+
+
+def test_protect_steps_chooses_by_sensitivity_at_those_steps_and_ranges_the_rules():
+    ranking = _per_step_ranking()
+    plan = build_plan(ranking, top_k=1, protect_entrance=False, protect_steps=(0, 0))
+    ranged = [r for r in plan.rules if r.weight is None]
+    assert [(r.match, r.steps) for r in ranged] == [("high:blocks.1.l_early", (0, 0))]
+    assert "rank 1 at steps 0-0 by mse" in ranged[0].why
+    assert plan.source["protect_steps"] == [0, 0]
+    assert any("low: runs none of steps 0-0" in w for w in plan.source["warnings"])
+    row = next(r for r in plan.layers if r["layer"] == "blocks.1.l_early" and r["expert"] == "high")
+    assert row["weight"] == "hif4" and row["phases"][0]["steps"] == [0, 0]
+    whole = build_plan(ranking, top_k=1, protect_entrance=False)
+    assert whole.protected("high") == ["blocks.1.l_late"]
+    e2e = Ranking("e2e", "mean", ["hif4"], {e: [LayerRank("blocks.1.x", "linear", 1, 64, 8, False, False,
+                                                          {"hif4": 1.0}, rank={"hif4": 1})] for e in ("high",)},
+                  {"high": [0]}, {}, ["cond"], {"model_id": "x", "model_fingerprint": "f"})
+    with pytest.raises(InputError, match="--protect-steps orders layers by their per-step values"):
+        build_plan(e2e, top_k=1, protect_entrance=False, protect_steps=(0, 1))
+
+
+def test_cli_protect_steps(tmp_path):
+    ranking = tmp_path / "r.json"
+    _per_step_ranking().save(ranking)
+    runner = CliRunner()
+    done = runner.invoke(main, ["plan", str(ranking), "--top-k", "1", "--no-protect-entrance", "--protect-steps",
+                                "2-3", "--out", str(tmp_path / "p.json")])
+    assert done.exit_code == 0, done.output
+    assert "and at steps 2-3 only: blocks.1.l_late" in done.output
+    for bad, message in (("3-1", "0 <= A <= B"), ("x", "takes A-B")):
+        refused = runner.invoke(main, ["plan", str(ranking), "--top-k", "1", "--protect-steps", bad,
+                                       "--out", str(tmp_path / "q.json")])
+        assert refused.exit_code == 1 and message in refused.output, refused.output

@@ -309,7 +309,8 @@ def test_calibrating_a_student_on_its_teachers_probe_is_explicit_and_recorded(tm
     --probe-from-another-model, and the manifest says which model and trajectory the inputs came from."""
     runner = CliRunner()
     probe = tmp_path / "teacher.h5"
-    done = runner.invoke(main, ["probe", "--model", "tiny-trained", "--limit", "1", "--steps", "6", "--out", str(probe)])
+    done = runner.invoke(main, ["probe", "--model", "tiny-trained", "--limit", "1", "--steps", "6", "--out",
+                                str(probe)])
     assert done.exit_code == 0, done.output
     plan = tmp_path / "plan.json"
     Plan([Rule("re:(high|low):.*", "hif4", "hif4")]).save(plan)
