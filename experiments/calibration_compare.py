@@ -32,7 +32,7 @@ from sensq.plan import Plan, Rule, build_plan, model_layers, summarize, validate
 from sensq.probes.recorder import ProbeRequest, run_probe
 from sensq.prompts import load_prompts
 from sensq.sensitivity import RankRequest, rank_layers
-from sensq.trajectory import Trajectory
+from sensq.trajectory import Trajectory, get_preset
 
 
 def sets_for(model, ranking, fmt: str = "hif4") -> list[ProtectedSet]:
@@ -68,12 +68,14 @@ def main() -> None:
     parser.add_argument("--model", default="tiny-trained-4step")
     parser.add_argument("--prompts", type=int, default=4)
     parser.add_argument("--seeds", type=int, default=2)
-    parser.add_argument("--steps", type=int, default=4)
+    parser.add_argument("--steps", type=int, default=4, help="UniPC steps with CFG (without --preset)")
+    parser.add_argument("--preset", default=None, help="a trajectory preset instead (e.g. lightning-4step)")
     parser.add_argument("--out", type=Path, default=Path("calibration-compare"))
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     model = load_model(args.model, torch.device("cpu"), torch.float32)
-    trajectory = Trajectory(steps=args.steps).with_resolution(model.default_resolution)
+    trajectory = (get_preset(args.preset) if args.preset else Trajectory(steps=args.steps)).with_resolution(
+        model.default_resolution)
     prompts = load_prompts(None, args.prompts, procedural=model.procedural)
     probe = args.out / "probe.h5"
     run_probe(ProbeRequest(model, trajectory, prompts, model.adapter.experts(model.pipe), probe,
@@ -84,7 +86,7 @@ def main() -> None:
                           seeds=args.seeds, probe_path=probe)
     write_ablation_report(result, args.out / "ablation", [
         f"python experiments/calibration_compare.py --model {args.model} --prompts {args.prompts} --seeds "
-        f"{args.seeds} --steps {args.steps} --out {args.out}"])
+        f"{args.seeds} --steps {args.steps}{f' --preset {args.preset}' if args.preset else ''} --out {args.out}"])
     rows = [{"set": r["set"], "effective_bits": r["effective_bits"], "latent_nmse": r["intervals"]["latent_nmse"],
              **({"procedural": r["intervals"]["procedural"]} if "procedural" in r["intervals"] else {})}
             for r in result["rows"]]

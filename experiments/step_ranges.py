@@ -14,6 +14,8 @@ Sets (W4A4 HiF4 unless kept):
   everything at step 0                   the whole model in BF16 at the first step, quantized after
   ranked B, every step                   sensq plan --budget B (no forced entrance)
   ranked B, first half of the steps      the same layers in BF16 only in the first half of the steps
+  planned B, first half of the steps     sensq plan --budget B --protect-steps 0-(S/2-1): layers chosen by their
+                                         sensitivity in those steps, in BF16 there only
 
     python experiments/step_ranges.py --model tiny-trained-4step --prompts 8 --seeds 4 --out /tmp/steps
 """
@@ -30,7 +32,7 @@ from sensq.plan import Plan, Rule, build_plan, model_layers, validate_plan
 from sensq.probes.recorder import ProbeRequest, run_probe
 from sensq.prompts import load_prompts
 from sensq.sensitivity import RankRequest, rank_layers
-from sensq.trajectory import Trajectory, apply_trajectory, plan_steps
+from sensq.trajectory import Trajectory, apply_trajectory, get_preset, plan_steps
 
 
 def ranged(plan: Plan, steps: tuple[int, int]) -> Plan:
@@ -73,6 +75,8 @@ def sets_for(model, ranking, steps: int, budget: float, fmt: str = "hif4") -> li
                                                   + everything)),
         ProtectedSet(f"ranked {budget:.0%}, every step", kept),
         ProtectedSet(f"ranked {budget:.0%}, steps {half[0]}-{half[1]}", ranged(kept, half)),
+        ProtectedSet(f"planned {budget:.0%} for steps {half[0]}-{half[1]}",
+                     build_plan(ranking, budget=budget, fmt=fmt, protect_entrance=False, protect_steps=half)),
     ]
 
 
@@ -81,25 +85,28 @@ def main() -> None:
     parser.add_argument("--model", default="tiny-trained-4step")
     parser.add_argument("--prompts", type=int, default=4)
     parser.add_argument("--seeds", type=int, default=2)
-    parser.add_argument("--steps", type=int, default=4)
+    parser.add_argument("--steps", type=int, default=4, help="UniPC steps with CFG (without --preset)")
+    parser.add_argument("--preset", default=None, help="a trajectory preset instead (e.g. lightning-4step)")
     parser.add_argument("--budget", type=float, default=0.1)
     parser.add_argument("--out", type=Path, default=Path("step-ranges"))
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     model = load_model(args.model, torch.device("cpu"), torch.float32)
-    trajectory = Trajectory(steps=args.steps).with_resolution(model.default_resolution)
+    trajectory = (get_preset(args.preset) if args.preset else Trajectory(steps=args.steps)).with_resolution(
+        model.default_resolution)
     prompts = load_prompts(None, args.prompts, procedural=model.procedural)
     probe = args.out / "probe.h5"
     run_probe(ProbeRequest(model, trajectory, prompts, model.adapter.experts(model.pipe), probe,
                            resume=probe.exists()))
     ranking = rank_layers(RankRequest(probe, model, ["hif4"]))
     ranking.save(args.out / "ranking.json")
-    sets = sets_for(model, ranking, args.steps, args.budget)
+    sets = sets_for(model, ranking, trajectory.steps, args.budget)
     shares = {s.name: quantized_work_share(model, s.plan, trajectory) for s in sets}
     result = run_ablation(model, trajectory, prompts, sets, args.out / "ablation", fmt="hif4", seeds=args.seeds)
     write_ablation_report(result, args.out / "ablation", [
         f"python experiments/step_ranges.py --model {args.model} --prompts {args.prompts} --seeds {args.seeds} "
-        f"--steps {args.steps} --budget {args.budget} --out {args.out}"])
+        f"--steps {args.steps}{f' --preset {args.preset}' if args.preset else ''} --budget {args.budget} "
+        f"--out {args.out}"])
     rows = [{"set": r["set"], "effective_bits": r["effective_bits"], "quantized_work": shares[r["set"]],
              "latent_nmse": r["intervals"]["latent_nmse"],
              **({"procedural": r["intervals"]["procedural"]} if "procedural" in r["intervals"] else {})}
