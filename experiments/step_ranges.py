@@ -13,9 +13,9 @@ Sets (W4A4 HiF4 unless kept):
   entrance, step 0 only                  the entrance in BF16 at the first step, quantized after
   everything at step 0                   the whole model in BF16 at the first step, quantized after
   ranked B, every step                   sensq plan --budget B (no forced entrance)
-  ranked B, first half of the steps      the same layers in BF16 only in the first half of the steps
-  planned B, first half of the steps     sensq plan --budget B --protect-steps 0-(S/2-1): layers chosen by their
-                                         sensitivity in those steps, in BF16 there only
+  ranked B, step 0 only                  the same layers in BF16 at the first step only
+  planned B for step 0                   sensq plan --budget B --protect-steps 0-0: layers chosen by their
+                                         sensitivity at the first step, in BF16 there only
 
     python experiments/step_ranges.py --model tiny-trained-4step --prompts 8 --seeds 4 --out /tmp/steps
 """
@@ -61,12 +61,11 @@ def quantized_work_share(model, plan: Plan, trajectory: Trajectory) -> float:
     return done / total
 
 
-def sets_for(model, ranking, steps: int, budget: float, fmt: str = "hif4") -> list[ProtectedSet]:
+def sets_for(model, ranking, budget: float, fmt: str = "hif4") -> list[ProtectedSet]:
     experts = model.adapter.experts(model.pipe)
     entrance = f"re:({'|'.join(experts)}):({'|'.join(model.adapter.entrance)})"
     everything = [Rule(f"re:{e}:.*", fmt, fmt) for e in experts]
     kept = build_plan(ranking, budget=budget, fmt=fmt, protect_entrance=False)
-    half = (0, max(steps // 2 - 1, 0))
     return [
         ProtectedSet("none", Plan(everything)),
         ProtectedSet("entrance, every step", Plan([Rule(entrance, None, None)] + everything)),
@@ -74,9 +73,9 @@ def sets_for(model, ranking, steps: int, budget: float, fmt: str = "hif4") -> li
         ProtectedSet("everything at step 0", Plan([Rule(f"re:({'|'.join(experts)}):.*", None, None, steps=(0, 0))]
                                                   + everything)),
         ProtectedSet(f"ranked {budget:.0%}, every step", kept),
-        ProtectedSet(f"ranked {budget:.0%}, steps {half[0]}-{half[1]}", ranged(kept, half)),
-        ProtectedSet(f"planned {budget:.0%} for steps {half[0]}-{half[1]}",
-                     build_plan(ranking, budget=budget, fmt=fmt, protect_entrance=False, protect_steps=half)),
+        ProtectedSet(f"ranked {budget:.0%}, step 0 only", ranged(kept, (0, 0))),
+        ProtectedSet(f"planned {budget:.0%} for step 0",
+                     build_plan(ranking, budget=budget, fmt=fmt, protect_entrance=False, protect_steps=(0, 0))),
     ]
 
 
@@ -100,7 +99,7 @@ def main() -> None:
                            resume=probe.exists()))
     ranking = rank_layers(RankRequest(probe, model, ["hif4"]))
     ranking.save(args.out / "ranking.json")
-    sets = sets_for(model, ranking, trajectory.steps, args.budget)
+    sets = sets_for(model, ranking, args.budget)
     shares = {s.name: quantized_work_share(model, s.plan, trajectory) for s in sets}
     result = run_ablation(model, trajectory, prompts, sets, args.out / "ablation", fmt="hif4", seeds=args.seeds)
     write_ablation_report(result, args.out / "ablation", [
