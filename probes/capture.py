@@ -22,7 +22,7 @@ from diffusers.hooks import HookRegistry, ModelHook
 from diffusers.hooks.hooks import StateManager
 
 from sensq.models.family import ModelFamily
-from sensq.models.layers import input_rows, layer_kind, output_rows, quantizable_layers
+from sensq.models.layers import input_rows, layer_kind, layer_size, output_rows, quantizable_layers
 from sensq.store.probe_file import LayerShape
 
 HOOK_NAME = "sensq_probe"
@@ -181,8 +181,9 @@ class ProbeSession:
         self._layers.setdefault(name, {}).setdefault(branch, stats)
         if (expert, name) not in self.layer_meta:
             kind = layer_kind(module)
-            out_features = module.out_channels if kind == "conv3d" else module.out_features
-            params = sum(p.numel() for p in module.parameters(recurse=False))
+            params, _ = layer_size(module)
+            out_features = module.weight_shape[0] if hasattr(module, "weight_shape") else (
+                module.out_channels if kind == "conv3d" else module.out_features)
             self.layer_meta[(expert, name)] = LayerShape(kind, rows.shape[1], out_features, params, rows.shape[0],
                                                          self.sample_rows[rows.shape[0]].numpy())
 

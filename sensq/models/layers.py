@@ -66,13 +66,18 @@ def layer_infos(experts: dict[str, torch.nn.Module]) -> list[LayerInfo]:
     infos = []
     for expert, module in experts.items():
         for name, layer in quantizable_layers(module):
-            if hasattr(layer, "weight_shape"):  # a deployed layer: its packed weight has no Parameter
-                rows, cols = layer.weight_shape
-                size = rows * cols + (0 if layer.bias is None else layer.bias.numel())
-            else:
-                size, cols = sum(p.numel() for p in layer.parameters(recurse=False)), layer.weight[0].numel()
-            infos.append(LayerInfo(expert, name, size, int(cols), layer_kind(layer)))
+            size, cols = layer_size(layer)
+            infos.append(LayerInfo(expert, name, size, cols, layer_kind(layer)))
     return infos
+
+
+def layer_size(layer: torch.nn.Module) -> tuple[int, int]:
+    """(parameters, GEMM input width) of a quantizable layer, whatever holds its weight (a deployed or phased
+    layer declares ``weight_shape``: its weight is packed or inside a variant)."""
+    if hasattr(layer, "weight_shape"):
+        rows, cols = layer.weight_shape
+        return rows * cols + (0 if layer.bias is None else layer.bias.numel()), int(cols)
+    return sum(p.numel() for p in layer.parameters(recurse=False)), int(layer.weight[0].numel())
 
 
 def linear_count_and_params(expert: torch.nn.Module) -> tuple[int, int]:

@@ -152,6 +152,16 @@ def test_checkpoint_loads_as_deployed_layers_without_dense_weights(probed, tmp_p
     assert [(i.expert, i.name, i.params, i.in_features) for i in model_layers(loaded)] == \
         [(i.expert, i.name, i.params, i.in_features) for i in before]
     assert len(quantizable_layers(low)) == len(quantizable_layers(model.pipe.transformer_2))
+    from sensq.probes.recorder import ProbeRequest, run_probe
+    from sensq.store.probe_file import ProbeFile
+
+    trajectory = Trajectory(steps=2).with_resolution(loaded.default_resolution)
+    for source, path in ((model, tmp_path / "fp.h5"), (loaded, tmp_path / "ckpt.h5")):
+        run_probe(ProbeRequest(source, trajectory, load_prompts(None, 1), ["high"], path))
+    with ProbeFile(tmp_path / "fp.h5") as fp, ProbeFile(tmp_path / "ckpt.h5") as deployed:
+        for name in ("blocks.1.attn1.to_q", "patch_embedding"):  # the probe counts a packed layer's weight too
+            assert deployed.layer_attrs("high", name)["params"] == fp.layer_attrs("high", name)["params"]
+            assert deployed.layer_attrs("high", name)["out_features"] == fp.layer_attrs("high", name)["out_features"]
 
 
 def test_group_size_survives_the_checkpoint(probed, tmp_path):
