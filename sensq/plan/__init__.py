@@ -347,8 +347,11 @@ def build_plan(ranking, *, budget: float | None = None, top_k: int | None = None
     a ``steps`` range; quantized at the other steps), chosen by their sensitivity at those steps (the
     ranking's per-step values); an expert that runs none of those steps protects nothing.
 
+    A block ranking (``sensq rank --metric e2e --granularity block``) is planned block by block: a protected
+    block keeps all its layers in high precision (``top_k`` counts blocks).
+
     Raises:
-        InputError: both or neither of ``budget``/``top_k``, a ranked block (plans are per layer),
+        InputError: both or neither of ``budget``/``top_k``, a block ranking without its blocks' layers,
             an unknown format, a negative ``top_k``, ``protect_steps`` with a ranking without per-step values.
     """
     activation, rank_format = _check_plan_request(ranking, budget, top_k, fmt, act_format, rank_format)
@@ -358,11 +361,12 @@ def build_plan(ranking, *, budget: float | None = None, top_k: int | None = None
     warnings: list[str] = []
     for expert in ranking.experts:
         ordered = ranking.ordered(expert, rank_format)
-        if any(layer.members for layer in ordered):
-            raise InputError("this ranking scores whole blocks (--granularity block); plans need a per-layer "
-                             "ranking")
-        infos += [LayerInfo(expert, layer.name, layer.params, layer.in_features, layer.kind)
-                  for layer in ordered]
+        if any(layer.members and not layer.member_layers for layer in ordered):
+            raise InputError("this block ranking does not record its blocks' layers (made by an older sensq): "
+                             "rank again with --granularity block, or rank per layer")
+        infos += [LayerInfo(expert, m["name"], m["params"], m["in_features"], m["kind"]) if layer.members else
+                  LayerInfo(expert, layer.name, layer.params, layer.in_features, layer.kind)
+                  for layer in ordered for m in (layer.member_layers or [None])]
         if protect_steps is not None:
             ordered = _in_steps(ranking, expert, rank_format, protect_steps)
             if not ordered:
@@ -375,7 +379,10 @@ def build_plan(ranking, *, budget: float | None = None, top_k: int | None = None
             chosen = [(name, why if not why.startswith("rank ") else
                        f"rank {position[name]} at steps {protect_steps[0]}-{protect_steps[1]} by {ranking.metric}")
                       for name, why in chosen]
-        rules += [Rule(f"{expert}:{name}", None, None, why, steps=protect_steps) for name, why in chosen]
+        groups = {layer.name: layer.members for layer in ordered if layer.members}
+        rules += [Rule(f"{expert}:{member}", None, None, f"{why} (block {name})" if name in groups else why,
+                       steps=protect_steps)
+                  for name, why in chosen for member in groups.get(name, [name])]
         rules.append(Rule(f"re:{expert}:.*", fmt, activation, "everything else"))
     table, _ = resolve(rules, infos)
     return Plan(

@@ -31,7 +31,8 @@ RANKING_SCHEMA = "sensq.ranking/1"
 _LAYER_SPEC = Fields(
     required={"name": str, "kind": str, "params": int, "in_features": int, "out_features": int, "entrance": bool,
               "exit": bool, "value": MapOf(float), "rank": MapOf(int)},
-    optional={"per_step": MapOf(ListOf(ListOf(float))), "members": ListOf(str)},
+    optional={"per_step": MapOf(ListOf(ListOf(float))), "members": ListOf(str),
+              "member_layers": ListOf(Fields(required={"name": str, "kind": str, "params": int, "in_features": int}))},
 )
 _RANKING_SPEC = Fields(
     required={"schema": str, "metric": str, "reduce": str, "formats": ListOf(str),
@@ -62,6 +63,8 @@ class LayerRank:
     """1 = most sensitive, per format."""
     members: list[str] = field(default_factory=list)
     """Layer names a block group stands for (empty for single layers)."""
+    member_layers: list[dict] = field(default_factory=list)
+    """Each member's ``name``, ``kind``, ``params`` and ``in_features`` (what a plan needs to expand the group)."""
 
 
 @dataclass
@@ -297,5 +300,8 @@ def _rank_e2e(request, probe, model, expert, expert_module, layer_names, formats
             entrance=all(model.adapter.is_entrance(n) for n in members),
             exit=all(model.adapter.is_exit(n) for n in members),
             value={f: values[f][group] for f in values}, members=members if len(members) > 1 else [],
+            member_layers=[{"name": n, "kind": i["kind"], "params": int(i["params"]),
+                            "in_features": int(i["in_features"])} for n, i in zip(members, infos, strict=True)]
+            if len(members) > 1 else [],
         ))
     return layers

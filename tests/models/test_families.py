@@ -42,6 +42,8 @@ def test_the_whole_chain(model, tmp_path):
         ["rank", str(probe), "--out", str(ranking)],
         ["rank", str(probe), "--metric", "e2e", "--granularity", "block", "--limit", "1", "--out", str(e2e)],
         ["plan", str(ranking), "--budget", "40%", "--out", str(tmp_path / "plan.json")],
+        ["plan", str(e2e), "--top-k", "1", "--no-protect-entrance", "--out", str(tmp_path / "blocks.json")],
+        ["plan", str(e2e), "--budget", "60%", "--no-protect-entrance", "--out", str(tmp_path / "blocks-budget.json")],
         ["apply-plan", str(tmp_path / "plan.json"), "--model", model, "--probe", str(probe), "--calibrate", "mse",
          *sequential, "--out", str(tmp_path / "ckpt")],
         ["generate", "--model", str(tmp_path / "ckpt"), "--limit", "1", "--steps", "3", *options, "--no-video",
@@ -66,6 +68,15 @@ def test_the_whole_chain(model, tmp_path):
     assert ranked["provenance"]["family"] == family_name and list(ranked["experts"]) == experts
     blocks = json.loads(e2e.read_text())["experts"][experts[0]]
     assert f"{source.adapter.blocks}.1" in {layer["name"] for layer in blocks}  # a whole block scored as one
+    from sensq.plan import Plan, model_layers, validate_plan
+
+    block_plan = Plan.load(tmp_path / "blocks.json")  # a block ranking planned: the top block's every layer kept
+    top = min(blocks, key=lambda layer: layer["rank"]["hif4"])
+    assert set(block_plan.protected(experts[0])) == set(top.get("members") or [top["name"]])
+    blocks_only = Plan.load(tmp_path / "blocks-budget.json")  # a budget that only a whole block can use
+    assert any(len(layer.get("members", [])) > 1 and set(layer["members"]) <= set(blocks_only.protected(experts[0]))
+               for layer in blocks)
+    assert len(validate_plan(block_plan, model_layers(source))) == len(model_layers(source))
     manifest = json.loads((tmp_path / "ckpt" / "manifest.json").read_text())
     assert manifest["family"] == family_name and manifest["experts"] == source.adapter.expert_attrs
     calibrated = [entry for entry in manifest["layers"].values() if entry["weight"]]

@@ -99,7 +99,7 @@ def test_bad_plan_requests():
         build_plan(_ranking(), top_k=1, rank_format="int4")
     ranking = _ranking()
     ranking.experts["high"][1].members = ["blocks.1.l0", "blocks.1.l1"]
-    with pytest.raises(InputError, match="scores whole blocks"):
+    with pytest.raises(InputError, match="does not record its blocks' layers"):
         build_plan(ranking, top_k=1)
 
 
