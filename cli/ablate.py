@@ -157,10 +157,6 @@ def _print_rows(result: dict) -> None:
               help="Built-in prompts to use.")
 @click.option("--steps", type=click.IntRange(min=1), default=8, show_default=True)
 @click.option("--budget", default="10%", show_default=True, help="Protected budget of the demo plan.")
-@click.option("--plans", "plan_files", multiple=True, type=click.Path(dir_okay=False, path_type=Path),
-              help="Ablate these plan files instead of the standard sets (repeat the option; each set is named "
-                   "after its file; 'none' is always run as the yardstick). Points of a plan --pareto front, tier "
-                   "plans, plans whose rules carry a 'calibration' (then pass --probe).")
 @click.option("--seeds", type=click.IntRange(min=1), default=2, show_default=True,
               help="Seeds per prompt in the ablation (its intervals are over prompts x seeds).")
 @click.option("--threads", type=click.IntRange(min=1), default=None,
