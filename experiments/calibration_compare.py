@@ -22,17 +22,11 @@ Sets (W4A4 HiF4 everywhere unless kept):
 
 import argparse
 import json
-from pathlib import Path
 
-import torch
+from setup_run import add_arguments, probe_and_rank, trajectory_flags
 
 from sensq.ablate import ProtectedSet, run_ablation, write_ablation_report
-from sensq.loading import load_model
 from sensq.plan import Plan, Rule, build_plan, model_layers, summarize, validate_plan
-from sensq.probes.recorder import ProbeRequest, run_probe
-from sensq.prompts import load_prompts
-from sensq.sensitivity import RankRequest, rank_layers
-from sensq.trajectory import Trajectory, get_preset
 
 
 def sets_for(model, ranking, fmt: str = "hif4") -> list[ProtectedSet]:
@@ -65,28 +59,14 @@ def sets_for(model, ranking, fmt: str = "hif4") -> list[ProtectedSet]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", default="tiny-trained-4step")
-    parser.add_argument("--prompts", type=int, default=4)
-    parser.add_argument("--seeds", type=int, default=2)
-    parser.add_argument("--steps", type=int, default=4, help="UniPC steps with CFG (without --preset)")
-    parser.add_argument("--preset", default=None, help="a trajectory preset instead (e.g. lightning-4step)")
-    parser.add_argument("--out", type=Path, default=Path("calibration-compare"))
+    add_arguments(parser, "calibration-compare")
     args = parser.parse_args()
-    args.out.mkdir(parents=True, exist_ok=True)
-    model = load_model(args.model, torch.device("cpu"), torch.float32)
-    trajectory = (get_preset(args.preset) if args.preset else Trajectory(steps=args.steps)).with_resolution(
-        model.default_resolution)
-    prompts = load_prompts(None, args.prompts, procedural=model.procedural)
-    probe = args.out / "probe.h5"
-    run_probe(ProbeRequest(model, trajectory, prompts, model.adapter.experts(model.pipe), probe,
-                           resume=probe.exists()))
-    ranking = rank_layers(RankRequest(probe, model, ["hif4"]))
-    ranking.save(args.out / "ranking.json")
-    result = run_ablation(model, trajectory, prompts, sets_for(model, ranking), args.out / "ablation", fmt="hif4",
-                          seeds=args.seeds, probe_path=probe)
+    run = probe_and_rank(args)
+    result = run_ablation(run.model, run.trajectory, run.prompts, sets_for(run.model, run.ranking),
+                          args.out / "ablation", fmt="hif4", seeds=args.seeds, probe_path=run.probe)
     write_ablation_report(result, args.out / "ablation", [
         f"python experiments/calibration_compare.py --model {args.model} --prompts {args.prompts} --seeds "
-        f"{args.seeds} --steps {args.steps}{f' --preset {args.preset}' if args.preset else ''} --out {args.out}"])
+        f"{args.seeds} {trajectory_flags(args)} --out {args.out}"])
     rows = [{"set": r["set"], "effective_bits": r["effective_bits"], "latent_nmse": r["intervals"]["latent_nmse"],
              **({"procedural": r["intervals"]["procedural"]} if "procedural" in r["intervals"] else {})}
             for r in result["rows"]]

@@ -22,17 +22,12 @@ Sets (W4A4 HiF4 unless kept):
 
 import argparse
 import json
-from pathlib import Path
 
-import torch
+from setup_run import add_arguments, probe_and_rank, trajectory_flags
 
 from sensq.ablate import ProtectedSet, run_ablation, write_ablation_report
-from sensq.loading import load_model
 from sensq.plan import Plan, Rule, build_plan, model_layers, validate_plan
-from sensq.probes.recorder import ProbeRequest, run_probe
-from sensq.prompts import load_prompts
-from sensq.sensitivity import RankRequest, rank_layers
-from sensq.trajectory import Trajectory, apply_trajectory, get_preset, plan_steps
+from sensq.trajectory import Trajectory, apply_trajectory, plan_steps
 
 
 def ranged(plan: Plan, steps: tuple[int, int]) -> Plan:
@@ -81,31 +76,17 @@ def sets_for(model, ranking, budget: float, fmt: str = "hif4") -> list[Protected
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", default="tiny-trained-4step")
-    parser.add_argument("--prompts", type=int, default=4)
-    parser.add_argument("--seeds", type=int, default=2)
-    parser.add_argument("--steps", type=int, default=4, help="UniPC steps with CFG (without --preset)")
-    parser.add_argument("--preset", default=None, help="a trajectory preset instead (e.g. lightning-4step)")
+    add_arguments(parser, "step-ranges")
     parser.add_argument("--budget", type=float, default=0.1)
-    parser.add_argument("--out", type=Path, default=Path("step-ranges"))
     args = parser.parse_args()
-    args.out.mkdir(parents=True, exist_ok=True)
-    model = load_model(args.model, torch.device("cpu"), torch.float32)
-    trajectory = (get_preset(args.preset) if args.preset else Trajectory(steps=args.steps)).with_resolution(
-        model.default_resolution)
-    prompts = load_prompts(None, args.prompts, procedural=model.procedural)
-    probe = args.out / "probe.h5"
-    run_probe(ProbeRequest(model, trajectory, prompts, model.adapter.experts(model.pipe), probe,
-                           resume=probe.exists()))
-    ranking = rank_layers(RankRequest(probe, model, ["hif4"]))
-    ranking.save(args.out / "ranking.json")
-    sets = sets_for(model, ranking, args.budget)
-    shares = {s.name: quantized_work_share(model, s.plan, trajectory) for s in sets}
-    result = run_ablation(model, trajectory, prompts, sets, args.out / "ablation", fmt="hif4", seeds=args.seeds)
+    run = probe_and_rank(args)
+    sets = sets_for(run.model, run.ranking, args.budget)
+    shares = {s.name: quantized_work_share(run.model, s.plan, run.trajectory) for s in sets}
+    result = run_ablation(run.model, run.trajectory, run.prompts, sets, args.out / "ablation", fmt="hif4",
+                          seeds=args.seeds)
     write_ablation_report(result, args.out / "ablation", [
         f"python experiments/step_ranges.py --model {args.model} --prompts {args.prompts} --seeds {args.seeds} "
-        f"--steps {args.steps}{f' --preset {args.preset}' if args.preset else ''} --budget {args.budget} "
-        f"--out {args.out}"])
+        f"{trajectory_flags(args)} --budget {args.budget} --out {args.out}"])
     rows = [{"set": r["set"], "effective_bits": r["effective_bits"], "quantized_work": shares[r["set"]],
              "latent_nmse": r["intervals"]["latent_nmse"],
              **({"procedural": r["intervals"]["procedural"]} if "procedural" in r["intervals"] else {})}

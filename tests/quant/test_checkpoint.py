@@ -1,8 +1,6 @@
 """apply-plan: calibration, packed checkpoints that load back bit-identically, sizes, bad input."""
 
 import json
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -19,6 +17,7 @@ from sensq.quant import QuantLinear
 from sensq.quant.apply import apply_plan
 from sensq.quant.checkpoint import load_quantized, read_manifest, save_quantized
 from sensq.trajectory import Trajectory, apply_trajectory, run
+from tests.fresh_process import latents_in_a_fresh_process
 
 ENTRANCE = r"re:(high|low):(patch_embedding|condition_embedder\..*|blocks\.0\..*)"
 PLAN = Plan([Rule(ENTRANCE, None, None), Rule("re:high:.*", "hif4", "hif4"), Rule("re:low:.*", "nvfp4", "nvfp4")])
@@ -50,18 +49,8 @@ def test_save_load_in_a_fresh_process_is_bit_identical(probed, calibrate, tmp_pa
     expected = _latents(model, trajectory)
     manifest = save_quantized(model, tmp_path / "ckpt", plan=PLAN, calibration=calibration)
     assert manifest["packed"] and manifest["layers"]["high:blocks.1.attn1.to_q"]["weight"] == "hif4"
-    torch.save(expected, tmp_path / "expected.pt")
-    code = (
-        "import torch, sys\n"
-        "from sensq.loading import load_model\n"
-        "from sensq.trajectory import Trajectory, apply_trajectory, run\n"
-        f"model = load_model({str(tmp_path / 'ckpt')!r}, torch.device('cpu'), torch.float32)\n"
-        f"trajectory = Trajectory.from_dict({trajectory.to_dict()!r})\n"
-        "apply_trajectory(model.pipe, trajectory)\n"
-        "got = run(model.pipe, 'a red ball moving left', trajectory, seed=7)\n"
-        f"sys.exit(0 if torch.equal(got, torch.load({str(tmp_path / 'expected.pt')!r})) else 3)\n"
-    )
-    assert subprocess.run([sys.executable, "-c", code], capture_output=True).returncode == 0
+    done = latents_in_a_fresh_process(tmp_path / "ckpt", trajectory, expected, tmp_path, "a red ball moving left", 7)
+    assert done.returncode == 0, done.stderr[-2000:]
 
 
 def test_mse_calibration_clips_only_when_it_helps(probed):

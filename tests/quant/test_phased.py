@@ -1,8 +1,6 @@
 """Timestep-range rules: a layer's precision follows the pipeline's denoising step."""
 
 import json
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -15,6 +13,7 @@ from sensq.quant.apply import apply_plan, dequantize_
 from sensq.quant.checkpoint import save_quantized
 from sensq.quant.phased import STEP_CLOCK_ATTR, is_phased
 from sensq.trajectory import Trajectory, apply_trajectory, run
+from tests.fresh_process import latents_in_a_fresh_process
 
 EVERYTHING = Rule("re:(high|low):.*", "hif4", "hif4")
 
@@ -128,18 +127,7 @@ def test_checkpoint_loads_in_a_fresh_process_bit_identical(tiny, tmp_path):
         dequantize_(model)
     assert manifest["layers"]["high:blocks.0.attn1.to_q"]["phases"] == [
         {"steps": [0, 0], "weight": None, "activation": None}]
-    torch.save(expected, tmp_path / "expected.pt")
-    code = (
-        "import torch, sys\n"
-        "from sensq.loading import load_model\n"
-        "from sensq.trajectory import Trajectory, apply_trajectory, run\n"
-        f"model = load_model({str(tmp_path / 'ckpt')!r}, torch.device('cpu'), torch.float32)\n"
-        f"trajectory = Trajectory.from_dict({trajectory.to_dict()!r})\n"
-        "apply_trajectory(model.pipe, trajectory)\n"
-        "got = run(model.pipe, 'a red ball moving left', trajectory, seed=3)\n"
-        f"sys.exit(0 if torch.equal(got, torch.load({str(tmp_path / 'expected.pt')!r})) else 3)\n"
-    )
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    done = latents_in_a_fresh_process(tmp_path / "ckpt", trajectory, expected, tmp_path, "a red ball moving left", 3)
     assert done.returncode == 0, done.stderr[-2000:]
 
 
