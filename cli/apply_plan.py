@@ -36,6 +36,9 @@ from sensq.plan import CALIBRATIONS
                    "backend; the fused linear equals F.linear on the dequantized operands up to fp32 summation order.")
 @click.option("--offload", is_flag=True, help="Keep only the block being calibrated on the GPU (diffusers group "
               "offloading; the rest of each expert waits on the host).")
+@click.option("--pooled-experts", is_flag=True,
+              help="Calibrate every expert on the captured inputs of all experts pooled (one calibration set from "
+                   "the whole trajectory) instead of each on its own steps' inputs, as the study does.")
 @click.option("--probe-from-another-model", is_flag=True,
               help="Calibrate on a probe made with another model on purpose (the study calibrates a 4-step student "
                    "on its 40-step teacher's trajectory); the layer names must match. The manifest records the "
@@ -46,7 +49,7 @@ from sensq.plan import CALIBRATIONS
               "when the new one is complete).")
 @click.option("--json", "as_json", is_flag=True, help="Print the manifest summary as JSON.")
 def apply_plan(plan_file, model, device, dtype, lora_high, lora_low, probe_file, calibrate, sequential_experts, fake,
-               backend, offload, probe_from_another_model, force, out, as_json) -> None:
+               backend, offload, pooled_experts, probe_from_another_model, force, out, as_json) -> None:
     """Quantize the model by the plan, expert by expert, and write a checkpoint that
     `--model DIR` (any command) and `sensq.quant.checkpoint.load_quantized(DIR)` load back.
 
@@ -91,8 +94,8 @@ def apply_plan(plan_file, model, device, dtype, lora_high, lora_low, probe_file,
             _, calibration = run_apply(loaded, plan, probe_path=probe_file, calibrate=calibrate,
                                        sequential_experts=sequential_experts, force=force, backend=backend,
                                        offload=offload, probe_from_another_model=probe_from_another_model,
-                                       progress=bar)
-        source = calibration_source(loaded, probe_file, calibrate, sequential_experts)
+                                       pooled_experts=pooled_experts, progress=bar)
+        source = calibration_source(loaded, probe_file, calibrate, sequential_experts, pooled_experts)
         manifest = save_quantized(loaded, out, plan=plan, calibration=calibration, fake=fake, lock=False,
                                   calibration_source=source)
     peak_host = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024

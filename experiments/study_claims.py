@@ -8,6 +8,7 @@ it and generated for every prompt x seed along the student's own trajectory (Lig
   own 4-step probe        calibrated on the student's own trajectory, each expert on its own inputs (the study)
   teacher 40-step probe   calibrated on the teacher's 40-step UniPC trajectory (--probe-from-another-model)
   sequential experts      own probe; the low-noise expert re-probed after the high-noise one is quantized
+  pooled experts          own probe; every expert calibrated on both experts' inputs pooled (--pooled-experts)
 
 Latent NMSE vs the student's full-precision generation, 95% bootstrap intervals, every pair compared per
 generation (paired bootstrap); on the procedural models also the evaluator's score.
@@ -59,6 +60,7 @@ def main() -> None:
         (f"teacher {args.teacher_steps}-step probe", {"calibrate": args.calibrate, "probe_path": taught,
                                                        "probe_from_another_model": True}),
         ("sequential experts", {"calibrate": args.calibrate, "probe_path": own, "sequential_experts": True}),
+        ("pooled experts", {"calibrate": args.calibrate, "probe_path": own, "pooled_experts": True}),
     ]
     rows = []
     for name, options in variants:

@@ -136,12 +136,13 @@ def seed_bases(trajectory, seeds: int) -> list[int]:
 def run_ablation(model, trajectory, prompts, sets: list[ProtectedSet], out: Path, *, fmt: str, seeds: int = 1,
                  calibrate: str = "none", probe_path: Path | None = None, backend: str = "auto",
                  sequential_experts: bool = False, probe_from_another_model: bool = False,
-                 write_video: bool = False, progress: Callable[[str, int, int], None] | None = None) -> dict:
+                 pooled_experts: bool = False, write_video: bool = False,
+                 progress: Callable[[str, int, int], None] | None = None) -> dict:
     """Run every set over every prompt and seed (resuming what is done) and write ``ablation.json``.
 
     Each set is deployed exactly as ``sensq apply-plan`` deploys it, through the same function
-    (:func:`sensq.quant.apply.apply_plan`: the same ``calibrate``, probe, ``backend``, ``sequential_experts``
-    and ``probe_from_another_model``), and generated as
+    (:func:`sensq.quant.apply.apply_plan`: the same ``calibrate``, probe, ``backend``, ``sequential_experts``,
+    ``pooled_experts`` and ``probe_from_another_model``), and generated as
     ``sensq generate`` generates; the round trip through a packed checkpoint gives bit-identical latents
     (tests/eval/test_ablate_demo.py checks a row against ``apply-plan`` + ``generate --model CKPT``).
     Scores are per generation (prompt x seed) against the full-precision generation of the same prompt and
@@ -172,7 +173,8 @@ def run_ablation(model, trajectory, prompts, sets: list[ProtectedSet], out: Path
     deploy = {"calibrate": calibrate, "backend": backend,
               "probe_sha256": file_digest(probe_path, length=64) if probe_path is not None else None,
               **({"sequential_experts": True} if sequential_experts else {}),
-              **({"probe_from_another_model": True} if probe_from_another_model else {})}
+              **({"probe_from_another_model": True} if probe_from_another_model else {}),
+              **({"pooled_experts": True} if pooled_experts else {})}
     layers = model_layers(model)
     rows = []
     for position, protected in enumerate(sets):
@@ -190,7 +192,8 @@ def run_ablation(model, trajectory, prompts, sets: list[ProtectedSet], out: Path
                     for base in bases]
         if not all(generation_complete(request) for request in requests):
             apply_plan(model, protected.plan, probe_path=probe_path, calibrate=calibrate, backend=backend,
-                       sequential_experts=sequential_experts, probe_from_another_model=probe_from_another_model)
+                       sequential_experts=sequential_experts, probe_from_another_model=probe_from_another_model,
+                       pooled_experts=pooled_experts)
             try:
                 for request in requests:
                     generate(request)

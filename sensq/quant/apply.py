@@ -71,12 +71,17 @@ def offload_experts(model) -> None:
 
 def apply_plan(model, plan: Plan, *, probe_path=None, calibrate: str = "none", sequential_experts: bool = False,
                backend: str = "auto", force: bool = False, offload: bool = False,
-               probe_from_another_model: bool = False, progress=None) -> tuple[list[dict], dict]:
+               probe_from_another_model: bool = False, pooled_experts: bool = False,
+               progress=None) -> tuple[list[dict], dict]:
     """Quantize ``model`` by ``plan`` expert by expert, calibrated on ``probe_path`` when asked.
 
     With ``sequential_experts`` every expert after the first (Wan2.2: the low-noise one) is calibrated on a
     fresh probe of the trajectory run with the experts before it already quantized (same prompts, seeds and
     trajectory as the probe file), so its calibration sees their quantization error.
+
+    ``pooled_experts``: every expert is calibrated on the captured inputs of all experts pooled (the calibration
+    set of the whole trajectory, the alternative to the study's expert-by-expert sets; needs every expert in
+    the probe file, and cannot be combined with ``sequential_experts``).
 
     ``probe_from_another_model``: calibrate on inputs captured with another model (a 4-step student calibrated
     on its 40-step teacher's probe, as the study does); the layer names must match. Record it with
@@ -100,10 +105,14 @@ def apply_plan(model, plan: Plan, *, probe_path=None, calibrate: str = "none", s
         which = f"--calibrate {calibrate} needs" if calibrate != "none" else "the plan's 'calibration' rules need"
         raise InputError(f"{which} --probe PROBE.h5 (the captured inputs to calibrate on)")
     family, experts = model.adapter, model.adapter.experts(model.pipe)
+    if pooled_experts and sequential_experts:
+        raise InputError("--pooled-experts and --sequential-experts exclude each other: a pooled set is drawn "
+                         "from the full-precision trajectory of every expert")
 
     def calibrate_one(expert, probe, method):
         calibration = calibrate_expert(family.expert_module(model.pipe, expert), expert, table, probe, family,
-                                       method=method, backend=backend, device=model.device, progress=progress)
+                                       method=method, backend=backend, device=model.device, progress=progress,
+                                       pooled=tuple(experts) if pooled_experts else ())
         phase_layers(model, table, expert, backend)
         return calibration
 
@@ -131,13 +140,15 @@ def apply_plan(model, plan: Plan, *, probe_path=None, calibrate: str = "none", s
     return table, calibration
 
 
-def calibration_source(model, probe_path, calibrate: str, sequential_experts: bool) -> dict:
+def calibration_source(model, probe_path, calibrate: str, sequential_experts: bool,
+                       pooled_experts: bool = False) -> dict:
     """What a checkpoint records of its calibration: the default method, and the probe it was calibrated on
     (its model, trajectory and prompts, and whether that is another model or trajectory than this one)."""
     from sensq.store.files import file_digest
     from sensq.store.probe_file import ProbeFile
 
-    source = {"default": calibrate, "sequential_experts": sequential_experts, "probe": None}
+    source = {"default": calibrate, "sequential_experts": sequential_experts, "pooled_experts": pooled_experts,
+              "probe": None}
     if probe_path is None:
         return source
     with ProbeFile(probe_path) as probe:

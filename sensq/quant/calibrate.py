@@ -155,7 +155,7 @@ def _formats(row: dict) -> tuple[FormatSpec | None, FormatSpec | None]:
 
 def calibrate_expert(expert_module: torch.nn.Module, expert: str, table: list[dict], probe, family: ModelFamily, *,
                      method: str = "mse", max_rows: int = 4096, backend: str = "auto",
-                     device: torch.device | None = None,
+                     device: torch.device | None = None, pooled: tuple[str, ...] = (),
                      progress: Callable[[str, int, int], None] | None = None) -> dict[str, LayerCalibration]:
     """Quantize one expert in place according to ``table`` (the plan's resolved rows), calibrated.
 
@@ -168,6 +168,8 @@ def calibrate_expert(expert_module: torch.nn.Module, expert: str, table: list[di
         max_rows: cap on the captured rows per layer used to calibrate it.
         device: where the blocks run (default: where the expert's parameters are; pass it when the expert
             is group-offloaded, so that the replayed inputs go to the execution device).
+        pooled: other experts whose captured inputs are pooled with this expert's (a calibration set drawn
+            from the whole trajectory, every expert's steps, instead of the expert's own steps).
 
     Returns:
         The calibration of every quantized layer.
@@ -182,21 +184,28 @@ def calibrate_expert(expert_module: torch.nn.Module, expert: str, table: list[di
                                              methods[name])
             _quantize_calibrated(expert_module, name, row, results[name], backend)
         return results
-    if probe is None or expert not in probe.experts:
-        raise InputError(f"the probe file has no captured inputs for the {expert!r} expert; probe it first")
+    sources = (expert, *[e for e in pooled if e != expert])
+    for source in sources:
+        if probe is None or source not in probe.experts:
+            raise InputError(f"the probe file has no captured inputs for the {source!r} expert; probe it first")
+    generator = torch.Generator().manual_seed(0)
     outside = [name for name in rows if family.block_of(name) is None]
     for name in outside:
         act_rows = None
         if methods[name] not in CALIBRATIONS_WITHOUT_DATA:
-            samples = probe.read(expert, name, "samples")
-            act_rows = torch.from_numpy(samples.reshape(-1, samples.shape[-1]))[:max_rows]
+            samples = [probe.read(source, name, "samples") for source in sources]
+            act_rows = torch.cat([torch.from_numpy(a.reshape(-1, a.shape[-1])) for a in samples])
+            if len(sources) == 1:
+                act_rows = act_rows[:max_rows]
+            elif act_rows.shape[0] > max_rows:  # pooled: a draw over every expert's rows
+                act_rows = act_rows[torch.randperm(act_rows.shape[0], generator=generator)[:max_rows].sort().values]
         weight_fmt, act_fmt = _formats(rows[name])
         results[name] = _calibrate_layer(expert_module.get_submodule(name), weight_fmt, act_fmt, act_rows, backend,
                                          methods[name])
         _quantize_calibrated(expert_module, name, rows[name], results[name], backend)
     if len(outside) < len(rows):
         _calibrate_blocks(expert_module, expert, rows, methods, probe, family, max_rows, backend, results, progress,
-                          device)
+                          device, sources)
     return results
 
 
@@ -214,8 +223,8 @@ def _block_inputs(probe, expert: str, family: ModelFamily) -> list[dict[str, tor
 
 
 def _calibrate_blocks(expert_module, expert, rows, methods, probe, family, max_rows, backend, results, progress,
-                      device=None):
-    calls = _block_inputs(probe, expert, family)
+                      device=None, sources=None):
+    calls = [call for source in (sources or (expert,)) for call in _block_inputs(probe, source, family)]
     dtype = next(expert_module.parameters()).dtype
     device = device or next(expert_module.parameters()).device
     hidden = [c["hidden_states"] for c in calls]

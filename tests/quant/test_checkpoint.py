@@ -324,3 +324,29 @@ def test_calibrating_a_student_on_its_teachers_probe_is_explicit_and_recorded(tm
     source = read_manifest(tmp_path / "q")["calibration"]
     assert source["default"] == "mse" and source["probe"]["another_model"] is True
     assert source["probe"]["model_id"] == "tiny-trained" and source["probe"]["trajectory"]["steps"] == 6
+
+
+def test_pooled_experts_calibrate_on_every_experts_inputs(probed, tmp_path):
+    """--pooled-experts: each expert's layers see the rows of both experts (more rows than its own, and another
+    choice of clip somewhere); refused with --sequential-experts; recorded in the manifest."""
+    folder, _ = probed
+    own_model = load_model("tiny", torch.device("cpu"), torch.float32)
+    _, own = apply_plan(own_model, PLAN, probe_path=folder / "probe.h5", calibrate="mse")
+    model = load_model("tiny", torch.device("cpu"), torch.float32)
+    _, pooled = apply_plan(model, PLAN, probe_path=folder / "probe.h5", calibrate="mse", pooled_experts=True)
+    for expert in ("high", "low"):
+        assert all(pooled[expert][n].act_rows >= own[expert][n].act_rows for n in own[expert])
+        assert any(pooled[expert][n].act_rows > own[expert][n].act_rows for n in own[expert])
+    assert any(pooled[e][n].act_nmse != own[e][n].act_nmse for e in own for n in own[e])
+    with pytest.raises(InputError, match="--pooled-experts and --sequential-experts exclude each other"):
+        apply_plan(load_model("tiny", torch.device("cpu"), torch.float32), PLAN, probe_path=folder / "probe.h5",
+                   calibrate="mse", pooled_experts=True, sequential_experts=True)
+    result = CliRunner().invoke(main, ["apply-plan", str(_saved(PLAN, tmp_path)), "--probe", str(folder / "probe.h5"),
+                                       "--calibrate", "mse", "--pooled-experts", "--out", str(tmp_path / "q")])
+    assert result.exit_code == 0, result.output
+    assert read_manifest(tmp_path / "q")["calibration"]["pooled_experts"] is True
+
+
+def _saved(plan, tmp_path):
+    plan.save(tmp_path / "plan.json")
+    return tmp_path / "plan.json"
