@@ -16,6 +16,8 @@ Sets (W4A4 HiF4 unless kept):
   ranked B, step 0 only                  the same layers in BF16 at the first step only
   planned B for step 0                   sensq plan --budget B --protect-steps 0-0: layers chosen by their
                                          sensitivity at the first step, in BF16 there only
+  everything at the last step            the whole model in BF16 at the last step
+  planned B for the last step            sensq plan --budget B --protect-steps L-L (L: the last step)
 
     python experiments/step_ranges.py --model tiny-trained-4step --prompts 8 --seeds 4 --out /tmp/steps
 """
@@ -56,11 +58,12 @@ def quantized_work_share(model, plan: Plan, trajectory: Trajectory) -> float:
     return done / total
 
 
-def sets_for(model, ranking, budget: float, fmt: str = "hif4") -> list[ProtectedSet]:
+def sets_for(model, ranking, budget: float, steps: int, fmt: str = "hif4") -> list[ProtectedSet]:
     experts = model.adapter.experts(model.pipe)
     entrance = f"re:({'|'.join(experts)}):({'|'.join(model.adapter.entrance)})"
     everything = [Rule(f"re:{e}:.*", fmt, fmt) for e in experts]
     kept = build_plan(ranking, budget=budget, fmt=fmt, protect_entrance=False)
+    last = steps - 1
     return [
         ProtectedSet("none", Plan(everything)),
         ProtectedSet("entrance, every step", Plan([Rule(entrance, None, None)] + everything)),
@@ -71,6 +74,10 @@ def sets_for(model, ranking, budget: float, fmt: str = "hif4") -> list[Protected
         ProtectedSet(f"ranked {budget:.0%}, step 0 only", ranged(kept, (0, 0))),
         ProtectedSet(f"planned {budget:.0%} for step 0",
                      build_plan(ranking, budget=budget, fmt=fmt, protect_entrance=False, protect_steps=(0, 0))),
+        ProtectedSet("everything at the last step",
+                     Plan([Rule(f"re:({'|'.join(experts)}):.*", None, None, steps=(last, last))] + everything)),
+        ProtectedSet(f"planned {budget:.0%} for the last step",
+                     build_plan(ranking, budget=budget, fmt=fmt, protect_entrance=False, protect_steps=(last, last))),
     ]
 
 
@@ -80,7 +87,7 @@ def main() -> None:
     parser.add_argument("--budget", type=float, default=0.1)
     args = parser.parse_args()
     run = probe_and_rank(args)
-    sets = sets_for(run.model, run.ranking, args.budget)
+    sets = sets_for(run.model, run.ranking, args.budget, run.trajectory.steps)
     shares = {s.name: quantized_work_share(run.model, s.plan, run.trajectory) for s in sets}
     result = run_ablation(run.model, run.trajectory, run.prompts, sets, args.out / "ablation", fmt="hif4",
                           seeds=args.seeds)
