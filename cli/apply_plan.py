@@ -61,8 +61,7 @@ def apply_plan(plan_file, model, device, dtype, lora_high, lora_low, probe_file,
       sensq apply-plan plan.json --out quantized/
       sensq apply-plan plan.json --probe probe.h5 --calibrate mse --sequential-experts --out quantized/
       sensq apply-plan plan.json --probe probe.h5 --calibrate gptq --out quantized-gptq/
-      sensq apply-plan plan.json --model tiny-deep-4step --probe teacher-40step.h5 --probe-from-another-model \
-          --calibrate mse --out student-q/
+      sensq apply-plan plan.json --model tiny-deep-4step --probe teacher.h5 --probe-from-another-model --out q/
       sensq probe --model quantized/ --out after.h5      # the checkpoint is a model like any other
     """
     import torch
