@@ -200,6 +200,16 @@ CASES = [
     Case("plan-unknown-format", lambda ws, d: ["apply-plan", _plan(ws, d, lambda p: _set(p["rules"][-1], "weight",
                                                                                          "fp3")),
                                                "--out", d / "q"], ("'fp3'",)),
+    Case("plan-unknown-calibration", lambda ws, d: ["apply-plan", _plan(ws, d, lambda p: _set(
+        p["rules"][-1], "calibration", "smooth")), "--out", d / "q"], ("unknown calibration 'smooth'",)),
+    Case("plan-steps-not-a-range", lambda ws, d: ["apply-plan", _plan(ws, d, lambda p: _set(
+        p["rules"][-1], "steps", [0, 1, 2])), "--out", d / "q"], ("'steps' must be [low, high]", "[0, 1, 2]")),
+    Case("plan-sigma-reversed", lambda ws, d: ["apply-plan", _plan(ws, d, lambda p: _set(
+        p["rules"][-1], "sigma", [0.9, 0.1])), "--out", d / "q"], ("'sigma' must be [low, high]",)),
+    Case("plan-steps-and-sigma", lambda ws, d: ["apply-plan", _plan(ws, d, lambda p: p["rules"][-1].update(
+        steps=[0, 1], sigma=[0.5, 1.0])), "--out", d / "q"], ("both 'steps' and 'sigma'",)),
+    Case("plan-gptq-without-probe", lambda ws, d: ["apply-plan", _plan(ws, d, lambda p: _set(
+        p["rules"][-1], "calibration", "gptq")), "--out", d / "q"], ("'calibration' rules need --probe",)),
     Case("plan-no-rules", lambda ws, d: ["plan", "--validate", _plan(ws, d, lambda p: _set(p, "rules", []))],
          ("has no rules",)),
     Case("plan-layer-model-lacks", lambda ws, d: ["generate", "--plan", _plan(ws, d, lambda p: p["rules"].insert(
