@@ -88,7 +88,10 @@ def apply_plan(plan_file, model, device, dtype, lora_high, lora_low, probe_file,
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats()
         from sensq.cli.common import progress_bar
+        from sensq.plan import model_layers, validate_plan
+        from sensq.quant.checkpoint import check_storable
 
+        check_storable(validate_plan(plan, model_layers(loaded)), calibrate)  # before the calibration's work
         with progress_bar(f"calibrate ({calibrate}) blocks", enabled=not as_json and probe_file is not None) as bar:
             _, calibration = run_apply(loaded, plan, probe_path=probe_file, calibrate=calibrate,
                                        sequential_experts=sequential_experts, force=force, backend=backend,
@@ -111,6 +114,12 @@ def apply_plan(plan_file, model, device, dtype, lora_high, lora_low, probe_file,
     sizes = summary["sizes"]
     click.echo(f"checkpoint written to {out} ({'packed' if manifest['packed'] else 'fake-quant'}, "
                f"calibration {calibrate}, {summary['layers_quantized']} layers quantized, {summary['seconds']} s)")
+    methods = {}
+    for expert in summary["calibration"].values():
+        for method, count in expert["methods"].items():
+            methods[method] = methods.get(method, 0) + count
+    if set(methods) - {"none"}:
+        click.echo("  calibration per layer: " + ", ".join(f"{m} {n}" for m, n in sorted(methods.items())))
     if source["probe"] is not None and source["probe"]["another_model"]:
         click.echo(f"  calibrated on inputs of another model: {source['probe']['model_id']} (fingerprint "
                    f"{source['probe']['model_fingerprint']}), {source['probe']['trajectory'].get('steps')} steps; "

@@ -171,6 +171,22 @@ def _write_expert(module: torch.nn.Module, folder: Path, expert: str, calibratio
     save_file(tensors, str(folder / WEIGHTS_FILE), metadata={"sensq.packed": json.dumps(headers)})
 
 
+def check_storable(table: list[dict], calibrate: str) -> None:
+    """Refuse, before any work, a plan whose checkpoint could not hold what calibration makes: a layer with step
+    ranges stored unpacked cannot keep GPTQ-chosen codes.
+
+    Raises:
+        InputError: a row with ``phases`` calibrated by GPTQ (by its rule or by ``calibrate``).
+    """
+    from sensq.quant.calibrate import method_of
+
+    for row in table:
+        if row.get("phases") and row["weight"] is not None and "gptq" in method_of(row, calibrate):
+            raise InputError(f"{row['expert']}:{row['layer']} has step ranges and would get GPTQ-chosen codes; a "
+                             "checkpoint stores such layers unpacked and rebuilds them by the format's rule: give "
+                             "its rule another 'calibration' (e.g. mse)")
+
+
 def _write_phased(name: str, layer, tensors: dict[str, torch.Tensor], expert: str, calibration: dict,
                   layers_manifest: dict[str, dict]) -> None:
     """A layer whose precision follows the step is stored as its full-precision weight (some step may need it)

@@ -177,3 +177,16 @@ def test_gptq_codes_with_ranges_cannot_be_checkpointed(tiny, tmp_path):
             save_quantized(model, tmp_path / "ckpt", plan=plan, calibration=calibration)
     finally:
         dequantize_(model)
+
+
+def test_apply_plan_refuses_gptq_with_ranges_before_calibrating(tmp_path):
+    from click.testing import CliRunner
+
+    from sensq.cli import main
+
+    plan = tmp_path / "plan.json"
+    Plan([Rule("re:high:blocks\\.1\\..*", None, None, steps=[0, 0]), EVERYTHING]).save(plan)
+    result = CliRunner().invoke(main, ["apply-plan", str(plan), "--calibrate", "rotate-gptq", "--out",
+                                       str(tmp_path / "q")])
+    assert result.exit_code == 1 and "has step ranges and would get GPTQ-chosen codes" in result.output
+    assert not (tmp_path / "q").exists()
