@@ -362,7 +362,8 @@ def headline_lines(result: dict) -> list[str]:
     """The headline as sentences (Markdown and HTML render them as a list)."""
     head = result.get("headline") or {}
     if not head:
-        return ["No ranked set in this ablation: nothing to recommend."]
+        return ["No set ranked by sensq (budget or top-k) in this ablation, so no recommendation: compare the "
+                "sets in the table and the significance matrix."]
     kept = ", ".join(f"{e}: {n} layers ({head['protected_share'][e]:.1%} of its parameters)"
                      for e, n in head["protected_layers"].items())
     real = head.get("real_size")
