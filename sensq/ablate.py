@@ -208,6 +208,7 @@ def run_ablation(model, trajectory, prompts, sets: list[ProtectedSet], out: Path
                                                 **({"procedural": quality[index]} if procedural else {})}
         rows.append({
             "set": protected.name, "folder": str(folder.relative_to(out)),
+            "rule_calibrations": sorted({r.calibration for r in protected.plan.rules if r.calibration}),
             "protected_share": {e: summary[e]["protected_share"] for e in summary if e != "total"},
             "protected_layers": {e: summary[e]["by_precision"].get("high-precision", {"layers": 0})["layers"]
                                  for e in summary if e != "total"},
@@ -495,9 +496,12 @@ def write_ablation_report(result: dict, out: Path, commands: list[str] | None = 
     names, matrix = _significance_matrix(result)
     lines = headline_lines(result)
     n_items = rows[0]["intervals"]["latent_nmse"]["n"]
+    own = {row["set"]: row["rule_calibrations"] for row in rows if row.get("rule_calibrations")}
+    by_rule = ("; plan rules name their own in " + ", ".join(f"{name} ({'/'.join(c)})" for name, c in own.items())
+               if own else "")
     note = (f"All metrics against the full-precision generation of the same prompt and seed ({n_items} generations: "
             f"{len(result['prompts'])} prompts x {len(result['seeds'])} seeds). Every variant is deployed as sensq "
-            f"apply-plan deploys it (calibration {result['deploy']['calibrate']}, backend "
+            f"apply-plan deploys it (calibration {result['deploy']['calibrate']}{by_rule}; backend "
             f"{result['deploy']['backend']}). Intervals: percentile bootstrap of the mean, 95%, seeded.")
     md = [f"# sensq ablation: {result['format']} W4A4 on {result['model']['id']}", "",
           *[f"* {line}" for line in lines], "", note, "",

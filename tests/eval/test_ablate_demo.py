@@ -125,6 +125,8 @@ def test_ablate_plans_measures_plan_files_as_apply_plan_deploys_them(workspace, 
     assert result.exit_code == 0, result.output
     rows = json.loads(result.stdout)["rows"]
     assert [r["set"] for r in rows] == ["none", "gptq-block1"]
+    assert "plan rules name their own in gptq-block1 (gptq)" in (out / "ablation.md").read_text()
+    assert "no recommendation: compare the sets" in (out / "ablation.md").read_text()
     applied = runner.invoke(main, ["apply-plan", str(tmp_path / "gptq-block1.json"), "--probe",
                                    str(workspace / "probe.h5"), "--out", str(tmp_path / "q")])
     assert applied.exit_code == 0, applied.output
