@@ -53,6 +53,7 @@ class Export:
     documents: dict[str, object] = field(default_factory=dict)
     quantized: dict[str, list[str]] = field(default_factory=dict)  # attr -> exported layer names
     unsupported: dict[str, list[str]] = field(default_factory=dict)  # reason -> ["expert:layer", ...]
+    calibrated: dict[str, list[str]] = field(default_factory=dict)  # a rule's calibration -> exported layers
 
     def paths(self, out: Path) -> dict[str, Path]:
         return {attr: export_path(out, self.library, attr) for attr in self.documents}
@@ -67,6 +68,9 @@ class Export:
             counts = ", ".join(f"{n} of {expert}" for expert, n in sorted(per_expert.items()))
             lines.append(f"{self.library} has no {reason}: {len(layers)} planned layer(s) ({counts}) are left out of "
                          f"the export and stay in high precision there")
+        for method, layers in self.calibrated.items():
+            lines.append(f"the plan calibrates {len(layers)} exported layer(s) with {method}; the export carries "
+                         f"formats only, and {self.library} rounds and calibrates them its own way")
         return lines
 
 
@@ -122,6 +126,8 @@ def build_export(plan, library: str) -> Export:
             export.unsupported.setdefault(_pair_name(weight, activation), []).append(f"{row['expert']}:{row['layer']}")
             continue
         chosen[attrs[row["expert"]]].append((row["layer"], config))
+        if row.get("calibration") not in (None, "none"):
+            export.calibrated.setdefault(row["calibration"], []).append(f"{row['expert']}:{row['layer']}")
     if not chosen:
         raise InputError(f"nothing to export: {library} takes none of the plan's quantized layers "
                          f"({'; '.join(export.unsupported) or 'every layer is high precision'}); plan with "

@@ -219,3 +219,13 @@ def test_plans_an_export_cannot_map_are_one_clear_error(pipe):
         build_export(Plan(plan.rules), "modelopt")
     with pytest.raises(InputError, match="--export must be one of torchao, modelopt, got 'onnx'"):
         build_export(plan, "onnx")
+
+
+def test_an_export_says_the_plans_calibration_is_not_carried(pipe):
+    pytest.importorskip("torchao", reason="the torchao export is tested against torchao: pip install torchao --no-deps")
+    plan = _plan(pipe, "int8", "int8", extra=[Rule("re:high:blocks\\.1\\..*", "int8", "int8", calibration="gptq")])
+    calibrated = [row for row in plan.layers if row.get("calibration") == "gptq"]
+    assert len(calibrated) == 9  # blocks.1 of the high expert, less its protected FFN input projection
+    lines = build_export(plan, "torchao").unsupported_lines()
+    assert any(line.startswith("the plan calibrates 9 exported layer(s) with gptq; the export carries formats only")
+               for line in lines), lines
