@@ -31,7 +31,8 @@ import click
 @click.option("--protect-steps", default=None, metavar="A-B",
               help="With --budget/--top-k: keep the chosen layers in high precision at denoising steps A..B only "
                    "(0-based over the whole trajectory; quantized at the other steps), chosen by their sensitivity "
-                   "at those steps (the ranking's per-step values). E.g. 0-1: the first two high-noise steps.")
+                   "at those steps (the ranking's per-step values). E.g. 0-1: the first two high-noise steps; "
+                   "'last': the last step (on the embedded 4-step students the step that matters most).")
 @click.option("--format", "fmt", default="hif4", show_default=True, help="Weight format of the other layers.")
 @click.option("--act-format", default="same", show_default=True,
               help="Activation format: 'same' (W4A4), a format name, or 'none' (weight-only).")
@@ -59,7 +60,7 @@ def plan(ranking_file, budget, top_k, tiers, bits, search, pareto, protect_entra
     Examples:
       sensq plan ranking.json --budget 5% --out plan.json
       sensq plan ranking.json --top-k 4 --format nvfp4_ts --export modelopt
-      sensq plan ranking.json --budget 10% --protect-steps 0-1 --out early.json   # BF16 in steps 0-1 only
+      sensq plan ranking.json --budget 10% --protect-steps last --out late.json   # BF16 at the last step only
 
     \b
     Loading an export (apply each file to its own expert module):
@@ -91,7 +92,8 @@ def plan(ranking_file, budget, top_k, tiers, bits, search, pareto, protect_entra
         raise InputError("give exactly one of --budget and --top-k")
     if protect_steps is not None and tiers is not None:
         raise InputError("--protect-steps goes with --budget/--top-k, not --tiers")
-    steps = _step_range(protect_steps) if protect_steps is not None else None
+    last = max((step for steps in ranking.steps.values() for step in steps), default=0)
+    steps = _step_range(protect_steps, last) if protect_steps is not None else None
     check_output_file(out, PLAN_SCHEMA, "plan")  # before any work
     if export:
         from sensq.models import get_family
@@ -121,14 +123,15 @@ def plan(ranking_file, budget, top_k, tiers, bits, search, pareto, protect_entra
     _table(result, out, exported, paths)
 
 
-def _step_range(text: str) -> tuple[int, int]:
+def _step_range(text: str, last_step: int) -> tuple[int, int]:
+    """``A-B``, ``A`` or ``last`` (``A`` and ``B`` may be ``last`` too: the ranking's last step)."""
     from sensq.errors import InputError
 
     low, _, high = text.partition("-")
     try:
-        first, last = int(low), int(high or low)
+        first, last = (last_step if v.strip() == "last" else int(v) for v in (low, high or low))
     except ValueError:
-        raise InputError(f"--protect-steps takes A-B (step indices, e.g. 0-1), got {text!r}") from None
+        raise InputError(f"--protect-steps takes A-B (step indices, e.g. 0-1, or 'last'), got {text!r}") from None
     if first < 0 or last < first:
         raise InputError(f"--protect-steps takes A-B with 0 <= A <= B, got {text!r}")
     return first, last

@@ -216,6 +216,9 @@ def test_cli_protect_steps(tmp_path):
                                 "2-3", "--out", str(tmp_path / "p.json")])
     assert done.exit_code == 0, done.output
     assert "and at steps 2-3 only: blocks.1.l_late" in done.output
+    last = runner.invoke(main, ["plan", str(ranking), "--top-k", "1", "--no-protect-entrance", "--protect-steps",
+                                "last", "--out", str(tmp_path / "l.json")])
+    assert last.exit_code == 0 and "and at steps 3-3 only: blocks.1.l_late" in last.output, last.output
     for bad, message in (("3-1", "0 <= A <= B"), ("x", "takes A-B")):
         refused = runner.invoke(main, ["plan", str(ranking), "--top-k", "1", "--protect-steps", bad,
                                        "--out", str(tmp_path / "q.json")])
