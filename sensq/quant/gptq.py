@@ -57,21 +57,24 @@ def _candidates(meta: dict[str, torch.Tensor], spec: FormatSpec, alphabet: torch
     """``[rows, block, codes]``: the value each code decodes to at each position, under ``meta``."""
     values = []
     for code in alphabet.tolist():
-        codes = torch.full((rows, 1, block), code, dtype=torch.uint8)
+        codes = torch.full((rows, 1, block), code, dtype=torch.uint8, device=alphabet.device)
         values.append(reference.decode(reference.Encoded(codes, meta), spec)[:, 0, :])
     return torch.stack(values, dim=-1)
 
 
 def _inverse_hessian_factor(rows: torch.Tensor, length: int) -> torch.Tensor:
-    """The upper Cholesky factor of ``H^-1`` (padded to ``length`` columns), damped until it factors."""
-    x = rows.double()
-    hessian = torch.zeros(length, length, dtype=torch.float64)
+    """The upper Cholesky factor of ``H^-1`` (padded to ``length`` columns), damped until it factors: float64 on
+    the CPU, float32 on a GPU (as GPTQ's own code)."""
+    precision = torch.float64 if rows.device.type == "cpu" else torch.float32
+    x = rows.to(precision)
+    hessian = torch.zeros(length, length, dtype=precision, device=rows.device)
     hessian[: x.shape[1], : x.shape[1]] = x.T @ x / max(x.shape[0], 1)
     dead = torch.diagonal(hessian) == 0  # channels that never see input (and padding): decoupled
     hessian[dead, dead] = 1.0
     mean_diagonal = float(torch.diagonal(hessian).mean())
+    identity = torch.eye(length, dtype=precision, device=rows.device)
     for attempt in range(6):
-        damped = hessian + torch.eye(length, dtype=torch.float64) * DAMPING * 10**attempt * mean_diagonal
+        damped = hessian + identity * DAMPING * 10**attempt * mean_diagonal
         factor, info = torch.linalg.cholesky_ex(damped)
         if int(info) == 0:
             inverse = torch.cholesky_inverse(factor)
@@ -82,7 +85,8 @@ def _inverse_hessian_factor(rows: torch.Tensor, length: int) -> torch.Tensor:
 
 def gptq_pack(weight: torch.Tensor, rows: torch.Tensor, spec: FormatSpec, *,
               dtype: torch.dtype | None = None) -> PackedTensor:
-    """GPTQ-round ``weight`` ``[out, in]`` to ``spec`` on calibration inputs ``rows`` ``[n, in]``.
+    """GPTQ-round ``weight`` ``[out, in]`` to ``spec`` on calibration inputs ``rows`` ``[n, in]``, on the weight's
+    device.
 
     Returns:
         The packed weight (``[out, in]`` along dim 1, unpacking to ``dtype``, default the weight's).
@@ -100,10 +104,11 @@ def gptq_pack(weight: torch.Tensor, rows: torch.Tensor, spec: FormatSpec, *,
     block = spec.block_size or length
     n_blocks = -(-length // block)
     padded = n_blocks * block
-    w = F.pad(weight.detach().float().cpu(), (0, padded - length))
-    factor = _inverse_hessian_factor(rows.detach().float().cpu(), padded)
-    alphabet = _alphabet(spec)
-    codes = torch.zeros(out_features, n_blocks, block, dtype=torch.uint8)
+    device = weight.device  # on the weight's device: a GPU when the model is on one
+    w = F.pad(weight.detach().float(), (0, padded - length))
+    factor = _inverse_hessian_factor(rows.detach().float().to(device), padded)
+    alphabet = _alphabet(spec).to(device)
+    codes = torch.zeros(out_features, n_blocks, block, dtype=torch.uint8, device=device)
     metas: list[dict[str, torch.Tensor]] = []
     batch = block * math.ceil(LAZY_BATCH / block)
     table = torch.empty(0)

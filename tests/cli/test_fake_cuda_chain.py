@@ -53,6 +53,10 @@ def test_chain_on_cuda(tmp_path, monkeypatch):
          "--calibrate", "mse", "--sequential-experts", "--out", str(tmp_path / "ckpt")],
         ["generate", "--model", str(tmp_path / "ckpt"), *device, "--limit", "1", "--steps", "2", "--no-video",
          "--out", str(tmp_path / "gen")],
+        ["apply-plan", str(tmp_path / "plan.json"), *device, "--probe", str(tmp_path / "probe.h5"),
+         "--calibrate", "gptq", "--out", str(tmp_path / "ckpt-gptq")],  # GPTQ on the weights' device
+        ["generate", "--model", str(tmp_path / "ckpt-gptq"), *device, "--limit", "1", "--steps", "2", "--no-video",
+         "--out", str(tmp_path / "gen-gptq")],
     ]
     with fake_cuda(monkeypatch):
         for args in steps:
