@@ -46,6 +46,8 @@ step cli 120 bash -c "set -e; $S probe --model tiny-deep --device cuda --limit 2
  && $S apply-plan $OUT/w/plan.json --model tiny-deep --device cuda --probe $OUT/w/probe.h5 --calibrate mse \
       --out $OUT/w/ckpt \
  && $S generate --model $OUT/w/ckpt --device cuda --limit 2 --steps 4 --no-video --out $OUT/w/gen"
+# 5. GPTQ per layer at A14B's three shapes on the card (4096 calibration rows)
+step gptq 120 $PY experiments/gptq_speed.py --device cuda --shapes 5120x5120,13824x5120,5120x13824
 {
     echo "## Steps"; echo; cat "$OUT/steps.md"; echo
     echo "## gpu-marked tests"; echo; tail -3 "$OUT/gpu-tests.log"; echo
@@ -54,5 +56,6 @@ step cli 120 bash -c "set -e; $S probe --model tiny-deep --device cuda --limit 2
     echo; echo "## Memory (experiments/deploy_memory.py --only cuda)"; echo
     [ -f "$OUT/results.json" ] && $PY -c "import json; print(json.dumps(json.load(open('$OUT/results.json')).get('cuda'), indent=1))"
     echo; echo "## CLI on CUDA"; echo; tail -5 "$OUT/cli.log"
+    echo; echo "## GPTQ per layer (experiments/gptq_speed.py)"; echo; cat "$OUT/gptq.log"
 } >> "$REPORT"
 cat "$REPORT"
