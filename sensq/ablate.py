@@ -398,20 +398,27 @@ def headline_lines(result: dict) -> list[str]:
 def _pareto_plot(plt, result: dict, path: Path, metric: str, label: str) -> None:
     from sensq.report import save_png
 
-    """Quality vs effective bits with 95% error bars; points are numbered (names in the legend), so that no
-    label overlaps another; the lower-left front is drawn."""
+    """Quality vs effective bits with 95% error bars; points are numbered (names in the legend) and sets of equal
+    cost are spread sideways, so that no label or bar hides another; the lower-left front is drawn."""
     rows = [r for r in result["rows"] if metric in r["metrics"]]
     fig, ax = plt.subplots(figsize=(9, 5))
     points = []
+    # sets of (nearly) equal cost are spread sideways, so that their error bars do not hide each other
+    bits = [r["effective_bits"] for r in rows]
+    step = 0.012 * max(max(bits) - min(bits), 1.0) if bits else 0.0
+    same_cost: dict[float, list[int]] = {}
+    for index, value in enumerate(bits):
+        same_cost.setdefault(round(value, 2), []).append(index)
+    dodge = {i: (k - (len(group) - 1) / 2) * step for group in same_cost.values() for k, i in enumerate(group)}
     for number, row in enumerate(rows, start=1):
         interval = row["intervals"][metric]
         x, y = row["effective_bits"], interval["mean"]
-        ax.errorbar([x], [y], yerr=[[y - interval["low"]], [interval["high"] - y]], fmt="o", capsize=3,
-                    label=f"{number}: {row['set']}")
+        ax.errorbar([x + dodge[number - 1]], [y], yerr=[[y - interval["low"]], [interval["high"] - y]], fmt="o",
+                    capsize=3, label=f"{number}: {row['set']}")
         # numbers staggered around their point: sets of equal cost and error stay readable
         offset = ((6, 4), (6, -11), (-13, 4), (-13, -11))[(number - 1) % 4]
-        ax.annotate(str(number), (x, y), textcoords="offset points", xytext=offset, fontsize=8)
-        points.append((x, y))
+        ax.annotate(str(number), (x + dodge[number - 1], y), textcoords="offset points", xytext=offset, fontsize=8)
+        points.append((x + dodge[number - 1], y))
     lower_is_better = metric.endswith("nmse")
     front, best = [], None
     for x, y in sorted(points):
@@ -423,7 +430,7 @@ def _pareto_plot(plt, result: dict, path: Path, metric: str, label: str) -> None
     reference = result.get("reference_row")
     if reference and metric in reference.get("metrics", {}):
         ax.axhline(reference["metrics"][metric], color="#2a2", linewidth=1, label="full precision")
-    ax.set_xlabel("effective bits per weight (both experts)")
+    ax.set_xlabel("effective bits per weight (both experts; sets of equal cost spread sideways)")
     ax.set_ylabel(label)
     ax.set_title(f"{result['format']} W4A4: {label} vs cost (95% intervals over prompts x seeds)")
     ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
