@@ -88,10 +88,6 @@ def apply_plan(plan_file, model, device, dtype, lora_high, lora_low, probe_file,
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats()
         from sensq.cli.common import progress_bar
-        from sensq.plan import model_layers, validate_plan
-        from sensq.quant.checkpoint import check_storable
-
-        check_storable(validate_plan(plan, model_layers(loaded)), calibrate)  # before the calibration's work
         with progress_bar(f"calibrate ({calibrate}) blocks", enabled=not as_json and probe_file is not None) as bar:
             _, calibration = run_apply(loaded, plan, probe_path=probe_file, calibrate=calibrate,
                                        sequential_experts=sequential_experts, force=force, backend=backend,

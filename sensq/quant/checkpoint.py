@@ -144,7 +144,7 @@ def _write_expert(module: torch.nn.Module, folder: Path, expert: str, calibratio
             continue
         if is_phased(layer):
             phased = name + "."
-            _write_phased(name, layer, tensors, expert, calibration, layers_manifest)
+            _write_phased(name, layer, tensors, headers, expert, calibration, layers_manifest, tally)
             continue
         if not is_quantized(layer):
             continue
@@ -171,31 +171,12 @@ def _write_expert(module: torch.nn.Module, folder: Path, expert: str, calibratio
     save_file(tensors, str(folder / WEIGHTS_FILE), metadata={"sensq.packed": json.dumps(headers)})
 
 
-def check_storable(table: list[dict], calibrate: str) -> None:
-    """Refuse, before any work, a plan whose checkpoint could not hold what calibration makes: a layer with step
-    ranges stored unpacked cannot keep GPTQ-chosen codes.
-
-    Raises:
-        InputError: a row with ``phases`` calibrated by GPTQ (by its rule or by ``calibrate``).
-    """
-    from sensq.quant.calibrate import method_of
-
-    for row in table:
-        if row.get("phases") and row["weight"] is not None and "gptq" in method_of(row, calibrate):
-            raise InputError(f"{row['expert']}:{row['layer']} has step ranges and would get GPTQ-chosen codes; a "
-                             "checkpoint stores such layers unpacked and rebuilds them by the format's rule: give "
-                             "its rule another 'calibration' (e.g. mse)")
-
-
-def _write_phased(name: str, layer, tensors: dict[str, torch.Tensor], expert: str, calibration: dict,
-                  layers_manifest: dict[str, dict]) -> None:
-    """A layer whose precision follows the step is stored as its full-precision weight (some step may need it)
-    plus its base formats, clips and ranges; loading rebuilds the variants by the formats' own rules."""
+def _write_phased(name: str, layer, tensors: dict[str, torch.Tensor], headers: dict[str, dict], expert: str,
+                  calibration: dict, layers_manifest: dict[str, dict], tally: _Tally) -> None:
+    """A layer whose precision follows the step: its full-precision weight (the steps that run it in high
+    precision or in another format need it), its base packed as any quantized layer (the codes a calibration
+    chose included), its formats, clips and ranges."""
     base = layer.base
-    if is_quantized(base) and base.weight_packed is not None:
-        raise InputError(f"{expert}:{name} has step ranges and GPTQ-chosen codes; a checkpoint stores such layers "
-                         "unpacked and rebuilds them by the format's rule, which would lose GPTQ's choice: use "
-                         "another calibration for its rule")
     for key in [k for k in tensors if k.startswith(name + ".")]:
         del tensors[key]
     plain = original_module(base)
@@ -203,6 +184,12 @@ def _write_phased(name: str, layer, tensors: dict[str, torch.Tensor], expert: st
     if plain.bias is not None:
         tensors[f"{name}.bias"] = plain.bias.detach().contiguous()
     quantized = is_quantized(base)
+    if quantized and base.weight_format is not None:
+        packed = packed_weight(base)
+        headers[name] = packed.header() | {"layer_shape": list(plain.weight.shape)}
+        for field, value in packed.data.items():
+            tensors[f"{name}.weight.{field}"] = value.contiguous()
+        tally.quantized_bytes += packed.nbytes
     layers_manifest[f"{expert}:{name}"] = {
         "weight": base.weight_format.identity if quantized and base.weight_format else None,
         "activation": base.act_format.identity if quantized and base.act_format else None,
@@ -406,6 +393,10 @@ def _load_expert(folder: Path, manifest: dict, expert: str, attr: str, family) -
     entries = {qualified.partition(":")[2]: entry for qualified, entry in manifest["layers"].items()
                if qualified.partition(":")[0] == expert}
     deployed = set()
+    # a packed layer with step ranges also keeps its full-precision weight: set aside for its other variants
+    full_weights = {name: tensors.pop(f"{name}.weight") for name, entry in entries.items()
+                    if "phases" in entry and name in headers and f"{name}.weight" in tensors}
+    originals: dict[str, torch.nn.Module] = {}
     for name, header in headers.items():
         where = f"checkpoint {str(folder)!r}: {expert}:{name}"
         if f"{name}.weight" not in expected:
@@ -446,7 +437,7 @@ def _load_expert(folder: Path, manifest: dict, expert: str, attr: str, family) -
                                                 kernel_size=layer.kernel_size, **kwargs)
         else:
             new = PackedLinear.from_packed(packed, bias, entry["activation"], rotation=rotation, **kwargs)
-        swap(module, name, new)
+        originals[name] = swap(module, name, new)
         deployed.add(name)
     for key, tensor in tensors.items():
         if key in expected and tuple(tensor.shape) != expected[key]:
@@ -458,6 +449,10 @@ def _load_expert(folder: Path, manifest: dict, expert: str, attr: str, family) -
         raise InputError(f"checkpoint {str(folder)!r} does not fit its config: missing {missing[:3]}, "
                          f"unexpected {unexpected[:3]}")
     for name, entry in entries.items():
+        if name in deployed and "phases" in entry:
+            swap(module, name, _load_phased(folder, expert, name, module.get_submodule(name), entry,
+                                            _plain(originals[name], full_weights, name, folder, expert)))
+            continue
         if name in deployed:
             continue
         try:
@@ -492,9 +487,22 @@ def _rotation(entry: dict, where: str, layer: torch.nn.Module) -> int | None:
     return rotation
 
 
-def _load_phased(folder: Path, expert: str, name: str, layer: torch.nn.Module, entry: dict) -> torch.nn.Module:
-    """A layer stored with step ranges: its full-precision weight, the base rebuilt by its formats' rule, the
-    variants as apply-plan makes them; the step clock is attached once the pipeline exists."""
+def _plain(layer: torch.nn.Module, full_weights: dict, name: str, folder: Path, expert: str) -> torch.nn.Module:
+    """The full-precision layer of a packed layer with step ranges: its module from the config, given the stored
+    full-precision weight and the deployed layer's bias."""
+    weight = full_weights.get(name)
+    if weight is None or tuple(weight.shape) != tuple(layer.weight.shape):
+        raise InputError(f"checkpoint {str(folder)!r}: {expert}:{name} has step ranges but no full-precision weight of "
+                         f"shape {list(layer.weight.shape)}; write the checkpoint again")
+    layer.weight = torch.nn.Parameter(weight, requires_grad=False)
+    return layer
+
+
+def _load_phased(folder: Path, expert: str, name: str, layer: torch.nn.Module, entry: dict,
+                 plain: torch.nn.Module | None = None) -> torch.nn.Module:
+    """A layer stored with step ranges: its base (deployed from its packed weight, or rebuilt by its formats' rule
+    from the full-precision weight when it holds none), the variants as apply-plan makes them; the step clock
+    is attached once the pipeline exists. ``plain``: the full-precision layer beside a deployed base."""
     phases = entry["phases"]
     try:
         if not isinstance(phases, list) or not phases:
@@ -510,14 +518,16 @@ def _load_phased(folder: Path, expert: str, name: str, layer: torch.nn.Module, e
     except (InputError, ValueError, TypeError, AttributeError, KeyError) as error:
         raise InputError(f"checkpoint {str(folder)!r}: {expert}:{name} has malformed step ranges ({error})") from None
     base = layer
-    if entry["weight"] is not None or entry["activation"] is not None:
+    if plain is not None:
+        plain.bias = layer.bias  # the deployed layer holds the bias
+    elif entry["weight"] is not None or entry["activation"] is not None:
         base = quantize_module(layer, entry["weight"], entry["activation"], act_clip=entry["act_clip"],
                                weight_clip=entry["weight_clip"],
                                rotation=_rotation(entry, f"checkpoint {str(folder)!r}: {expert}:{name}", layer))
     row = {"weight": entry["weight"], "activation": entry["activation"],
            "phases": [{"weight": p.get("weight"), "activation": p.get("activation"),
                        **({"steps": p["steps"]} if "steps" in p else {"sigma": p["sigma"]})} for p in phases]}
-    return phased_layer(base, row, None)
+    return phased_layer(base, row, None, plain=plain)
 
 
 def _check_packed(packed: PackedTensor) -> None:

@@ -127,16 +127,19 @@ def remove_step_clock(pipe) -> None:
         delattr(pipe, STEP_CLOCK_ATTR)
 
 
-def phased_layer(base: torch.nn.Module, row: dict, clock: StepClock | None, backend: str = "auto") -> PhasedLayer:
+def phased_layer(base: torch.nn.Module, row: dict, clock: StepClock | None, backend: str = "auto",
+                 plain: torch.nn.Module | None = None) -> PhasedLayer:
     """``base`` (the layer as the row's range-less rule left it) with a variant per ``row["phases"]``: the base
     itself when a range's formats are the base's, the original layer for high precision, else a twin in
-    its formats (the format's own rule)."""
+    its formats (the format's own rule). ``plain``: the full-precision layer when ``base`` does not hold it
+    (a deployed, packed base)."""
+    plain = plain if plain is not None else original_module(base)
     variants = []
     for phase in row["phases"]:
         if (phase["weight"], phase["activation"]) == (row["weight"], row["activation"]):
             variants.append(base)
         elif phase["weight"] is None and phase["activation"] is None:
-            variants.append(original_module(base))
+            variants.append(plain)
         else:
-            variants.append(quantize_module(base, phase["weight"], phase["activation"], backend))
+            variants.append(quantize_module(plain, phase["weight"], phase["activation"], backend))
     return PhasedLayer(base, variants, row["phases"], clock)

@@ -161,32 +161,30 @@ def test_exports_refuse_plans_with_ranges(tiny):
         build_export(plan, "torchao")
 
 
-def test_gptq_codes_with_ranges_cannot_be_checkpointed(tiny, tmp_path):
-    model, _ = tiny
-    plan = Plan([Rule("re:high:blocks\\.1\\..*", None, None, steps=[0, 0]),
-                 Rule("re:(high|low):.*", "hif4", "hif4", calibration="gptq")])
-    probe = tmp_path / "probe.h5"
+def test_gptq_codes_with_ranges_are_checkpointed_exactly(tiny, tmp_path):
+    """A phased layer's base keeps GPTQ's codes in the checkpoint (packed, beside the full-precision weight its
+    BF16 step needs): a fresh process generates the in-memory latents bit for bit."""
     from sensq.probes.recorder import ProbeRequest, run_probe
     from sensq.prompts import load_prompts
+    from sensq.quant.deployed import PackedLinear
 
-    run_probe(ProbeRequest(model, Trajectory(steps=2).with_resolution(model.default_resolution),
-                           load_prompts(None, 1), ["high", "low"], probe))
+    model, trajectory = tiny
+    plan = Plan([Rule("re:(high|low):.*", None, None, steps=[3, 3]),
+                 Rule("re:(high|low):.*", "hif4", "hif4", calibration="gptq")])
+    probe = tmp_path / "probe.h5"
+    run_probe(ProbeRequest(model, trajectory, load_prompts(None, 1), ["high", "low"], probe))
     _, calibration = apply_plan(model, plan, probe_path=probe)
     try:
-        with pytest.raises(InputError, match="has step ranges and GPTQ-chosen codes"):
-            save_quantized(model, tmp_path / "ckpt", plan=plan, calibration=calibration)
+        expected = run(model.pipe, "a red ball moving left", trajectory, seed=3)
+        assert model.pipe.transformer.blocks[1].attn1.to_q.base.weight_packed is not None
+        save_quantized(model, tmp_path / "ckpt", plan=plan, calibration=calibration)
     finally:
         dequantize_(model)
+    from sensq.quant.checkpoint import load_quantized
 
-
-def test_apply_plan_refuses_gptq_with_ranges_before_calibrating(tmp_path):
-    from click.testing import CliRunner
-
-    from sensq.cli import main
-
-    plan = tmp_path / "plan.json"
-    Plan([Rule("re:high:blocks\\.1\\..*", None, None, steps=[0, 0]), EVERYTHING]).save(plan)
-    result = CliRunner().invoke(main, ["apply-plan", str(plan), "--calibrate", "rotate-gptq", "--out",
-                                       str(tmp_path / "q")])
-    assert result.exit_code == 1 and "has step ranges and would get GPTQ-chosen codes" in result.output
-    assert not (tmp_path / "q").exists()
+    loaded = load_quantized(tmp_path / "ckpt")
+    layer = loaded.pipe.transformer.blocks[1].attn1.to_q
+    assert is_phased(layer) and isinstance(layer.base, PackedLinear)
+    assert type(layer.variants[0]) is torch.nn.Linear and layer.variants[0].bias is layer.base.bias
+    done = latents_in_a_fresh_process(tmp_path / "ckpt", trajectory, expected, tmp_path, "a red ball moving left", 3)
+    assert done.returncode == 0, done.stderr[-2000:]
