@@ -7,6 +7,8 @@ from pathlib import Path
 
 import click
 
+from sensq.plan import CALIBRATIONS
+
 
 @click.command()
 @click.argument("ranking_file", required=False, type=click.Path(path_type=Path))
@@ -33,6 +35,10 @@ import click
                    "(0-based over the whole trajectory; quantized at the other steps), chosen by their sensitivity "
                    "at those steps (the ranking's per-step values). E.g. 0-1: the first two high-noise steps; "
                    "'last': the last step (on the embedded 4-step students the step that matters most).")
+@click.option("--calibration", type=click.Choice(CALIBRATIONS), default=None,
+              help="Write this calibration into every quantizing rule (apply-plan and ablate then use it for those "
+                   "layers whatever their --calibrate): e.g. gptq. Default: none written (apply-plan's --calibrate "
+                   "decides).")
 @click.option("--format", "fmt", default="hif4", show_default=True, help="Weight format of the other layers.")
 @click.option("--act-format", default="same", show_default=True,
               help="Activation format: 'same' (W4A4), a format name, or 'none' (weight-only).")
@@ -47,8 +53,8 @@ import click
               "(OUT-stem.modelopt.transformer.yml). Exact layer names, no pipeline prefix.")
 @click.option("--out", type=click.Path(dir_okay=False, path_type=Path), default=Path("plan.json"), show_default=True)
 @click.option("--json", "as_json", is_flag=True, help="Print the plan (or the validation) as JSON.")
-def plan(ranking_file, budget, top_k, tiers, bits, search, pareto, protect_entrance, protect, protect_steps, fmt,
-         act_format, rank_format, validate_file, model, export, out, as_json) -> None:
+def plan(ranking_file, budget, top_k, tiers, bits, search, pareto, protect_entrance, protect, protect_steps,
+         calibration, fmt, act_format, rank_format, validate_file, model, export, out, as_json) -> None:
     """Choose, per expert, the layers that stay in high precision and the format of all the others.
 
     The entrance layers come first (unless --no-protect-entrance), then the most sensitive layers of
@@ -61,6 +67,7 @@ def plan(ranking_file, budget, top_k, tiers, bits, search, pareto, protect_entra
       sensq plan ranking.json --budget 5% --out plan.json
       sensq plan ranking.json --top-k 4 --format nvfp4_ts --export modelopt
       sensq plan ranking.json --budget 10% --protect-steps last --out late.json   # BF16 at the last step only
+      sensq plan ranking.json --tiers hif4,fp8_e4m3,bf16 --bits 6 --calibration gptq --out t6-gptq.json
 
     \b
     Loading an export (apply each file to its own expert module):
@@ -71,7 +78,7 @@ def plan(ranking_file, budget, top_k, tiers, bits, search, pareto, protect_entra
       sensq plan --validate plan.json --model ./Wan2.2-T2V-A14B-Diffusers
     """
     from sensq.errors import InputError
-    from sensq.plan import Plan, build_plan, parse_budget
+    from sensq.plan import Plan, build_plan, parse_budget, with_calibration
     from sensq.plan.exports import build_export, check_export_paths, write_export
 
     if validate_file is not None:
@@ -113,6 +120,7 @@ def plan(ranking_file, budget, top_k, tiers, bits, search, pareto, protect_entra
             act_format=None if act_format == "none" else act_format, rank_format=rank_format,
             protect_steps=steps,
         )
+    result = with_calibration(result, calibration)
     result.source["ranking_file"] = str(ranking_file)
     exported = build_export(result, export) if export else None  # refuses before anything is written
     result.save(out)

@@ -238,6 +238,22 @@ class Plan:
                    data.get("source", {}), data["schema"], data.get("sensq_version", ""))
 
 
+def with_calibration(plan: Plan, method: str | None) -> Plan:
+    """``plan`` with ``calibration: method`` on every rule that quantizes something (rules that keep high
+    precision have nothing to calibrate); ``None`` returns it unchanged.
+
+    Raises:
+        InputError: an unknown method.
+    """
+    import dataclasses
+
+    if method is None:
+        return plan
+    rules = [dataclasses.replace(r, calibration=method) if (r.weight or r.activation) else r for r in plan.rules]
+    layers = [{**row, "calibration": method} if (row["weight"] or row["activation"]) else row for row in plan.layers]
+    return dataclasses.replace(plan, rules=rules, layers=layers)
+
+
 def parse_budget(text: str) -> float:
     """``"5%"`` or ``"0.05"`` -> 0.05. A bare number above 1 (``"5"``) is refused: it would mean 500%.
 

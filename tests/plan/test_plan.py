@@ -223,3 +223,15 @@ def test_cli_protect_steps(tmp_path):
         refused = runner.invoke(main, ["plan", str(ranking), "--top-k", "1", "--protect-steps", bad,
                                        "--out", str(tmp_path / "q.json")])
         assert refused.exit_code == 1 and message in refused.output, refused.output
+
+
+def test_cli_calibration_is_written_into_the_quantizing_rules(tmp_path):
+    ranking = tmp_path / "r.json"
+    _ranking().save(ranking)
+    done = CliRunner().invoke(main, ["plan", str(ranking), "--top-k", "1", "--calibration", "gptq",
+                                     "--out", str(tmp_path / "p.json")])
+    assert done.exit_code == 0, done.output
+    plan = Plan.load(tmp_path / "p.json")
+    assert {r.calibration for r in plan.rules if r.weight} == {"gptq"}
+    assert {r.calibration for r in plan.rules if r.weight is None} == {None}
+    assert all(row.get("calibration") == ("gptq" if row["weight"] else None) for row in plan.layers)
