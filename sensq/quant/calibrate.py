@@ -40,7 +40,7 @@ from sensq.metrics import nmse
 from sensq.models.family import ModelFamily
 from sensq.models.layers import input_rows
 from sensq.plan import CALIBRATIONS, CALIBRATIONS_WITHOUT_DATA
-from sensq.quant.gptq import check_gptq_format, gptq_pack
+from sensq.quant.gptq import gptq_pack, gptq_refusal
 from sensq.quant.layers import ROTATION_BLOCK, fake_quantize, gemm_weight, quantize_module, rotate, swap
 
 CLIP_GRID = (1.0, 0.99, 0.98, 0.97, 0.96, 0.95, 0.94, 0.93, 0.92, 0.91, 0.9, 0.875, 0.85, 0.825, 0.8, 0.75,
@@ -93,14 +93,12 @@ def _best(curve: list[tuple[float, float]]) -> tuple[float, float]:
 
 def _calibrate_layer(module, weight_fmt, act_fmt, act_rows: torch.Tensor | None, backend,
                      method: str) -> LayerCalibration:
-    result = LayerCalibration(method=method)
-    if method.startswith("rotate"):
-        width = gemm_weight(module).shape[1]
-        if isinstance(module, torch.nn.Linear) and width % ROTATION_BLOCK == 0:
-            result.rotation = ROTATION_BLOCK
-        method = result.method = method.removeprefix("rotate").removeprefix("-") or "none"
-        if result.rotation is not None:
-            result.method = f"rotate-{method}" if method != "none" else "rotate"
+    result = LayerCalibration()
+    rotating = method in ("rotate", "rotate-gptq")
+    method = {"rotate": "none", "rotate-gptq": "gptq"}.get(method, method)  # what follows the rotation
+    if rotating and isinstance(module, torch.nn.Linear) and gemm_weight(module).shape[1] % ROTATION_BLOCK == 0:
+        result.rotation = ROTATION_BLOCK
+    result.method = method if result.rotation is None else "rotate" if method == "none" else f"rotate-{method}"
     if method == "none":
         return result
     if act_rows is None or act_rows.numel() == 0:
@@ -113,7 +111,7 @@ def _calibrate_layer(module, weight_fmt, act_fmt, act_rows: torch.Tensor | None,
     if weight_fmt is None:
         return result
     weight = rotate(gemm_weight(module), result.rotation)
-    if method == "gptq" and _gptq_rounds(weight_fmt):
+    if method == "gptq" and gptq_refusal(weight_fmt) is None:
         result.weight_packed = gptq_pack(weight, act_rows, weight_fmt, dtype=module.weight.dtype)
         result.weight_nmse = nmse(weight, unpack(result.weight_packed).float())
         return result
@@ -121,14 +119,6 @@ def _calibrate_layer(module, weight_fmt, act_fmt, act_rows: torch.Tensor | None,
     result.weight_curve = clip_curve(weight, weight_fmt, backend)
     result.weight_clip, result.weight_nmse = _best(result.weight_curve)
     return result
-
-
-def _gptq_rounds(fmt: FormatSpec) -> bool:
-    try:
-        check_gptq_format(fmt)
-    except InputError:
-        return False
-    return True
 
 
 def _quantize_calibrated(expert_module, name: str, row: dict, calib: LayerCalibration, backend) -> None:

@@ -35,14 +35,22 @@ DAMPING = 0.01
 LAZY_BATCH = 128
 
 
-def check_gptq_format(spec: FormatSpec) -> None:
-    """Raises InputError for a format GPTQ cannot round within (not 4-bit elements, or a per-tensor scale)."""
+def gptq_refusal(spec: FormatSpec) -> str | None:
+    """Why GPTQ cannot round weights to ``spec`` (not 4-bit elements, or a per-tensor scale); None when it can."""
     if spec.element_bits != 4 or spec.family is Family.BF16:
-        raise InputError(f"--calibrate gptq rounds 4-bit weights (hif4, mxfp4, nvfp4, int4); {spec.identity} "
-                         "weights use --calibrate mse or none")
+        return (f"--calibrate gptq rounds 4-bit weights (hif4, mxfp4, nvfp4, int4); {spec.identity} weights use "
+                "--calibrate mse or none")
     if spec.tensor_scale_bits:
-        raise InputError(f"--calibrate gptq does not support {spec.identity} (its per-tensor scale changes as "
-                         "blocks are updated); use nvfp4 or --calibrate mse")
+        return (f"--calibrate gptq does not support {spec.identity} (its per-tensor scale changes as blocks are "
+                "updated); use nvfp4 or --calibrate mse")
+    return None
+
+
+def check_gptq_format(spec: FormatSpec) -> None:
+    """Raises InputError with :func:`gptq_refusal`'s reason."""
+    reason = gptq_refusal(spec)
+    if reason is not None:
+        raise InputError(reason)
 
 
 def _alphabet(spec: FormatSpec) -> torch.Tensor:
