@@ -120,7 +120,7 @@ def ablate(ranking_file, model, device, dtype, lora_high, lora_low, fmt, top_ks,
 def _print_rows(result: dict) -> None:
     from rich.table import Table
 
-    from sensq.ablate import _interval_text, headline_lines
+    from sensq.ablate import _interval_text, headline_lines, kept_text
     from sensq.cli.common import console as make_console
 
     console = make_console()
@@ -136,7 +136,7 @@ def _print_rows(result: dict) -> None:
         table.add_row("full precision", "100% / 100%", "16.00", "0", "inf", "1",
                       _interval_text(result["reference_row"], "procedural", 3))
     for row in result["rows"]:
-        cells = [row["set"], " / ".join(f"{v:.0%}" for v in row["protected_share"].values()),
+        cells = [row["set"], kept_text(row, 0),
                  f"{row['effective_bits']:.2f}", _interval_text(row, "latent_nmse", 3), _interval_text(row, "psnr", 3),
                  _interval_text(row, "ssim", 4)]
         if procedural:

@@ -210,6 +210,8 @@ def run_ablation(model, trajectory, prompts, sets: list[ProtectedSet], out: Path
             "set": protected.name, "folder": str(folder.relative_to(out)),
             "rule_calibrations": sorted({r.calibration for r in protected.plan.rules if r.calibration}),
             "protected_share": {e: summary[e]["protected_share"] for e in summary if e != "total"},
+            "protected_at_some_steps": {e: summary[e]["protected_at_some_steps_share"] for e in summary
+                                        if e != "total"},
             "protected_layers": {e: summary[e]["by_precision"].get("high-precision", {"layers": 0})["layers"]
                                  for e in summary if e != "total"},
             "effective_bits": summary["total"]["effective_bits"],
@@ -342,6 +344,16 @@ def hash_rules(plan: Plan) -> int:
 
 def load_ablation(folder: str | Path) -> dict:
     return read_json(Path(folder) / "ablation.json", ABLATION_SCHEMA, "ablation")
+
+
+def kept_text(row: dict, digits: int) -> str:
+    """The share of each expert's parameters kept in high precision, ``high / low``, plus the share kept so at
+    some denoising steps only (rules with a step range), when there is one."""
+    kept = " / ".join(f"{v:.{digits}%}" for v in row["protected_share"].values())
+    ranged = row.get("protected_at_some_steps") or {}
+    if any(ranged.values()):
+        kept += " (+" + " / ".join(f"{v:.{digits}%}" for v in ranged.values()) + " at some steps)"
+    return kept
 
 
 def _interval_text(row: dict, metric: str, digits: int) -> str:
@@ -492,7 +504,7 @@ def write_ablation_report(result: dict, out: Path, commands: list[str] | None = 
     for row in rows:
         m = row["metrics"]
         real = row.get("real_size")
-        table.append([row["set"], " / ".join(f"{v:.1%}" for v in row["protected_share"].values()),
+        table.append([row["set"], kept_text(row, 1),
                       f"{row['effective_bits']:.2f}",
                       f"{row['weight_bytes'] / 1e6:.3f} ({row['weight_bytes_bf16'] / 1e6:.3f})",
                       f"{real['weight_gb']:.1f}" if real else "n/a",

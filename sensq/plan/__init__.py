@@ -185,9 +185,12 @@ def summarize(table: list[dict], layers: list[LayerInfo]) -> dict:
             bits += resident_bits(row, width[(row["expert"], row["layer"])]) * row["params"]
         params = sum(row["params"] for row in rows)
         protected = by_precision.get("high-precision", {"params": 0})["params"]
+        some_steps = sum(row["params"] for row in rows if row["weight"] is not None
+                         and any(phase["weight"] is None for phase in row.get("phases", ())))
         out[scope] = {
             "layers": len(rows), "params": params, "by_precision": by_precision,
             "protected_share": protected / params if params else 0.0,
+            "protected_at_some_steps_share": some_steps / params if params else 0.0,
             "effective_bits": bits / params if params else 0.0,
             "weight_bytes_before": params * HIGH_PRECISION_BITS // 8,
             "weight_bytes_after": int(round(bits / 8)),

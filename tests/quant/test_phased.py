@@ -63,6 +63,14 @@ def test_resolve_records_the_ranges_before_the_rule_that_decides_the_other_steps
     # resident: a phased layer keeps every distinct weight it runs (BF16 16 + FP8 8.5 + HiF4 4.5 at width 64)
     bits = summarize(table[:1], layers[:1])["total"]["effective_bits"]
     assert bits == pytest.approx(16 + 8 + 32 / 64 + 4.5, abs=1e-9)
+    summary = summarize(table, layers)["high"]
+    assert summary["protected_share"] == 0 and summary["protected_at_some_steps_share"] == pytest.approx(
+        layers[0].params / (layers[0].params + layers[1].params))
+    from sensq.ablate import kept_text
+
+    row = {"protected_share": {"high": 0.0, "low": 0.1}, "protected_at_some_steps": {"high": 0.25, "low": 0.0}}
+    assert kept_text(row, 0) == "0% / 10% (+25% / 0% at some steps)"
+    assert kept_text({"protected_share": {"high": 0.5}}, 1) == "50.0%"
     with pytest.raises(InputError, match="matches high:blocks.0.attn1.to_q outside its step ranges"):
         resolve(rules[:2], layers)
 
