@@ -346,13 +346,13 @@ def load_ablation(folder: str | Path) -> dict:
     return read_json(Path(folder) / "ablation.json", ABLATION_SCHEMA, "ablation")
 
 
-def kept_text(row: dict, digits: int) -> str:
-    """The share of each expert's parameters kept in high precision, ``high / low``, plus the share kept so at
-    some denoising steps only (rules with a step range), when there is one."""
+def kept_text(row: dict, digits: int, separator: str = " ") -> str:
+    """The share of each expert's parameters kept in high precision, ``high / low``, plus (after ``separator``)
+    the share kept so at some denoising steps only (rules with a step range), when there is one."""
     kept = " / ".join(f"{v:.{digits}%}" for v in row["protected_share"].values())
     ranged = row.get("protected_at_some_steps") or {}
     if any(ranged.values()):
-        kept += " (+" + " / ".join(f"{v:.{digits}%}" for v in ranged.values()) + " at some steps)"
+        kept += separator + "(+" + " / ".join(f"{v:.{digits}%}" for v in ranged.values()) + " at some steps)"
     return kept
 
 
@@ -504,7 +504,7 @@ def write_ablation_report(result: dict, out: Path, commands: list[str] | None = 
     for row in rows:
         m = row["metrics"]
         real = row.get("real_size")
-        table.append([row["set"], kept_text(row, 1),
+        table.append([row["set"], kept_text(row, 1, separator="\n"),
                       f"{row['effective_bits']:.2f}",
                       f"{row['weight_bytes'] / 1e6:.3f} ({row['weight_bytes_bf16'] / 1e6:.3f})",
                       f"{real['weight_gb']:.1f}" if real else "n/a",
@@ -525,7 +525,7 @@ def write_ablation_report(result: dict, out: Path, commands: list[str] | None = 
     md = [f"# sensq ablation: {result['format']} W4A4 on {result['model']['id']}", "",
           *[f"* {line}" for line in lines], "", note, "",
           "| " + " | ".join(columns) + " |", "|" + "---|" * len(columns),
-          *["| " + " | ".join(cells) + " |" for cells in table], "",
+          *["| " + " | ".join(c.replace("\n", " ") for c in cells) + " |" for cells in table], "",
           *[f"![{p.stem}]({p.name})" for p in files], "",
           "## Which differences are distinguishable from noise (latent NMSE)", "",
           "`<`: the row's set has lower error than the column's beyond noise; `>` higher; `≈` within noise.", "",
@@ -540,7 +540,9 @@ def write_ablation_report(result: dict, out: Path, commands: list[str] | None = 
     headline_html = "<ul class='headline'>" + "".join(
         "<li>" + bold.sub(strong, html.escape(line)) + "</li>" for line in lines) + "</ul>"
     table_html = ("<table><tr>" + "".join(f"<th>{html.escape(c)}</th>" for c in columns) + "</tr>" + "".join(
-        "<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in cells) + "</tr>" for cells in table) + "</table>")
+        "<tr>" + "".join(f"<td{' class=wrap' if i == 1 else ''}>{html.escape(c).replace(chr(10), '<br>')}</td>"
+                         for i, c in enumerate(cells)) + "</tr>"
+        for cells in table) + "</table>")
     matrix_html = ("<table><tr><th></th>" + "".join(f"<th>{i + 1}</th>" for i in range(len(names))) + "</tr>" + "".join(
         f"<tr><th style='text-align:left'>{i + 1}: {html.escape(name)}</th>" + "".join(
             f"<td style='text-align:center'>{html.escape(c)}</td>" for c in cells) + "</tr>"

@@ -35,7 +35,7 @@ def html_page(title: str, body: str) -> str:
     return (f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title><style>"
             "body{font-family:sans-serif;max-width:1100px;margin:2em auto}table{border-collapse:collapse}"
             "td,th{border:1px solid #ccc;padding:2px 8px;font-size:13px}td{white-space:nowrap}"
-            "pre{white-space:pre-wrap;overflow-wrap:anywhere}"
+            "td.wrap{white-space:normal;min-width:7em}pre{white-space:pre-wrap;overflow-wrap:anywhere}"
             "img{max-width:100%;display:block;"
             f"margin:1em 0}}</style></head><body><h1>{html.escape(title)}</h1>{body}</body></html>")
 
