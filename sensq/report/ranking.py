@@ -65,11 +65,27 @@ def _heatmap(plt, ranking, expert: str, fmt: str, path: Path) -> bool:
     return True
 
 
-def _bars(plt, ranking, expert: str, fmt: str, protected: set[str], top: int, path: Path) -> None:
+def kept_marks(plan, expert: str) -> dict[str, str]:
+    """Per layer of ``expert`` that a plan keeps in high precision: ``yes``, or the steps (or noise levels) at
+    which it does so when a rule with a range keeps it there only."""
+    marks = {name: "yes" for name in plan.protected(expert)}
+    for row in plan.layers:
+        if row["expert"] != expert or row["layer"] in marks:
+            continue
+        for phase in row.get("phases", ()):
+            if phase["weight"] is None:
+                key = "steps" if "steps" in phase else "sigma"
+                marks[row["layer"]] = f"{key} {phase[key][0]:g}-{phase[key][1]:g}"
+                break
+    return marks
+
+
+def _bars(plt, ranking, expert: str, fmt: str, protected: dict[str, str], top: int, path: Path) -> None:
     layers = ranking.ordered(expert, fmt)[:top]
     values = [layer.value[fmt] for layer in layers]
     finite = [v for v in values if math.isfinite(v)]
-    colors = ["#c0392b" if layer.name in protected else "#2e86c1" for layer in layers]
+    colors = ["#2e86c1" if layer.name not in protected else "#c0392b" if protected[layer.name] == "yes"
+              else "#e67e22" for layer in layers]
     fig, ax = plt.subplots(figsize=(8, 0.6 + 0.28 * len(layers)))
     # a non-finite value gets no bar but its label (nan, inf): a log axis cannot draw it, nor can a linear one
     ax.barh(range(len(layers)), [v if math.isfinite(v) else 0.0 for v in values], color=colors)
@@ -84,7 +100,9 @@ def _bars(plt, ranking, expert: str, fmt: str, protected: set[str], top: int, pa
             and max(finite) >= 10 * min(finite)):
         ax.set_xscale("log")
     ax.set_xlabel(f"{ranking.metric} ({ranking.reduce})")
-    ax.set_title(f"{_label(ranking, expert)}: top {len(layers)} layers, {fmt} (red = kept in high precision)")
+    ranged = any(mark != "yes" for mark in protected.values())
+    ax.set_title(f"{_label(ranking, expert)}: top {len(layers)} layers, {fmt} (red = kept in high precision"
+                 + (", orange = at some steps only)" if ranged else ")"))
     save_png(fig, path)
     plt.close(fig)
 
@@ -121,6 +139,10 @@ def ranking_headline(ranking, plan, fmt: str) -> list[str]:
         lines.append(f"The plan keeps in high precision {kept}: {total['effective_bits']:.2f} effective bits per "
                      f"weight, {total['weight_bytes_after'] / 1e6:.2f} MB of weights here (BF16 "
                      f"{total['weight_bytes_before'] / 1e6:.2f} MB).")
+        ranged = {e: sum(mark != "yes" for mark in kept_marks(plan, e).values()) for e in ranking.experts}
+        if any(ranged.values()):
+            lines.append("At some denoising steps only, it also keeps in high precision "
+                         + ", ".join(f"{e}: {n} layers" for e, n in ranged.items()) + " (column 'kept').")
         from sensq.plan import summary_at_real_size
 
         real = summary_at_real_size(plan)
@@ -150,9 +172,9 @@ def write_ranking_report(ranking, out_dir: str | Path, *, plan=None, top: int = 
     sections_html: list[str] = []
     for expert in ranking.experts:
         if plan is not None:
-            protected = set(plan.protected(expert))
+            protected = kept_marks(plan, expert)
         else:
-            protected = {layer.name for layer in ranking.experts[expert] if layer.entrance}
+            protected = {layer.name: "yes" for layer in ranking.experts[expert] if layer.entrance}
         bars = out / f"{expert}_top.png"
         _bars(plt, ranking, expert, fmt, protected, top, bars)
         files.append(bars)
@@ -166,7 +188,7 @@ def write_ranking_report(ranking, out_dir: str | Path, *, plan=None, top: int = 
         for layer in rows:
             cells = " | ".join(f"{layer.value[f]:.4g}" for f in ranking.formats)
             table_md.append(f"| {layer.rank[fmt]} | `{layer.name}` | {layer.params:,} | {cells} | "
-                            f"{'yes' if layer.name in protected else ''} |")
+                            f"{protected.get(layer.name, '')} |")
         images = [bars] + ([heat] if has_heatmap else [])
         sections_md.append(f"## {_label(ranking, expert)}\n\n" + "\n".join(table_md) + "\n\n" +
                            "\n".join(f"![{p.stem}]({p.name})" for p in images) + "\n")
@@ -175,7 +197,7 @@ def write_ranking_report(ranking, out_dir: str | Path, *, plan=None, top: int = 
             f"<th>{html.escape(f)}</th>" for f in ranking.formats) + "<th>kept</th></tr>" + "".join(
             f"<tr><td>{layer.rank[fmt]}</td><td><code>{html.escape(layer.name)}</code></td><td>{layer.params:,}</td>"
             + "".join(f"<td>{layer.value[f]:.4g}</td>" for f in ranking.formats)
-            + f"<td>{'yes' if layer.name in protected else ''}</td></tr>" for layer in rows) + "</table>"
+            + f"<td>{html.escape(protected.get(layer.name, ''))}</td></tr>" for layer in rows) + "</table>"
         sections_html.append(f"<h2>{_label(ranking, expert)}</h2>{table_html}{embedded}")
     provenance = json.dumps(ranking.provenance, indent=1, default=str)
     agreement = json.dumps(ranking.agreement, indent=1) if ranking.agreement else ""

@@ -122,5 +122,17 @@ def test_bar_chart_uses_a_log_axis_only_over_a_decade_or_more(tmp_path, monkeypa
         layer.value["hif4"] = spread ** (-i / (len(ranking.experts["high"]) - 1))
     from sensq.report import pyplot
 
-    ranking_report._bars(pyplot(), ranking, "high", "hif4", set(), 20, tmp_path / "bars.png")
+    ranking_report._bars(pyplot(), ranking, "high", "hif4", {}, 20, tmp_path / "bars.png")
     assert scales == ["log" if log else "linear"]
+
+
+def test_layers_kept_at_some_steps_only_are_marked_with_their_range():
+    from sensq.plan import LayerInfo, Plan, Rule, resolve
+    from sensq.report.ranking import kept_marks
+
+    layers = [LayerInfo("low", name, 100, 64) for name in ("a", "b", "c")]
+    rules = [Rule("low:a", None, None), Rule("low:b", None, None, steps=(3, 3)), Rule("low:c", None, None,
+                                                                                     sigma=(0.0, 0.25)),
+             Rule("re:low:.*", "hif4", "hif4")]
+    table, _ = resolve(rules, layers)
+    assert kept_marks(Plan(rules, table), "low") == {"a": "yes", "b": "steps 3-3", "c": "sigma 0-0.25"}
