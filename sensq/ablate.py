@@ -338,8 +338,9 @@ def headline(result: dict) -> dict:
 def hash_rules(plan: Plan) -> int:
     import zlib
 
-    return zlib.crc32(repr([(r.match, r.weight, r.activation, *([r.calibration] if r.calibration else []))
-                            for r in plan.rules]).encode())
+    # a rule's calibration and step range join the tuple only when set: older ablation folders keep their digest
+    return zlib.crc32(repr([(r.match, r.weight, r.activation, *([r.calibration] if r.calibration else []),
+                             *([r.phase] if r.phase else [])) for r in plan.rules]).encode())
 
 
 def load_ablation(folder: str | Path) -> dict:

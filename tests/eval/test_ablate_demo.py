@@ -139,3 +139,20 @@ def test_ablate_plans_measures_plan_files_as_apply_plan_deploys_them(workspace, 
         ours = load_file(out / rows[1]["folder"] / "seed-0" / "latents" / f"{index}.safetensors")["latents"]
         theirs = load_file(tmp_path / "g" / "latents" / f"{index}.safetensors")["latents"]
         assert torch.equal(ours, theirs), index
+
+
+def test_the_ablation_cache_tells_plans_apart_by_calibration_and_step_range():
+    """A set whose plan changes only its calibration or its step range must not reuse the old generations."""
+    from sensq.ablate import hash_rules
+    from sensq.plan import Plan, Rule
+
+    plain = [Rule("re:high:blocks\\.0\\..*", None, None), Rule("re:(high|low):.*", "hif4", "hif4")]
+    digests = {hash_rules(Plan(plain)),
+               hash_rules(Plan([plain[0], Rule("re:(high|low):.*", "hif4", "hif4", calibration="gptq")])),
+               hash_rules(Plan([Rule("re:high:blocks\\.0\\..*", None, None, steps=(0, 0)), plain[1]])),
+               hash_rules(Plan([Rule("re:high:blocks\\.0\\..*", None, None, steps=(3, 3)), plain[1]])),
+               hash_rules(Plan([Rule("re:high:blocks\\.0\\..*", None, None, sigma=(0.0, 0.5)), plain[1]]))}
+    assert len(digests) == 5
+    import zlib  # a plan without calibration or ranges keeps the digest older ablation folders were made with
+
+    assert hash_rules(Plan(plain)) == zlib.crc32(repr([(r.match, r.weight, r.activation) for r in plain]).encode())
