@@ -148,27 +148,40 @@ def _write_expert(module: torch.nn.Module, folder: Path, expert: str, calibratio
             continue
         if not is_quantized(layer):
             continue
-        weight = layer.weight.detach()
-        layers_manifest[f"{expert}:{name}"] = {
-            "weight": layer.weight_format.identity if layer.weight_format else None,
-            "activation": layer.act_format.identity if layer.act_format else None,
-            "weight_clip": layer.weight_clip, "act_clip": layer.act_clip,
-            **({"rotation": layer.rotation} if layer.rotation else {}),
-            **_calibration_entry(calibration, expert, name)}
+        layers_manifest[f"{expert}:{name}"] = _layer_entry(layer, expert, name, calibration)
         if layer.weight_format is None:
             continue
         del tensors[f"{name}.weight"]
-        tally.quantized_params += weight.numel()
         if fake:
+            weight = layer.weight.detach()
             tensors[f"{name}.weight"] = layer.weight_q.detach().contiguous()
+            tally.quantized_params += weight.numel()
             tally.quantized_bytes += weight.numel() * weight.element_size()
             continue
-        packed = packed_weight(layer)
-        headers[name] = packed.header() | {"layer_shape": list(weight.shape)}
-        for field, value in packed.data.items():
-            tensors[f"{name}.weight.{field}"] = value.contiguous()
-        tally.quantized_bytes += packed.nbytes
+        _store_packed(name, layer, tensors, headers, tally)
     save_file(tensors, str(folder / WEIGHTS_FILE), metadata={"sensq.packed": json.dumps(headers)})
+
+
+def _layer_entry(layer, expert: str, name: str, calibration: dict) -> dict:
+    """A layer's manifest entry: formats, clips, rotation (a quantized layer's; a plain one keeps high precision)
+    and its calibration."""
+    quantized = is_quantized(layer)
+    return {"weight": layer.weight_format.identity if quantized and layer.weight_format else None,
+            "activation": layer.act_format.identity if quantized and layer.act_format else None,
+            "weight_clip": layer.weight_clip if quantized else 1.0, "act_clip": layer.act_clip if quantized else 1.0,
+            **({"rotation": layer.rotation} if quantized and layer.rotation else {}),
+            **_calibration_entry(calibration, expert, name)}
+
+
+def _store_packed(name: str, layer, tensors: dict[str, torch.Tensor], headers: dict[str, dict],
+                  tally: _Tally) -> None:
+    """A quantized layer's weight as it is deployed (:func:`packed_weight`): its fields, its header, its sizes."""
+    packed = packed_weight(layer)
+    headers[name] = packed.header() | {"layer_shape": list(layer.weight.shape)}
+    for field, value in packed.data.items():
+        tensors[f"{name}.weight.{field}"] = value.contiguous()
+    tally.quantized_params += layer.weight.numel()
+    tally.quantized_bytes += packed.nbytes
 
 
 def _write_phased(name: str, layer, tensors: dict[str, torch.Tensor], headers: dict[str, dict], expert: str,
@@ -183,19 +196,10 @@ def _write_phased(name: str, layer, tensors: dict[str, torch.Tensor], headers: d
     tensors[f"{name}.weight"] = plain.weight.detach().contiguous()
     if plain.bias is not None:
         tensors[f"{name}.bias"] = plain.bias.detach().contiguous()
-    quantized = is_quantized(base)
-    if quantized and base.weight_format is not None:
-        packed = packed_weight(base)
-        headers[name] = packed.header() | {"layer_shape": list(plain.weight.shape)}
-        for field, value in packed.data.items():
-            tensors[f"{name}.weight.{field}"] = value.contiguous()
-        tally.quantized_bytes += packed.nbytes
-    layers_manifest[f"{expert}:{name}"] = {
-        "weight": base.weight_format.identity if quantized and base.weight_format else None,
-        "activation": base.act_format.identity if quantized and base.act_format else None,
-        "weight_clip": base.weight_clip if quantized else 1.0, "act_clip": base.act_clip if quantized else 1.0,
-        **({"rotation": base.rotation} if quantized and base.rotation else {}),
-        "phases": [dict(phase) for phase in layer.phases], **_calibration_entry(calibration, expert, name)}
+    if is_quantized(base) and base.weight_format is not None:
+        _store_packed(name, base, tensors, headers, tally)
+    layers_manifest[f"{expert}:{name}"] = {**_layer_entry(base, expert, name, calibration),
+                                           "phases": [dict(phase) for phase in layer.phases]}
 
 
 def _write_checkpoint(model, tmp: Path, *, plan, calibration: dict, fake: bool,

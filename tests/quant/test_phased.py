@@ -135,6 +135,13 @@ def test_checkpoint_loads_in_a_fresh_process_bit_identical(tiny, tmp_path):
         dequantize_(model)
     assert manifest["layers"]["high:blocks.0.attn1.to_q"]["phases"] == [
         {"steps": [0, 0], "weight": None, "activation": None}]
+    _, calibration = apply_plan(model, Plan([EVERYTHING]))  # the same HiF4 weights without ranges
+    try:
+        plain = save_quantized(model, tmp_path / "plain", plan=Plan([EVERYTHING]), calibration=calibration)
+    finally:
+        dequantize_(model)
+    for key in ("quantized_params", "quantized_weight_bytes", "effective_bits_quantized"):  # packed bases counted
+        assert manifest["sizes"][key] == plain["sizes"][key], key
     done = latents_in_a_fresh_process(tmp_path / "ckpt", trajectory, expected, tmp_path, "a red ball moving left", 3)
     assert done.returncode == 0, done.stderr[-2000:]
 
