@@ -17,6 +17,8 @@ packed weight (``weight_packed``) and its ``weight_q`` is the packed weight deco
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn.functional as F
 
@@ -52,8 +54,10 @@ ROTATION_BLOCK = 64
 32 and NVFP4's 16, so a rotation never mixes values across two scale blocks of those formats."""
 
 
+@functools.lru_cache(maxsize=8)
 def hadamard(n: int) -> torch.Tensor:
-    """The orthonormal Sylvester Hadamard matrix of size ``n`` (a power of two), float32; symmetric."""
+    """The orthonormal Sylvester Hadamard matrix of size ``n`` (a power of two), float32 on the CPU; symmetric.
+    Built once per size (every forward of a rotated layer uses it): callers must not modify it."""
     if n < 1 or n & (n - 1):
         raise ValueError(f"a Sylvester Hadamard matrix needs a power of two, got {n}")
     h = torch.ones(1, 1)

@@ -27,6 +27,7 @@ class StepClock:
     def __init__(self, pipe, family):
         self.pipe, self.family = pipe, family
         self.timestep: float | None = None
+        self._step: int | None = None
         self.handles: list = []
 
     def attach(self) -> StepClock:
@@ -41,9 +42,13 @@ class StepClock:
         self.handles.clear()
 
     def _see(self, module, args, kwargs):
+        """Once per expert forward (not per layer call): the timestep, and its index in the scheduler's
+        ``timesteps`` (set by the pipeline before its first forward)."""
         timestep = self.family.forward_argument(module, args, kwargs, "timestep")
         if timestep is not None:
             self.timestep = float(torch.as_tensor(timestep).flatten()[0])
+            timesteps = torch.as_tensor(self.pipe.scheduler.timesteps, dtype=torch.float64).flatten()
+            self._step = int((timesteps - self.timestep).abs().argmin())
 
     def _now(self) -> float:
         if self.timestep is None:
@@ -54,8 +59,8 @@ class StepClock:
     @property
     def step(self) -> int:
         """0-based index of the current timestep in the scheduler's ``timesteps``."""
-        timesteps = torch.as_tensor(self.pipe.scheduler.timesteps, dtype=torch.float64).flatten()
-        return int((timesteps - self._now()).abs().argmin())
+        self._now()
+        return self._step
 
     @property
     def sigma(self) -> float:
@@ -104,7 +109,7 @@ class PhasedLayer(torch.nn.Module):
         return self.current()(x)
 
     def extra_repr(self) -> str:
-        return "phases: " + "; ".join(f"{ {k: v for k, v in p.items()} }" for p in self.phases)
+        return "phases: " + "; ".join(str(phase) for phase in self.phases)
 
 
 def is_phased(module: torch.nn.Module) -> bool:
