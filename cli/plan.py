@@ -7,7 +7,7 @@ from pathlib import Path
 
 import click
 
-from sensq.plan import CALIBRATIONS
+from sensq.plan import CALIBRATIONS, protected_range
 
 
 @click.command()
@@ -179,11 +179,8 @@ def _table(plan, out: Path, exported, paths: dict) -> None:
     for expert in sorted({row["expert"] for row in plan.layers}):
         console.print(f"[bold]{expert}[/bold] keeps in high precision: " + ", ".join(plan.protected(expert)))
         ranged: dict[str, list[str]] = {}
-        for row in (r for r in plan.layers if r["expert"] == expert):
-            for phase in row.get("phases", ()):
-                if phase["weight"] is None:
-                    key = "steps" if "steps" in phase else "sigma"
-                    ranged.setdefault(f"{key} {phase[key][0]:g}-{phase[key][1]:g}", []).append(row["layer"])
+        for row in (r for r in plan.layers if r["expert"] == expert and protected_range(r) is not None):
+            ranged.setdefault(protected_range(row), []).append(row["layer"])
         for where, names in ranged.items():
             console.print(f"  and at {where} only: " + ", ".join(names))
         if plan.source.get("tiers"):

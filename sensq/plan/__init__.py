@@ -169,6 +169,18 @@ def resident_bits(row: dict, in_features: int) -> float:
     return sum(HIGH_PRECISION_BITS if f is None else get_format(f).bits_per_element(in_features) for f in formats)
 
 
+def protected_range(row: dict) -> str | None:
+    """For a resolved row quantized by its plan except at some steps, where a rule with a range keeps it in high
+    precision: that range as text (``steps 0-1``, ``sigma 0-0.25``; the first such rule's); else None."""
+    if row["weight"] is None:
+        return None
+    for phase in row.get("phases", ()):
+        if phase["weight"] is None:
+            key = "steps" if "steps" in phase else "sigma"
+            return f"{key} {phase[key][0]:g}-{phase[key][1]:g}"
+    return None
+
+
 def summarize(table: list[dict], layers: list[LayerInfo]) -> dict:
     """Layers and parameters per precision, effective bits per parameter, weight bytes before/after."""
     width = {(layer.expert, layer.name): layer.in_features for layer in layers}
@@ -185,8 +197,7 @@ def summarize(table: list[dict], layers: list[LayerInfo]) -> dict:
             bits += resident_bits(row, width[(row["expert"], row["layer"])]) * row["params"]
         params = sum(row["params"] for row in rows)
         protected = by_precision.get("high-precision", {"params": 0})["params"]
-        some_steps = sum(row["params"] for row in rows if row["weight"] is not None
-                         and any(phase["weight"] is None for phase in row.get("phases", ())))
+        some_steps = sum(row["params"] for row in rows if protected_range(row) is not None)
         out[scope] = {
             "layers": len(rows), "params": params, "by_precision": by_precision,
             "protected_share": protected / params if params else 0.0,
