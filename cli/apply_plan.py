@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import resource
 import time
+from collections import Counter
 from pathlib import Path
 
 import click
@@ -110,10 +111,7 @@ def apply_plan(plan_file, model, device, dtype, lora_high, lora_low, probe_file,
     sizes = summary["sizes"]
     click.echo(f"checkpoint written to {out} ({'packed' if manifest['packed'] else 'fake-quant'}, "
                f"calibration {calibrate}, {summary['layers_quantized']} layers quantized, {summary['seconds']} s)")
-    methods = {}
-    for expert in summary["calibration"].values():
-        for method, count in expert["methods"].items():
-            methods[method] = methods.get(method, 0) + count
+    methods = sum((Counter(expert["methods"]) for expert in summary["calibration"].values()), Counter())
     if set(methods) - {"none"}:
         click.echo("  calibration per layer: " + ", ".join(f"{m} {n}" for m, n in sorted(methods.items())))
     if source["probe"] is not None and source["probe"]["another_model"]:

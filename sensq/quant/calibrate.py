@@ -28,6 +28,7 @@ inputs that carry the realistic upstream quantization error.
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -185,10 +186,8 @@ def calibrate_expert(expert_module: torch.nn.Module, expert: str, table: list[di
         if methods[name] not in CALIBRATIONS_WITHOUT_DATA:
             samples = [probe.read(source, name, "samples") for source in sources]
             act_rows = torch.cat([torch.from_numpy(a.reshape(-1, a.shape[-1])) for a in samples])
-            if len(sources) == 1:
-                act_rows = act_rows[:max_rows]
-            elif act_rows.shape[0] > max_rows:  # pooled: a draw over every expert's rows
-                act_rows = act_rows[torch.randperm(act_rows.shape[0], generator=generator)[:max_rows].sort().values]
+            # one expert: its first rows (the probe's sample is already spread); pooled: a draw over every expert's
+            act_rows = act_rows[:max_rows] if len(sources) == 1 else _draw(act_rows, max_rows, generator)
         weight_fmt, act_fmt = _formats(rows[name])
         results[name] = _calibrate_layer(expert_module.get_submodule(name), weight_fmt, act_fmt, act_rows, backend,
                                          methods[name])
@@ -244,10 +243,7 @@ def _calibrate_blocks(expert_module, expert, rows, methods, probe, family, max_r
         for name in names:
             act_rows = None
             if name in captured:
-                act_rows = torch.cat(captured.pop(name))
-                if act_rows.shape[0] > max_rows:
-                    keep = torch.randperm(act_rows.shape[0], generator=generator)[:max_rows].sort().values
-                    act_rows = act_rows[keep]
+                act_rows = _draw(torch.cat(captured.pop(name)), max_rows, generator)
             weight_fmt, act_fmt = _formats(rows[name])
             results[name] = _calibrate_layer(expert_module.get_submodule(name), weight_fmt, act_fmt, act_rows,
                                              backend, methods[name])
@@ -257,6 +253,13 @@ def _calibrate_blocks(expert_module, expert, rows, methods, probe, family, max_r
                       for h, call in zip(hidden, calls, strict=True)]
         if progress is not None:
             progress(expert, index + 1, len(blocks))
+
+
+def _draw(rows: torch.Tensor, max_rows: int, generator: torch.Generator) -> torch.Tensor:
+    """At most ``max_rows`` of ``rows``, drawn at random (seeded ``generator``), in their original order."""
+    if rows.shape[0] <= max_rows:
+        return rows
+    return rows[torch.randperm(rows.shape[0], generator=generator)[:max_rows].sort().values]
 
 
 def _run_block(family: ModelFamily, block, hidden, call, dtype, device) -> torch.Tensor:
@@ -271,12 +274,9 @@ def summarize_calibration(results: dict[str, dict[str, LayerCalibration]]) -> di
     for expert, layers in results.items():
         weights = [c.weight_nmse for c in layers.values() if c.weight_nmse is not None]
         acts = [c.act_nmse for c in layers.values() if c.act_nmse is not None]
-        methods: dict[str, int] = {}
-        for calib in layers.values():
-            methods[calib.method] = methods.get(calib.method, 0) + 1
         out[expert] = {
             "layers": len(layers),
-            "methods": methods,
+            "methods": dict(Counter(calib.method for calib in layers.values())),
             "clipped_weights": sum(c.weight_clip < 1 for c in layers.values()),
             "clipped_activations": sum(c.act_clip < 1 for c in layers.values()),
             "mean_weight_nmse": float(np.mean(weights)) if weights else None,
