@@ -8,6 +8,7 @@ from pathlib import Path
 import torch
 
 from sensq.errors import InputError
+from sensq.models.layers import quantizable_layers
 from sensq.plan import CALIBRATIONS_WITHOUT_DATA, Plan, model_layers, validate_plan
 from sensq.probes.capture import ProbeConfig
 from sensq.probes.recorder import ProbeRequest, run_probe
@@ -34,13 +35,9 @@ def dequantize_(model) -> None:
     """Put plain layers back everywhere (exact: the twins share the original parameters)."""
     for expert_name in model.adapter.experts(model.pipe):
         expert = model.adapter.expert_module(model.pipe, expert_name)
-        phased = ""
-        for name, module in list(expert.named_modules()):
-            if phased and name.startswith(phased):
-                continue  # a variant of the phased layer just put back
+        for name, module in quantizable_layers(expert):  # a phased layer is one layer: its variants are inside
             if is_phased(module):
                 swap(expert, name, original_module(module.base))
-                phased = name + "."
             elif is_quantized(module):
                 swap(expert, name, original_module(module))
     remove_step_clock(model.pipe)

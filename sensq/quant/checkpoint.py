@@ -34,6 +34,7 @@ import sensq
 from sensq.errors import InputError, OutputError
 from sensq.formats import PackedTensor, get_format
 from sensq.models import LoadedModel, default_resolution, get_family, model_fingerprint, quiet_hf_progress
+from sensq.models.layers import quantizable_layers
 from sensq.models.wan import WAN22_A14B
 from sensq.plan import Rule
 from sensq.quant.layers import ROTATION_BLOCK, is_quantized, original_module, packed_weight, quantize_module, swap
@@ -138,12 +139,8 @@ def _write_expert(module: torch.nn.Module, folder: Path, expert: str, calibratio
         tensors[key] = value.detach().contiguous()
         tally.bf16_bytes += value.numel() * 2 if value.is_floating_point() else value.numel() * value.element_size()
         tally.resident += value.numel() * value.element_size()
-    phased = ""
-    for name, layer in module.named_modules():
-        if phased and name.startswith(phased):
-            continue
+    for name, layer in quantizable_layers(module):  # a phased layer is one layer: its variants are inside
         if is_phased(layer):
-            phased = name + "."
             _write_phased(name, layer, tensors, headers, expert, calibration, layers_manifest, tally)
             continue
         if not is_quantized(layer):
