@@ -27,15 +27,17 @@ def _ints(ctx, param, value: str) -> list[int]:
               help="Entrance + top-k sets to include, comma-separated.")
 @click.option("--budget", "budgets", default="30%", show_default=True,
               help="Budget sets to include, comma-separated (e.g. 5%,10%).")
-@click.option("--protect-entrance/--no-protect-entrance", default=True, show_default=True,
-              help="sensq's budgeted plans protect the entrance first, as sensq plan does (or let the ranking "
-                   "alone decide).")
+@click.option("--protect-entrance/--no-protect-entrance", default=None,
+              help="sensq's budgeted plans protect the entrance first or let the ranking alone decide. Default: as "
+                   "sensq plan does (only for a local ranking such as mse).")
 @click.option("--random", "random_draws", type=click.IntRange(min=0), default=0, show_default=True,
               help="Random sets per budget with the same share of parameters protected (seeded draws).")
 @click.option("--plans", "plan_files", multiple=True, type=click.Path(dir_okay=False, path_type=Path),
-              help="Ablate these plan files instead of the standard sets (repeat the option; each set is named "
-                   "after its file; 'none' is always run as the yardstick). Points of a plan --pareto front, tier "
-                   "plans, plans whose rules carry a 'calibration' (then pass --probe).")
+              help="Also ablate these plan files, in the same paired run as the standard sets (repeat the option; "
+                   "each set is named after its file). Points of a plan --pareto front, tier plans, plans from "
+                   "other rankings, plans whose rules carry a 'calibration' (then pass --probe).")
+@click.option("--only-plans", is_flag=True,
+              help="With --plans: measure just 'none' (the yardstick) and the plan files, not the standard sets.")
 @click.option("--seeds", type=click.IntRange(min=1), default=2, show_default=True,
               help="Seeds per prompt: every set is generated for every prompt x seed; intervals are over them.")
 @click.option("--calibrate", type=click.Choice(CALIBRATIONS), default="none", show_default=True,
@@ -51,11 +53,13 @@ def _ints(ctx, param, value: str) -> list[int]:
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=Path("ablation"), show_default=True)
 @click.option("--json", "as_json", is_flag=True, help="Print the ablation table as JSON.")
 def ablate(ranking_file, model, device, dtype, lora_high, lora_low, fmt, top_ks, budgets, protect_entrance,
-           random_draws, plan_files, seeds, calibrate, probe_file, backend, prompts_path, limit, video, out,
+           random_draws, plan_files, only_plans, seeds, calibrate, probe_file, backend, prompts_path, limit, video, out,
            as_json) -> None:
     """Sweep protected sets at one format and say which differences are real: none, the entrance, entrance
     + top-k, sensq's budgeted plans, the entrance in one expert only, ModelOpt's fixed Wan recipe
-    (embedders, proj_out, first and last three blocks) and sensq's plan at its budget, random sets.
+    (embedders, proj_out, first and last three blocks) and sensq's plan at its budget, the first and last
+    blocks at each budget, random sets, and any --plans files, all in one paired run. Generations use seeds
+    the probe (and so the ranking) did not run.
 
     Every set is deployed as sensq apply-plan deploys it (same calibration and backend) and generated
     for every prompt x seed along the ranking's trajectory; each generation is scored against the
@@ -70,12 +74,20 @@ def ablate(ranking_file, model, device, dtype, lora_high, lora_low, fmt, top_ks,
     Examples:
       sensq ablate ranking.json --top-k 2,4,8 --budget 5%,10% --random 3 --out ablation/
       sensq ablate ranking.json --calibrate mse --probe probe.h5 --seeds 4 --out ablation-mse/
-      sensq ablate ranking.json --plans tiers-6bits.json --plans keep-13pct.json --seeds 4 --out ablation-plans/
+      sensq ablate ranking.json --budget 5%,10% --plans e2e-10pct.json --seeds 2 --out ablation/
+      sensq ablate ranking.json --plans tiers-6bits.json --plans keep-13pct.json --only-plans --out ablation-plans/
     """
-    from sensq.ablate import ABLATION_SCHEMA, plan_sets, run_ablation, standard_sets, write_ablation_report
+    from sensq.ablate import (
+        ABLATION_SCHEMA,
+        file_sets,
+        plan_sets,
+        run_ablation,
+        standard_sets,
+        write_ablation_report,
+    )
     from sensq.cli.common import load_cli_model, model_named_by_file, progress_bar
     from sensq.errors import InputError
-    from sensq.plan import parse_budget
+    from sensq.plan import entrance_by_default, parse_budget
     from sensq.prompts import load_prompts
     from sensq.sensitivity import Ranking
     from sensq.store.files import check_output_folder
@@ -92,19 +104,24 @@ def ablate(ranking_file, model, device, dtype, lora_high, lora_low, fmt, top_ks,
     loaded = load_cli_model(model, device, dtype, lora_high, lora_low)
     trajectory = Trajectory.from_dict(ranking.provenance.get("trajectory") or {})
     prompts = load_prompts(prompts_path, limit, procedural=loaded.procedural)
-    if plan_files:
+    if only_plans and not plan_files:
+        raise InputError("--only-plans needs --plans PLAN.json (the plan files to measure)")
+    if protect_entrance is None:
+        protect_entrance = entrance_by_default(ranking)
+    if only_plans:
         sets = plan_sets(loaded, list(plan_files), fmt)
     else:
         sets = standard_sets(loaded, ranking, fmt, top_ks=top_ks, budgets=shares, random_draws=random_draws,
                              protect_entrance=protect_entrance)
+        sets += file_sets(list(plan_files), sets)
     with progress_bar("ablate", enabled=not as_json) as progress:
         result = run_ablation(loaded, trajectory, prompts, sets, out, fmt=fmt, seeds=seeds, calibrate=calibrate,
                               probe_path=probe_file, backend=backend, write_video=video,
                               progress=None if progress is None else lambda name, done, total: progress(
                                   "protected sets", done, total))
-    chosen = (''.join(f" --plans {p}" for p in plan_files) if plan_files else
-              f" --top-k {','.join(map(str, top_ks))} --budget {budgets}"
-              f"{'' if protect_entrance else ' --no-protect-entrance'} --random {random_draws}")
+    chosen = ("" if only_plans else f" --top-k {','.join(map(str, top_ks))} --budget {budgets}"
+              f" --{'' if protect_entrance else 'no-'}protect-entrance --random {random_draws}")
+    chosen += ''.join(f" --plans {p}" for p in plan_files) + (" --only-plans" if only_plans else "")
     command = (f"sensq ablate {ranking_file} --format {fmt}{chosen} --seeds {seeds} "
                f"--calibrate {calibrate}{f' --probe {probe_file}' if probe_file else ''} --backend {backend}"
                f"{f' --prompts {prompts_path}' if prompts_path else ''}{f' --limit {limit}' if limit else ''}"

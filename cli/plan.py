@@ -28,7 +28,9 @@ from sensq.plan import CALIBRATIONS, protected_range
               "bits (12 budgets) and the chosen point in the plan's source, and print it.")
 @click.option("--protect-entrance/--no-protect-entrance", default=None,
               help="Keep the entrance layers (the family's; Wan: patch_embedding, condition_embedder.*, blocks.0.*) "
-                   "in high precision. Default: on for --budget/--top-k, off for --tiers (the data decides).")
+                   "in high precision. Default: off, the ranking decides (a grad-e2e or e2e ranking finds the "
+                   "sensitive entrance layers itself); on for --budget/--top-k from a local ranking (mse, sqnr, ...: "
+                   "they miss the embedders, see docs/sensitivity.md).")
 @click.option("--protect", multiple=True, help="Also protect layers whose name matches this regex (repeatable).")
 @click.option("--protect-steps", default=None, metavar="A-B",
               help="With --budget/--top-k: keep the chosen layers in high precision at denoising steps A..B only "
@@ -57,10 +59,11 @@ def plan(ranking_file, budget, top_k, tiers, bits, search, pareto, protect_entra
          calibration, fmt, act_format, rank_format, validate_file, model, export, out, as_json) -> None:
     """Choose, per expert, the layers that stay in high precision and the format of all the others.
 
-    The entrance layers come first (unless --no-protect-entrance), then the most sensitive layers of
-    the ranking: the top --top-k, or each layer that still fits in --budget when walking the ranking in
-    order. The two experts may protect different layers. The plan is `sensq.plan/1` JSON: ordered rules
-    (first match wins, null = high precision), the resolved per-layer table and a summary.
+    From a local ranking (mse, ...) the entrance layers come first (unless --no-protect-entrance);
+    then the most sensitive layers of the ranking: the top --top-k, or each layer that still fits in
+    --budget when walking the ranking in order. The two experts may protect different layers. The
+    plan is `sensq.plan/1` JSON: ordered rules (first match wins, null = high precision), the resolved
+    per-layer table and a summary.
 
     \b
     Examples:
@@ -78,7 +81,7 @@ def plan(ranking_file, budget, top_k, tiers, bits, search, pareto, protect_entra
       sensq plan --validate plan.json --model ./Wan2.2-T2V-A14B-Diffusers
     """
     from sensq.errors import InputError
-    from sensq.plan import Plan, build_plan, parse_budget, with_calibration
+    from sensq.plan import Plan, build_plan, entrance_by_default, parse_budget, with_calibration
     from sensq.plan.exports import build_export, check_export_paths, write_export
 
     if validate_file is not None:
@@ -116,7 +119,8 @@ def plan(ranking_file, budget, top_k, tiers, bits, search, pareto, protect_entra
     else:
         result = build_plan(
             ranking, budget=parse_budget(budget) if budget is not None else None, top_k=top_k,
-            protect_entrance=protect_entrance is not False, protect=list(protect), fmt=fmt,
+            protect_entrance=entrance_by_default(ranking) if protect_entrance is None else protect_entrance,
+            protect=list(protect), fmt=fmt,
             act_format=None if act_format == "none" else act_format, rank_format=rank_format,
             protect_steps=steps,
         )

@@ -45,6 +45,6 @@ def probe_and_rank(args, formats=("hif4",)) -> Run:
     probe = args.out / "probe.h5"
     run_probe(ProbeRequest(model, trajectory, prompts, model.adapter.experts(model.pipe), probe,
                            resume=probe.exists()))
-    ranking = rank_layers(RankRequest(probe, model, list(formats)))
+    ranking = rank_layers(RankRequest(probe, model, list(formats), metric="mse"))
     ranking.save(args.out / "ranking.json")
     return Run(model, trajectory, prompts, probe, ranking)

@@ -43,7 +43,7 @@ def main() -> None:
     probe = args.out / "probe.h5"
     run_probe(ProbeRequest(model, trajectory, prompts, model.adapter.experts(model.pipe), probe,
                            resume=probe.exists()))
-    ranking = rank_layers(RankRequest(probe, model, ["hif4", "fp8_e4m3"]))
+    ranking = rank_layers(RankRequest(probe, model, ["hif4", "fp8_e4m3"], metric="mse"))
     ranking.save(args.out / "ranking.json")
     share = (args.bits - 4.5) / (16 - 4.5)  # HiF4 is 4.5 bits where in_features is a multiple of 64
     sets = [

@@ -49,7 +49,7 @@ class ProbeConfig:
     outputs: bool = False
 
 
-class _ContextCatcher(StateManager):
+class ContextCatcher(StateManager):
     """Receives the pipeline's CacheContext (diffusers calls ``set_context`` on stateful hooks)."""
 
     def __init__(self, session: ProbeSession):
@@ -68,7 +68,7 @@ class _ExpertHook(ModelHook):
         super().__init__()
         self.session = session
         self.expert = expert
-        self.catcher = _ContextCatcher(session)
+        self.catcher = ContextCatcher(session)
 
     def pre_forward(self, module, *args, **kwargs):
         family = self.session.family

@@ -41,10 +41,20 @@ ABLATION_SCHEMA = "sensq.ablation/1"
 METRICS = ("latent_nmse", "psnr", "ssim", "first_frame_nmse", "temporal_nmse")
 
 
+SET_KINDS = ("none", "ranked", "fixed", "random", "plan")
+"""What a protected set is: no protection; chosen from a ranking by sensq; a rule a user writes without sensq
+(the entrance, a published recipe, the first and last blocks); a random draw; a plan file from elsewhere."""
+
+
 @dataclass(frozen=True)
 class ProtectedSet:
     name: str
     plan: Plan
+    kind: str = "ranked"
+
+    def __post_init__(self):
+        if self.kind not in SET_KINDS:
+            raise ValueError(f"unknown set kind {self.kind!r}; use one of {', '.join(SET_KINDS)}")
 
 
 def slug(name: str) -> str:
@@ -66,8 +76,9 @@ def standard_sets(model, ranking, fmt: str = "hif4", top_ks=(2, 4), budgets=(0.3
     entrance = "(" + "|".join(family.entrance) + ")"
     n_blocks = len(family.block_list(family.expert_module(model.pipe, experts[0])))
     recipe = family.fixed_recipe(n_blocks)
-    sets = [ProtectedSet("none", Plan(everything)),
-            ProtectedSet("entrance", Plan([Rule(f"re:({'|'.join(experts)}):{entrance}", None, None)] + everything))]
+    sets = [ProtectedSet("none", Plan(everything), "none"),
+            ProtectedSet("entrance", Plan([Rule(f"re:({'|'.join(experts)}):{entrance}", None, None)] + everything),
+                         "fixed")]
     for k in top_ks:
         sets.append(ProtectedSet(f"entrance + top-{k}", build_plan(ranking, top_k=k, fmt=fmt)))
     for budget in budgets:
@@ -75,20 +86,49 @@ def standard_sets(model, ranking, fmt: str = "hif4", top_ks=(2, 4), budgets=(0.3
                                                                     protect_entrance=protect_entrance)))
     for expert in experts if len(experts) > 1 else []:
         sets.append(ProtectedSet(f"entrance, {expert} only",
-                                 Plan([Rule(f"re:{expert}:{entrance}", None, None)] + everything)))
+                                 Plan([Rule(f"re:{expert}:{entrance}", None, None)] + everything), "fixed"))
     if n_blocks > 6 and recipe is not None:
         recipe_name, pattern = recipe
         fixed = Plan([Rule(f"re:({'|'.join(experts)}):{pattern}", None, None)] + everything)
-        sets.append(ProtectedSet(recipe_name, fixed))
+        sets.append(ProtectedSet(recipe_name, fixed, "fixed"))
         layers = model_layers(model)
         share = summarize(validate_plan(fixed, layers), layers)["total"]["protected_share"]
         sets.append(ProtectedSet(f"sensq at ModelOpt's budget ({share:.0%})",
                                  build_plan(ranking, budget=share, fmt=fmt, protect_entrance=protect_entrance)))
+    for budget in budgets if n_blocks > 2 else ():
+        sets.append(ProtectedSet(f"first+last blocks {budget:.0%}", edge_blocks_plan(model, experts, budget, fmt),
+                                 "fixed"))
     for budget in budgets:
         for draw in range(random_draws):
             sets.append(ProtectedSet(f"random {budget:.0%} #{draw + 1}",
-                                     random_plan(model, experts, budget, fmt, seed=draw)))
+                                     random_plan(model, experts, budget, fmt, seed=draw), "random"))
     return sets
+
+
+def edge_blocks_plan(model, experts: list[str], budget: float, fmt: str) -> Plan:
+    """The fixed rule of several tools at a budget: per expert, whole blocks from both ends of the stack (first,
+    last, second, second to last, ...) while they fit in ``budget`` of its parameters; nothing else."""
+    family = model.adapter
+    layers = model_layers(model)
+    rules = []
+    for expert in experts:
+        own = [layer for layer in layers if layer.expert == expert]
+        total = sum(layer.params for layer in own)
+        sizes: dict[str, int] = {}
+        for layer in own:
+            block = family.block_of(layer.name)
+            if block is not None:
+                sizes[block] = sizes.get(block, 0) + layer.params
+        n = len(sizes)
+        order = [i for pair in zip(range(n), reversed(range(n)), strict=True) for i in pair]
+        used = 0
+        for index in dict.fromkeys(order[:n]):
+            block = f"{family.blocks}.{index}"
+            if used + sizes[block] > budget * total:
+                break
+            rules.append(Rule(f"re:{expert}:{re.escape(block)}\\..*", None, None, "first and last blocks"))
+            used += sizes[block]
+    return Plan(rules + [Rule(f"re:{e}:.*", fmt, fmt) for e in experts])
 
 
 def plan_sets(model, paths: list[Path], fmt: str = "hif4") -> list[ProtectedSet]:
@@ -98,12 +138,24 @@ def plan_sets(model, paths: list[Path], fmt: str = "hif4") -> list[ProtectedSet]
         InputError: a plan that cannot be read, two files with the same name.
     """
     experts = model.adapter.experts(model.pipe)
-    sets = [ProtectedSet("none", Plan([Rule(f"re:{e}:.*", fmt, fmt) for e in experts]))]
+    sets = [ProtectedSet("none", Plan([Rule(f"re:{e}:.*", fmt, fmt) for e in experts]), "none")]
+    return sets + file_sets(paths, sets)
+
+
+def file_sets(paths: list[Path], taken: list[ProtectedSet]) -> list[ProtectedSet]:
+    """Each plan file as a set named after the file: ``ranked`` when sensq made it from a ranking (its source
+    names one), else ``plan``.
+
+    Raises:
+        InputError: a plan that cannot be read, a name already taken.
+    """
+    sets: list[ProtectedSet] = []
     for path in paths:
         name = Path(path).stem
-        if any(s.name == name for s in sets):
+        if any(s.name == name for s in [*taken, *sets]):
             raise InputError(f"two sets would be named {name!r} ({str(path)!r}); rename one plan file")
-        sets.append(ProtectedSet(name, Plan.load(path)))
+        plan = Plan.load(path)
+        sets.append(ProtectedSet(name, plan, "ranked" if (plan.source or {}).get("ranking_metric") else "plan"))
     return sets
 
 
@@ -126,11 +178,13 @@ def random_plan(model, experts: list[str], budget: float, fmt: str, seed: int) -
 
 
 SEED_STRIDE = 10007
-"""Seed bases of an ablation's seed sets: ``trajectory.seed + k * SEED_STRIDE`` (prompt ``i`` then uses base + i,
-as in every sensq generation), so that no two (prompt, seed) pairs of different sets collide."""
+"""Seed bases of an ablation's seed sets: ``trajectory.seed + k * SEED_STRIDE`` for ``k = 1 .. seeds`` (prompt ``i``
+then uses base + i, as in every sensq generation), so that no two (prompt, seed) pairs of different sets collide
+and none is one the probe (and so the ranking) ran: the probe's prompt ``i`` ran seed ``trajectory.seed + i``."""
+
 
 def seed_bases(trajectory, seeds: int) -> list[int]:
-    return [trajectory.seed + k * SEED_STRIDE for k in range(seeds)]
+    return [trajectory.seed + k * SEED_STRIDE for k in range(1, seeds + 1)]
 
 
 def run_ablation(model, trajectory, prompts, sets: list[ProtectedSet], out: Path, *, fmt: str, seeds: int = 1,
@@ -207,7 +261,7 @@ def run_ablation(model, trajectory, prompts, sets: list[ProtectedSet], out: Path
                 per_item[f"{index}@{base}"] = {**{m: values[m] for m in METRICS if m in values},
                                                 **({"procedural": quality[index]} if procedural else {})}
         rows.append({
-            "set": protected.name, "folder": str(folder.relative_to(out)),
+            "set": protected.name, "kind": protected.kind, "folder": str(folder.relative_to(out)),
             "rule_calibrations": sorted({r.calibration for r in protected.plan.rules if r.calibration}),
             "protected_share": {e: summary[e]["protected_share"] for e in summary if e != "total"},
             "protected_at_some_steps": {e: summary[e]["protected_at_some_steps_share"] for e in summary
@@ -232,6 +286,7 @@ def run_ablation(model, trajectory, prompts, sets: list[ProtectedSet], out: Path
     result = {"schema": ABLATION_SCHEMA, "sensq_version": sensq.__version__, "format": fmt,
               "model": {"id": model.model_id, "fingerprint": model.fingerprint},
               "trajectory": trajectory.to_dict(), "prompts": [[p.index, p.text] for p in prompts], "seeds": bases,
+              "held_out_seeds": True,
               "deploy": deploy, "reference": "full-precision/seed-<base>", "rows": rows,
               "reference_row": reference_row, "comparisons": compare_rows(rows, reference_row)}
     if procedural:
@@ -312,7 +367,7 @@ def headline(result: dict) -> dict:
     """The recommendation a reader needs first: sensq's best ranked set (budget or top-k), its cost, and its
     gain over no protection and over the best fixed set that costs no more bits, with intervals."""
     rows = result["rows"]
-    ranked = [r for r in rows if r["set"].startswith(("budget", "entrance + top", "sensq at"))]
+    ranked = [r for r in rows if _kind(r) == "ranked"]
     if not ranked:
         return {}
     best = min(ranked, key=lambda r: (r["metrics"]["latent_nmse"], r["effective_bits"]))
@@ -325,13 +380,48 @@ def headline(result: dict) -> dict:
         gain = _paired(none, best, "latent_nmse")
         out["gain_over_none"] = gain.to_dict() | {"significant": gain.excludes_zero} if gain else None
     # "equal budget" with 1% slack: a budget walk cannot hit a fixed set's share exactly (8.22 vs 8.24 bits)
-    fixed = [r for r in rows if (r["set"] in FIXED_SETS or r["set"].startswith("entrance, "))
-             and r["effective_bits"] <= best["effective_bits"] * (1 + BITS_SLACK)]
+    fixed = _fixed_within(rows, best["effective_bits"])
     if fixed:
         rival = min(fixed, key=lambda r: r["metrics"]["latent_nmse"])
         gain = _paired(rival, best, "latent_nmse")
         out["best_fixed_set"] = rival["set"]
         out["gain_over_best_fixed"] = gain.to_dict() | {"significant": gain.excludes_zero} if gain else None
+    out["per_budget"] = _per_budget(rows)
+    return out
+
+
+def _fixed_within(rows: list[dict], bits: float) -> list[dict]:
+    """The fixed sets that cost no more than ``bits`` (with :data:`BITS_SLACK`)."""
+    return [r for r in rows if _kind(r) == "fixed" and r["effective_bits"] <= bits * (1 + BITS_SLACK)]
+
+
+def _kind(row: dict) -> str:
+    """A row's set kind (ablations written before kinds were recorded: read from the set's name)."""
+    if "kind" in row:
+        return row["kind"]
+    name = row["set"]
+    if name == "none":
+        return "none"
+    if name.startswith(("budget", "entrance + top", "sensq at")):
+        return "ranked"
+    if name in FIXED_SETS or name.startswith("entrance, "):
+        return "fixed"
+    return "random" if name.startswith("random") else "plan"
+
+
+def _per_budget(rows: list[dict]) -> list[dict]:
+    """For each ranked set: the best fixed set that costs no more bits, and whether the ranked set beats it
+    beyond noise (``won``: ranked, ``lost``: the fixed set, ``tie``: within noise)."""
+    out = []
+    for row in (r for r in rows if _kind(r) == "ranked"):
+        fixed = _fixed_within(rows, row["effective_bits"])
+        if not fixed:
+            continue
+        rival = min(fixed, key=lambda r: r["metrics"]["latent_nmse"])
+        gain = _paired(rival, row, "latent_nmse")
+        verdict = "tie" if gain is None or not gain.excludes_zero else ("won" if gain.mean > 0 else "lost")
+        out.append({"set": row["set"], "fixed": rival["set"], "verdict": verdict,
+                    "gain": gain.to_dict() if gain else None})
     return out
 
 
@@ -381,7 +471,11 @@ def headline_lines(result: dict) -> list[str]:
     kept = ", ".join(f"{e}: {n} layers ({head['protected_share'][e]:.1%} of its parameters)"
                      for e, n in head["protected_layers"].items())
     real = head.get("real_size")
-    lines = [f"Recommended: **{head['set']}**, keeping in high precision {kept}.",
+    gain = head.get("gain_over_best_fixed")
+    fixed_won = bool(gain and gain["significant"] and gain["mean"] < 0)
+    lines = [f"Recommended: **{head['best_fixed_set']}**, a fixed rule: it beat sensq's best ranked set "
+             f"({head['set']}) beyond noise at no more bits; sensq's set keeps {kept}." if fixed_won else
+             f"Recommended: **{head['set']}**, keeping in high precision {kept}.",
              f"Cost: {head['effective_bits']:.2f} effective bits per weight; {head['weight_gb'] * 1e3:.2f} MB of "
              f"weights here (BF16: {head['weight_gb_bf16'] * 1e3:.2f} MB)"
              + (f"; the same rules on {real['model']}: {real['effective_bits']:.2f} bits, "
@@ -393,18 +487,24 @@ def headline_lines(result: dict) -> list[str]:
     if "gain_over_none" in head:
         lines.append(f"Gain over no protection: {_gain_text(head['gain_over_none'])}.")
     if "best_fixed_set" in head:
-        gain = head["gain_over_best_fixed"]
-        if gain and gain["significant"] and gain["mean"] < 0:
+        if fixed_won:
             lines.append(f"**The fixed set {head['best_fixed_set']} does better at the same cost**: "
                          f"{-gain['mean']:.4g} lower latent NMSE than the recommended set (95% interval "
                          f"{-gain['high']:.4g} to {-gain['low']:.4g}; distinguishable from noise). The ranking's "
                          "metric does not find the layers that matter on this model: protect the fixed set, or "
-                         "rank with --metric e2e.")
+                         "rank with --metric grad-e2e (the default) or e2e.")
         else:
             lines.append(f"Gain over the best fixed set that costs no more bits ({head['best_fixed_set']}): "
                          f"{_gain_text(gain)}.")
     else:
         lines.append("No fixed set costs as few bits: nothing fixed to compare at equal budget.")
+    verdicts = head.get("per_budget") or []
+    if verdicts:
+        words = {"won": "beats", "lost": "loses to", "tie": "is within noise of"}
+        lines.append("Each ranked set against the best fixed set that costs no more bits: " + "; ".join(
+            f"{v['set']} {words[v['verdict']]} {v['fixed']}" for v in verdicts) + ".")
+    if result.get("held_out_seeds"):
+        lines.append("Measured on seeds the ranking did not use (each prompt's probe seed is left out).")
     return lines
 
 

@@ -55,6 +55,8 @@ OPERANDS = {
     "weight": "the weight W against Q(W)",
     "input": "the captured inputs X against Q(X), per (step, branch)",
     "latents": "the final latents of the real trajectory against full precision (sensq.sensitivity.e2e)",
+    "gradient": "the layer's output error propagated to first order to the final latents or the step's model output "
+                "by random projections backpropagated along the real trajectory (sensq.sensitivity.propagated)",
 }
 """What a metric compares."""
 
@@ -80,7 +82,12 @@ class Metric:
     @property
     def local(self) -> bool:
         """Computed from the probe's samples layer by layer (not by running the model)."""
-        return self.operand != "latents"
+        return self.operand not in ("latents", "gradient")
+
+    @property
+    def propagated(self) -> bool:
+        """Estimated from backward passes along the real trajectory (:mod:`sensq.sensitivity.propagated`)."""
+        return self.operand == "gradient"
 
 
 METRICS: dict[str, Metric] = {m.name: m for m in (
@@ -90,7 +97,15 @@ METRICS: dict[str, Metric] = {m.name: m for m in (
     Metric("cosine", "1 - cosine similarity of Y and Yq (flattened)", "output", cosine_distance),
     Metric("weight-mse", "NMSE of the weight alone: sum (W - Q(W))^2 / sum W^2", "weight", nmse),
     Metric("act-mse", "NMSE of the captured inputs alone: sum (X - Q(X))^2 / sum X^2", "input", nmse),
+    Metric("grad-e2e", "first-order estimate of e2e from one forward of the real trajectory and --projections "
+           "backward passes (random projections of the final latents): every layer of every expert at once",
+           "gradient", nmse),
+    Metric("grad-step", "like grad-e2e, but projected from each step's model output (memory of one forward; "
+           "ignores what later steps do to the error)", "gradient", nmse),
     Metric("e2e", "NMSE of the final latents of the real trajectory (same prompts and seeds) against full precision",
            "latents", nmse),
 )}
 assert all(m.operand in OPERANDS for m in METRICS.values())
+
+DEFAULT_METRIC = "grad-e2e"
+"""What ``sensq rank`` uses unless told: the cheap signal that agrees best with e2e (docs/sensitivity.md)."""

@@ -203,18 +203,21 @@ def plan_steps(pipe, adapter, trajectory: Trajectory) -> list[Step]:
 
 
 def run(pipe, prompt: str, trajectory: Trajectory, *, seed: int | None = None, callback=None,
-        output_type: str = "latent", negative: str | None = None):
+        output_type: str = "latent", negative: str | None = None, grad: bool = False):
     """Generate one video along ``trajectory`` (already applied), returning the pipeline's frames.
 
     Prompt embeddings are computed by the pipeline with ``trajectory.max_sequence_length``.
-    ``negative`` (a prompt's own negative prompt) overrides ``trajectory.negative_prompt``.
+    ``negative`` (a prompt's own negative prompt) overrides ``trajectory.negative_prompt``. ``grad``: run
+    outside the ``torch.no_grad`` diffusers wraps ``__call__`` in (the caller enables autograd).
     """
     from sensq.models.family import family_of
 
     family = family_of(pipe)
     generator = torch.Generator(device="cpu").manual_seed(trajectory.seed if seed is None else seed)
-    frames = pipe(
-        prompt=prompt,
+    call = type(pipe).__call__
+    call = getattr(call, "__wrapped__", call) if grad else call
+    frames = call(
+        pipe, prompt=prompt,
         negative_prompt=(negative or trajectory.negative_prompt) if trajectory.cfg else None,
         height=trajectory.height, width=trajectory.width, num_frames=trajectory.frames,
         num_inference_steps=trajectory.steps, guidance_scale=trajectory.guidance,

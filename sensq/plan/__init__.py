@@ -365,6 +365,19 @@ def _in_steps(ranking, expert: str, fmt: str, steps: tuple[int, int]) -> list:
     return sorted(layers, key=score)
 
 
+def entrance_by_default(ranking) -> bool:
+    """Whether a budget or top-k plan protects the family's entrance unless told: only for a local ranking.
+
+    Measured (docs/sensitivity.md): local metrics (mse, ...) rank the condition embedders and proj_out near the
+    bottom although they do the most end-to-end damage, so their plans need the entrance as a prior; grad-e2e
+    and e2e rankings put them first on their own, and forcing ``blocks.0`` on top spends budget on layers the
+    data rank low."""
+    from sensq.metrics import METRICS
+
+    metric = METRICS.get(ranking.metric)
+    return metric is None or metric.local
+
+
 def build_plan(ranking, *, budget: float | None = None, top_k: int | None = None, protect_entrance: bool = True,
                protect: list[str] | None = None, fmt: str = "hif4", act_format: str | None = "same",
                rank_format: str | None = None, protect_steps: tuple[int, int] | None = None) -> Plan:

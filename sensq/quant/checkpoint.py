@@ -369,7 +369,10 @@ def _read_weights(weights_path: Path) -> tuple[dict, dict[str, torch.Tensor]]:
     try:
         with safe_open(str(weights_path), "pt") as f:
             headers = json.loads((f.metadata() or {}).get("sensq.packed", "{}"))
-            tensors = {key: f.get_tensor(key) for key in f.keys()}
+            # copied into the allocator's own (64-byte aligned) memory: a tensor at the file's offset may be
+            # misaligned, and MKL's GEMM rounds differently for misaligned operands (1 ulp), so a full-precision
+            # layer would not compute what the same layer of the in-memory model computes
+            tensors = {key: f.get_tensor(key).clone() for key in f.keys()}
     except (OSError, ValueError, SafetensorError) as error:  # SafetensorError derives from Exception only
         raise InputError(f"checkpoint file {str(weights_path)!r} cannot be read ({error})") from None
     if not isinstance(headers, dict) or not all(isinstance(h, dict) for h in headers.values()):

@@ -17,7 +17,7 @@ import numpy as np
 import sensq
 from sensq.errors import InputError
 from sensq.formats import get_format
-from sensq.metrics import METRICS
+from sensq.metrics import DEFAULT_METRIC, METRICS
 from sensq.models import LoadedModel
 from sensq.sensitivity.e2e import GRANULARITIES, MODES, E2EJob, e2e_scores, layer_groups
 from sensq.sensitivity.local import REDUCTIONS, layer_scores, reduce_steps
@@ -156,7 +156,7 @@ class RankRequest:
     probe_path: Path
     model: LoadedModel
     formats: list[str]
-    metric: str = "mse"
+    metric: str = DEFAULT_METRIC
     reduce: str = "mean"
     experts: list[str] | None = None
     mode: str = "leave-one-in"
@@ -164,6 +164,8 @@ class RankRequest:
     limit: int | None = None
     force: bool = False
     backend: str = "auto"
+    projections: int = 4
+    """Random projections per prompt of the propagated metrics (``grad-e2e``, ``grad-step``)."""
 
 
 def validate(request: RankRequest) -> None:
@@ -175,8 +177,10 @@ def validate(request: RankRequest) -> None:
         raise InputError(f"unknown mode {request.mode!r}; use one of {', '.join(MODES)}")
     if request.granularity not in GRANULARITIES:
         raise InputError(f"unknown granularity {request.granularity!r}; use one of {', '.join(GRANULARITIES)}")
-    if request.granularity == "block" and METRICS[request.metric].local:
-        raise InputError("--granularity block needs --metric e2e (local metrics are per layer)")
+    if request.granularity == "block" and METRICS[request.metric].operand != "latents":
+        raise InputError(f"--granularity block needs --metric e2e ({request.metric} scores single layers)")
+    if request.projections < 1:
+        raise InputError(f"--projections must be at least 1, got {request.projections}")
     if not request.formats:
         raise InputError("--format needs at least one format")
     for name in request.formats:
@@ -216,7 +220,9 @@ def rank_layers(request: RankRequest, progress: Callable[[str, int, int], None] 
         ranked: dict[str, list[LayerRank]] = {}
         steps = {e: [int(s) for s in probe.steps(e)] for e in experts}
         sigmas = {e: [sigma_of[s] for s in steps[e]] for e in experts}
-        for expert in experts:
+        if METRICS[request.metric].propagated:
+            ranked = _rank_propagated(request, probe, model, experts, formats, steps, sigmas, progress)
+        for expert in experts if not METRICS[request.metric].propagated else ():
             expert_module = model.adapter.expert_module(model.pipe, expert)
             layer_names = probe.layers(expert)
             if not METRICS[request.metric].local:
@@ -231,7 +237,7 @@ def rank_layers(request: RankRequest, progress: Callable[[str, int, int], None] 
         ranking = Ranking(
             metric=request.metric, reduce=request.reduce, formats=list(request.formats), experts=ranked,
             steps=steps, sigmas=sigmas, branches=probe.branches, provenance=provenance,
-            mode=None if METRICS[request.metric].local else request.mode,
+            mode=request.mode if METRICS[request.metric].operand == "latents" else None,
             granularity=request.granularity,
         )
     if len(request.formats) > 1:
@@ -273,16 +279,52 @@ def _provenance(request: RankRequest, probe, used_outputs: bool, seconds: float)
     }
 
 
-def _rank_e2e(request, probe, model, expert, expert_module, layer_names, formats, progress) -> list[LayerRank]:
+def _job(probe, limit: int | None) -> E2EJob:
+    """The probe's own trajectory, prompts, seeds and negatives (the first ``limit`` finished prompts)."""
     done = np.flatnonzero(probe.done)
-    if request.limit is not None:
-        done = done[: request.limit]
-    job = E2EJob(
+    if limit is not None:
+        done = done[:limit]
+    return E2EJob(
         trajectory=Trajectory.from_dict(probe.attr_json("trajectory")),
         prompts=[probe.prompts[i] for i in done],
         seeds=[int(s) for s in probe.file["prompts/seed"][done]],
         negatives=[probe.negatives[i] for i in done],
     )
+
+
+def _rank_propagated(request, probe, model, experts, formats, steps, sigmas, progress) -> dict[str, list[LayerRank]]:
+    """Every probed layer of every expert, from one pass per prompt (:mod:`sensq.sensitivity.propagated`)."""
+    from sensq.sensitivity.propagated import propagated_scores
+
+    family = model.adapter
+    job = _job(probe, request.limit)
+    modules = {e: family.expert_module(model.pipe, e) for e in experts}
+    scores = {}
+    for fmt in formats:
+        scores[fmt.identity] = propagated_scores(
+            model.pipe, modules, job, fmt, family=family, metric=request.metric, projections=request.projections,
+            backend=request.backend,
+            progress=None if progress is None else (lambda i, n: progress(f"{request.metric}", i, n)))
+    ranked = {}
+    for expert in experts:
+        layers = []
+        for name in probe.layers(expert):
+            info = probe.layer_attrs(expert, name)
+            per_step = {f: scores[f][expert][name][1][steps[expert]] for f in scores}
+            if request.metric == "grad-e2e":
+                value = {f: scores[f][expert][name][0] for f in scores}
+            else:
+                value = {f: reduce_steps(per_step[f], np.array(sigmas[expert]), request.reduce) for f in scores}
+            layers.append(LayerRank(
+                name=name, kind=info["kind"], params=info["params"], in_features=info["in_features"],
+                out_features=info["out_features"], entrance=family.is_entrance(name), exit=family.is_exit(name),
+                value=value, per_step={f: v.tolist() for f, v in per_step.items()}))
+        ranked[expert] = layers
+    return ranked
+
+
+def _rank_e2e(request, probe, model, expert, expert_module, layer_names, formats, progress) -> list[LayerRank]:
+    job = _job(probe, request.limit)
     values = {}
     for fmt in formats:
         values[fmt.identity] = e2e_scores(

@@ -18,6 +18,8 @@ from sensq.stats import LEVEL, RESAMPLES, Interval
 
 WEAK_BELOW = 0.5
 """A proxy whose rho interval reaches below this is reported as weak."""
+TOP_K = 10
+"""How many of the most sensitive layers the top-k overlap compares."""
 
 
 def spearman_interval(x, y, resamples: int = RESAMPLES, level: float = LEVEL, seed: int = 0) -> Interval:
@@ -65,7 +67,7 @@ def require_layer_e2e(e2e) -> None:
     """Raises InputError unless ``e2e`` is a per-layer e2e ranking (what a proxy is checked against)."""
     from sensq.metrics import METRICS
 
-    if METRICS[e2e.metric].local or e2e.granularity != "layer":
+    if METRICS[e2e.metric].operand != "latents" or e2e.granularity != "layer":
         raise InputError(f"--validate needs a per-layer e2e ranking (got metric {e2e.metric!r}, granularity "
                          f"{e2e.granularity!r})")
 
@@ -75,7 +77,8 @@ def validate_proxy(local, e2e, fmt: str | None = None, against: str = "") -> dic
 
     The sign is such that rho > 0 means agreement whatever the metrics' directions (SQNR: higher is less
     sensitive). Returns ``{"against": ..., "format": fmt, "experts": {expert: {"spearman": Interval dict,
-    "layers": n, "weak": bool, "top_disagreements": [...]}}}``.
+    "layers": n, "weak": bool, "top_k": k,
+    "top_k_overlap": shared layers among both rankings' top k, "top_disagreements": [...]}}}``.
 
     Raises:
         InputError: ``e2e`` is not a per-layer e2e ranking, the two share no expert or format, or an expert
@@ -99,8 +102,12 @@ def validate_proxy(local, e2e, fmt: str | None = None, against: str = "") -> dic
             raise InputError(f"{expert}: only {len(pairs)} layers are in both rankings; a correlation needs 3")
         interval = spearman_interval([sign * a.value[fmt] for a, _ in pairs], [b.value[fmt] for _, b in pairs])
         moved = sorted(pairs, key=lambda p: -abs(p[0].rank[fmt] - p[1].rank[fmt]))[:5]
+        top = min(TOP_K, len(pairs))
+        local_top = {a.name for a, _ in sorted(pairs, key=lambda p: p[0].rank[fmt])[:top]}
+        truth_top = {b.name for _, b in sorted(pairs, key=lambda p: p[1].rank[fmt])[:top]}
         out[expert] = {
             "spearman": interval.to_dict(), "layers": len(pairs), "weak": not interval.low >= WEAK_BELOW,
+            "top_k": top, "top_k_overlap": len(local_top & truth_top),
             "top_disagreements": [{"layer": a.name, "local_rank": a.rank[fmt], "e2e_rank": b.rank[fmt]}
                                   for a, b in moved],
         }

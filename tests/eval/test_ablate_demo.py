@@ -58,13 +58,13 @@ def test_an_ablation_row_is_what_apply_plan_and_generate_deploy(workspace, tmp_p
                                   str(workspace / "probe.h5"), "--out", str(out), "--json"])
     assert result.exit_code == 0, result.output
     row = next(r for r in json.loads(result.stdout)["rows"] if r["set"] == "budget 70%")
-    seed_folder = out / row["folder"] / "seed-0"
+    seed_folder = out / row["folder"] / "seed-10007"  # the first held-out seed set
     deployed = tmp_path / "q"
     applied = runner.invoke(main, ["apply-plan", str(out / row["folder"] / "plan.json"), "--probe",
                                    str(workspace / "probe.h5"), "--calibrate", "mse", "--out", str(deployed)])
     assert applied.exit_code == 0, applied.output
     generated = runner.invoke(main, ["generate", "--model", str(deployed), "--limit", "2", "--steps", "3", "--no-video",
-                                     "--out", str(tmp_path / "g")])
+                                     "--seed", "10007", "--out", str(tmp_path / "g")])
     assert generated.exit_code == 0, generated.output
     for index in ("00000", "00001"):
         ours = load_file(seed_folder / "latents" / f"{index}.safetensors")["latents"]
@@ -82,7 +82,7 @@ def test_ablation_intervals_comparisons_and_headline(workspace, tmp_path):
                                        "--json"])
     assert result.exit_code == 0, result.output
     data = json.loads(result.stdout)
-    assert data["seeds"] == [0, 10007]
+    assert data["seeds"] == [10007, 20014]
     names = [r["set"] for r in data["rows"]]
     assert names[-2:] == ["random 60% #1", "random 60% #2"]
     for row in data["rows"]:
@@ -117,7 +117,8 @@ def test_ablate_plans_measures_plan_files_as_apply_plan_deploys_them(workspace, 
     (tmp_path / "gptq-block1.json").write_text(json.dumps(plan))
     runner = CliRunner()
     out = tmp_path / "abl"
-    args = ["ablate", str(workspace / "ranking.json"), "--plans", str(tmp_path / "gptq-block1.json"), "--seeds", "1",
+    args = ["ablate", str(workspace / "ranking.json"), "--plans", str(tmp_path / "gptq-block1.json"), "--only-plans",
+            "--seeds", "1",
             "--limit", "2", "--out", str(out), "--json"]
     refused = runner.invoke(main, args)
     assert refused.exit_code == 1 and "'calibration' rules need --probe" in refused.output
@@ -133,10 +134,10 @@ def test_ablate_plans_measures_plan_files_as_apply_plan_deploys_them(workspace, 
     manifest = json.loads((tmp_path / "q" / "manifest.json").read_text())
     assert manifest["layers"]["high:blocks.1.attn1.to_q"]["calibration"] == "gptq"
     generated = runner.invoke(main, ["generate", "--model", str(tmp_path / "q"), "--limit", "2", "--steps", "3",
-                                     "--no-video", "--out", str(tmp_path / "g")])
+                                     "--no-video", "--seed", "10007", "--out", str(tmp_path / "g")])
     assert generated.exit_code == 0, generated.output
     for index in ("00000", "00001"):
-        ours = load_file(out / rows[1]["folder"] / "seed-0" / "latents" / f"{index}.safetensors")["latents"]
+        ours = load_file(out / rows[1]["folder"] / "seed-10007" / "latents" / f"{index}.safetensors")["latents"]
         theirs = load_file(tmp_path / "g" / "latents" / f"{index}.safetensors")["latents"]
         assert torch.equal(ours, theirs), index
 

@@ -23,11 +23,20 @@ def test_a_better_fixed_set_at_the_same_cost_is_named():
     assert result["headline"]["best_fixed_set"] == "ModelOpt Wan recipe"
     lines = headline_lines(result)
     assert any(line.startswith("**The fixed set ModelOpt Wan recipe does better at the same cost**") for line in lines)
-    assert "rank with --metric e2e" in lines[-1]
+    assert lines[0].startswith("Recommended: **ModelOpt Wan recipe**, a fixed rule")
+    assert any("rank with --metric grad-e2e" in line for line in lines)
+    assert result["headline"]["per_budget"][0]["verdict"] == "lost"
+
+
+def test_rows_carry_their_kind_and_a_fixed_set_of_any_name_counts():
+    result = _result([0.080, 0.082, 0.079, 0.081, 0.080, 0.081])
+    result["rows"][2]["set"], result["rows"][2]["kind"] = "first+last blocks 33%", "fixed"
+    assert headline(result)["best_fixed_set"] == "first+last blocks 33%"
+    assert headline(result)["per_budget"][0]["verdict"] == "won"
 
 
 def test_a_worse_fixed_set_reads_as_a_gain():
     result = _result([0.080, 0.082, 0.079, 0.081, 0.080, 0.081])
-    line = headline_lines(result)[-1]
+    line = next(x for x in headline_lines(result) if x.startswith("Gain over the best fixed"))
     assert line.startswith("Gain over the best fixed set that costs no more bits (ModelOpt Wan recipe): 0.03")
     assert "distinguishable from noise" in line

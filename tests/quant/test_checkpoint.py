@@ -120,6 +120,23 @@ def test_fake_checkpoint_gives_the_same_outputs(probed, tmp_path):
     assert torch.equal(_latents(load_quantized(tmp_path / "fake"), trajectory), expected)
 
 
+def test_a_loaded_checkpoint_computes_its_full_precision_layers_as_the_model_does(probed, tmp_path):
+    """Every tensor of a loaded checkpoint sits in the allocator's aligned memory: MKL rounds a GEMM with a
+    misaligned operand differently (1 ulp), so a full-precision layer read at the file's offset differed from
+    the same layer in memory (found through a plan that quantizes the condition embedder)."""
+    model = load_model("tiny", torch.device("cpu"), torch.float32)
+    plan = Plan([Rule("re:(high|low):condition_embedder\\.time_proj", "hif4", "hif4"),
+                 Rule("re:(high|low):.*", None, None)])
+    _, calibration = apply_plan(model, plan)
+    save_quantized(model, tmp_path / "ckpt", plan=plan, calibration=calibration)
+    loaded = load_quantized(tmp_path / "ckpt")
+    for name, tensor in [*loaded.pipe.transformer.named_parameters(), *loaded.pipe.transformer.named_buffers()]:
+        assert tensor.data_ptr() % 64 == 0, name
+    layer = loaded.pipe.transformer.condition_embedder.time_embedder.linear_1
+    x = torch.randn(1, layer.in_features, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(layer(x), model.pipe.transformer.condition_embedder.time_embedder.linear_1(x))
+
+
 def test_checkpoint_loads_as_deployed_layers_without_dense_weights(probed, tmp_path):
     """A quantized layer of a loaded checkpoint holds only its packed weight; probing sees every layer."""
     from sensq.models.layers import quantizable_layers

@@ -83,11 +83,11 @@ def test_cli_rank_validate(tmp_path):
     checked = runner.invoke(main, ["rank", str(probe), "--validate", str(tmp_path / "e2e.json"),
                                    "--out", str(tmp_path / "ranking.json")])
     assert checked.exit_code == 0, checked.output
-    assert "proxy check, low-noise expert: mse vs e2e over 27 layers, Spearman rho" in checked.output
+    assert "proxy check, low-noise expert: grad-e2e vs e2e over 27 layers, Spearman rho" in checked.output
     stored = json.loads((tmp_path / "ranking.json").read_text())["validation"]
     assert stored["against"] == str(tmp_path / "e2e.json") and stored["experts"]["low"]["layers"] == 27
     again = Ranking.load(tmp_path / "ranking.json")  # the stored validation is part of the schema
     assert again.validation == stored
     wrong = runner.invoke(main, ["rank", str(probe), "--validate", str(tmp_path / "ranking.json"),
                                  "--out", str(tmp_path / "r2.json")])
-    assert wrong.exit_code == 1 and "needs a per-layer e2e ranking (got metric 'mse'" in wrong.output
+    assert wrong.exit_code == 1 and "needs a per-layer e2e ranking (got metric 'grad-e2e'" in wrong.output
