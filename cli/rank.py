@@ -38,7 +38,7 @@ def _formats(ctx, param, value: str) -> list[str]:
               help="e2e only: score layers or whole blocks (blocks.N) to make big models affordable.")
 @click.option("--limit", type=click.IntRange(min=1), default=None,
               help="e2e, grad-e2e, grad-step: use the first N prompts of the probe file (default: all).")
-@click.option("--projections", type=click.IntRange(min=1), default=4, show_default=True,
+@click.option("--projections", type=click.IntRange(min=1), default=8, show_default=True,
               help="grad-e2e, grad-step: random projections (backward passes) per prompt; the estimate's relative "
                    "spread is about sqrt(2 / (projections x prompts)).")
 @click.option("--validate", "validate_against", type=click.Path(dir_okay=False, path_type=Path), default=None,

@@ -164,7 +164,7 @@ class RankRequest:
     limit: int | None = None
     force: bool = False
     backend: str = "auto"
-    projections: int = 4
+    projections: int = 8
     """Random projections per prompt of the propagated metrics (``grad-e2e``, ``grad-step``)."""
 
 

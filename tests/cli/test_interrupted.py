@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 
 import pytest
+from interrupts import popen_interruptible
 
 SENSQ = [sys.executable, "-m", "sensq.cli"]
 
@@ -46,8 +47,8 @@ def test_generate_resumes_to_the_uninterrupted_result(tmp_path, how):
     whole = subprocess.run(SENSQ + args + ["--out", str(tmp_path / "whole")], capture_output=True, text=True)
     assert whole.returncode == 0, whole.stderr[-2000:]
     out = tmp_path / "cut"
-    process = subprocess.Popen(SENSQ + args + ["--out", str(out)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                               text=True)
+    process = popen_interruptible(SENSQ + args + ["--out", str(out)], stdout=subprocess.PIPE,
+                                  stderr=subprocess.PIPE, text=True)
 
     def two_done() -> bool:
         try:
@@ -80,8 +81,8 @@ def test_rank_keeps_the_old_ranking_and_reruns_to_the_same(workspace, tmp_path, 
     assert whole.returncode == 0, whole.stderr[-2000:]
     shutil.copy(workspace / "ranking.json", out)  # an older ranking at --out: kept until the new one is complete
     before = out.read_bytes()
-    process = subprocess.Popen(SENSQ + args + ["--out", str(out)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                               text=True)
+    process = popen_interruptible(SENSQ + args + ["--out", str(out)], stdout=subprocess.PIPE,
+                                  stderr=subprocess.PIPE, text=True)
     _wait_for(lambda: (tmp_path / ".ranking.json.lock").exists(), process)
     time.sleep(0.5)  # into the work (the lock is taken before the model loads)
     _interrupt(process, how)
@@ -102,8 +103,8 @@ def test_apply_plan_keeps_the_old_checkpoint_and_reruns_to_the_same(workspace, t
     out = tmp_path / "q"
     shutil.copytree(workspace / "ckpt", out)  # an older checkpoint at --out
     before = _digests(out)
-    process = subprocess.Popen(SENSQ + args + ["--out", str(out)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                               text=True)
+    process = popen_interruptible(SENSQ + args + ["--out", str(out)], stdout=subprocess.PIPE,
+                                  stderr=subprocess.PIPE, text=True)
     _wait_for(lambda: (tmp_path / ".q.lock").exists(), process)
     time.sleep(0.5)
     _interrupt(process, how)
@@ -117,3 +118,17 @@ def test_apply_plan_keeps_the_old_checkpoint_and_reruns_to_the_same(workspace, t
     assert json.loads((out / "manifest.json").read_text())["layers"] == \
         json.loads((tmp_path / "whole" / "manifest.json").read_text())["layers"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["q", "whole"]  # no temporary folder left behind
+
+
+def test_the_simulated_ctrl_c_reaches_a_child_of_a_background_job():
+    """Started with SIGINT ignored (as a shell starts a background job), the helper's child still has Python's
+    own SIGINT handler, and a plain Popen child does not (the assumption this guards against)."""
+    probe = [sys.executable, "-c",
+             "import signal; print(signal.getsignal(signal.SIGINT) is signal.default_int_handler)"]
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        ours = popen_interruptible(probe, stdout=subprocess.PIPE, text=True).communicate()[0].strip()
+        plain = subprocess.run(probe, capture_output=True, text=True).stdout.strip()
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    assert (ours, plain) == ("True", "False")
