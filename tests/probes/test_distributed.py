@@ -67,3 +67,24 @@ def test_e2e_rank_split_across_two_ranks(tmp_path):
     values = {layer["name"]: layer["value"] for layer in one["experts"]["high"]}
     assert {layer["name"]: layer["value"] for layer in two["experts"]["high"]} == values
     assert len(values) == 27
+
+
+def test_grad_e2e_rank_split_across_two_ranks(tmp_path):
+    """Prompts are split across ranks and the sums gathered: the same scores as one process (each prompt's
+    projections are seeded by its index, so the sharding does not change them; summation order may)."""
+    probe = tmp_path / "p.h5"
+    subprocess.run([sys.executable, "-m", "sensq.cli", "probe", "--limit", "2", "--steps", "2", "--out", str(probe)],
+                   check=True, capture_output=True)
+    args = ["rank", str(probe), "--metric", "grad-e2e", "--projections", "2", "--json"]
+    single = subprocess.run([sys.executable, "-m", "sensq.cli", *args, "--out", str(tmp_path / "one.json")],
+                            capture_output=True, text=True, check=True)
+    sharded = subprocess.run([*_torchrun(), *args, "--out", str(tmp_path / "two.json")], capture_output=True,
+                             text=True, timeout=300)
+    assert sharded.returncode == 0, sharded.stderr[-3000:]
+    one, two = json.loads(single.stdout), json.loads(sharded.stdout)
+    for expert in ("high", "low"):
+        values = {layer["name"]: layer["value"]["hif4"] for layer in one["experts"][expert]}
+        split = {layer["name"]: layer["value"]["hif4"] for layer in two["experts"][expert]}
+        assert split.keys() == values.keys()
+        assert all(v > 0 for v in values.values())
+        np.testing.assert_allclose([split[k] for k in values], list(values.values()), rtol=1e-9)
