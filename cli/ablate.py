@@ -229,16 +229,17 @@ def demo(model, fmt, n_prompts, steps, budget, seeds, threads, out) -> None:
     step(f"probe: {model}, {len(prompts)} prompts x {steps} UniPC steps with CFG, both experts -> {probe_path}")
     run_probe(ProbeRequest(loaded, trajectory, prompts, loaded.adapter.experts(loaded.pipe), probe_path,
                             resume=probe_path.exists()))
-    step(f"rank: --metric mse --format {fmt},nvfp4 -> {out / 'ranking.json'}")
     from sensq.cli.common import progress_bar
+    from sensq.metrics import DEFAULT_METRIC
 
-    with progress_bar("rank (mse)") as progress:
-        ranking = rank_layers(RankRequest(probe_path, loaded, [fmt, "nvfp4"]), progress)
+    step(f"rank: --metric {DEFAULT_METRIC} --format {fmt},nvfp4 -> {out / 'ranking.json'}")
+    with progress_bar(f"rank ({DEFAULT_METRIC})") as progress:
+        ranking = rank_layers(RankRequest(probe_path, loaded, [fmt, "nvfp4"], metric=DEFAULT_METRIC), progress)
     ranking.save(out / "ranking.json")
     plan = build_plan(ranking, budget=parse_budget(budget), fmt=fmt)
     plan.save(out / "plan.json")
     protected = {e: len(plan.protected(e)) for e in ranking.experts}
-    step(f"plan: entrance + most sensitive within {budget}: {protected} layers kept in BF16 -> {out / 'plan.json'}")
+    step(f"plan: the most sensitive layers within {budget}: {protected} layers kept in BF16 -> {out / 'plan.json'}")
     write_ranking_report(ranking, out / "ranking-report", plan=plan)
     with progress_bar("calibrate (mse) blocks") as progress:
         _, calibration = apply_plan(loaded, plan, probe_path=probe_path, calibrate="mse", progress=progress)

@@ -62,14 +62,14 @@ def slug(name: str) -> str:
 
 
 def standard_sets(model, ranking, fmt: str = "hif4", top_ks=(2, 4), budgets=(0.3,), random_draws: int = 0,
-                  protect_entrance: bool = True) -> list[ProtectedSet]:
+                  protect_entrance: bool | None = None) -> list[ProtectedSet]:
     """None; the entrance; entrance + top-k (per k); sensq's budgeted plans; the entrance in one expert only;
     the family's published fixed set where it has one (Wan: ModelOpt's, the embedders, proj_out, the first
     and last three blocks) and sensq's plan at the same budget, left out for models of 6 blocks or fewer
     (the set would keep every block in high precision); and ``random_draws`` random sets per budget with the
     same share of parameters protected (seeded draws, the yardstick a ranking has to beat). sensq's plans are
     made as ``sensq plan`` makes them, with ``protect_entrance`` as given (the entrance first, then the
-    ranking; or the ranking alone)."""
+    ranking; or the ranking alone; ``None``: as ``sensq plan`` decides for this ranking)."""
     family = model.adapter
     experts = family.experts(model.pipe)
     everything = [Rule(f"re:{e}:.*", fmt, fmt) for e in experts]
@@ -80,7 +80,7 @@ def standard_sets(model, ranking, fmt: str = "hif4", top_ks=(2, 4), budgets=(0.3
             ProtectedSet("entrance", Plan([Rule(f"re:({'|'.join(experts)}):{entrance}", None, None)] + everything),
                          "fixed")]
     for k in top_ks:
-        sets.append(ProtectedSet(f"entrance + top-{k}", build_plan(ranking, top_k=k, fmt=fmt)))
+        sets.append(ProtectedSet(f"entrance + top-{k}", build_plan(ranking, top_k=k, fmt=fmt, protect_entrance=True)))
     for budget in budgets:
         sets.append(ProtectedSet(f"budget {budget:.0%}", build_plan(ranking, budget=budget, fmt=fmt,
                                                                     protect_entrance=protect_entrance)))

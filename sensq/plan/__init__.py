@@ -378,10 +378,11 @@ def entrance_by_default(ranking) -> bool:
     return metric is None or metric.local
 
 
-def build_plan(ranking, *, budget: float | None = None, top_k: int | None = None, protect_entrance: bool = True,
+def build_plan(ranking, *, budget: float | None = None, top_k: int | None = None, protect_entrance: bool | None = None,
                protect: list[str] | None = None, fmt: str = "hif4", act_format: str | None = "same",
                rank_format: str | None = None, protect_steps: tuple[int, int] | None = None) -> Plan:
-    """Protect, per expert, the entrance layers (optional) and extra patterns, then the most sensitive
+    """Protect, per expert, the entrance layers (``None``: :func:`entrance_by_default`) and extra patterns, then
+    the most sensitive
     layers of the ranking: the top ``top_k``, or while the protected share of the expert's parameters
     stays within ``budget`` (walking the ranking in order and protecting each layer that still fits).
     Everything else gets ``fmt`` for weights and ``act_format`` (default: the same) for activations.
@@ -398,6 +399,8 @@ def build_plan(ranking, *, budget: float | None = None, top_k: int | None = None
             an unknown format, a negative ``top_k``, ``protect_steps`` with a ranking without per-step values.
     """
     activation, rank_format = _check_plan_request(ranking, budget, top_k, fmt, act_format, rank_format)
+    if protect_entrance is None:
+        protect_entrance = entrance_by_default(ranking)
     patterns = [compile_pattern(p) for p in (protect or [])]
     rules: list[Rule] = []
     infos: list[LayerInfo] = []
