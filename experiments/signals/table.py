@@ -57,7 +57,9 @@ def main():
             d = rows[default]
 
             def cell(name, keep=keep):
-                return format_interval(bootstrap_mean(list(_values(rows[name], keep).values())), 3) if name in rows else ""
+                if name not in rows:
+                    return ""
+                return format_interval(bootstrap_mean(list(_values(rows[name], keep).values())), 3)
             fixed = [r for r in result["rows"] if r.get("kind") == "fixed"
                      and r["effective_bits"] <= d["effective_bits"] * 1.01]
             best = min(fixed, key=lambda r: bootstrap_mean(list(_values(r, keep).values())).mean) if fixed else None
