@@ -41,11 +41,13 @@ def test_local_scores_follow_the_weight_device(monkeypatch):
 
 
 def test_chain_on_cuda(tmp_path, monkeypatch):
+    """The chain with --device cuda. Ranks by mse: grad-e2e's backward passes need the autograd engine's CUDA
+    support, which a CPU-only build lacks even for the fake device (its device path runs in the GPU check)."""
     runner = CliRunner()
     device = ["--device", "cuda", "--dtype", "fp32"]
     steps = [
         ["probe", "--limit", "2", "--steps", "2", *device, "--out", str(tmp_path / "probe.h5")],
-        ["rank", str(tmp_path / "probe.h5"), *device, "--out", str(tmp_path / "ranking.json")],
+        ["rank", str(tmp_path / "probe.h5"), *device, "--metric", "mse", "--out", str(tmp_path / "ranking.json")],
         ["rank", str(tmp_path / "probe.h5"), *device, "--metric", "e2e", "--limit", "1", "--expert", "high",
          "--out", str(tmp_path / "e2e.json")],
         ["plan", str(tmp_path / "ranking.json"), "--budget", "70%", "--out", str(tmp_path / "plan.json")],
@@ -62,8 +64,8 @@ def test_chain_on_cuda(tmp_path, monkeypatch):
         for args in steps:
             result = runner.invoke(main, args)
             assert result.exit_code == 0, (args[0], result.output, result.exception)
-        cpu_rank = runner.invoke(main, ["rank", str(tmp_path / "probe.h5"), "--device", "cpu", "--out",
-                                        str(tmp_path / "ranking-cpu.json")])
+        cpu_rank = runner.invoke(main, ["rank", str(tmp_path / "probe.h5"), "--device", "cpu", "--metric", "mse",
+                                        "--out", str(tmp_path / "ranking-cpu.json")])
     assert cpu_rank.exit_code == 0, cpu_rank.output
 
     def values(name):
@@ -86,7 +88,7 @@ def test_ltx_chain_on_cuda(tmp_path, monkeypatch):
         ["probe", *model, "--limit", "1", "--steps", "2", *euler, *device, "--out", str(tmp_path / "probe.h5")],
         ["rank", str(tmp_path / "probe.h5"), *device, "--metric", "e2e", "--granularity", "block",
          "--out", str(tmp_path / "e2e.json")],
-        ["rank", str(tmp_path / "probe.h5"), *device, "--out", str(tmp_path / "ranking.json")],
+        ["rank", str(tmp_path / "probe.h5"), *device, "--metric", "mse", "--out", str(tmp_path / "ranking.json")],
         ["plan", str(tmp_path / "ranking.json"), "--budget", "70%", "--out", str(tmp_path / "plan.json")],
         ["apply-plan", str(tmp_path / "plan.json"), *model, *device, "--probe", str(tmp_path / "probe.h5"),
          "--calibrate", "mse", "--out", str(tmp_path / "ckpt")],
