@@ -73,12 +73,12 @@ def main() -> None:
     The method, step by step:
       sensq prompts SOURCE       filter OpenS2V / VBench prompts into a study's prompt file
       sensq probe                record per-layer, per-expert, per-step activations into HDF5
-      sensq rank PROBE.h5        rank each expert's layers by sensitivity (mse, sqnr, cosine, e2e, ...)
+      sensq rank PROBE.h5        rank each expert's layers by end-to-end sensitivity (grad-e2e; e2e, mse, ...)
       sensq plan RANKING.json    protected entrance set + formats under a budget, as a plan file
       sensq apply-plan PLAN.json quantize (calibrated) and write a packed checkpoint (--model DIR loads it)
       sensq generate --out DIR   matched generations (mp4 + frames + latents + manifest), resumable
       sensq eval DIR --reference FP_DIR   fidelity: latent NMSE, PSNR, SSIM, first-frame, temporal
-      sensq ablate RANKING.json  sweep protected sets (none, entrance, top-k, budgets, ModelOpt recipe)
+      sensq ablate RANKING.json  sweep protected sets (budgets, fixed rules, random draws, your plans), paired
       sensq report RANKING.json  heatmaps, top-layer bars, Markdown + self-contained HTML
     \b
     Formats and numerics:
