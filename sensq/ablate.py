@@ -96,8 +96,9 @@ def standard_sets(model, ranking, fmt: str = "hif4", top_ks=(2, 4), budgets=(0.3
         sets.append(ProtectedSet(f"sensq at ModelOpt's budget ({share:.0%})",
                                  build_plan(ranking, budget=share, fmt=fmt, protect_entrance=protect_entrance)))
     for budget in budgets if n_blocks > 2 else ():
-        sets.append(ProtectedSet(f"first+last blocks {budget:.0%}", edge_blocks_plan(model, experts, budget, fmt),
-                                 "fixed"))
+        edges = edge_blocks_plan(model, experts, budget, fmt)
+        if any(rule.weight is None for rule in edges.rules):  # left out where no whole block fits the budget
+            sets.append(ProtectedSet(f"first+last blocks {budget:.0%}", edges, "fixed"))
     for budget in budgets:
         for draw in range(random_draws):
             sets.append(ProtectedSet(f"random {budget:.0%} #{draw + 1}",

@@ -40,3 +40,23 @@ def test_a_worse_fixed_set_reads_as_a_gain():
     line = next(x for x in headline_lines(result) if x.startswith("Gain over the best fixed"))
     assert line.startswith("Gain over the best fixed set that costs no more bits (ModelOpt Wan recipe): 0.03")
     assert "distinguishable from noise" in line
+
+
+def test_first_and_last_blocks_fit_the_budget_or_are_left_out():
+    """The fixed rule 'first and last blocks' protects whole blocks from both ends within the budget; where no
+    whole block fits (4 blocks of 23% each, budget 10%), the set is left out instead of measuring 'none' twice."""
+    import torch
+
+    from sensq.ablate import edge_blocks_plan
+    from sensq.loading import load_model
+    from sensq.plan import model_layers, summarize, validate_plan
+
+    model = load_model("tiny-deep-4step", torch.device("cpu"), torch.float32)
+    layers = model_layers(model)
+    plan = edge_blocks_plan(model, ["high", "low"], 0.2, "hif4")
+    kept = {r.match for r in plan.rules if r.weight is None}
+    assert kept == {f"re:{e}:blocks\\.{i}\\..*" for e in ("high", "low") for i in (0, 1, 18, 19)}
+    share = summarize(validate_plan(plan, layers), layers)["total"]["protected_share"]
+    assert 0.15 < share <= 0.2
+    small = load_model("tiny-trained-4step", torch.device("cpu"), torch.float32)
+    assert all(r.weight is not None for r in edge_blocks_plan(small, ["high", "low"], 0.1, "hif4").rules)
