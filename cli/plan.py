@@ -22,8 +22,21 @@ from sensq.plan import CALIBRATIONS, protected_range
                    "minimizing the ranking's predicted error within --bits per expert (the ranking must hold every "
                    "quantized tier: sensq rank --format hif4,fp8_e4m3).")
 @click.option("--bits", type=float, default=None, help="With --tiers: effective bits per weight per expert, e.g. 6.")
-@click.option("--search", type=click.Choice(["exact", "greedy"]), default="exact", show_default=True,
-              help="With --tiers: an exact integer program (scipy HiGHS) or greedy by error removed per bit.")
+@click.option("--search", type=click.Choice(["exact", "greedy", "e2e"]), default=None,
+              help="With --tiers: an exact integer program (scipy HiGHS, the default) or greedy by error removed per "
+                   "bit. With --budget: e2e = search the protected set on end-to-end error with the layers' "
+                   "interactions (rounds of grad-e2e re-linearized at the quantized model, each measured end to "
+                   "end; runs the ranking's model on its probe's prompts: rounds x prompts x (3 + 2 projections) "
+                   "generations); without it the ranking is walked in order.")
+@click.option("--rounds", type=click.IntRange(min=1), default=4, show_default=True, help="--search e2e: rounds.")
+@click.option("--projections", type=click.IntRange(min=0), default=8, show_default=True,
+              help="--search e2e: random projections per prompt and round.")
+@click.option("--limit", type=click.IntRange(min=1), default=4, show_default=True,
+              help="--search e2e: the first N prompts of the probe file.")
+@click.option("--probe", "probe_file", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="--search e2e: the probe file whose trajectory and prompts to search on (default: the one the "
+                   "ranking names).")
+@click.option("--device", default=None, help="--search e2e: cpu, cuda, cuda:N (default: the GPU if present).")
 @click.option("--pareto", is_flag=True, help="With --tiers: also record the front of predicted error vs effective "
               "bits (12 budgets) and the chosen point in the plan's source, and print it.")
 @click.option("--protect-entrance/--no-protect-entrance", default=None,
@@ -48,15 +61,18 @@ from sensq.plan import CALIBRATIONS, protected_range
               "(default: --format's own; a ranking without it is refused).")
 @click.option("--validate", "validate_file", type=click.Path(path_type=Path), default=None,
               help="Check an existing plan against --model: every rule must match a layer.")
-@click.option("--model", default="tiny", show_default=True, help="Model for --validate.")
+@click.option("--model", default=None,
+              help="Model for --validate (default: tiny) and --search e2e (default: the ranking's embedded model; "
+                   "a folder or Hub id the ranking names must be passed here).")
 @click.option("--export", type=click.Choice(["torchao", "modelopt"]), default=None,
               help="Also write the plan in the library's own form, one file per expert module: torchao's "
               "serialized FqnToConfig (OUT-stem.torchao.transformer.json) or a ModelOpt PTQ recipe "
               "(OUT-stem.modelopt.transformer.yml). Exact layer names, no pipeline prefix.")
 @click.option("--out", type=click.Path(dir_okay=False, path_type=Path), default=Path("plan.json"), show_default=True)
 @click.option("--json", "as_json", is_flag=True, help="Print the plan (or the validation) as JSON.")
-def plan(ranking_file, budget, top_k, tiers, bits, search, pareto, protect_entrance, protect, protect_steps,
-         calibration, fmt, act_format, rank_format, validate_file, model, export, out, as_json) -> None:
+def plan(ranking_file, budget, top_k, tiers, bits, search, rounds, projections, limit, probe_file, device, pareto,
+         protect_entrance, protect, protect_steps, calibration, fmt, act_format, rank_format, validate_file, model,
+         export, out, as_json) -> None:
     """Choose, per expert, the layers that stay in high precision and the format of all the others.
 
     From a local ranking (mse, ...) the entrance layers come first (unless --no-protect-entrance);
@@ -68,6 +84,7 @@ def plan(ranking_file, budget, top_k, tiers, bits, search, pareto, protect_entra
     \b
     Examples:
       sensq plan ranking.json --budget 5% --out plan.json
+      sensq plan ranking.json --budget 10% --search e2e --out plan.json   # searched on end-to-end error
       sensq plan ranking.json --top-k 4 --format nvfp4_ts --export modelopt
       sensq plan ranking.json --budget 10% --protect-steps last --out late.json   # BF16 at the last step only
       sensq plan ranking.json --tiers hif4,fp8_e4m3,bf16 --bits 6 --calibration gptq --out t6-gptq.json
@@ -85,7 +102,7 @@ def plan(ranking_file, budget, top_k, tiers, bits, search, pareto, protect_entra
     from sensq.plan.exports import build_export, check_export_paths, write_export
 
     if validate_file is not None:
-        _validate(validate_file, model, as_json)
+        _validate(validate_file, model or "tiny", as_json)
         return
     if ranking_file is None:
         raise click.UsageError("give a RANKING_FILE (from sensq rank), or --validate PLAN")
@@ -102,6 +119,11 @@ def plan(ranking_file, budget, top_k, tiers, bits, search, pareto, protect_entra
         raise InputError("give exactly one of --budget and --top-k")
     if protect_steps is not None and tiers is not None:
         raise InputError("--protect-steps goes with --budget/--top-k, not --tiers")
+    if search == "e2e" and (budget is None or tiers is not None or protect_steps is not None):
+        raise InputError("--search e2e chooses the protected set within --budget: give --budget (not --top-k, "
+                         "--tiers or --protect-steps)")
+    if search in ("exact", "greedy") and tiers is None:
+        raise InputError(f"--search {search} goes with --tiers; with --budget use --search e2e (or nothing)")
     last = max((step for steps in ranking.steps.values() for step in steps), default=0)
     steps = _step_range(protect_steps, last) if protect_steps is not None else None
     check_output_file(out, PLAN_SCHEMA, "plan")  # before any work
@@ -113,9 +135,12 @@ def plan(ranking_file, budget, top_k, tiers, bits, search, pareto, protect_entra
     if tiers is not None:
         from sensq.plan.tiers import build_tier_plan, parse_tiers
 
-        result: Plan = build_tier_plan(ranking, parse_tiers(tiers), bits, search=search,
+        result: Plan = build_tier_plan(ranking, parse_tiers(tiers), bits, search=search or "exact",
                                        protect_entrance=bool(protect_entrance), protect=list(protect),
                                        with_pareto=pareto)
+    elif search == "e2e":
+        result = _searched(ranking, ranking_file, parse_budget(budget), fmt, rounds=rounds, projections=projections,
+                           limit=limit, probe_file=probe_file, model=model, device=device, quiet=as_json)
     else:
         result = build_plan(
             ranking, budget=parse_budget(budget) if budget is not None else None, top_k=top_k,
@@ -133,6 +158,47 @@ def plan(ranking_file, budget, top_k, tiers, bits, search, pareto, protect_entra
         click.echo(json.dumps(result.to_dict(), indent=1))
         return
     _table(result, out, exported, paths)
+    if result.source.get("search") == "e2e":
+        measured = ", ".join(f"{r['measured_nmse']:.4g}" for r in result.source["rounds"])
+        click.echo(f"searched on end-to-end error over {result.source['prompts']} prompts: final-latent NMSE by round "
+                   f"{measured} -> {result.source['searched_nmse']:.4g} with this plan "
+                   f"({result.source['generations']} generations)")
+
+
+def _searched(ranking, ranking_file, budget: float, fmt: str, *, rounds: int, projections: int, limit: int,
+              probe_file, model, device, quiet: bool):
+    """The plan of ``sensq plan --search e2e`` (:mod:`sensq.sensitivity.search`)."""
+    from sensq.cli.common import load_cli_model, model_named_by_file, progress_bar
+    from sensq.errors import InputError
+    from sensq.formats import get_format
+    from sensq.plan import model_layers, plan_protecting
+    from sensq.sensitivity.ranking import probe_job
+    from sensq.sensitivity.search import search_protected
+    from sensq.store.probe_file import ProbeFile
+
+    probe_file = probe_file or ranking.provenance.get("probe_file")
+    if not probe_file or not Path(probe_file).is_file():
+        raise InputError(f"--search e2e runs the model on a probe's prompts and trajectory: the ranking names "
+                         f"{probe_file!r}, which is not a file here; pass --probe PROBE.h5")
+    name = model_named_by_file(ranking_file, str(ranking.provenance.get("model_id")),
+                               ranking.provenance.get("loras") or {}, model, None, None)
+    loaded = load_cli_model(name, device, None)
+    with ProbeFile(probe_file) as probe:
+        if probe.model_fingerprint != loaded.fingerprint:
+            raise InputError(f"{str(probe_file)!r} was probed on another model (fingerprint "
+                             f"{probe.model_fingerprint}, --model {loaded.fingerprint})")
+        job = probe_job(probe, limit)
+    with progress_bar("search (e2e)", enabled=not quiet) as progress:
+        found = search_protected(loaded, job, get_format(fmt), budget, rounds=rounds, projections=projections,
+                                 progress=progress)
+    return plan_protecting(
+        found.chosen, model_layers(loaded), fmt,
+        model={"id": ranking.provenance.get("model_id"), "fingerprint": loaded.fingerprint,
+               "loras": ranking.provenance.get("loras") or {}, "family": loaded.adapter.name},
+        source={"ranking_metric": ranking.metric, "search": "e2e", "budget": budget, "rounds": found.rounds,
+                "projections": projections, "prompts": len(job.prompts), "probe_file": str(probe_file),
+                "searched_nmse": found.final, "generations": found.generations,
+                "probe_sha256": ranking.provenance.get("probe_sha256")})
 
 
 def _step_range(text: str, last_step: int) -> tuple[int, int]:

@@ -24,7 +24,8 @@ for b in 5% 10% 20% 32.5%; do
   [ -e "e2e-$n.json" ] || $SENSQ plan e2e.json --budget "$b" --out "e2e-$n.json" > /dev/null
   [ -e "mse-$n.json" ] || $SENSQ plan mse.json --budget "$b" --out "mse-$n.json" > /dev/null
 done
-timed ablation $SENSQ ablate grad.json --top-k "" --budget 5%,10%,20% --random 3 --seeds 2 \
+# the ablation resumes its own generations: rerun it until ablation.json exists
+[ -e ablation/ablation.json ] || /usr/bin/time -f "ablation %e s" -a -o times.txt $SENSQ ablate grad.json --top-k "" --budget 5%,10%,20% --random 3 --seeds 2 \
   --plans e2e-5.json --plans e2e-10.json --plans e2e-20.json --plans e2e-32.5.json \
-  --plans mse-10.json --plans mse-32.5.json --out ablation
+  --plans mse-10.json --plans mse-32.5.json --out ablation > ablation.log 2>&1
 cat times.txt

@@ -444,6 +444,17 @@ def build_plan(ranking, *, budget: float | None = None, top_k: int | None = None
     )
 
 
+def plan_protecting(chosen: dict[str, list[tuple[str, str]]], layers: list[LayerInfo], fmt: str, *, model: dict,
+                    source: dict) -> Plan:
+    """A plan that keeps ``chosen`` (per expert, ``(layer, why)``) in high precision and puts every other layer
+    of those experts in ``fmt`` (W=A), with its resolved table and summary."""
+    rules = [Rule(f"{expert}:{name}", None, None, why) for expert, names in chosen.items() for name, why in names]
+    rules += [Rule(f"re:{expert}:.*", fmt, fmt, "everything else") for expert in chosen]
+    table, _ = resolve(rules, layers)
+    return Plan(rules=rules, layers=table, summary=summarize(table, layers), model=model,
+                source={**source, "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())})
+
+
 def model_layers(model) -> list[LayerInfo]:
     """Every quantizable layer of every expert of a loaded model (quantized twins share the originals'
     parameters, so a quantized model lists the same layers)."""

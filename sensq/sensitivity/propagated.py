@@ -81,20 +81,39 @@ class _Session:
     sums: dict = field(default_factory=dict)
     """``(expert, layer) -> [value sum, per-step sum [steps, branches]]`` over prompts."""
     steps: int = 0
+    quantized: frozenset = frozenset()
+    """``(expert, layer)`` pairs that run quantized (their twin's output, gradients straight through): the
+    operating point is then the quantized model's, and only these layers are scored."""
+    exact: dict = field(default_factory=dict)
+    """``(expert, layer) -> sum of (J^T e) . dY / scale`` for the exact direction ``e`` (:meth:`accumulate`)."""
 
-    def accumulate(self, output: torch.Tensor, scale: float) -> None:
+    def scored(self, layer: tuple[str, str]) -> bool:
+        return not self.quantized or layer in self.quantized
+
+    def accumulate(self, output: torch.Tensor, scale: float, direction: torch.Tensor | None = None) -> None:
         """``K`` projections of ``output`` back to every recorded call; adds ``(v . J dY)^2 / scale`` per
-        layer (all its calls summed first) and per call, then forgets the calls (their graph is freed)."""
+        layer (all its calls summed first) and per call, then forgets the calls (their graph is freed).
+        ``direction``: one more backward pass with it, adding ``(J^T direction) . dY / scale`` per layer to
+        :attr:`exact`."""
         calls = [c for c in self.calls if c.zero.requires_grad]
         if not calls:
             self.calls.clear()
             return
         zeros = [c.zero for c in calls]
-        for k in range(self.projections):
-            v = torch.randn(output.shape, generator=self.generator, dtype=torch.float32).to(output.device,
-                                                                                             output.dtype)
-            grads = torch.autograd.grad(output, zeros, grad_outputs=v, retain_graph=k + 1 < self.projections,
+        passes = self.projections + (direction is not None)
+        for k in range(passes):
+            if k < self.projections:
+                v = torch.randn(output.shape, generator=self.generator, dtype=torch.float32)
+            else:
+                v = direction
+            v = v.to(output.device, output.dtype)
+            grads = torch.autograd.grad(output, zeros, grad_outputs=v, retain_graph=k + 1 < passes,
                                         allow_unused=True)
+            if k == self.projections:
+                for call, grad in zip(calls, grads, strict=True):
+                    dot = 0.0 if grad is None else float((grad.float() * call.delta).sum(dtype=torch.float64))
+                    self.exact[call.layer] = self.exact.get(call.layer, 0.0) + dot / scale
+                continue
             totals: dict[tuple[str, str], float] = {}
             for call, grad in zip(calls, grads, strict=True):
                 value, per_step = self.sums.setdefault(call.layer, [0.0, np.zeros((self.steps, len(self.branches)))])
@@ -159,11 +178,18 @@ class _LayerHook(ModelHook):
         return args, kwargs
 
     def post_forward(self, module, output):
+        session = self.session
+        if not session.scored(self.layer):
+            self.input = None
+            return output
         with torch.no_grad():
-            delta = (self.twin(self.input.detach()).float() - output.detach().float())
+            quantized = self.twin(self.input.detach())
+            delta = quantized.float() - output.detach().float()
         self.input = None
         zero = torch.zeros_like(output, requires_grad=True)
-        self.session.calls.append(_Call(self.layer, self.session.step, self.session.forward_branches, delta, zero))
+        session.calls.append(_Call(self.layer, session.step, session.forward_branches, delta, zero))
+        if self.layer in session.quantized:  # the quantized value, the full-precision layer's gradient
+            output = output + (quantized - output).detach()
         return output + zero
 
 
@@ -179,17 +205,50 @@ def propagated_scores(pipe, experts: dict[str, torch.nn.Module], job: E2EJob, fm
     """
     if metric not in TARGETS:
         raise ValueError(f"unknown propagated metric {metric!r}; use one of {', '.join(TARGETS)}")
+    return linearize(pipe, experts, job, fmt, family=family, target=TARGETS[metric], projections=projections,
+                     backend=backend, seed=seed, progress=progress).scores
+
+
+@dataclass
+class Linearization:
+    """What one pass of :func:`linearize` gives, averaged over the prompts.
+
+    Attributes:
+        scores: ``{expert: {layer: (||J dY||^2 / ||z||^2, per_step)}}``: the damage of quantizing the layer alone
+            (at the full-precision point) or the change protecting it makes alone (at a quantized point).
+        exact: ``{expert: {layer: (J^T e) . dY / ||z||^2}}`` at a quantized point, ``e`` the latents' error there.
+        error: the measured final-latent NMSE at the operating point (0 at full precision).
+    """
+
+    scores: dict
+    exact: dict
+    error: float
+
+
+def linearize(pipe, experts: dict[str, torch.nn.Module], job: E2EJob, fmt: FormatSpec, *, family: ModelFamily,
+              target: str = "final", projections: int = 8, backend: str = "auto", seed: int = 0,
+              quantized: frozenset = frozenset(), references: list[torch.Tensor] | None = None,
+              progress: Callable[[int, int], None] | None = None) -> Linearization:
+    """One forward per prompt with autograd on, ``projections`` backward passes (and one more with the error
+    direction at a quantized point); see the module docstring.
+
+    ``quantized``: ``(expert, layer)`` pairs that run quantized (then only they are scored); ``references``: the
+    full-precision final latents per prompt (needed with ``quantized``; the error is measured against them).
+    """
+    if quantized and references is None:
+        raise ValueError("a quantized operating point needs the full-precision latents as references")
     apply_trajectory(pipe, job.trajectory)
     from sensq.trajectory import plan_steps
 
     steps = len(plan_steps(pipe, family, job.trajectory))
-    session = _Session(family, pipe, job.trajectory.branches, TARGETS[metric], projections,
-                       torch.Generator().manual_seed(seed), steps=steps)
+    session = _Session(family, pipe, job.trajectory.branches, target, projections,
+                       torch.Generator().manual_seed(seed), steps=steps, quantized=frozenset(quantized))
     world, rank = int(os.environ.get("WORLD_SIZE", "1")), int(os.environ.get("RANK", "0"))
     jobs = list(zip(job.prompts, job.seeds, job.negatives, strict=True))
     mine = list(enumerate(jobs))[rank::world]
     frozen = [p for module in experts.values() for p in module.parameters() if p.requires_grad]
     registries = []
+    error = 0.0
     try:
         for p in frozen:
             p.requires_grad_(False)
@@ -197,9 +256,10 @@ def propagated_scores(pipe, experts: dict[str, torch.nn.Module], job: E2EJob, fm
             registry = HookRegistry.check_if_exists_or_initialize(module)
             registry.register_hook(_ExpertHook(session), CONTEXT_HOOK_NAME)
             for name, layer in quantizable_layers(module):
-                twin = quantize_module(layer, fmt, fmt, backend)
-                HookRegistry.check_if_exists_or_initialize(layer).register_hook(
-                    _LayerHook(session, expert, name, twin), HOOK_NAME)
+                twin = quantize_module(layer, fmt, fmt, backend) if session.scored((expert, name)) else None
+                if twin is not None:
+                    HookRegistry.check_if_exists_or_initialize(layer).register_hook(
+                        _LayerHook(session, expert, name, twin), HOOK_NAME)
             registry.invalidate_child_registries_cache()
             registries.append(registry)
         for done, (index, (text, seed_value, negative)) in enumerate(mine):
@@ -207,8 +267,11 @@ def propagated_scores(pipe, experts: dict[str, torch.nn.Module], job: E2EJob, fm
             with torch.enable_grad():
                 latents = run(pipe, text, job.trajectory, seed=seed_value, negative=negative, grad=True)
                 if session.target == "final":
-                    reference = latents.detach().float()
-                    session.accumulate(latents, float(torch.sum(reference * reference, dtype=torch.float64)) or 1.0)
+                    reference = (latents if references is None else references[index]).detach().float()
+                    scale = float(torch.sum(reference * reference, dtype=torch.float64)) or 1.0
+                    deviation = latents.detach().float() - reference
+                    error += float(torch.sum(deviation * deviation, dtype=torch.float64)) / scale
+                    session.accumulate(latents, scale, deviation if quantized else None)
             session.calls.clear()
             if progress is not None:
                 progress(done + 1, len(mine))
@@ -221,26 +284,32 @@ def propagated_scores(pipe, experts: dict[str, torch.nn.Module], job: E2EJob, fm
         for p in frozen:
             p.requires_grad_(True)
         release_scratch()
-    sums = session.sums
+    sums, exact = session.sums, session.exact
     if world > 1:
         import torch.distributed as dist
 
         if not dist.is_initialized():
             dist.init_process_group("gloo")
-        gathered: list[dict] = [None] * world  # type: ignore[list-item]
-        dist.all_gather_object(gathered, sums)
-        sums = {}
-        for part in gathered:
-            for key, (value, per_step) in part.items():
+        gathered: list[tuple] = [None] * world  # type: ignore[list-item]
+        dist.all_gather_object(gathered, (sums, exact, error))
+        sums, exact, error = {}, {}, 0.0
+        for part_sums, part_exact, part_error in gathered:
+            for key, (value, per_step) in part_sums.items():
                 total = sums.setdefault(key, [0.0, np.zeros_like(per_step)])
                 total[0] += value
                 total[1] += per_step
+            for key, value in part_exact.items():
+                exact[key] = exact.get(key, 0.0) + value
+            error += part_error
     count = max(len(jobs), 1)
-    out: dict[str, dict[str, tuple[float, np.ndarray]]] = {}
+    scores: dict[str, dict[str, tuple[float, np.ndarray]]] = {}
+    directions: dict[str, dict[str, float]] = {}
     for expert, module in experts.items():
-        out[expert] = {}
+        scores[expert], directions[expert] = {}, {}
         for name, _ in quantizable_layers(module):
+            if not session.scored((expert, name)):
+                continue
             value, per_step = sums.get((expert, name), [0.0, np.zeros((steps, len(session.branches)))])
-            out[expert][name] = (value / count, per_step / count)
-    return out
-
+            scores[expert][name] = (value / count, per_step / count)
+            directions[expert][name] = exact.get((expert, name), 0.0) / count
+    return Linearization(scores, directions, error / count)

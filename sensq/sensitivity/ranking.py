@@ -279,7 +279,7 @@ def _provenance(request: RankRequest, probe, used_outputs: bool, seconds: float)
     }
 
 
-def _job(probe, limit: int | None) -> E2EJob:
+def probe_job(probe, limit: int | None) -> E2EJob:
     """The probe's own trajectory, prompts, seeds and negatives (the first ``limit`` finished prompts)."""
     done = np.flatnonzero(probe.done)
     if limit is not None:
@@ -297,7 +297,7 @@ def _rank_propagated(request, probe, model, experts, formats, steps, sigmas, pro
     from sensq.sensitivity.propagated import propagated_scores
 
     family = model.adapter
-    job = _job(probe, request.limit)
+    job = probe_job(probe, request.limit)
     modules = {e: family.expert_module(model.pipe, e) for e in experts}
     scores = {}
     for fmt in formats:
@@ -324,7 +324,7 @@ def _rank_propagated(request, probe, model, experts, formats, steps, sigmas, pro
 
 
 def _rank_e2e(request, probe, model, expert, expert_module, layer_names, formats, progress) -> list[LayerRank]:
-    job = _job(probe, request.limit)
+    job = probe_job(probe, request.limit)
     values = {}
     for fmt in formats:
         values[fmt.identity] = e2e_scores(
