@@ -136,3 +136,17 @@ def test_layers_kept_at_some_steps_only_are_marked_with_their_range():
              Rule("re:low:.*", "hif4", "hif4")]
     table, _ = resolve(rules, layers)
     assert kept_marks(Plan(rules, table), "low") == {"a": "yes", "b": "steps 3-3", "c": "sigma 0-0.25"}
+
+
+@pytest.mark.parametrize("metric, says", [("grad-e2e", "sensq's default"), ("e2e", "ground truth"),
+                                          ("mse", "a local metric")])
+def test_the_report_says_which_signal_ranked_and_why(tmp_path, metric, says):
+    from sensq.report.ranking import ranking_headline
+
+    ranking = _ranking()
+    ranking.metric = metric
+    ranking.validation = {"experts": {"low": {"spearman": {"mean": 0.9, "low": 0.8, "high": 0.95, "n": 6},
+                                              "layers": 6, "weak": False, "top_k": 6, "top_k_overlap": 5}}}
+    lines = ranking_headline(ranking, None, "hif4")
+    assert lines[0].startswith(f"Ranked by {metric}") and says in lines[0]
+    assert "Spearman rho 0.900 [0.800, 0.950] over 6 layers, top-6 overlap 5/6." in lines[1]
