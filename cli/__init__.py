@@ -63,7 +63,10 @@ def _one_line(message: str, exit_code: int) -> click.ClickException:
 
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(sensq.__version__, prog_name="sensq")
-def main() -> None:
+@click.option("--threads", type=click.IntRange(min=1), default=None, envvar="SENSQ_THREADS", show_envvar=True,
+              help="CPU threads for torch and numba together (default: the CPUs this process may use). Lower it "
+                   "when other jobs share the cores; progress bars show the count.")
+def main(threads) -> None:
     """sensq: which layers of a video diffusion transformer can run in 4 bits.
 
     \b
@@ -87,6 +90,9 @@ def main() -> None:
 
     Every command has --help with examples. Errors are one line; exit 1 = failure, 2 = usage.
     """
+    from sensq.runtime import set_threads
+
+    set_threads(threads)
 
 
 from sensq.cli.ablate import ablate, demo  # noqa: E402

@@ -61,7 +61,10 @@ def progress_bar(title: str, *, enabled: bool = True, stream=None):
     if not enabled or not target.is_terminal:
         yield None
         return
-    with Progress(TextColumn(f"[bold]{title}"), TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+    from sensq.runtime import threads_in_use
+
+    label = f"[bold]{title}[/] [dim]{threads_in_use()} threads[/]"
+    with Progress(TextColumn(label), TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
                   TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn(), console=target,
                   transient=True) as progress:
         tasks: dict[str, int] = {}

@@ -3,6 +3,7 @@
 import io
 import sys
 
+import torch
 from click.testing import CliRunner
 from rich.console import Console
 
@@ -17,6 +18,7 @@ def test_progress_bar_on_a_terminal_and_quiet_elsewhere():
         for done in range(1, 4):
             update("high", done, 3)
     assert "rank (mse)" in buffer.getvalue() and "high" in buffer.getvalue() and "3/3" in buffer.getvalue()
+    assert f"{torch.get_num_threads()} threads" in buffer.getvalue()  # long commands say what they use
     with progress_bar("rank", stream=Console(file=io.StringIO())) as update:
         assert update is None  # not a terminal: no bar, and the library skips its callbacks
     with progress_bar("rank", enabled=False, stream=Console(file=io.StringIO(), force_terminal=True)) as update:
@@ -33,7 +35,7 @@ def test_rank_and_apply_plan_show_progress_on_a_terminal(workspace, tmp_path, mo
     runner = CliRunner()
     result = runner.invoke(main, ["rank", str(workspace / "probe.h5"), "--out", str(tmp_path / "r.json")])
     assert result.exit_code == 0, result.output
-    assert "rank (mse)" in result.stderr and "low" in result.stderr
+    assert "rank (grad-e2e)" in result.stderr and "threads" in result.stderr
     result = runner.invoke(main, ["rank", str(workspace / "probe.h5"), "--metric", "e2e", "--granularity", "block",
                                   "--limit", "1", "--out", str(tmp_path / "e.json")])
     assert result.exit_code == 0, result.output
@@ -43,4 +45,20 @@ def test_rank_and_apply_plan_show_progress_on_a_terminal(workspace, tmp_path, mo
     assert result.exit_code == 0, result.output
     assert "calibrate (mse) blocks" in result.stderr
     quiet = runner.invoke(main, ["rank", str(workspace / "probe.h5"), "--out", str(tmp_path / "r.json"), "--json"])
-    assert quiet.exit_code == 0 and "rank (mse)" not in quiet.stderr
+    assert quiet.exit_code == 0 and "rank (grad-e2e)" not in quiet.stderr
+
+
+def test_threads_sets_torch_and_numba_together(monkeypatch):
+    import numba
+
+    before = torch.get_num_threads(), numba.get_num_threads()
+    try:
+        result = CliRunner().invoke(main, ["--threads", "1", "formats", "--json"])
+        assert result.exit_code == 0, result.output
+        assert (torch.get_num_threads(), numba.get_num_threads()) == (1, 1)
+        monkeypatch.setenv("SENSQ_THREADS", "0")
+        refused = CliRunner().invoke(main, ["formats"])
+        assert refused.exit_code == 2 and "--threads" in refused.output
+    finally:
+        torch.set_num_threads(before[0])
+        numba.set_num_threads(before[1])
