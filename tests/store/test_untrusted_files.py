@@ -255,7 +255,8 @@ def test_nan_probe_is_refused_by_rank_and_calibration(workspace, tmp_path):
     with h5py.File(crafted, "r+") as f:
         f["experts/low/samples"][0, 0, 0, 5] = np.nan
         f["experts/high/first_block/hidden_states"][0, 0, 0, 0, 0] = np.inf
-    _one_line_error(_invoke("rank", crafted, "--metric", "mse", "--out", tmp_path / "r.json"), "NaN or Inf", "the samples of low:")
+    _one_line_error(_invoke("rank", crafted, "--metric", "mse", "--out", tmp_path / "r.json"), "NaN or Inf",
+                    "the samples of low:")
     assert not (tmp_path / "r.json").exists()
     _one_line_error(_invoke("apply-plan", workspace / "plan.json", "--probe", crafted, "--calibrate", "mse", "--out",
                             tmp_path / "q"), "NaN or Inf")
