@@ -25,9 +25,9 @@ def _paired(a, b, keep):
 
 def _verdict(interval):
     if interval.low > 0:
-        return f"default better by {format_interval(interval, 3)}"
+        return f"better by {format_interval(interval, 3)}"
     if interval.high < 0:
-        return f"default worse by {format_interval(interval, 3)}"
+        return f"worse by {format_interval(interval, 3)}"
     return f"within noise {format_interval(interval, 3)}"
 
 
@@ -38,11 +38,11 @@ def main():
     args = parser.parse_args()
     result = json.load(open(args.ablation))
     rows = {r["set"]: r for r in result["rows"]}
-    budgets = {"5%": ("budget 5%", "e2e-5", None), "10%": ("budget 10%", "e2e-10", "mse-10"),
-               "20%": ("budget 20%", "e2e-20", None)}
+    budgets = {"5%": ("budget 5%", "e2e-5", None, "search-5"), "10%": ("budget 10%", "e2e-10", "mse-10", "search-10"),
+               "20%": ("budget 20%", "e2e-20", None, "search-20")}
     modelopt = next((n for n in rows if n.startswith("sensq at ModelOpt")), None)
     if modelopt:
-        budgets["ModelOpt's"] = (modelopt, "e2e-32.5", "mse-32.5")
+        budgets["ModelOpt's"] = (modelopt, "e2e-32.5", "mse-32.5", "search-32.5")
     scopes = [("all prompts", lambda k: True)]
     if args.held_out_from is not None:
         scopes.append((f"prompts {args.held_out_from}+ only",
@@ -50,10 +50,11 @@ def main():
     for scope, keep in scopes:
         n = len(_values(rows["none"], keep))
         print(f"\n### {scope} ({n} generations)\n")
-        print("| budget | default (grad-e2e) | e2e plan | mse plan (entrance forced) | best fixed at <= bits | "
-              "random draws | default vs best fixed | default vs e2e plan |")
-        print("|---|---|---|---|---|---|---|---|")
-        for label, (default, oracle, mse) in budgets.items():
+        print("| budget | default (grad-e2e) | plan --search e2e | e2e plan | mse plan (entrance forced) | "
+              "best fixed at <= bits | random draws | default vs best fixed | default vs e2e plan | "
+              "search vs best fixed | search vs e2e plan |")
+        print("|---|---|---|---|---|---|---|---|---|---|---|")
+        for label, (default, oracle, mse, searched) in budgets.items():
             d = rows[default]
 
             def cell(name, keep=keep):
@@ -66,10 +67,13 @@ def main():
             pct = label if label != "ModelOpt's" else f"{d['protected_share']['low']:.0%}"
             draws = [r for r in result["rows"] if r.get("kind") == "random" and r["set"].startswith(f"random {pct}")]
             randoms = ", ".join(f"{bootstrap_mean(list(_values(r, keep).values())).mean:.3f}" for r in draws)
-            print(f"| {label} | {cell(default)} | {cell(oracle)} | {cell(mse) if mse else ''} | "
+            found = rows.get(searched)
+            print(f"| {label} | {cell(default)} | {cell(searched)} | {cell(oracle)} | {cell(mse) if mse else ''} | "
                   f"{best['set'] + ' ' + cell(best['set']) if best else 'none fits'} | {randoms} | "
                   f"{_verdict(_paired(best, d, keep)) if best else ''} | "
-                  f"{_verdict(_paired(rows[oracle], d, keep)) if oracle in rows else ''} |")
+                  f"{_verdict(_paired(rows[oracle], d, keep)) if oracle in rows else ''} | "
+                  f"{_verdict(_paired(best, found, keep)) if best and found else ''} | "
+                  f"{_verdict(_paired(rows[oracle], found, keep)) if found and oracle in rows else ''} |")
         print(f"\nnone: {format_interval(bootstrap_mean(list(_values(rows['none'], keep).values())), 3)}; "
               + "; ".join(f"{r['set']} ({r['effective_bits']:.2f} bits): "
                           f"{format_interval(bootstrap_mean(list(_values(r, keep).values())), 3)}"

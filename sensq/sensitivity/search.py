@@ -40,6 +40,31 @@ class SearchResult:
     generations: int
 
 
+def _pick(gains: dict[str, float], sizes: dict[str, int], remaining: float, share: float) -> list[str]:
+    """One round's layers: by predicted gain per parameter within ``share``; but when the layer with the largest
+    gain that fits what is ``remaining`` of the budget gains more than that whole fill, it goes first and the
+    fill continues within the share left (a greedy by density alone never takes a large layer whose gain
+    exceeds everything small: the knapsack's classic failure)."""
+    useful = {name: gain for name, gain in gains.items() if gain > 0}
+
+    def fill(limit: float, taken: list[str]) -> list[str]:
+        used = sum(sizes[name] for name in taken)
+        for name in sorted(useful, key=lambda n: -useful[n] / sizes[n]):
+            if name not in taken and used + sizes[name] <= limit:
+                taken.append(name)
+                used += sizes[name]
+        return taken
+
+    by_density = fill(share, [])
+    fitting = [name for name in useful if sizes[name] <= remaining]
+    if not fitting:
+        return by_density
+    largest = max(fitting, key=lambda n: useful[n])
+    if largest in by_density or useful[largest] <= sum(useful[n] for n in by_density):
+        return by_density
+    return fill(max(share, sizes[largest]), [largest])
+
+
 def search_protected(model, job: E2EJob, fmt: FormatSpec, budget: float, *, rounds: int = 4,
                      projections: int = 8, backend: str = "auto",
                      progress: Callable[[str, int, int], None] | None = None) -> SearchResult:
@@ -66,21 +91,16 @@ def search_protected(model, job: E2EJob, fmt: FormatSpec, budget: float, *, roun
                           (lambda i, n, r=round_index: progress(f"search round {r + 1}/{rounds}", i, n)))
         added = {}
         for expert in experts:
-            share = (budget * totals[expert] - used[expert]) / (rounds - round_index)
+            remaining = budget * totals[expert] - used[expert]
             gains = {name: 2 * point.exact[expert][name] - point.scores[expert][name][0]
                      for name in point.scores[expert]}
-            taken = 0
-            for name, gain in sorted(gains.items(), key=lambda kv: -kv[1] / params[(expert, kv[0])]):
-                size = params[(expert, name)]
-                if gain <= 0:
-                    break
-                if taken + size > share:
-                    continue
-                chosen[expert].append((name, f"e2e search round {round_index + 1}: predicted gain {gain:.3g}"))
-                taken += size
-            used[expert] += taken
-            added[expert] = [name for name, why in chosen[expert] if why.startswith(f"e2e search round "
-                                                                                    f"{round_index + 1}:")]
+            picked = _pick(gains, {name: params[(expert, name)] for name in gains}, remaining,
+                           remaining / (rounds - round_index))
+            for name in picked:
+                chosen[expert].append((name, f"e2e search round {round_index + 1}: predicted gain "
+                                             f"{gains[name]:.3g}"))
+            used[expert] += sum(params[(expert, name)] for name in picked)
+            added[expert] = picked
         history.append({"round": round_index + 1, "measured_nmse": point.error, "protected": added})
     protected = {(e, name) for e, names in chosen.items() for name, _ in names}
     final = linearize(pipe, experts, job, fmt, family=family, projections=0, backend=backend,

@@ -77,3 +77,14 @@ def test_plan_search_e2e_cli(tmp_path):
                           "not a file here")):
         refused = runner.invoke(main, ["plan", str(ranking), *bad, "--out", str(tmp_path / "x.json")])
         assert refused.exit_code == 1 and message in refused.output, (bad, refused.output)
+
+
+def test_a_round_takes_a_large_layer_whose_gain_exceeds_the_density_fill():
+    from sensq.sensitivity.search import _pick
+
+    sizes = {"big": 60, "a": 10, "b": 10, "c": 10}
+    gains = {"big": 9.0, "a": 2.0, "b": 1.9, "c": -1.0}
+    assert _pick(gains, sizes, remaining=100, share=25) == ["big"]  # the round takes it, over its share
+    assert sorted(_pick(gains, sizes, remaining=100, share=80)) == ["a", "b", "big"]  # all fit: the fill itself
+    assert _pick({**gains, "big": 3.0}, sizes, remaining=100, share=25) == ["a", "b"]  # the fill gains more
+    assert _pick(gains, sizes, remaining=50, share=25) == ["a", "b"]  # the big layer does not fit the budget
