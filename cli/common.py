@@ -77,6 +77,23 @@ def progress_bar(title: str, *, enabled: bool = True, stream=None):
         yield update
 
 
+def refuse_unused(ctx: click.Context, used: bool, names: tuple[str, ...], why: str) -> None:
+    """Refuse, in one line, options given on the command line (or the environment) that mean nothing here:
+    ``used`` is False and any of ``names`` (parameter names) was given. An option left at its default passes.
+
+    Raises:
+        click.UsageError: the first such option, with ``why``.
+    """
+    from click.core import ParameterSource
+
+    if used:
+        return
+    for name in names:
+        if ctx.get_parameter_source(name) in (ParameterSource.COMMANDLINE, ParameterSource.ENVIRONMENT):
+            flag = next(p.opts[0] for p in ctx.command.params if p.name == name)
+            raise click.UsageError(f"{flag} {why}")
+
+
 def lora_options(func):
     """--lora-high/--lora-low: a few-step student shipped as LoRAs (e.g. Wan2.2-Lightning), fused at load."""
 

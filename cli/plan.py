@@ -97,10 +97,15 @@ def plan(ranking_file, budget, top_k, tiers, bits, search, rounds, projections, 
     HiF4 has no equivalent in either library: those layers are named in one line and left out.
       sensq plan --validate plan.json --model ./Wan2.2-T2V-A14B-Diffusers
     """
+    from sensq.cli.common import refuse_unused
     from sensq.errors import InputError
     from sensq.plan import Plan, build_plan, entrance_by_default, parse_budget, with_calibration
     from sensq.plan.exports import build_export, check_export_paths, write_export
 
+    ctx = click.get_current_context()
+    refuse_unused(ctx, tiers is not None, ("bits", "pareto"), "goes with --tiers")
+    refuse_unused(ctx, search == "e2e", ("rounds", "projections", "limit", "probe_file", "device"),
+                  "goes with --search e2e")
     if validate_file is not None:
         _validate(validate_file, model or "tiny", as_json)
         return

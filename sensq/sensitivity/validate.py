@@ -100,7 +100,11 @@ def validate_proxy(local, e2e, fmt: str | None = None, against: str = "") -> dic
         pairs = [(layer, truth[layer.name]) for layer in local.experts[expert] if layer.name in truth]
         if len(pairs) < 3:
             raise InputError(f"{expert}: only {len(pairs)} layers are in both rankings; a correlation needs 3")
-        interval = spearman_interval([sign * a.value[fmt] for a, _ in pairs], [b.value[fmt] for _, b in pairs])
+        try:
+            interval = spearman_interval([sign * a.value[fmt] for a, _ in pairs], [b.value[fmt] for _, b in pairs])
+        except ValueError as error:  # fewer than 3 layers with finite values on both sides
+            raise InputError(f"{expert}: cannot check the ranking against {against or 'the e2e ranking'}: "
+                             f"{error}") from None
         moved = sorted(pairs, key=lambda p: -abs(p[0].rank[fmt] - p[1].rank[fmt]))[:5]
         top = min(TOP_K, len(pairs))
         local_top = {a.name for a, _ in sorted(pairs, key=lambda p: p[0].rank[fmt])[:top]}

@@ -124,8 +124,25 @@ def test_rank_cli_grad_e2e_validates_and_plans_from_the_data(workspace, tmp_path
     assert json.loads(plan.read_text())["source"]["protect_entrance"] is True
 
 
+@pytest.mark.parametrize("args, says", [
+    (["rank", "{probe}", "--metric", "mse", "--limit", "2"], "--limit applies to e2e, grad-e2e and grad-step"),
+    (["rank", "{probe}", "--mode", "leave-one-out"], "--mode applies to --metric e2e only"),
+    (["rank", "{probe}", "--metric", "mse", "--projections", "3"], "--projections applies to --metric grad-e2e"),
+    (["rank", "{probe}", "--reduce", "max"], "--reduce applies to per-step metrics"),
+    (["plan", "{ranking}", "--budget", "5%", "--bits", "6"], "--bits goes with --tiers"),
+    (["plan", "{ranking}", "--budget", "5%", "--pareto"], "--pareto goes with --tiers"),
+    (["plan", "{ranking}", "--budget", "5%", "--rounds", "2"], "--rounds goes with --search e2e"),
+])
+def test_options_that_mean_nothing_here_are_refused(workspace, tmp_path, args, says):
+    """An option the chosen metric or mode does not read is refused in one line, not ignored."""
+    args = [a.format(probe=workspace / "probe.h5", ranking=workspace / "ranking.json") for a in args]
+    result = CliRunner().invoke(main, [*args, "--out", str(tmp_path / "out.json")])
+    assert result.exit_code == 2 and says in result.output, result.output
+    assert not (tmp_path / "out.json").exists()
+
+
 def test_refused_options(workspace, tmp_path):
     runner = CliRunner()
     result = runner.invoke(main, ["rank", str(workspace / "probe.h5"), "--metric", "grad-e2e", "--granularity",
                                   "block", "--out", str(tmp_path / "r.json")])
-    assert result.exit_code == 1 and "needs --metric e2e" in result.output
+    assert result.exit_code == 2 and "--granularity applies to --metric e2e only" in result.output
