@@ -70,6 +70,8 @@ def test_validation_refuses_what_it_cannot_compare():
         validate_proxy(local, _ranking("mse", {"high": [1.0, 2.0, 3.0]}))
     with pytest.raises(InputError, match="share no expert"):
         validate_proxy(local, _ranking("e2e", {"low": [1.0, 2.0, 3.0]}))
+    with pytest.raises(InputError, match="high: cannot check the ranking against .*at least 3 layers with finite"):
+        validate_proxy(local, _ranking("e2e", {"high": [float("nan")] * 3}))
 
 
 def test_cli_rank_validate(tmp_path):
@@ -91,5 +93,3 @@ def test_cli_rank_validate(tmp_path):
     wrong = runner.invoke(main, ["rank", str(probe), "--validate", str(tmp_path / "ranking.json"),
                                  "--out", str(tmp_path / "r2.json")])
     assert wrong.exit_code == 1 and "needs a per-layer e2e ranking (got metric 'grad-e2e'" in wrong.output
-    with pytest.raises(InputError, match="high: cannot check the ranking against .*at least 3 layers with finite"):
-        validate_proxy(local, _ranking("e2e", {"high": [float("nan")] * 3}))
