@@ -53,6 +53,7 @@ TARGETS = {"grad-e2e": "final", "grad-step": "step"}
 
 HOOK_NAME = "sensq_propagated"
 CONTEXT_HOOK_NAME = "sensq_propagated_context"
+CHECKPOINT_HOOK_NAME = "sensq_propagated_checkpoint"
 
 
 @dataclass
@@ -64,6 +65,8 @@ class _Call:
     branches: tuple[int, ...]
     delta: torch.Tensor
     zero: torch.Tensor
+    weight: float = 1.0
+    """Tokens over sampled rows: the dot product over the sampled rows times it estimates the full one."""
 
 
 @dataclass
@@ -86,6 +89,23 @@ class _Session:
     operating point is then the quantized model's, and only these layers are scored."""
     exact: dict = field(default_factory=dict)
     """``(expert, layer) -> sum of (J^T e) . dY / scale`` for the exact direction ``e`` (:meth:`accumulate`)."""
+    rows: int | None = None
+    """Keep ``dY`` at this many token rows per call (the same rows for every layer with as many tokens), None:
+    every row."""
+    recording: bool = True
+    """False while backward passes recompute checkpointed forwards: layers then compute the same values but
+    record nothing."""
+    _row_index: dict = field(default_factory=dict)
+
+    def rows_of(self, output: torch.Tensor) -> torch.Tensor | None:
+        """The sampled token rows of a ``[batch, tokens, channels]`` output (None: keep every row)."""
+        if self.rows is None or output.dim() != 3 or output.shape[1] <= self.rows:
+            return None
+        tokens = output.shape[1]
+        if tokens not in self._row_index:
+            generator = torch.Generator().manual_seed(tokens)
+            self._row_index[tokens] = torch.randperm(tokens, generator=generator)[: self.rows].sort().values
+        return self._row_index[tokens].to(output.device)
 
     def scored(self, layer: tuple[str, str]) -> bool:
         return not self.quantized or layer in self.quantized
@@ -99,6 +119,14 @@ class _Session:
         if not calls:
             self.calls.clear()
             return
+        self.recording = False  # the backward passes may recompute checkpointed forwards
+        try:
+            self._project(calls, output, scale, direction)
+        finally:
+            self.recording = True
+        self.calls.clear()
+
+    def _project(self, calls: list[_Call], output: torch.Tensor, scale: float, direction) -> None:
         zeros = [c.zero for c in calls]
         passes = self.projections + (direction is not None)
         for k in range(passes):
@@ -112,7 +140,7 @@ class _Session:
             if k == self.projections:
                 for call, grad in zip(calls, grads, strict=True):
                     dot = 0.0 if grad is None else float((grad.float() * call.delta).sum(dtype=torch.float64))
-                    self.exact[call.layer] = self.exact.get(call.layer, 0.0) + dot / scale
+                    self.exact[call.layer] = self.exact.get(call.layer, 0.0) + call.weight * dot / scale
                 continue
             totals: dict[tuple[str, str], float] = {}
             for call, grad in zip(calls, grads, strict=True):
@@ -121,13 +149,12 @@ class _Session:
                     parts = [0.0] * len(call.branches)
                 else:
                     products = (grad.float() * call.delta).chunk(len(call.branches))
-                    parts = [float(p.sum(dtype=torch.float64)) for p in products]
+                    parts = [call.weight * float(p.sum(dtype=torch.float64)) for p in products]
                 for branch, part in zip(call.branches, parts, strict=True):
                     per_step[call.step, branch] += part * part / scale / self.projections
                 totals[call.layer] = totals.get(call.layer, 0.0) + sum(parts)
             for layer, total in totals.items():
                 self.sums[layer][0] += total * total / scale / self.projections
-        self.calls.clear()
 
 
 class _ExpertHook(ModelHook):
@@ -178,24 +205,51 @@ class _LayerHook(ModelHook):
         return args, kwargs
 
     def post_forward(self, module, output):
+        """The output plus a zero that requires grad (its gradient is the output's); the same operations
+        whether recording or recomputing, so a checkpointed forward recomputes the same saved tensors."""
         session = self.session
         if not session.scored(self.layer):
             self.input = None
             return output
         with torch.no_grad():
             quantized = self.twin(self.input.detach())
-            delta = quantized.float() - output.detach().float()
         self.input = None
-        zero = torch.zeros_like(output, requires_grad=True)
-        session.calls.append(_Call(self.layer, session.step, session.forward_branches, delta, zero))
+        rows = session.rows_of(output)
+        if session.recording:
+            with torch.no_grad():
+                delta = quantized.float() - output.detach().float()
+                if rows is not None:
+                    delta = delta.index_select(1, rows)
         if self.layer in session.quantized:  # the quantized value, the full-precision layer's gradient
             output = output + (quantized - output).detach()
-        return output + zero
+        if rows is None:
+            zero = torch.zeros_like(output, requires_grad=True)
+            result = output + zero
+        else:
+            zero = torch.zeros(output.shape[0], rows.numel(), output.shape[2], dtype=output.dtype,
+                               device=output.device, requires_grad=True)
+            result = output.index_add(1, rows, zero)
+        if session.recording:
+            weight = 1.0 if rows is None else output.shape[1] / rows.numel()
+            session.calls.append(_Call(self.layer, session.step, session.forward_branches, delta, zero, weight))
+        return result
+
+
+class _StepCheckpoint(ModelHook):
+    """Each expert call under a non-reentrant ``torch.utils.checkpoint``: the trajectory's graph keeps only the
+    calls' inputs and outputs, and a backward pass recomputes one step at a time."""
+
+    def new_forward(self, module, *args, **kwargs):
+        import torch.utils.checkpoint
+
+        return torch.utils.checkpoint.checkpoint(self.fn_ref.original_forward, *args, use_reentrant=False,
+                                                 **kwargs)
 
 
 def propagated_scores(pipe, experts: dict[str, torch.nn.Module], job: E2EJob, fmt: FormatSpec, *,
                       family: ModelFamily, metric: str = "grad-e2e", projections: int = 4, backend: str = "auto",
-                      seed: int = 0, progress: Callable[[int, int], None] | None = None
+                      seed: int = 0, checkpoint: bool = False, rows: int | None = None,
+                      progress: Callable[[int, int], None] | None = None
                       ) -> dict[str, dict[str, tuple[float, np.ndarray]]]:
     """Score every quantizable layer of ``experts`` (``{name: expert module}``) along the job's trajectory.
 
@@ -206,7 +260,7 @@ def propagated_scores(pipe, experts: dict[str, torch.nn.Module], job: E2EJob, fm
     if metric not in TARGETS:
         raise ValueError(f"unknown propagated metric {metric!r}; use one of {', '.join(TARGETS)}")
     return linearize(pipe, experts, job, fmt, family=family, target=TARGETS[metric], projections=projections,
-                     backend=backend, seed=seed, progress=progress).scores
+                     backend=backend, seed=seed, checkpoint=checkpoint, rows=rows, progress=progress).scores
 
 
 @dataclass
@@ -228,12 +282,17 @@ class Linearization:
 def linearize(pipe, experts: dict[str, torch.nn.Module], job: E2EJob, fmt: FormatSpec, *, family: ModelFamily,
               target: str = "final", projections: int = 8, backend: str = "auto", seed: int = 0,
               quantized: frozenset = frozenset(), references: list[torch.Tensor] | None = None,
+              checkpoint: bool = False, rows: int | None = None,
               progress: Callable[[int, int], None] | None = None) -> Linearization:
     """One forward per prompt with autograd on, ``projections`` backward passes (and one more with the error
     direction at a quantized point); see the module docstring.
 
     ``quantized``: ``(expert, layer)`` pairs that run quantized (then only they are scored); ``references``: the
     full-precision final latents per prompt (needed with ``quantized``; the error is measured against them).
+    ``checkpoint``: bound the memory of the graph (each expert call checkpointed, and the family's blocks
+    where the model supports diffusers' gradient checkpointing): the same result, one more forward per
+    backward pass. ``rows``: keep each call's ``dY`` at that many token rows (an unbiased estimate of the
+    dot product over all of them).
     """
     if quantized and references is None:
         raise ValueError("a quantized operating point needs the full-precision latents as references")
@@ -242,18 +301,24 @@ def linearize(pipe, experts: dict[str, torch.nn.Module], job: E2EJob, fmt: Forma
 
     steps = len(plan_steps(pipe, family, job.trajectory))
     session = _Session(family, pipe, job.trajectory.branches, target, projections,
-                       torch.Generator().manual_seed(seed), steps=steps, quantized=frozenset(quantized))
+                       torch.Generator().manual_seed(seed), steps=steps, quantized=frozenset(quantized), rows=rows)
     world, rank = int(os.environ.get("WORLD_SIZE", "1")), int(os.environ.get("RANK", "0"))
     jobs = list(zip(job.prompts, job.seeds, job.negatives, strict=True))
     mine = list(enumerate(jobs))[rank::world]
     frozen = [p for module in experts.values() for p in module.parameters() if p.requires_grad]
     registries = []
+    checkpointed = [m for m in experts.values() if checkpoint and getattr(m, "_supports_gradient_checkpointing", False)
+                    and not m.is_gradient_checkpointing]
     error = 0.0
     try:
         for p in frozen:
             p.requires_grad_(False)
+        for module in checkpointed:
+            module.enable_gradient_checkpointing()
         for expert, module in experts.items():
             registry = HookRegistry.check_if_exists_or_initialize(module)
+            if checkpoint:
+                registry.register_hook(_StepCheckpoint(), CHECKPOINT_HOOK_NAME)
             registry.register_hook(_ExpertHook(session), CONTEXT_HOOK_NAME)
             for name, layer in quantizable_layers(module):
                 twin = quantize_module(layer, fmt, fmt, backend) if session.scored((expert, name)) else None
@@ -278,9 +343,12 @@ def linearize(pipe, experts: dict[str, torch.nn.Module], job: E2EJob, fmt: Forma
     finally:
         session.calls.clear()
         for registry in registries:
-            for name in (HOOK_NAME, CONTEXT_HOOK_NAME):
-                registry.remove_hook(name, recurse=True)
+            for name in (HOOK_NAME, CONTEXT_HOOK_NAME, CHECKPOINT_HOOK_NAME):
+                if name in registry.hooks or name == HOOK_NAME:
+                    registry.remove_hook(name, recurse=True)
             registry.invalidate_child_registries_cache()
+        for module in checkpointed:
+            module.disable_gradient_checkpointing()
         for p in frozen:
             p.requires_grad_(True)
         release_scratch()

@@ -166,6 +166,10 @@ class RankRequest:
     backend: str = "auto"
     projections: int = 8
     """Random projections per prompt of the propagated metrics (``grad-e2e``, ``grad-step``)."""
+    checkpoint: bool = False
+    """Propagated metrics: recompute checkpointed expert calls and blocks in the backward passes."""
+    rows: int | None = None
+    """Propagated metrics: keep each layer call's quantization error at this many token rows."""
 
 
 def validate(request: RankRequest) -> None:
@@ -181,6 +185,8 @@ def validate(request: RankRequest) -> None:
         raise InputError(f"--granularity block needs --metric e2e ({request.metric} scores single layers)")
     if request.projections < 1:
         raise InputError(f"--projections must be at least 1, got {request.projections}")
+    if request.rows is not None and request.rows < 1:
+        raise InputError(f"--rows must be at least 1, got {request.rows}")
     if not request.formats:
         raise InputError("--format needs at least one format")
     for name in request.formats:
@@ -303,7 +309,7 @@ def _rank_propagated(request, probe, model, experts, formats, steps, sigmas, pro
     for fmt in formats:
         scores[fmt.identity] = propagated_scores(
             model.pipe, modules, job, fmt, family=family, metric=request.metric, projections=request.projections,
-            backend=request.backend,
+            backend=request.backend, checkpoint=request.checkpoint, rows=request.rows,
             progress=None if progress is None else (lambda i, n: progress(f"{request.metric}", i, n)))
     ranked = {}
     for expert in experts:

@@ -146,3 +146,30 @@ def test_refused_options(workspace, tmp_path):
     result = runner.invoke(main, ["rank", str(workspace / "probe.h5"), "--metric", "grad-e2e", "--granularity",
                                   "block", "--out", str(tmp_path / "r.json")])
     assert result.exit_code == 2 and "--granularity applies to --metric e2e only" in result.output
+
+
+def test_checkpointing_recomputes_and_gives_the_same_scores(tiny):
+    """--checkpoint: each expert call and block is recomputed in the backward passes (more layer calls) and the
+    scores are the same; --rows keeps dY at sampled token rows only."""
+    model, job = tiny
+    experts = {e: model.adapter.expert_module(model.pipe, e) for e in ("high", "low")}
+    layer = experts["low"].blocks[0].attn1.to_q
+    results, calls = {}, {}
+    for checkpoint in (False, True):
+        count = [0]
+        handle = layer.register_forward_hook(lambda *_: count.__setitem__(0, count[0] + 1))
+        try:
+            results[checkpoint] = propagated_scores(model.pipe, experts, job, get_format("hif4"),
+                                                    family=model.adapter, projections=2, checkpoint=checkpoint)
+        finally:
+            handle.remove()
+        calls[checkpoint] = count[0]
+    assert calls[True] > calls[False]
+    assert not experts["low"].is_gradient_checkpointing  # left as it was
+    for expert in experts:
+        for name, (value, _) in results[False][expert].items():
+            assert results[True][expert][name][0] == pytest.approx(value, rel=1e-6, abs=1e-12)
+    sampled = propagated_scores(model.pipe, experts, job, get_format("hif4"), family=model.adapter, projections=2,
+                                rows=2)
+    assert sampled["low"]["blocks.0.attn1.to_q"][0] != results[False]["low"]["blocks.0.attn1.to_q"][0]
+    assert sampled["low"]["proj_out"][0] > 0
