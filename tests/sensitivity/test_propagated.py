@@ -157,7 +157,7 @@ def test_checkpointing_recomputes_and_gives_the_same_scores(tiny):
     results, calls = {}, {}
     for checkpoint in (False, True):
         count = [0]
-        handle = layer.register_forward_hook(lambda *_: count.__setitem__(0, count[0] + 1))
+        handle = layer.register_forward_hook(lambda *_, count=count: count.__setitem__(0, count[0] + 1))
         try:
             results[checkpoint] = propagated_scores(model.pipe, experts, job, get_format("hif4"),
                                                     family=model.adapter, projections=2, checkpoint=checkpoint)
