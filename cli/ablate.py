@@ -177,8 +177,8 @@ def _print_rows(result: dict) -> None:
 @click.option("--seeds", type=click.IntRange(min=1), default=2, show_default=True,
               help="Seeds per prompt in the ablation (its intervals are over prompts x seeds).")
 @click.option("--threads", type=click.IntRange(min=1), default=None,
-              help="CPU threads for torch. Default: 1, unless OMP_NUM_THREADS is set (the embedded models are too "
-                   "small to gain from more).")
+              help="CPU threads for torch and numba. Default: 1, unless OMP_NUM_THREADS is set (the embedded models "
+                   "are too small to gain from more).")
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=Path("sensq-demo"),
               show_default=True)
 def demo(model, fmt, n_prompts, steps, budget, seeds, threads, out) -> None:
@@ -216,7 +216,9 @@ def demo(model, fmt, n_prompts, steps, budget, seeds, threads, out) -> None:
 
     claim_output_folder(out, ".sensq-output.json", "sensq.demo/1", "demo folder")
     if threads is not None or "OMP_NUM_THREADS" not in os.environ:
-        torch.set_num_threads(threads or 1)
+        from sensq.runtime import set_threads
+
+        set_threads(threads or 1)  # torch's and numba's pools together
     started = time.perf_counter()
 
     def step(text: str) -> None:
@@ -232,9 +234,10 @@ def demo(model, fmt, n_prompts, steps, budget, seeds, threads, out) -> None:
     from sensq.cli.common import progress_bar
     from sensq.metrics import DEFAULT_METRIC
 
-    step(f"rank: --metric {DEFAULT_METRIC} --format {fmt},nvfp4 -> {out / 'ranking.json'}")
+    step(f"rank: --metric {DEFAULT_METRIC} --projections 4 --format {fmt},nvfp4 -> {out / 'ranking.json'}")
     with progress_bar(f"rank ({DEFAULT_METRIC})") as progress:
-        ranking = rank_layers(RankRequest(probe_path, loaded, [fmt, "nvfp4"], metric=DEFAULT_METRIC), progress)
+        ranking = rank_layers(RankRequest(probe_path, loaded, [fmt, "nvfp4"], metric=DEFAULT_METRIC, projections=4),
+                              progress)
     ranking.save(out / "ranking.json")
     plan = build_plan(ranking, budget=parse_budget(budget), fmt=fmt)
     plan.save(out / "plan.json")
