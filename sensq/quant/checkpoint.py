@@ -47,6 +47,7 @@ from sensq.store.files import (
     is_disk_full,
     make_parent,
     output_lock,
+    parse_json,
     remove_stale_siblings,
     replace_folder,
     temporary_sibling,
@@ -278,12 +279,7 @@ def read_manifest(path: str | Path, verify: bool = True) -> dict:
     manifest_path = folder / "manifest.json"
     if not manifest_path.is_file():
         raise InputError(f"{str(folder)!r} is not a sensq checkpoint (no manifest.json)")
-    try:
-        manifest = json.loads(manifest_path.read_bytes().decode("utf-8"))
-    except UnicodeDecodeError:
-        raise InputError(f"{str(manifest_path)!r} is not a checkpoint manifest (not UTF-8 text)") from None
-    except json.JSONDecodeError as error:
-        raise InputError(f"{str(manifest_path)!r} is not valid JSON: {error}") from None
+    manifest = parse_json(manifest_path, "checkpoint manifest")
     if not isinstance(manifest, dict):
         raise InputError(f"{str(manifest_path)!r} is not a checkpoint manifest (a JSON {type(manifest).__name__}, "
                          "not an object)")

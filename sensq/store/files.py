@@ -105,6 +105,22 @@ def write_json(path: str | Path, data: dict) -> None:
     atomic_write_bytes(path, json.dumps(data, indent=1, allow_nan=True).encode())
 
 
+def parse_json(path: Path, kind: str):
+    """The JSON value of an existing file: every reader of sensq's JSON files parses through here.
+
+    Raises:
+        InputError: not UTF-8, invalid JSON, or nested too deeply to parse (the message names ``kind``).
+    """
+    try:
+        return json.loads(path.read_bytes().decode("utf-8"))
+    except UnicodeDecodeError:
+        raise InputError(f"{str(path)!r} is not a {kind} file (not UTF-8 text)") from None
+    except json.JSONDecodeError as error:
+        raise InputError(f"{str(path)!r} is not valid JSON: {error}") from None
+    except RecursionError:
+        raise InputError(f"{str(path)!r} is not a {kind} file (nested too deeply)") from None
+
+
 def read_json(path: str | Path, schema: str, kind: str) -> dict:
     """Read a sensq JSON document and check its ``schema``.
 
@@ -115,14 +131,7 @@ def read_json(path: str | Path, schema: str, kind: str) -> dict:
     path = Path(path)
     if not path.is_file():
         raise InputError(f"{kind} file not found: {str(path)!r}")
-    try:
-        data = json.loads(path.read_bytes().decode("utf-8"))
-    except UnicodeDecodeError:
-        raise InputError(f"{str(path)!r} is not a {kind} file (not UTF-8 text)") from None
-    except json.JSONDecodeError as error:
-        raise InputError(f"{str(path)!r} is not valid JSON: {error}") from None
-    except RecursionError:
-        raise InputError(f"{str(path)!r} is not a {kind} file (nested too deeply)") from None
+    data = parse_json(path, kind)
     if not isinstance(data, dict) or data.get("schema") != schema:
         found = data.get("schema") if isinstance(data, dict) else type(data).__name__
         raise InputError(f"{str(path)!r} has schema {found!r}; expected {schema!r} (a {kind} file)")

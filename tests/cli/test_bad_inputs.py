@@ -232,6 +232,9 @@ CASES = [
     Case("manifest-not-utf8", lambda ws, d: [*GEN, "--model", _checkpoint(ws, d, lambda m: b"\xff\xfe"),
                                              "--out", d / "g"],
          ("not UTF-8",)),
+    Case("manifest-nested-deeply", lambda ws, d: [*GEN, "--model", _checkpoint(
+        ws, d, lambda m: b'{"schema": "sensq.checkpoint/1", "phases": ' + b"[" * 200000 + b"]" * 200000 + b"}"),
+        "--out", d / "g"], ("nested too deeply",)),
     Case("manifest-bytes-string", lambda ws, d: [*GEN, "--model", _checkpoint(
         ws, d, lambda m: _set(m["files"]["transformer/config.json"], "bytes", "12")),
         "--out", d / "g"], ("bytes must be an integer, got '12'",)),
