@@ -320,7 +320,13 @@ class ProbeFile:
     @property
     def loras(self) -> dict[str, str]:
         """Expert -> LoRA file fused into the probed model (empty: none; files older than this field: none)."""
-        return json.loads(self.file.attrs["loras"]) if "loras" in self.file.attrs else {}
+        if "loras" not in self.file.attrs:
+            return {}
+        loras = self.attr_json("loras")
+        if not isinstance(loras, dict) or not all(isinstance(v, str) for v in loras.values()):
+            raise InputError(f"{str(self.path)!r} is damaged (its 'loras' attribute is not an object of file names); "
+                             f"{_DAMAGED_FIX}")
+        return loras
 
     @property
     def experts(self) -> list[str]:

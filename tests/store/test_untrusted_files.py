@@ -250,6 +250,15 @@ def test_catastrophic_regex_is_bounded(tmp_path):
 # -- NaN and Inf ----------------------------------------------------------------------------------------
 
 
+@pytest.mark.parametrize("loras", ["{not json", "[1, 2]"])
+def test_a_probe_whose_loras_attribute_is_not_json_is_one_line(workspace, tmp_path, loras):
+    crafted = _crafted_probe(workspace, tmp_path, "loras.h5")
+    with h5py.File(crafted, "r+") as f:
+        f.attrs["loras"] = loras
+    _one_line_error(_invoke("rank", crafted, "--metric", "mse", "--out", tmp_path / "r.json"), "is damaged",
+                    "loras")
+
+
 def test_nan_probe_is_refused_by_rank_and_calibration(workspace, tmp_path):
     crafted = _crafted_probe(workspace, tmp_path, "nan.h5")
     with h5py.File(crafted, "r+") as f:
