@@ -287,6 +287,22 @@ def parse_budget(text: str) -> float:
     return share
 
 
+def refuse_nan_values(ranking, formats: list[str]) -> None:
+    """A plan cannot order layers whose values are NaN (a failed measurement, a damaged ranking).
+
+    Raises:
+        InputError: how many layers hold NaN, and the first.
+    """
+    import math
+
+    for fmt in formats:
+        bad = [f"{expert}:{layer.name}" for expert, layers in ranking.experts.items() for layer in layers
+               if fmt in layer.value and math.isnan(layer.value[fmt])]
+        if bad:
+            raise InputError(f"the ranking holds NaN {fmt} values for {len(bad)} layer(s), e.g. {bad[0]}: a plan "
+                             "cannot order them; rank again (a NaN usually means a non-finite activation or model)")
+
+
 def _check_plan_request(ranking, budget, top_k, fmt, act_format, rank_format) -> tuple[str | None, str]:
     """The activation format and the format whose ranking orders the layers; raises InputError on bad options."""
     if (budget is None) == (top_k is None):
@@ -399,6 +415,7 @@ def build_plan(ranking, *, budget: float | None = None, top_k: int | None = None
             an unknown format, a negative ``top_k``, ``protect_steps`` with a ranking without per-step values.
     """
     activation, rank_format = _check_plan_request(ranking, budget, top_k, fmt, act_format, rank_format)
+    refuse_nan_values(ranking, [rank_format])
     if protect_entrance is None:
         protect_entrance = entrance_by_default(ranking)
     patterns = [compile_pattern(p) for p in (protect or [])]

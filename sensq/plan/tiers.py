@@ -168,7 +168,7 @@ def build_tier_plan(ranking, tiers: list[str | None], budget_bits: float, *, sea
     """
     import time
 
-    from sensq.plan import WAN22_A14B, LayerInfo
+    from sensq.plan import WAN22_A14B, LayerInfo, refuse_nan_values
 
     if not METRICS[ranking.metric].higher_is_more_sensitive:
         raise InputError(f"--tiers adds predicted errors over layers; a {ranking.metric} ranking is a quality, "
@@ -177,6 +177,7 @@ def build_tier_plan(ranking, tiers: list[str | None], budget_bits: float, *, sea
     if missing:
         raise InputError(f"the ranking has no {missing[0]!r} values (it ranks {', '.join(ranking.formats)}): rank "
                          f"with --format {','.join(t for t in tiers if t is not None)}")
+    refuse_nan_values(ranking, [t for t in tiers if t is not None])
     patterns = [compile_pattern(p) for p in (protect or [])]
     rules, infos, front = [], [], {}
     for expert, layers in ranking.experts.items():

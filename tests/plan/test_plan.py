@@ -235,3 +235,25 @@ def test_cli_calibration_is_written_into_the_quantizing_rules(tmp_path):
     assert {r.calibration for r in plan.rules if r.weight} == {"gptq"}
     assert {r.calibration for r in plan.rules if r.weight is None} == {None}
     assert all(row.get("calibration") == ("gptq" if row["weight"] else None) for row in plan.layers)
+
+
+@pytest.mark.parametrize("how", ["budget", "tiers"])
+def test_a_ranking_with_nan_values_is_refused_in_one_line(tmp_path, how):
+    """NaN values cannot be ordered: the plan says how many and which, instead of planning in silence."""
+    from sensq.plan.tiers import build_tier_plan
+
+    ranking = _nan_ranking()
+    with pytest.raises(InputError, match=r"holds NaN hif4 values for 1 layer\(s\), e\.g\. high:blocks\.0\.b"):
+        if how == "budget":
+            build_plan(ranking, budget=0.5)
+        else:
+            build_tier_plan(ranking, ["hif4", None], 8.0)
+
+
+def _nan_ranking():
+    from sensq.sensitivity.ranking import LayerRank, Ranking
+
+    layers = [LayerRank("blocks.0.a", "linear", 100, 10, 10, False, False, {"hif4": 0.5}, rank={"hif4": 1}),
+              LayerRank("blocks.0.b", "linear", 100, 10, 10, False, False, {"hif4": float("nan")}, rank={"hif4": 2})]
+    return Ranking("mse", "mean", ["hif4"], {"high": layers}, {"high": [0]}, {"high": [1.0]}, ["cond"],
+                   {"model_id": "tiny"})
