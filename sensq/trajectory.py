@@ -202,6 +202,13 @@ def plan_steps(pipe, adapter, trajectory: Trajectory) -> list[Step]:
     ]
 
 
+def step_index(pipe, timestep: float) -> int:
+    """0-based index of ``timestep`` in the scheduler's ``timesteps`` (set by the pipeline before its first
+    forward): the step an expert forward with this timestep runs."""
+    timesteps = torch.as_tensor(pipe.scheduler.timesteps, dtype=torch.float64).flatten()
+    return int((timesteps - timestep).abs().argmin())
+
+
 def run(pipe, prompt: str, trajectory: Trajectory, *, seed: int | None = None, callback=None,
         output_type: str = "latent", negative: str | None = None, grad: bool = False):
     """Generate one video along ``trajectory`` (already applied), returning the pipeline's frames.

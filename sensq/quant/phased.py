@@ -16,6 +16,7 @@ import torch
 
 from sensq.models.layers import layer_kind
 from sensq.quant.layers import original_module, quantize_module
+from sensq.trajectory import step_index
 
 STEP_CLOCK_ATTR = "_sensq_step_clock"
 """The pipeline attribute holding its :class:`StepClock` (one per pipeline, attached once)."""
@@ -47,8 +48,7 @@ class StepClock:
         timestep = self.family.forward_argument(module, args, kwargs, "timestep")
         if timestep is not None:
             self.timestep = float(torch.as_tensor(timestep).flatten()[0])
-            timesteps = torch.as_tensor(self.pipe.scheduler.timesteps, dtype=torch.float64).flatten()
-            self._step = int((timesteps - self.timestep).abs().argmin())
+            self._step = step_index(self.pipe, self.timestep)
 
     def _now(self) -> float:
         if self.timestep is None:

@@ -51,7 +51,8 @@ class E2EJob:
     negatives: list[str]
 
 
-def _final_latents(pipe, job: E2EJob) -> list[torch.Tensor]:
+def final_latents(pipe, job: E2EJob) -> list[torch.Tensor]:
+    """The final latents of every prompt of ``job`` (float32), as ``pipe`` now computes them."""
     return [run(pipe, text, job.trajectory, seed=seed, negative=negative).float()
             for text, seed, negative in zip(job.prompts, job.seeds, job.negatives, strict=True)]
 
@@ -69,7 +70,7 @@ def e2e_scores(pipe, expert_module: torch.nn.Module, layers: list[str], job: E2E
     Under ``torchrun`` the groups are split across ranks and gathered on every rank.
     """
     apply_trajectory(pipe, job.trajectory)
-    reference = _final_latents(pipe, job)
+    reference = final_latents(pipe, job)
     groups = layer_groups(layers, granularity, family)
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
@@ -86,15 +87,15 @@ def e2e_scores(pipe, expert_module: torch.nn.Module, layers: list[str], job: E2E
             quantized = {name: deploy_module(quantize_module(module, fmt, fmt, backend))  # dense twin freed here
                          for name, module in originals.items()}
             install(layers, quantized)
-            everything = _error(_final_latents(pipe, job), reference)
+            everything = _error(final_latents(pipe, job), reference)
         for done, (group, names) in enumerate(mine):
             if mode == "leave-one-in":
                 install(names, {name: quantize_module(originals[name], fmt, fmt, backend) for name in names})
-                scores[group] = _error(_final_latents(pipe, job), reference)
+                scores[group] = _error(final_latents(pipe, job), reference)
                 install(names, originals)  # the group's twins are dropped with the last reference
             else:
                 install(names, originals)
-                scores[group] = everything - _error(_final_latents(pipe, job), reference)
+                scores[group] = everything - _error(final_latents(pipe, job), reference)
                 install(names, quantized)
             if progress is not None:
                 progress(done + 1, len(mine))

@@ -46,7 +46,7 @@ from sensq.probes.capture import ContextCatcher
 from sensq.quant import quantize_module
 from sensq.quant.deployed import release_scratch
 from sensq.sensitivity.e2e import E2EJob
-from sensq.trajectory import apply_trajectory, run
+from sensq.trajectory import apply_trajectory, plan_steps, run, step_index
 
 TARGETS = {"grad-e2e": "final", "grad-step": "step"}
 """Metric name -> what the projections are applied to."""
@@ -170,8 +170,7 @@ class _ExpertHook(ModelHook):
         family = session.family
         timestep = float(torch.as_tensor(family.forward_argument(module, args, kwargs, "timestep")).flatten()[0])
         hidden = family.forward_argument(module, args, kwargs, "hidden_states")
-        timesteps = torch.as_tensor(session.pipe.scheduler.timesteps, dtype=torch.float64).flatten()
-        session.step = int((timesteps - timestep).abs().argmin())
+        session.step = step_index(session.pipe, timestep)
         name = None if session.context is None else session.context.name
         carried = family.forward_branches(name, session.branches, hidden.shape[0])
         session.forward_branches = tuple(session.branches.index(b) for b in carried)
@@ -297,8 +296,6 @@ def linearize(pipe, experts: dict[str, torch.nn.Module], job: E2EJob, fmt: Forma
     if quantized and references is None:
         raise ValueError("a quantized operating point needs the full-precision latents as references")
     apply_trajectory(pipe, job.trajectory)
-    from sensq.trajectory import plan_steps
-
     steps = len(plan_steps(pipe, family, job.trajectory))
     session = _Session(family, pipe, job.trajectory.branches, target, projections,
                        torch.Generator().manual_seed(seed), steps=steps, quantized=frozenset(quantized), rows=rows)
@@ -321,10 +318,9 @@ def linearize(pipe, experts: dict[str, torch.nn.Module], job: E2EJob, fmt: Forma
                 registry.register_hook(_StepCheckpoint(), CHECKPOINT_HOOK_NAME)
             registry.register_hook(_ExpertHook(session), CONTEXT_HOOK_NAME)
             for name, layer in quantizable_layers(module):
-                twin = quantize_module(layer, fmt, fmt, backend) if session.scored((expert, name)) else None
-                if twin is not None:
+                if session.scored((expert, name)):
                     HookRegistry.check_if_exists_or_initialize(layer).register_hook(
-                        _LayerHook(session, expert, name, twin), HOOK_NAME)
+                        _LayerHook(session, expert, name, quantize_module(layer, fmt, fmt, backend)), HOOK_NAME)
             registry.invalidate_child_registries_cache()
             registries.append(registry)
         for done, (index, (text, seed_value, negative)) in enumerate(mine):
@@ -343,9 +339,8 @@ def linearize(pipe, experts: dict[str, torch.nn.Module], job: E2EJob, fmt: Forma
     finally:
         session.calls.clear()
         for registry in registries:
-            for name in (HOOK_NAME, CONTEXT_HOOK_NAME, CHECKPOINT_HOOK_NAME):
-                if name in registry.hooks or name == HOOK_NAME:
-                    registry.remove_hook(name, recurse=True)
+            for name in (HOOK_NAME, CONTEXT_HOOK_NAME, CHECKPOINT_HOOK_NAME):  # absent names are skipped
+                registry.remove_hook(name, recurse=True)
             registry.invalidate_child_registries_cache()
         for module in checkpointed:
             module.disable_gradient_checkpointing()

@@ -226,17 +226,16 @@ def rank_layers(request: RankRequest, progress: Callable[[str, int, int], None] 
         ranked: dict[str, list[LayerRank]] = {}
         steps = {e: [int(s) for s in probe.steps(e)] for e in experts}
         sigmas = {e: [sigma_of[s] for s in steps[e]] for e in experts}
-        if METRICS[request.metric].propagated:
+        if METRICS[request.metric].propagated:  # every expert in one pass
             ranked = _rank_propagated(request, probe, model, experts, formats, steps, sigmas, progress)
-        for expert in experts if not METRICS[request.metric].propagated else ():
+        for expert in () if METRICS[request.metric].propagated else experts:
             expert_module = model.adapter.expert_module(model.pipe, expert)
-            layer_names = probe.layers(expert)
-            if not METRICS[request.metric].local:
-                ranked[expert] = _rank_e2e(request, probe, model, expert, expert_module, layer_names, formats,
-                                           progress)
-                continue
-            ranked[expert] = _rank_local(request, probe, expert, expert_module, formats, np.array(sigmas[expert]),
-                                         use_outputs[expert], progress)
+            if METRICS[request.metric].local:
+                ranked[expert] = _rank_local(request, probe, expert, expert_module, formats,
+                                             np.array(sigmas[expert]), use_outputs[expert], progress)
+            else:
+                ranked[expert] = _rank_e2e(request, probe, model, expert, expert_module, probe.layers(expert),
+                                           formats, progress)
         for layers in ranked.values():
             _assign_ranks(layers, request.formats, request.metric)
         provenance = _provenance(request, probe, any(use_outputs.values()), time.perf_counter() - started)
@@ -262,15 +261,18 @@ def _rank_local(request: RankRequest, probe, expert: str, expert_module, formats
         recorded = probe.read(expert, name, "outputs") if use_outputs else None
         scores = layer_scores(expert_module.get_submodule(name), probe.read(expert, name, "samples"),
                               formats, request.metric, request.backend, outputs=recorded)
-        layers.append(LayerRank(
-            name=name, kind=info["kind"], params=info["params"], in_features=info["in_features"],
-            out_features=info["out_features"], entrance=family.is_entrance(name), exit=family.is_exit(name),
-            value={f: reduce_steps(v, sigmas, request.reduce) for f, v in scores.per_step.items()},
-            per_step={f: v.tolist() for f, v in scores.per_step.items()},
-        ))
+        layers.append(_probed_layer(family, name, info, {f: reduce_steps(v, sigmas, request.reduce)
+                                                         for f, v in scores.per_step.items()}, scores.per_step))
         if progress is not None:
             progress(expert, i + 1, len(layer_names))
     return layers
+
+
+def _probed_layer(family, name: str, info: dict, value: dict[str, float], per_step: dict[str, np.ndarray]) -> LayerRank:
+    """One probed layer's entry: its shape from the probe file (``info``), its role from the family."""
+    return LayerRank(name=name, kind=info["kind"], params=info["params"], in_features=info["in_features"],
+                     out_features=info["out_features"], entrance=family.is_entrance(name), exit=family.is_exit(name),
+                     value=value, per_step={f: v.tolist() for f, v in per_step.items()})
 
 
 def _provenance(request: RankRequest, probe, used_outputs: bool, seconds: float) -> dict:
@@ -321,10 +323,7 @@ def _rank_propagated(request, probe, model, experts, formats, steps, sigmas, pro
                 value = {f: scores[f][expert][name][0] for f in scores}
             else:
                 value = {f: reduce_steps(per_step[f], np.array(sigmas[expert]), request.reduce) for f in scores}
-            layers.append(LayerRank(
-                name=name, kind=info["kind"], params=info["params"], in_features=info["in_features"],
-                out_features=info["out_features"], entrance=family.is_entrance(name), exit=family.is_exit(name),
-                value=value, per_step={f: v.tolist() for f, v in per_step.items()}))
+            layers.append(_probed_layer(family, name, info, value, per_step))
         ranked[expert] = layers
     return ranked
 

@@ -19,13 +19,11 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
-import torch
-
 from sensq.formats import FormatSpec
 from sensq.plan import model_layers
-from sensq.sensitivity.e2e import E2EJob
+from sensq.sensitivity.e2e import E2EJob, final_latents
 from sensq.sensitivity.propagated import linearize
-from sensq.trajectory import apply_trajectory, run
+from sensq.trajectory import apply_trajectory
 
 
 @dataclass
@@ -75,9 +73,7 @@ def search_protected(model, job: E2EJob, fmt: FormatSpec, budget: float, *, roun
     params = {(i.expert, i.name): i.params for i in infos}
     totals = {e: sum(i.params for i in infos if i.expert == e) for e in experts}
     apply_trajectory(pipe, job.trajectory)
-    with torch.no_grad():
-        references = [run(pipe, text, job.trajectory, seed=seed, negative=negative).float()
-                      for text, seed, negative in zip(job.prompts, job.seeds, job.negatives, strict=True)]
+    references = final_latents(pipe, job)
     chosen: dict[str, list[tuple[str, str]]] = {e: [] for e in experts}
     used = dict.fromkeys(experts, 0)
     history = []

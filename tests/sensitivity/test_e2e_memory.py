@@ -13,7 +13,7 @@ from sensq.models.layers import quantizable_layers
 from sensq.models.wan import WAN22_A14B
 from sensq.quant import QuantLinear, QuantPatchConv3d, quantize_module, swap
 from sensq.quant.deployed import PackedLinear, is_deployed
-from sensq.sensitivity.e2e import E2EJob, _final_latents, e2e_scores, layer_groups
+from sensq.sensitivity.e2e import E2EJob, e2e_scores, final_latents, layer_groups
 from sensq.trajectory import Trajectory, apply_trajectory
 
 
@@ -37,14 +37,14 @@ def _dense_twins_alive() -> int:
 def _upfront_leave_one_in(pipe, expert, layers, job, fmt, granularity):
     """The sweep as it was: every dense twin built before scoring."""
     apply_trajectory(pipe, job.trajectory)
-    reference = _final_latents(pipe, job)
+    reference = final_latents(pipe, job)
     twins = {name: quantize_module(expert.get_submodule(name), fmt, fmt) for name in layers}
     originals = {name: expert.get_submodule(name) for name in layers}
     scores = {}
     for group, names in layer_groups(layers, granularity, WAN22_A14B):
         for name in names:
             swap(expert, name, twins[name])
-        latents = _final_latents(pipe, job)
+        latents = final_latents(pipe, job)
         scores[group] = sum(nmse(r, x) for r, x in zip(reference, latents, strict=True)) / len(reference)
         for name in names:
             swap(expert, name, originals[name])
@@ -88,11 +88,11 @@ def test_leave_one_out_holds_packed_twins_only(setup):
     apply_trajectory(model.pipe, job.trajectory)
     for name in layers:
         swap(expert, name, twins[name])
-    dense = _final_latents(model.pipe, job)
+    dense = final_latents(model.pipe, job)
     for name in layers:
         swap(expert, name, PackedLinear.from_quant(twins[name]) if isinstance(twins[name], QuantLinear)
              else twins[name])
-    packed = _final_latents(model.pipe, job)
+    packed = final_latents(model.pipe, job)
     for name in layers:
         swap(expert, name, originals[name])
     assert all(torch.equal(a, b) for a, b in zip(dense, packed, strict=True))
