@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import sys
 
 import torch
 
@@ -76,11 +77,14 @@ def set_threads(threads: int | None = None) -> int:
     if threads < 1:
         raise InputError(f"--threads must be at least 1, got {threads}")
     torch.set_num_threads(threads)
-    try:
-        import numba
-    except ImportError:
-        return threads
-    numba.set_num_threads(min(threads, numba.config.NUMBA_NUM_THREADS))
+    numba = sys.modules.get("numba")
+    if numba is None:
+        # not imported yet (a command that never quantizes need not pay for it): numba sizes its pool from
+        # NUMBA_NUM_THREADS when it is imported; a value the user set stays the upper bound
+        limit = os.environ.get("NUMBA_NUM_THREADS", "")
+        os.environ["NUMBA_NUM_THREADS"] = str(min(threads, int(limit)) if limit.isdigit() and int(limit) else threads)
+    else:
+        numba.set_num_threads(min(threads, numba.config.NUMBA_NUM_THREADS))
     return threads
 
 

@@ -1,6 +1,7 @@
 """Progress on long stages: a bar with done/total and an ETA on a terminal; nothing under --json or in logs."""
 
 import io
+import os
 import sys
 
 import torch
@@ -46,6 +47,19 @@ def test_rank_and_apply_plan_show_progress_on_a_terminal(workspace, tmp_path, mo
     assert "calibrate (mse) blocks" in result.stderr
     quiet = runner.invoke(main, ["rank", str(workspace / "probe.h5"), "--out", str(tmp_path / "r.json"), "--json"])
     assert quiet.exit_code == 0 and "rank (grad-e2e)" not in quiet.stderr
+
+
+def test_threads_reach_numba_when_it_is_imported_later():
+    """A command that has not imported numba yet does not import it to size its pool: the pool takes the
+    count when numba is imported (checked in a fresh process); a NUMBA_NUM_THREADS set lower stays the bound."""
+    import subprocess
+    import sys
+
+    code = ("import sys; from sensq.runtime import set_threads; set_threads(1); assert 'numba' not in sys.modules; "
+            "import numba; print(numba.get_num_threads())")
+    env = {k: v for k, v in os.environ.items() if k != "NUMBA_NUM_THREADS"}
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
+    assert result.returncode == 0 and result.stdout.strip() == "1", result.stderr[-2000:]
 
 
 def test_threads_sets_torch_and_numba_together(monkeypatch):
