@@ -61,6 +61,11 @@ def slug(name: str) -> str:
     return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
 
 
+def quantize_the_rest(experts: list[str], fmt: str) -> list[Rule]:
+    """The last rules of every set: each expert's remaining layers in ``fmt`` (W=A)."""
+    return [Rule(f"re:{e}:.*", fmt, fmt) for e in experts]
+
+
 def standard_sets(model, ranking, fmt: str = "hif4", top_ks=(2, 4), budgets=(0.3,), random_draws: int = 0,
                   protect_entrance: bool | None = None) -> list[ProtectedSet]:
     """None; the entrance; entrance + top-k (per k); sensq's budgeted plans; the entrance in one expert only;
@@ -72,7 +77,7 @@ def standard_sets(model, ranking, fmt: str = "hif4", top_ks=(2, 4), budgets=(0.3
     ranking; or the ranking alone; ``None``: as ``sensq plan`` decides for this ranking)."""
     family = model.adapter
     experts = family.experts(model.pipe)
-    everything = [Rule(f"re:{e}:.*", fmt, fmt) for e in experts]
+    everything = quantize_the_rest(experts, fmt)
     entrance = "(" + "|".join(family.entrance) + ")"
     n_blocks = len(family.block_list(family.expert_module(model.pipe, experts[0])))
     recipe = family.fixed_recipe(n_blocks)
@@ -129,7 +134,7 @@ def edge_blocks_plan(model, experts: list[str], budget: float, fmt: str) -> Plan
                 break
             rules.append(Rule(f"re:{expert}:{re.escape(block)}\\..*", None, None, "first and last blocks"))
             used += sizes[block]
-    return Plan(rules + [Rule(f"re:{e}:.*", fmt, fmt) for e in experts])
+    return Plan(rules + quantize_the_rest(experts, fmt))
 
 
 def plan_sets(model, paths: list[Path], fmt: str = "hif4") -> list[ProtectedSet]:
@@ -139,7 +144,7 @@ def plan_sets(model, paths: list[Path], fmt: str = "hif4") -> list[ProtectedSet]
         InputError: a plan that cannot be read, two files with the same name.
     """
     experts = model.adapter.experts(model.pipe)
-    sets = [ProtectedSet("none", Plan([Rule(f"re:{e}:.*", fmt, fmt) for e in experts]), "none")]
+    sets = [ProtectedSet("none", Plan(quantize_the_rest(experts, fmt)), "none")]
     return sets + file_sets(paths, sets)
 
 
@@ -175,7 +180,7 @@ def random_plan(model, experts: list[str], budget: float, fmt: str, seed: int) -
             if used + layer.params <= budget * total:
                 rules.append(Rule(f"{expert}:{layer.name}", None, None, f"random draw {seed}"))
                 used += layer.params
-    return Plan(rules + [Rule(f"re:{e}:.*", fmt, fmt) for e in experts])
+    return Plan(rules + quantize_the_rest(experts, fmt))
 
 
 SEED_STRIDE = 10007
