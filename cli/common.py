@@ -94,6 +94,15 @@ def refuse_unused(ctx: click.Context, used: bool, names: tuple[str, ...], why: s
             raise click.UsageError(f"{flag} {why}")
 
 
+def checkpoint_option(applies_to: str):
+    """``--checkpoint``: bound the memory of a grad-e2e linearization (rank, plan --search e2e)."""
+    return click.option(
+        "--checkpoint", is_flag=True,
+        help=f"{applies_to}: keep only each expert call's inputs and recompute steps and blocks (and each layer's "
+             "quantization error) in the backward passes: the same scores, the memory of one block, about twice "
+             "the compute (docs/sensitivity.md).")
+
+
 def lora_options(func):
     """--lora-high/--lora-low: a few-step student shipped as LoRAs (e.g. Wan2.2-Lightning), fused at load."""
 

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import click
 
+from sensq.cli.common import checkpoint_option
 from sensq.plan import CALIBRATIONS, protected_range
 
 
@@ -37,6 +38,7 @@ from sensq.plan import CALIBRATIONS, protected_range
               help="--search e2e: the probe file whose trajectory and prompts to search on (default: the one the "
                    "ranking names).")
 @click.option("--device", default=None, help="--search e2e: cpu, cuda, cuda:N (default: the GPU if present).")
+@checkpoint_option("--search e2e")
 @click.option("--pareto", is_flag=True, help="With --tiers: also record the front of predicted error vs effective "
               "bits (12 budgets) and the chosen point in the plan's source, and print it.")
 @click.option("--protect-entrance/--no-protect-entrance", default=None,
@@ -70,7 +72,8 @@ from sensq.plan import CALIBRATIONS, protected_range
               "(OUT-stem.modelopt.transformer.yml). Exact layer names, no pipeline prefix.")
 @click.option("--out", type=click.Path(dir_okay=False, path_type=Path), default=Path("plan.json"), show_default=True)
 @click.option("--json", "as_json", is_flag=True, help="Print the plan (or the validation) as JSON.")
-def plan(ranking_file, budget, top_k, tiers, bits, search, rounds, projections, limit, probe_file, device, pareto,
+def plan(ranking_file, budget, top_k, tiers, bits, search, rounds, projections, limit, probe_file, device, checkpoint,
+         pareto,
          protect_entrance, protect, protect_steps, calibration, fmt, act_format, rank_format, validate_file, model,
          export, out, as_json) -> None:
     """Choose, per expert, the layers that stay in high precision and the format of all the others.
@@ -104,7 +107,8 @@ def plan(ranking_file, budget, top_k, tiers, bits, search, rounds, projections, 
 
     ctx = click.get_current_context()
     refuse_unused(ctx, tiers is not None, ("bits", "pareto"), "goes with --tiers")
-    refuse_unused(ctx, search == "e2e", ("rounds", "projections", "limit", "probe_file", "device"),
+    refuse_unused(ctx, search == "e2e",
+                  ("rounds", "projections", "limit", "probe_file", "device", "checkpoint"),
                   "goes with --search e2e")
     if validate_file is not None:
         _validate(validate_file, model or "tiny", as_json)
@@ -145,7 +149,8 @@ def plan(ranking_file, budget, top_k, tiers, bits, search, rounds, projections, 
                                        with_pareto=pareto)
     elif search == "e2e":
         result = _searched(ranking, ranking_file, parse_budget(budget), fmt, rounds=rounds, projections=projections,
-                           limit=limit, probe_file=probe_file, model=model, device=device, quiet=as_json)
+                           limit=limit, probe_file=probe_file, model=model, device=device, checkpoint=checkpoint,
+                           quiet=as_json)
     else:
         result = build_plan(
             ranking, budget=parse_budget(budget) if budget is not None else None, top_k=top_k,
@@ -171,13 +176,13 @@ def plan(ranking_file, budget, top_k, tiers, bits, search, rounds, projections, 
 
 
 def _searched(ranking, ranking_file, budget: float, fmt: str, *, rounds: int, projections: int, limit: int,
-              probe_file, model, device, quiet: bool):
+              probe_file, model, device, checkpoint: bool, quiet: bool):
     """The plan of ``sensq plan --search e2e`` (:mod:`sensq.sensitivity.search`)."""
     from sensq.cli.common import load_cli_model, model_named_by_file, progress_bar
     from sensq.errors import InputError
     from sensq.formats import get_format
     from sensq.plan import model_layers, plan_protecting
-    from sensq.sensitivity.ranking import probe_job
+    from sensq.sensitivity.ranking import probe_job, require_probed_model
     from sensq.sensitivity.search import search_protected
     from sensq.store.probe_file import ProbeFile
 
@@ -189,19 +194,18 @@ def _searched(ranking, ranking_file, budget: float, fmt: str, *, rounds: int, pr
                                ranking.provenance.get("loras") or {}, model, None, None)
     loaded = load_cli_model(name, device, None)
     with ProbeFile(probe_file) as probe:
-        if probe.model_fingerprint != loaded.fingerprint:
-            raise InputError(f"{str(probe_file)!r} was probed on another model (fingerprint "
-                             f"{probe.model_fingerprint}, --model {loaded.fingerprint})")
+        require_probed_model(probe, probe_file, loaded, "search with the model it was probed on (--model)")
         job = probe_job(probe, limit)
     with progress_bar("search (e2e)", enabled=not quiet) as progress:
         found = search_protected(loaded, job, get_format(fmt), budget, rounds=rounds, projections=projections,
-                                 progress=progress)
+                                 checkpoint=checkpoint, progress=progress)
     return plan_protecting(
         found.chosen, model_layers(loaded), fmt,
         model={"id": ranking.provenance.get("model_id"), "fingerprint": loaded.fingerprint,
                "loras": ranking.provenance.get("loras") or {}, "family": loaded.adapter.name},
         source={"ranking_metric": ranking.metric, "search": "e2e", "budget": budget, "rounds": found.rounds,
                 "projections": projections, "prompts": len(job.prompts), "probe_file": str(probe_file),
+                "checkpoint": checkpoint,
                 "searched_nmse": found.final, "generations": found.generations,
                 "probe_sha256": ranking.provenance.get("probe_sha256")})
 

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import click
 
-from sensq.cli.common import model_options
+from sensq.cli.common import checkpoint_option, model_options
 from sensq.metrics import DEFAULT_METRIC, METRICS
 
 
@@ -41,12 +41,7 @@ def _formats(ctx, param, value: str) -> list[str]:
 @click.option("--projections", type=click.IntRange(min=1), default=8, show_default=True,
               help="grad-e2e, grad-step: random projections (backward passes) per prompt; the estimate's relative "
                    "spread is about sqrt(2 / (projections x prompts)).")
-@click.option("--checkpoint", is_flag=True,
-              help="grad-e2e, grad-step: keep only each expert call's inputs and recompute steps and blocks in the "
-                   "backward passes (diffusers' gradient checkpointing inside): the same scores, more compute.")
-@click.option("--rows", type=click.IntRange(min=1), default=None,
-              help="grad-e2e, grad-step: keep each layer call's quantization error at N token rows (the dot product "
-                   "estimated from them): far less memory at high resolution, noisier scores (docs/sensitivity.md).")
+@checkpoint_option("grad-e2e, grad-step")
 @click.option("--validate", "validate_against", type=click.Path(dir_okay=False, path_type=Path), default=None,
               metavar="E2E_RANKING",
               help="Check the proxy: Spearman rho (95% bootstrap interval over layers) of this ranking against a "
@@ -58,7 +53,7 @@ def _formats(ctx, param, value: str) -> list[str]:
               show_default=True, help="The ranking JSON to write.")
 @click.option("--json", "as_json", is_flag=True, help="Print the ranking JSON instead of the table.")
 def rank(probe_file, model, device, dtype, lora_high, lora_low, formats, metric, reduce, expert, mode, granularity,
-         limit, projections, checkpoint, rows, validate_against, top, force, out, as_json) -> None:
+         limit, projections, checkpoint, validate_against, top, force, out, as_json) -> None:
     """Rank the layers of each expert by how much W4A4 quantization hurts them.
 
     The default, grad-e2e, estimates each layer's end-to-end damage (the final-latent NMSE with only
@@ -86,7 +81,7 @@ def rank(probe_file, model, device, dtype, lora_high, lora_low, formats, metric,
     chosen = METRICS[metric]
     refuse_unused(ctx, chosen.operand == "latents", ("mode", "granularity"),
                   f"applies to --metric e2e only (this ranking is by {metric})")
-    refuse_unused(ctx, chosen.propagated, ("projections", "checkpoint", "rows"),
+    refuse_unused(ctx, chosen.propagated, ("projections", "checkpoint"),
                   "applies to --metric grad-e2e and grad-step only")
     refuse_unused(ctx, not chosen.local, ("limit",),
                   "applies to e2e, grad-e2e and grad-step (a local metric reads every prompt's probe samples)")
@@ -110,7 +105,7 @@ def rank(probe_file, model, device, dtype, lora_high, lora_low, formats, metric,
     request = RankRequest(probe_path=probe_file, model=loaded, formats=formats, metric=metric, reduce=reduce,
                           experts=None if expert in ("all", "both") else [expert], mode=mode, granularity=granularity,
                           limit=limit, force=force, projections=projections,
-                          checkpoint=checkpoint, rows=rows)
+                          checkpoint=checkpoint)
     import os
 
     from sensq.cli.common import progress_bar

@@ -21,8 +21,11 @@ Targets (``--metric``):
 
 ``dY`` is computed in the forward from the layer's own input by its quantized twin
 (:func:`sensq.quant.quantize_module`, the layer apply-plan deploys), so the error is exactly the deployed
-one. The parameters do not require grad; a zero tensor that does is added to each layer's output, and
-``J^T v`` is its gradient (the gradient with respect to the output itself).
+one. The parameters do not require grad; each layer's output passes through an identity autograd function
+(:class:`_Tap`) that saves ``dY`` for its backward, where the gradient arriving at the output (``J^T v``) is
+dotted with it at once: no per-layer gradient is ever kept. Because ``dY`` is a saved tensor of the graph,
+``checkpoint`` drops it with the rest and recomputes it, one step and one block at a time, when the backward
+reaches that block.
 
 ``value`` is the leave-one-in NMSE estimate (``grad-e2e``: all steps summed before squaring, cross-step terms
 included; ``grad-step``: per-step values reduced like the local metrics); ``per_step`` holds each
@@ -58,15 +61,39 @@ CHECKPOINT_HOOK_NAME = "sensq_propagated_checkpoint"
 
 @dataclass
 class _Call:
-    """One call of one layer: where it ran, its output's quantization error and the zero added to its output."""
+    """One call of one layer: where it ran and, per guidance branch, the dot products of the current pass."""
 
     layer: tuple[str, str]
     step: int
     branches: tuple[int, ...]
-    delta: torch.Tensor
-    zero: torch.Tensor
-    weight: float = 1.0
-    """Tokens over sampled rows: the dot product over the sampled rows times it estimates the full one."""
+    parts: list[float] = field(default_factory=list)
+
+    def collect(self, grad: torch.Tensor, delta: torch.Tensor) -> None:
+        """Add ``(J^T v) . dY`` per branch, ``grad`` the gradient at the layer's whole output."""
+        products = (grad.float() * delta).chunk(len(self.branches))
+        parts = [float(p.sum(dtype=torch.float64)) for p in products]
+        self.parts = [a + b for a, b in zip(self.parts, parts, strict=True)] if self.parts else parts
+
+
+class _Tap(torch.autograd.Function):
+    """Identity on a layer's output whose backward dots the arriving gradient with the saved ``dY``.
+
+    ``anchor`` is a scalar leaf that requires grad, so every tap is on the backward path even where nothing
+    upstream requires grad; ``call`` is None when a checkpointed forward is recomputed (the original graph's
+    taps run the backward, the recomputation only restores their saved ``dY``)."""
+
+    @staticmethod
+    def forward(ctx, output, anchor, delta, call):
+        ctx.call = call
+        ctx.save_for_backward(delta)
+        return output.view_as(output)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (delta,) = ctx.saved_tensors
+        if ctx.call is not None:
+            ctx.call.collect(grad, delta)
+        return grad, torch.zeros((), dtype=torch.float32, device=grad.device), None, None
 
 
 @dataclass
@@ -89,23 +116,10 @@ class _Session:
     operating point is then the quantized model's, and only these layers are scored."""
     exact: dict = field(default_factory=dict)
     """``(expert, layer) -> sum of (J^T e) . dY / scale`` for the exact direction ``e`` (:meth:`accumulate`)."""
-    rows: int | None = None
-    """Keep ``dY`` at this many token rows per call (the same rows for every layer with as many tokens), None:
-    every row."""
     recording: bool = True
     """False while backward passes recompute checkpointed forwards: layers then compute the same values but
     record nothing."""
-    _row_index: dict = field(default_factory=dict)
-
-    def rows_of(self, output: torch.Tensor) -> torch.Tensor | None:
-        """The sampled token rows of a ``[batch, tokens, channels]`` output (None: keep every row)."""
-        if self.rows is None or output.dim() != 3 or output.shape[1] <= self.rows:
-            return None
-        tokens = output.shape[1]
-        if tokens not in self._row_index:
-            generator = torch.Generator().manual_seed(tokens)
-            self._row_index[tokens] = torch.randperm(tokens, generator=generator)[: self.rows].sort().values
-        return self._row_index[tokens].to(output.device)
+    anchor: torch.Tensor = field(default_factory=lambda: torch.zeros((), requires_grad=True))
 
     def scored(self, layer: tuple[str, str]) -> bool:
         return not self.quantized or layer in self.quantized
@@ -115,8 +129,8 @@ class _Session:
         layer (all its calls summed first) and per call, then forgets the calls (their graph is freed).
         ``direction``: one more backward pass with it, adding ``(J^T direction) . dY / scale`` per layer to
         :attr:`exact`."""
-        calls = [c for c in self.calls if c.zero.requires_grad]
-        if not calls:
+        calls = self.calls
+        if not calls or not output.requires_grad:
             self.calls.clear()
             return
         self.recording = False  # the backward passes may recompute checkpointed forwards
@@ -127,7 +141,6 @@ class _Session:
         self.calls.clear()
 
     def _project(self, calls: list[_Call], output: torch.Tensor, scale: float, direction) -> None:
-        zeros = [c.zero for c in calls]
         passes = self.projections + (direction is not None)
         for k in range(passes):
             if k < self.projections:
@@ -135,21 +148,17 @@ class _Session:
             else:
                 v = direction
             v = v.to(output.device, output.dtype)
-            grads = torch.autograd.grad(output, zeros, grad_outputs=v, retain_graph=k + 1 < passes,
-                                        allow_unused=True)
+            for call in calls:
+                call.parts = []
+            torch.autograd.grad(output, self.anchor, grad_outputs=v, retain_graph=k + 1 < passes, allow_unused=True)
             if k == self.projections:
-                for call, grad in zip(calls, grads, strict=True):
-                    dot = 0.0 if grad is None else float((grad.float() * call.delta).sum(dtype=torch.float64))
-                    self.exact[call.layer] = self.exact.get(call.layer, 0.0) + call.weight * dot / scale
+                for call in calls:
+                    self.exact[call.layer] = self.exact.get(call.layer, 0.0) + sum(call.parts) / scale
                 continue
             totals: dict[tuple[str, str], float] = {}
-            for call, grad in zip(calls, grads, strict=True):
+            for call in calls:
                 value, per_step = self.sums.setdefault(call.layer, [0.0, np.zeros((self.steps, len(self.branches)))])
-                if grad is None:
-                    parts = [0.0] * len(call.branches)
-                else:
-                    products = (grad.float() * call.delta).chunk(len(call.branches))
-                    parts = [call.weight * float(p.sum(dtype=torch.float64)) for p in products]
+                parts = call.parts or [0.0] * len(call.branches)
                 for branch, part in zip(call.branches, parts, strict=True):
                     per_step[call.step, branch] += part * part / scale / self.projections
                 totals[call.layer] = totals.get(call.layer, 0.0) + sum(parts)
@@ -204,34 +213,23 @@ class _LayerHook(ModelHook):
         return args, kwargs
 
     def post_forward(self, module, output):
-        """The output plus a zero that requires grad (its gradient is the output's); the same operations
-        whether recording or recomputing, so a checkpointed forward recomputes the same saved tensors."""
+        """The output through a :class:`_Tap` holding ``dY``; the same operations whether recording or
+        recomputing, so a checkpointed forward recomputes the same saved tensors."""
         session = self.session
         if not session.scored(self.layer):
             self.input = None
             return output
         with torch.no_grad():
             quantized = self.twin(self.input.detach())
-        self.input = None
-        rows = session.rows_of(output)
-        if session.recording:
-            with torch.no_grad():
-                delta = quantized.float() - output.detach().float()
-                if rows is not None:
-                    delta = delta.index_select(1, rows)
+            self.input = None
+            delta = quantized.float() - output.float()
         if self.layer in session.quantized:  # the quantized value, the full-precision layer's gradient
             output = output + (quantized - output).detach()
-        if rows is None:
-            zero = torch.zeros_like(output, requires_grad=True)
-            result = output + zero
-        else:
-            zero = torch.zeros(output.shape[0], rows.numel(), output.shape[2], dtype=output.dtype,
-                               device=output.device, requires_grad=True)
-            result = output.index_add(1, rows, zero)
+        call = None
         if session.recording:
-            weight = 1.0 if rows is None else output.shape[1] / rows.numel()
-            session.calls.append(_Call(self.layer, session.step, session.forward_branches, delta, zero, weight))
-        return result
+            call = _Call(self.layer, session.step, session.forward_branches)
+            session.calls.append(call)
+        return _Tap.apply(output, session.anchor, delta, call)
 
 
 class _StepCheckpoint(ModelHook):
@@ -247,7 +245,7 @@ class _StepCheckpoint(ModelHook):
 
 def propagated_scores(pipe, experts: dict[str, torch.nn.Module], job: E2EJob, fmt: FormatSpec, *,
                       family: ModelFamily, metric: str = "grad-e2e", projections: int = 4, backend: str = "auto",
-                      seed: int = 0, checkpoint: bool = False, rows: int | None = None,
+                      seed: int = 0, checkpoint: bool = False,
                       progress: Callable[[int, int], None] | None = None
                       ) -> dict[str, dict[str, tuple[float, np.ndarray]]]:
     """Score every quantizable layer of ``experts`` (``{name: expert module}``) along the job's trajectory.
@@ -259,7 +257,13 @@ def propagated_scores(pipe, experts: dict[str, torch.nn.Module], job: E2EJob, fm
     if metric not in TARGETS:
         raise ValueError(f"unknown propagated metric {metric!r}; use one of {', '.join(TARGETS)}")
     return linearize(pipe, experts, job, fmt, family=family, target=TARGETS[metric], projections=projections,
-                     backend=backend, seed=seed, checkpoint=checkpoint, rows=rows, progress=progress).scores
+                     backend=backend, seed=seed, checkpoint=checkpoint, progress=progress).scores
+
+
+def quantize_twins(experts: dict[str, torch.nn.Module], fmt: FormatSpec, backend: str = "auto") -> dict:
+    """``{(expert, layer): the layer's deployed W4A4 twin}`` for every quantizable layer, for :func:`linearize`."""
+    return {(expert, name): quantize_module(layer, fmt, fmt, backend)
+            for expert, module in experts.items() for name, layer in quantizable_layers(module)}
 
 
 @dataclass
@@ -281,7 +285,7 @@ class Linearization:
 def linearize(pipe, experts: dict[str, torch.nn.Module], job: E2EJob, fmt: FormatSpec, *, family: ModelFamily,
               target: str = "final", projections: int = 8, backend: str = "auto", seed: int = 0,
               quantized: frozenset = frozenset(), references: list[torch.Tensor] | None = None,
-              checkpoint: bool = False, rows: int | None = None,
+              checkpoint: bool = False, twins: dict | None = None,
               progress: Callable[[int, int], None] | None = None) -> Linearization:
     """One forward per prompt with autograd on, ``projections`` backward passes (and one more with the error
     direction at a quantized point); see the module docstring.
@@ -291,18 +295,21 @@ def linearize(pipe, experts: dict[str, torch.nn.Module], job: E2EJob, fmt: Forma
     ``checkpoint``: bound the memory of the graph (each expert call checkpointed, and the family's blocks
     where the model supports diffusers' gradient checkpointing): the same result, one more forward per
     backward pass. ``rows``: keep each call's ``dY`` at that many token rows (an unbiased estimate of the
-    dot product over all of them).
+    dot product over all of them). ``twins``: ``{(expert, layer): quantized twin}`` built by :func:`quantize_twins`
+    (a caller that linearizes several times builds them once); missing ones are built here.
     """
     if quantized and references is None:
         raise ValueError("a quantized operating point needs the full-precision latents as references")
     apply_trajectory(pipe, job.trajectory)
     steps = len(plan_steps(pipe, family, job.trajectory))
     session = _Session(family, pipe, job.trajectory.branches, target, projections,
-                       torch.Generator().manual_seed(seed), steps=steps, quantized=frozenset(quantized), rows=rows)
+                       torch.Generator().manual_seed(seed), steps=steps, quantized=frozenset(quantized))
     world, rank = int(os.environ.get("WORLD_SIZE", "1")), int(os.environ.get("RANK", "0"))
     jobs = list(zip(job.prompts, job.seeds, job.negatives, strict=True))
     mine = list(enumerate(jobs))[rank::world]
-    frozen = [p for module in experts.values() for p in module.parameters() if p.requires_grad]
+    modules = {id(m): m for m in [*experts.values(), *getattr(pipe, "components", {}).values()]
+               if isinstance(m, torch.nn.Module)}  # the text encoder too: no graph of its own
+    frozen = [p for module in modules.values() for p in module.parameters() if p.requires_grad]
     registries = []
     checkpointed = [m for m in experts.values() if checkpoint and getattr(m, "_supports_gradient_checkpointing", False)
                     and not m.is_gradient_checkpointing]
@@ -319,8 +326,9 @@ def linearize(pipe, experts: dict[str, torch.nn.Module], job: E2EJob, fmt: Forma
             registry.register_hook(_ExpertHook(session), CONTEXT_HOOK_NAME)
             for name, layer in quantizable_layers(module):
                 if session.scored((expert, name)):
+                    twin = (twins or {}).get((expert, name)) or quantize_module(layer, fmt, fmt, backend)
                     HookRegistry.check_if_exists_or_initialize(layer).register_hook(
-                        _LayerHook(session, expert, name, quantize_module(layer, fmt, fmt, backend)), HOOK_NAME)
+                        _LayerHook(session, expert, name, twin), HOOK_NAME)
             registry.invalidate_child_registries_cache()
             registries.append(registry)
         for done, (index, (text, seed_value, negative)) in enumerate(mine):

@@ -168,8 +168,6 @@ class RankRequest:
     """Random projections per prompt of the propagated metrics (``grad-e2e``, ``grad-step``)."""
     checkpoint: bool = False
     """Propagated metrics: recompute checkpointed expert calls and blocks in the backward passes."""
-    rows: int | None = None
-    """Propagated metrics: keep each layer call's quantization error at this many token rows."""
 
 
 def validate(request: RankRequest) -> None:
@@ -185,12 +183,20 @@ def validate(request: RankRequest) -> None:
         raise InputError(f"--granularity block needs --metric e2e ({request.metric} scores single layers)")
     if request.projections < 1:
         raise InputError(f"--projections must be at least 1, got {request.projections}")
-    if request.rows is not None and request.rows < 1:
-        raise InputError(f"--rows must be at least 1, got {request.rows}")
     if not request.formats:
         raise InputError("--format needs at least one format")
     for name in request.formats:
         get_format(name)
+
+
+def require_probed_model(probe: ProbeFile, path, model, advice: str) -> None:
+    """Refuse (one line) a probe recorded on another model than ``model`` (its weights' fingerprint)."""
+    if probe.model_fingerprint != model.fingerprint:
+        raise InputError(
+            f"{str(path)!r} was probed on model {probe.model_id!r} (fingerprint "
+            f"{probe.model_fingerprint}) but --model {model.model_id!r} has fingerprint {model.fingerprint}; "
+            + (f"it was probed with LoRAs {probe.loras}: pass the same --lora-high/--lora-low, "
+               if probe.loras != model.loras else "") + advice)
 
 
 def rank_layers(request: RankRequest, progress: Callable[[str, int, int], None] | None = None) -> Ranking:
@@ -204,13 +210,8 @@ def rank_layers(request: RankRequest, progress: Callable[[str, int, int], None] 
     model = request.model
     started = time.perf_counter()
     with ProbeFile(request.probe_path) as probe:
-        if probe.model_fingerprint != model.fingerprint and not request.force:
-            raise InputError(
-                f"{str(request.probe_path)!r} was probed on model {probe.model_id!r} (fingerprint "
-                f"{probe.model_fingerprint}) but --model {model.model_id!r} has fingerprint {model.fingerprint}; "
-                + (f"it was probed with LoRAs {probe.loras}: pass the same --lora-high/--lora-low, "
-                   if probe.loras != model.loras else "") + "rank with the same model, or pass --force"
-            )
+        if not request.force:
+            require_probed_model(probe, request.probe_path, model, "rank with the same model, or pass --force")
         experts = request.experts or probe.experts
         for expert in experts:
             if expert not in probe.experts:
@@ -311,7 +312,7 @@ def _rank_propagated(request, probe, model, experts, formats, steps, sigmas, pro
     for fmt in formats:
         scores[fmt.identity] = propagated_scores(
             model.pipe, modules, job, fmt, family=family, metric=request.metric, projections=request.projections,
-            backend=request.backend, checkpoint=request.checkpoint, rows=request.rows,
+            backend=request.backend, checkpoint=request.checkpoint,
             progress=None if progress is None else (lambda i, n: progress(f"{request.metric}", i, n)))
     ranked = {}
     for expert in experts:

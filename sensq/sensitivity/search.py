@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from sensq.formats import FormatSpec
 from sensq.plan import model_layers
 from sensq.sensitivity.e2e import E2EJob, final_latents
-from sensq.sensitivity.propagated import linearize
+from sensq.sensitivity.propagated import linearize, quantize_twins
 from sensq.trajectory import apply_trajectory
 
 
@@ -64,9 +64,11 @@ def _pick(gains: dict[str, float], sizes: dict[str, int], remaining: float, shar
 
 
 def search_protected(model, job: E2EJob, fmt: FormatSpec, budget: float, *, rounds: int = 4,
-                     projections: int = 8, backend: str = "auto",
+                     projections: int = 8, backend: str = "auto", checkpoint: bool = False,
                      progress: Callable[[str, int, int], None] | None = None) -> SearchResult:
-    """Protect, per expert, layers within ``budget`` of its parameters (see the module docstring)."""
+    """Protect, per expert, layers within ``budget`` of its parameters (see the module docstring).
+
+    ``checkpoint`` bounds the memory of each linearization as in :func:`linearize`."""
     family, pipe = model.adapter, model.pipe
     experts = {e: family.expert_module(pipe, e) for e in family.experts(pipe)}
     infos = model_layers(model)
@@ -77,12 +79,14 @@ def search_protected(model, job: E2EJob, fmt: FormatSpec, budget: float, *, roun
     chosen: dict[str, list[tuple[str, str]]] = {e: [] for e in experts}
     used = dict.fromkeys(experts, 0)
     history = []
+    twins = quantize_twins(experts, fmt, backend)
     per_prompt = 1 + 2 * (projections + 1)
     for round_index in range(rounds):
         protected = {(e, name) for e, names in chosen.items() for name, _ in names}
         quantized = frozenset(key for key in params if key not in protected)
         point = linearize(pipe, experts, job, fmt, family=family, projections=projections, backend=backend,
-                          seed=round_index * 7919, quantized=quantized, references=references,
+                          seed=round_index * 7919, quantized=quantized, references=references, twins=twins,
+                          checkpoint=checkpoint,
                           progress=None if progress is None else
                           (lambda i, n, r=round_index: progress(f"search round {r + 1}/{rounds}", i, n)))
         added = {}
@@ -100,6 +104,7 @@ def search_protected(model, job: E2EJob, fmt: FormatSpec, budget: float, *, roun
         history.append({"round": round_index + 1, "measured_nmse": point.error, "protected": added})
     protected = {(e, name) for e, names in chosen.items() for name, _ in names}
     final = linearize(pipe, experts, job, fmt, family=family, projections=0, backend=backend,
-                      quantized=frozenset(key for key in params if key not in protected), references=references)
+                      quantized=frozenset(key for key in params if key not in protected), references=references,
+                      twins=twins)
     generations = len(job.prompts) * (1 + rounds * per_prompt + 3)
     return SearchResult(chosen, history, final.error, generations)
