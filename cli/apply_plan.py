@@ -67,7 +67,7 @@ def apply_plan(plan_file, model, device, dtype, lora_high, lora_low, probe_file,
     """
     import torch
 
-    from sensq.cli.common import load_cli_model
+    from sensq.cli.common import load_cli_model, refuse_unused
     from sensq.plan import Plan
     from sensq.quant.apply import apply_plan as run_apply
     from sensq.quant.apply import calibration_source
@@ -75,6 +75,9 @@ def apply_plan(plan_file, model, device, dtype, lora_high, lora_low, probe_file,
     from sensq.quant.checkpoint import CHECKPOINT_SCHEMA, save_quantized
     from sensq.store.files import check_output_folder, make_parent, output_lock
 
+    refuse_unused(click.get_current_context(), probe_file is not None,
+                  ("sequential_experts", "pooled_experts", "probe_from_another_model"),
+                  "goes with --probe (it concerns the captured inputs the layers are calibrated on)")
     plan = Plan.load(plan_file)
     check_output_folder(out, "manifest.json", CHECKPOINT_SCHEMA, "checkpoint")  # before any work
     if probe_file is not None:

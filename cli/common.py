@@ -103,6 +103,14 @@ def checkpoint_option(applies_to: str):
              "the compute (docs/sensitivity.md).")
 
 
+def refuse_second_expert_options(model) -> None:
+    """``--guidance-2`` on a model with one expert means nothing: one line, exit 2 (a preset's value passes)."""
+    experts = model.adapter.experts(model.pipe)
+    refuse_unused(click.get_current_context(), len(experts) > 1, ("guidance_2",),
+                  f"is the low-noise expert's CFG scale; this {model.adapter.name} model has one expert "
+                  f"({', '.join(experts)}): use --guidance")
+
+
 def lora_options(func):
     """--lora-high/--lora-low: a few-step student shipped as LoRAs (e.g. Wan2.2-Lightning), fused at load."""
 

@@ -38,7 +38,7 @@ def generate(**kwargs) -> None:
       sensq generate --model quantized/ --out runs/hif4-packed  # a checkpoint from sensq apply-plan
       sensq eval runs/hif4 --reference runs/fp
     """
-    from sensq.cli.common import load_cli_model
+    from sensq.cli.common import load_cli_model, refuse_second_expert_options
     from sensq.generate import GENERATION_SCHEMA, MANIFEST, GenerateRequest
     from sensq.generate import generate as run_generate
     from sensq.plan import Plan
@@ -50,6 +50,7 @@ def generate(**kwargs) -> None:
     check_output_folder(kwargs["out"], MANIFEST, GENERATION_SCHEMA, "generation folder")  # before any work
     plan = Plan.load(kwargs["plan_file"]) if kwargs["plan_file"] is not None else None
     model = load_cli_model(kwargs["model"], kwargs["device"], kwargs["dtype"], kwargs["lora_high"], kwargs["lora_low"])
+    refuse_second_expert_options(model)
     prompts = load_prompts(kwargs["prompts_path"], kwargs["limit"], procedural=model.procedural)
     plan_digest = None
     label = kwargs["label"]
@@ -71,6 +72,8 @@ def generate(**kwargs) -> None:
         task = progress.add_task("generate", total=len(prompts))
         result = run_generate(request, lambda done, total, prompt: progress.update(
             task, completed=done, description=f"prompt {prompt.index}"))
+    for line in result.warnings:
+        click.echo(f"warning: {line}", err=True)
     click.echo(f"{result.generated} generated ({result.seconds_per_video:.2f} s per video), {result.skipped} already "
                f"there; {result.out}")
 

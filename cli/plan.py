@@ -162,8 +162,11 @@ def plan(ranking_file, budget, top_k, tiers, bits, search, rounds, projections, 
     result = with_calibration(result, calibration)
     result.source["ranking_file"] = str(ranking_file)
     exported = build_export(result, export) if export else None  # refuses before anything is written
-    result.save(out)
-    paths = write_export(exported, out) if exported else {}
+    from sensq.store.files import output_lock
+
+    with output_lock(out):
+        result.save(out)
+        paths = write_export(exported, out) if exported else {}
     if as_json:
         click.echo(json.dumps(result.to_dict(), indent=1))
         return
@@ -173,6 +176,10 @@ def plan(ranking_file, budget, top_k, tiers, bits, search, rounds, projections, 
         click.echo(f"searched on end-to-end error over {result.source['prompts']} prompts: final-latent NMSE by round "
                    f"{measured} -> {result.source['searched_nmse']:.4g} with this plan "
                    f"({result.source['generations']} generations)")
+    elif budget is not None and tiers is None:
+        click.echo("walked the ranking in order (each layer's damage as if alone); --search e2e also weighs the "
+                   "layers' interactions on the model (4 prompts x 80 generations at its defaults; "
+                   "docs/sensitivity.md)")
 
 
 def _searched(ranking, ranking_file, budget: float, fmt: str, *, rounds: int, projections: int, limit: int,
@@ -214,13 +221,16 @@ def _step_range(text: str, last_step: int) -> tuple[int, int]:
     """``A-B``, ``A`` or ``last`` (``A`` and ``B`` may be ``last`` too: the ranking's last step)."""
     from sensq.errors import InputError
 
-    low, _, high = text.partition("-")
+    low, dash, high = text.partition("-")
     try:
-        first, last = (last_step if v.strip() == "last" else int(v) for v in (low, high or low))
+        first, last = (last_step if v.strip() == "last" else int(v) for v in (low, high if dash else low))
     except ValueError:
         raise InputError(f"--protect-steps takes A-B (step indices, e.g. 0-1, or 'last'), got {text!r}") from None
     if first < 0 or last < first:
         raise InputError(f"--protect-steps takes A-B with 0 <= A <= B, got {text!r}")
+    if last > last_step:
+        raise InputError(f"--protect-steps {text!r} reaches past the ranking's last step ({last_step}): give steps "
+                         f"within 0-{last_step}")
     return first, last
 
 

@@ -48,7 +48,7 @@ def probe(**kwargs) -> None:
       sensq probe --outputs --out probe.h5   # + layer outputs: sensq rank skips the full-precision GEMM
       torchrun --nproc-per-node 2 -m sensq.cli probe ...   # prompts sharded across ranks, merged at the end
     """
-    from sensq.cli.common import load_cli_model
+    from sensq.cli.common import load_cli_model, refuse_second_expert_options
     from sensq.probes.capture import ProbeConfig
     from sensq.probes.recorder import ProbeRequest, run_probe
     from sensq.prompts import load_prompts
@@ -57,6 +57,7 @@ def probe(**kwargs) -> None:
     if kwargs["tokens"] < 1:
         raise click.BadParameter("must be at least 1", param_hint="--tokens")
     model = load_cli_model(kwargs["model"], kwargs["device"], kwargs["dtype"], kwargs["lora_high"], kwargs["lora_low"])
+    refuse_second_expert_options(model)
     prompts = load_prompts(kwargs["prompts_path"], kwargs["limit"], procedural=model.procedural)
     experts = (model.adapter.experts(model.pipe) if kwargs["expert"] in ("all", "both") else [kwargs["expert"]])
     request = ProbeRequest(

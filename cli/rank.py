@@ -101,7 +101,12 @@ def rank(probe_file, model, device, dtype, lora_high, lora_low, formats, metric,
         require_layer_e2e(truth)
     with ProbeFile(probe_file) as probe:
         model = model_named_by_file(probe_file, probe.model_id, probe.loras, model, lora_high, lora_low)
+        probed_trajectory = probe.attr_json("trajectory")
     loaded = load_cli_model(model, device, dtype, lora_high, lora_low)
+    if truth is not None and not force:
+        from sensq.sensitivity.validate import require_same_source
+
+        require_same_source(truth, loaded.fingerprint, probed_trajectory, validate_against)
     request = RankRequest(probe_path=probe_file, model=loaded, formats=formats, metric=metric, reduce=reduce,
                           experts=None if expert in ("all", "both") else [expert], mode=mode, granularity=granularity,
                           limit=limit, force=force, projections=projections,

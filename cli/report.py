@@ -54,7 +54,11 @@ def report(ranking_file, plan_file, top, out, as_json) -> None:
             choice = f"--top-k {source.get('top_k')}"
         commands.append(f"sensq plan {ranking_file} {choice} --out {plan_file}")
     commands.append(f"sensq report {ranking_file}" + (f" --plan {plan_file}" if plan_file else "") + f" --out {out}")
-    result = write_ranking_report(ranking, out, plan=plan, top=top, commands=commands)
+    from sensq.store.files import make_parent, output_lock
+
+    make_parent(out)
+    with output_lock(out):
+        result = write_ranking_report(ranking, out, plan=plan, top=top, commands=commands)
     if as_json:
         click.echo(json.dumps({"out_dir": result.out_dir, "files": result.files, "notes": result.notes}, indent=1))
         return

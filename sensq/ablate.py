@@ -35,7 +35,14 @@ from sensq.plan import (
 from sensq.quant import dequantize_
 from sensq.quant.apply import apply_plan
 from sensq.stats import bootstrap_mean, format_interval, paired_difference
-from sensq.store.files import atomic_write_bytes, claim_output_folder, read_json, write_json
+from sensq.store.files import (
+    atomic_write_bytes,
+    claim_output_folder,
+    make_parent,
+    output_lock,
+    read_json,
+    write_json,
+)
 
 ABLATION_SCHEMA = "sensq.ablation/1"
 METRICS = ("latent_nmse", "psnr", "ssim", "first_frame_nmse", "temporal_nmse")
@@ -193,7 +200,15 @@ def seed_bases(trajectory, seeds: int) -> list[int]:
     return [trajectory.seed + k * SEED_STRIDE for k in range(1, seeds + 1)]
 
 
-def run_ablation(model, trajectory, prompts, sets: list[ProtectedSet], out: Path, *, fmt: str, seeds: int = 1,
+def run_ablation(model, trajectory, prompts, sets: list[ProtectedSet], out: Path, **options) -> dict:
+    """:func:`_run_ablation` holding ``out``'s lock (the one every sensq writer takes): a second ablation into the
+    same folder is refused at once, not when it reaches a generation folder."""
+    make_parent(Path(out))
+    with output_lock(out):
+        return _run_ablation(model, trajectory, prompts, sets, Path(out), **options)
+
+
+def _run_ablation(model, trajectory, prompts, sets: list[ProtectedSet], out: Path, *, fmt: str, seeds: int = 1,
                  calibrate: str = "none", probe_path: Path | None = None, backend: str = "auto",
                  sequential_experts: bool = False, probe_from_another_model: bool = False,
                  pooled_experts: bool = False, write_video: bool = False,

@@ -12,7 +12,7 @@ import json
 import re
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -68,6 +68,8 @@ class GenerateResult:
     skipped: int
     seconds_per_video: float
     files: list[str]
+    warnings: list[str] = field(default_factory=list)
+    """E.g. a step-range rule of the model's plan that no step of this trajectory reaches."""
 
 
 def request_config(request: GenerateRequest) -> dict:
@@ -152,6 +154,11 @@ def _generate(request: GenerateRequest, progress: Callable[[int, int, Prompt], N
     apply_trajectory(pipe, trajectory)
     request.model.adapter.check_resolution(pipe, trajectory.height, trajectory.width, trajectory.frames,
                                            request.model.dtype, request.model.device)
+    from sensq.quant.phased import dead_ranges
+    from sensq.trajectory import plan_steps
+
+    warnings = dead_ranges(pipe, request.model.adapter,
+                           [step.timestep for step in plan_steps(pipe, request.model.adapter, trajectory)])
     generated, seconds = 0, 0.0
     for position, prompt in enumerate(request.prompts):
         key = str(prompt.index)
@@ -190,7 +197,7 @@ def _generate(request: GenerateRequest, progress: Callable[[int, int, Prompt], N
     files = [str(out / MANIFEST)] + [str(out / i[k]) for i in manifest["items"].values()
                                      for k in ("frames", "latents", "video") if k in i]
     return GenerateResult(str(out), generated, len(request.prompts) - generated,
-                          seconds / generated if generated else 0.0, files)
+                          seconds / generated if generated else 0.0, files, warnings)
 
 
 def _npy_bytes(array: np.ndarray) -> bytes:

@@ -86,6 +86,7 @@ def load_prompts(path: str | Path | None, limit: int | None = None, *, procedura
     """Read prompts; ``None`` gives :data:`DEFAULT_PROMPTS` (:data:`PROCEDURAL_PROMPTS` with ``procedural``).
 
     Formats: ``.txt`` (one prompt per line; blank lines skipped, indices count non-blank lines);
+    an empty string in a JSON list is refused (its index would name no prompt);
     ``.json`` with a list of strings, a list of records (OpenS2V-5M: ``face_cap_qwen`` else
     ``cap[0]``, also under ``metadata``; VBench full info: ``prompt_en``; generic: ``prompt``/``text``),
     a dict ``{dimension: [prompts]}`` (VBench per-dimension lists, concatenated in file order) or a
@@ -142,6 +143,8 @@ def _from_json(raw: str, path: Path, lines: bool) -> list[Prompt]:
     prompts = []
     for position, item in enumerate(data):
         if isinstance(item, str):
+            if not item.strip():  # an index would point at nothing: refused, not skipped (a .txt skips blank lines)
+                raise InputError(f"{str(path)!r}: item {position} is an empty prompt")
             prompts.append(Prompt(position, item.strip()))
         elif isinstance(item, dict):
             prompts.append(_from_record(item, position, path, keys[position] if keys else ""))

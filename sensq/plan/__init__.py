@@ -370,7 +370,7 @@ def _in_steps(ranking, expert: str, fmt: str, steps: tuple[int, int]) -> list:
     layers = ranking.experts[expert]
     if not all(fmt in layer.per_step for layer in layers):
         raise InputError(f"--protect-steps orders layers by their per-step values, which this {ranking.metric} "
-                         "ranking does not hold: rank with a local metric (mse, sqnr, ...)")
+                         "ranking does not hold: rank with grad-e2e (the default) or a local metric")
     sign = -1.0 if METRICS[ranking.metric].higher_is_more_sensitive else 1.0
 
     def score(layer) -> float:

@@ -18,6 +18,7 @@ need.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -93,6 +94,10 @@ def allocate(layers, tiers: list[str | None], budget_bits: float, search: str = 
     for i, layer in enumerate(layers):
         if layer.name in forced:
             allowed[i] = [t == forced[layer.name] for t in tiers]
+    ceiling = bits.max()
+    if not math.isfinite(budget_bits) or budget_bits > ceiling:
+        raise InputError(f"--bits must be a number of bits per weight up to {ceiling:g} (every layer in the most "
+                         f"precise tier), got {budget_bits:g}")
     capacity = budget_bits * params.sum()
     floor = (params * np.where(allowed, bits, np.inf).min(axis=1)).sum()
     if floor > capacity * (1 + 1e-12):

@@ -373,6 +373,11 @@ def _read_weights(weights_path: Path) -> tuple[dict, dict[str, torch.Tensor]]:
         raise InputError(f"checkpoint file {str(weights_path)!r} cannot be read ({error})") from None
     if not isinstance(headers, dict) or not all(isinstance(h, dict) for h in headers.values()):
         raise InputError(f"checkpoint file {str(weights_path)!r} has malformed packing headers")
+    for key, tensor in tensors.items():  # a matching hash says the file is what was written, not that it is sound
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor.float() if tensor.element_size() == 1
+                                                                    else tensor).all()):
+            raise InputError(f"checkpoint file {str(weights_path)!r}: tensor {key!r} holds NaN or Inf; a model with "
+                             "non-finite weights generates nothing meaningful: write the checkpoint again")
     return headers, tensors
 
 

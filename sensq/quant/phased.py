@@ -75,6 +75,26 @@ def _in_range(clock: StepClock, phase: dict) -> bool:
     return low <= clock.sigma <= high
 
 
+def dead_ranges(pipe, family, timesteps: list[float]) -> list[str]:
+    """One line per distinct step or sigma range of the deployed phased layers that no step of ``timesteps``
+    (the trajectory about to run) falls in: such a rule never decides its layers, the next rule does."""
+    num_train = float(pipe.scheduler.config.get("num_train_timesteps", 1000))
+    dead: dict[tuple, list[str]] = {}
+    for expert in family.experts(pipe):
+        for name, module in family.expert_module(pipe, expert).named_modules():
+            if not isinstance(module, PhasedLayer):
+                continue
+            for phase in module.phases:
+                key, (low, high) = ("steps", phase["steps"]) if "steps" in phase else ("sigma", phase["sigma"])
+                hits = [i for i, t in enumerate(timesteps)
+                        if (low <= i <= high if key == "steps" else low <= t / num_train <= high)]
+                if not hits:
+                    dead.setdefault((key, low, high), []).append(f"{expert}:{name}")
+    return [f"the rule for {key} {low}-{high} ({len(layers)} layers, e.g. {layers[0]}) never applies: this "
+            f"{len(timesteps)}-step trajectory has no step there, so the next matching rule decides at every step"
+            for (key, low, high), layers in dead.items()]
+
+
 class PhasedLayer(torch.nn.Module):
     """One quantizable layer with a variant per step range (see the module docstring)."""
 

@@ -217,6 +217,11 @@ def rank_layers(request: RankRequest, progress: Callable[[str, int, int], None] 
             if expert not in probe.experts:
                 raise InputError(f"expert {expert!r} is not in {str(request.probe_path)!r} (it has "
                                  f"{', '.join(probe.experts)})")
+            if not probe.layers(expert):
+                others = [e for e in experts if e != expert]
+                raise InputError(f"the {expert!r} expert of {str(request.probe_path)!r} holds no layer table (it ran "
+                                 "at no step, or the file was damaged): "
+                                 + (f"rank the others with --expert {others[0]}" if others else "probe again"))
         # recorded outputs are the full-precision reference only for the model that produced them
         same_model = probe.model_fingerprint == model.fingerprint
         use_outputs = {e: same_model and METRICS[request.metric].operand == "output"

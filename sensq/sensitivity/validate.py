@@ -72,6 +72,21 @@ def require_layer_e2e(e2e) -> None:
                          f"{e2e.granularity!r})")
 
 
+def require_same_source(e2e, fingerprint: str, trajectory: dict, path) -> None:
+    """Raises InputError (one line) unless ``e2e`` was measured on the model with this weight ``fingerprint`` along
+    this ``trajectory`` (the probe's): a check against another model's or trajectory's damage is no check."""
+    recorded = e2e.provenance.get("model_fingerprint")
+    if recorded != fingerprint:
+        raise InputError(f"{str(path)!r} was measured on another model (fingerprint {recorded}, this probe's model "
+                         f"{fingerprint}): validate against an e2e ranking of the same model, or pass --force")
+    theirs = e2e.provenance.get("trajectory") or {}
+    differ = sorted(key for key in set(theirs) | set(trajectory) if theirs.get(key) != trajectory.get(key))
+    if differ:
+        key = differ[0]
+        raise InputError(f"{str(path)!r} was measured along another trajectory ({key}: {theirs.get(key)!r} vs the "
+                         f"probe's {trajectory.get(key)!r}): rank it from a probe of this trajectory, or pass --force")
+
+
 def validate_proxy(local, e2e, fmt: str | None = None, against: str = "") -> dict:
     """Per expert, how well ``local``'s values order the layers as ``e2e``'s do (both :class:`Ranking`).
 

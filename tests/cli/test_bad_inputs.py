@@ -142,6 +142,74 @@ def _export_over_a_foreign_file(ws: Path, folder: Path) -> list:
     return ["plan", ws / "ranking.json", "--top-k", "1", "--export", "torchao", "--out", folder / "p.json"]
 
 
+def _tiered(ws: Path, folder: Path, change=None) -> Path:
+    """The workspace ranking with a second format (fp8_e4m3, a tenth of hif4's predicted error) for --tiers."""
+    def add_tier(data):
+        _add_tier(data)
+        if change is not None:
+            change(data)
+    return _ranking(ws, folder, add_tier)
+
+
+def _as_e2e(change=None):
+    """The workspace ranking relabelled as a per-layer e2e ranking of the same probe (a truth for --validate)."""
+    def edit(data):
+        data["metric"] = "e2e"
+        if change is not None:
+            change(data)
+    return edit
+
+
+def _every_value(data, value):
+    for layers in data["experts"].values():
+        for layer in layers:
+            layer["value"] = {fmt: value for fmt in layer["value"]}
+
+
+def _block_ranking(ws: Path, folder: Path, change=None) -> Path:
+    """A real per-block e2e ranking of the workspace probe (1 prompt), optionally edited."""
+    path = folder / "blocks.json"
+    result = CliRunner().invoke(main, ["rank", str(ws / "probe.h5"), "--metric", "e2e", "--granularity", "block",
+                                       "--limit", "1", "--out", str(path)])
+    assert result.exit_code == 0, result.output
+    if change is not None:
+        data = json.loads(path.read_text())
+        change(data)
+        path.write_text(json.dumps(data))
+    return path
+
+
+def _add_tier(data):
+    data["formats"].append("fp8_e4m3")
+    for layers in data["experts"].values():
+        for layer in layers:
+            layer["value"]["fp8_e4m3"] = layer["value"]["hif4"] / 10
+            layer["rank"]["fp8_e4m3"] = layer["rank"]["hif4"]
+
+
+def _nonfinite_weight(value):
+    def change(tensors):
+        key = next(k for k, t in tensors.items() if t.is_floating_point())
+        tensors[key] = tensors[key].clone()
+        tensors[key].view(-1)[0] = value
+    return change
+
+
+def _drop_layer_table(expert):
+    def change(path: Path) -> None:
+        with h5py.File(path, "r+") as f:
+            del f[f"experts/{expert}/layer_table"]
+    return change
+
+
+def _wan21_probe(folder: Path) -> Path:
+    path = folder / "wan21.h5"
+    result = CliRunner().invoke(main, ["probe", "--model", "tiny-wan21", "--limit", "1", "--steps", "2", "--out",
+                                       str(path)])
+    assert result.exit_code == 0, result.output
+    return path
+
+
 def _set(container, key, value):
     container[key] = value
 
@@ -375,6 +443,150 @@ CASES = [
     Case("eval-reference-other-trajectory", lambda ws, d: ["eval", _generation(ws, d, lambda m, run: _set(
         m["config"]["trajectory"], "steps", 9)), "--reference", ws / "fp"],
         ("different trajectories (steps: 9 vs 3)",)),
+    # == the newer features (issue 28): tiers, step ranges, calibration, block rankings, validation, single-expert
+    # families, non-finite values and provenance ===========================================================
+    Case("tiers-bits-nan", lambda ws, d: ["plan", _tiered(ws, d), "--tiers", "hif4,fp8_e4m3,bf16", "--bits", "nan",
+                                          "--out", d / "p.json"], ("--bits must be a number", "got nan")),
+    Case("tiers-bits-inf", lambda ws, d: ["plan", _tiered(ws, d), "--tiers", "hif4,fp8_e4m3,bf16", "--bits", "inf",
+                                          "--out", d / "p.json"], ("up to 16", "got inf")),
+    Case("tiers-bits-1e308", lambda ws, d: ["plan", _tiered(ws, d), "--tiers", "hif4,fp8_e4m3,bf16", "--bits",
+                                            "1e308", "--out", d / "p.json"], ("got 1e+308",)),
+    Case("tiers-bits-below-floor", lambda ws, d: ["plan", _tiered(ws, d), "--tiers", "hif4,fp8_e4m3,bf16", "--bits",
+                                                  "2", "--out", d / "p.json"], ("--bits 2 is below the 4.500",)),
+    Case("tiers-bits-negative", lambda ws, d: ["plan", _tiered(ws, d), "--tiers", "hif4,bf16", "--bits", "-1",
+                                               "--out", d / "p.json"], ("--bits -1 is below",)),
+    Case("tiers-empty", lambda ws, d: ["plan", _tiered(ws, d), "--tiers", "", "--bits", "6", "--out", d / "p.json"],
+         ("--tiers needs at least two different formats", "got ''")),
+    Case("tiers-one-format-twice", lambda ws, d: ["plan", _tiered(ws, d), "--tiers", "hif4,hif4", "--bits", "6",
+                                                  "--out", d / "p.json"], ("got 'hif4,hif4'",)),
+    Case("tiers-unknown-format", lambda ws, d: ["plan", _tiered(ws, d), "--tiers", "hif4,bogus", "--bits", "6",
+                                                "--out", d / "p.json"], ("unknown format 'bogus'",)),
+    Case("tiers-ranking-lacks-tier", lambda ws, d: ["plan", ws / "ranking.json", "--tiers", "hif4,fp8_e4m3,bf16",
+                                                    "--bits", "6", "--out", d / "p.json"],
+         ("the ranking has no 'fp8_e4m3' values",)),
+    Case("tiers-without-bits", lambda ws, d: ["plan", _tiered(ws, d), "--tiers", "hif4,bf16", "--out", d / "p.json"],
+         ("--tiers needs --bits",)),
+    Case("tiers-with-budget", lambda ws, d: ["plan", _tiered(ws, d), "--tiers", "hif4,bf16", "--bits", "6",
+                                             "--budget", "5%", "--out", d / "p.json"],
+         ("give it without --budget/--top-k",)),
+    Case("tiers-bits-alone", lambda ws, d: ["plan", ws / "ranking.json", "--budget", "5%", "--bits", "6", "--out",
+                                            d / "p.json"], ("--bits goes with --tiers",), 2),
+    Case("tiers-pareto-alone", lambda ws, d: ["plan", ws / "ranking.json", "--budget", "5%", "--pareto", "--out",
+                                              d / "p.json"], ("--pareto goes with --tiers",), 2),
+    Case("tiers-search-exact-with-budget", lambda ws, d: ["plan", ws / "ranking.json", "--budget", "5%", "--search",
+                                                          "exact", "--out", d / "p.json"],
+         ("--search exact goes with --tiers",)),
+    Case("tiers-with-step-range", lambda ws, d: ["plan", _tiered(ws, d), "--tiers", "hif4,bf16", "--bits", "6",
+                                                 "--protect-steps", "0-1", "--out", d / "p.json"],
+         ("--protect-steps goes with --budget/--top-k",)),
+    Case("tiers-nan-error", lambda ws, d: ["plan", _tiered(ws, d, lambda r: _set(_layer(r)["value"], "fp8_e4m3",
+                                                                                 float("nan"))),
+                                           "--tiers", "hif4,fp8_e4m3,bf16", "--bits", "6", "--out", d / "p.json"],
+         ("NaN",)),
+    Case("steps-open-end", lambda ws, d: ["plan", ws / "ranking.json", "--budget", "5%", "--protect-steps", "0-",
+                                          "--out", d / "p.json"], ("got '0-'",)),
+    Case("steps-past-last", lambda ws, d: ["plan", ws / "ranking.json", "--budget", "5%", "--protect-steps", "0-99",
+                                           "--out", d / "p.json"],
+         ("'0-99' reaches past the ranking's last step (2)",)),
+    Case("steps-reversed", lambda ws, d: ["plan", ws / "ranking.json", "--budget", "5%", "--protect-steps", "2-1",
+                                          "--out", d / "p.json"], ("0 <= A <= B, got '2-1'",)),
+    Case("steps-negative", lambda ws, d: ["plan", ws / "ranking.json", "--budget", "5%", "--protect-steps", "-1",
+                                          "--out", d / "p.json"], ("got '-1'",)),
+    Case("steps-words", lambda ws, d: ["plan", ws / "ranking.json", "--budget", "5%", "--protect-steps", "a-b",
+                                       "--out", d / "p.json"], ("got 'a-b'",)),
+    Case("steps-from-block-ranking", lambda ws, d: ["plan", _block_ranking(ws, d), "--budget", "10%",
+                                                    "--protect-steps", "0-1", "--out", d / "p.json"],
+         ("--protect-steps orders layers by their per-step values", "rank with grad-e2e")),
+    Case("steps-with-search", lambda ws, d: ["plan", ws / "ranking.json", "--budget", "5%", "--search", "e2e",
+                                             "--protect-steps", "0-1", "--out", d / "p.json"],
+         ("--search e2e chooses the protected set within --budget",)),
+    Case("steps-rule-fraction", lambda ws, d: ["apply-plan", _plan(ws, d, lambda p: _set(p["rules"][0], "steps",
+                                                                                       [0.5, 1])),
+                                               "--out", d / "q"], ("steps",)),
+    Case("steps-rule-negative", lambda ws, d: ["apply-plan", _plan(ws, d, lambda p: _set(p["rules"][0], "steps",
+                                                                                       [-1, 0])),
+                                               "--out", d / "q"], ("steps",)),
+    Case("steps-rule-sigma-text", lambda ws, d: ["apply-plan", _plan(ws, d, lambda p: _set(
+        p["rules"][0], "sigma", ["high", 1.0])), "--out", d / "q"], ("sigma",)),
+    Case("calib-pooled-without-probe", lambda ws, d: ["apply-plan", ws / "plan.json", "--pooled-experts", "--out",
+                                                      d / "q"], ("--pooled-experts goes with --probe",), 2),
+    Case("calib-sequential-without-probe", lambda ws, d: ["apply-plan", ws / "plan.json", "--sequential-experts",
+                                                          "--out", d / "q"], ("--sequential-experts goes with",), 2),
+    Case("calib-another-model-without-probe", lambda ws, d: ["apply-plan", ws / "plan.json",
+                                                             "--probe-from-another-model", "--out", d / "q"],
+         ("--probe-from-another-model goes with --probe",), 2),
+    Case("calib-unknown-method", lambda ws, d: ["apply-plan", ws / "plan.json", "--calibrate", "awq", "--out",
+                                                d / "q"], ("'awq' is not one of",), 2),
+    Case("calib-plan-option-unknown", lambda ws, d: ["plan", ws / "ranking.json", "--budget", "5%", "--calibration",
+                                                     "smooth", "--out", d / "p.json"], ("'smooth' is not one of",), 2),
+    Case("calib-ablate-gptq-without-probe", lambda ws, d: ["ablate", ws / "ranking.json", "--calibrate", "gptq",
+                                                           "--out", d / "abl"], ("--probe",)),
+    Case("calib-rule-calibration-number", lambda ws, d: ["apply-plan", _plan(ws, d, lambda p: _set(
+        p["rules"][-1], "calibration", 7)), "--out", d / "q"], ("calibration must be a string or null, got 7",)),
+    Case("calib-probe-other-model", lambda ws, d: ["apply-plan", ws / "plan.json", "--calibrate", "mse", "--probe",
+                                                   _probe(ws, d, _attrs(model_fingerprint="00aa00aa00aa00aa")),
+                                                   "--out", d / "q"], ("00aa00aa00aa00aa",)),
+    Case("block-granularity-local", lambda ws, d: ["rank", ws / "probe.h5", "--metric", "mse", "--granularity",
+                                                   "block", "--out", d / "r.json"],
+         ("--granularity applies to --metric e2e only",), 2),
+    Case("block-granularity-unknown", lambda ws, d: ["rank", ws / "probe.h5", "--metric", "e2e", "--granularity",
+                                                     "head", "--out", d / "r.json"], ("'head' is not one of",), 2),
+    Case("block-mode-local", lambda ws, d: ["rank", ws / "probe.h5", "--metric", "mse", "--mode", "leave-one-out",
+                                            "--out", d / "r.json"], ("--mode",), 2),
+    Case("block-ranking-tiers", lambda ws, d: ["plan", _block_ranking(ws, d, _add_tier), "--tiers",
+                                               "hif4,fp8_e4m3,bf16", "--bits", "6", "--out", d / "p.json"],
+         ("this ranking scores whole blocks (--granularity block); tier plans need a per-layer ranking",)),
+    Case("block-ranking-nan", lambda ws, d: ["plan", _block_ranking(ws, d, lambda r: _every_value(r, float("nan"))),
+                                             "--budget", "10%", "--out", d / "p.json"], ("NaN",)),
+    Case("block-ranking-as-truth", lambda ws, d: ["rank", ws / "probe.h5", "--metric", "mse", "--validate",
+                                                  _ranking(ws, d, _as_e2e(lambda r: _set(r, "granularity", "block"))),
+                                                  "--out", d / "r.json"],
+         ("--validate needs a per-layer e2e ranking", "granularity 'block'")),
+    Case("validate-missing", lambda ws, d: ["rank", ws / "probe.h5", "--metric", "mse", "--validate", d / "e2e.json",
+                                            "--out", d / "r.json"], ("ranking file not found", "e2e.json")),
+    Case("validate-a-plan", lambda ws, d: ["rank", ws / "probe.h5", "--metric", "mse", "--validate", ws / "plan.json",
+                                           "--out", d / "r.json"], ("has schema 'sensq.plan/1'",)),
+    Case("validate-not-e2e", lambda ws, d: ["rank", ws / "probe.h5", "--metric", "mse", "--validate",
+                                            ws / "ranking.json", "--out", d / "r.json"],
+         ("--validate needs a per-layer e2e ranking (got metric 'grad-e2e'",)),
+    Case("validate-other-model", lambda ws, d: ["rank", ws / "probe.h5", "--metric", "mse", "--validate", _ranking(
+        ws, d, _as_e2e(lambda r: _set(r["provenance"], "model_fingerprint", "00aa00aa00aa00aa"))),
+        "--out", d / "r.json"], ("was measured on another model (fingerprint 00aa00aa00aa00aa",)),
+    Case("validate-other-trajectory", lambda ws, d: ["rank", ws / "probe.h5", "--metric", "mse", "--validate", _ranking(
+        ws, d, _as_e2e(lambda r: _set(r["provenance"]["trajectory"], "steps", 8))), "--out", d / "r.json"],
+         ("was measured along another trajectory (steps: 8 vs the probe's 3)",)),
+    Case("validate-all-nan", lambda ws, d: ["rank", ws / "probe.h5", "--metric", "mse", "--validate",
+                                            _ranking(ws, d, _as_e2e(lambda r: _every_value(r, float("nan")))),
+                                            "--out", d / "r.json"], ("finite",)),
+    Case("validate-no-shared-expert", lambda ws, d: ["rank", _wan21_probe(d), "--metric", "mse", "--validate",
+                                                     _ranking(ws, d, _as_e2e()), "--out", d / "r.json"],
+         ("another model",)),
+    Case("single-guidance-2-generate", lambda ws, d: [*GEN, "--model", "tiny-wan21", "--guidance-2", "3", "--out",
+                                                      d / "g"], ("--guidance-2 is the low-noise expert's CFG scale",
+                                                                 "one expert (main)"), 2),
+    Case("single-guidance-2-probe", lambda ws, d: ["probe", "--model", "tiny-wan21", "--guidance-2", "2", "--limit",
+                                                   "1", "--out", d / "p.h5"], ("use --guidance",), 2),
+    Case("single-lora-low", lambda ws, d: [*GEN, "--model", "tiny-wan21", "--lora-low",
+                                           ws / "ckpt" / "transformer" / "weights.safetensors", "--out", d / "g"],
+         ("has no 'low' expert (it has main)",)),
+    Case("single-rank-expert-low", lambda ws, d: ["rank", _wan21_probe(d), "--expert", "low", "--out", d / "r.json"],
+         ("expert 'low' is not in", "it has main")),
+    Case("nonfinite-checkpoint-inf", lambda ws, d: [*GEN, "--model", _checkpoint(
+        ws, d, change_weights=_nonfinite_weight(float("inf"))), "--out", d / "g"], ("holds NaN or Inf",)),
+    Case("nonfinite-checkpoint-nan", lambda ws, d: ["probe", "--model", _checkpoint(
+        ws, d, change_weights=_nonfinite_weight(float("nan"))), "--out", d / "p.h5"], ("holds NaN or Inf",)),
+    Case("nonfinite-ranking-plan", lambda ws, d: ["plan", _ranking(ws, d, lambda r: _every_value(r, float("nan"))),
+                                                  "--budget", "5%", "--out", d / "p.json"], ("NaN",)),
+    Case("provenance-probe-without-layer-table", lambda ws, d: ["rank", _probe(ws, d, _drop_layer_table("low")),
+                                                                "--metric", "mse", "--out", d / "r.json"],
+         ("the 'low' expert", "holds no layer table", "--expert high")),
+    Case("provenance-search-other-probe", lambda ws, d: ["plan", ws / "ranking.json", "--budget", "5%", "--search",
+                                                         "e2e", "--probe", _wan21_probe(d), "--out", d / "p.json"],
+         ("was probed on model 'tiny-wan21'",)),
+    Case("prompts-json-empty-item", lambda ws, d: ["probe", "--prompts", _json(d, "p.json", ["a red circle", ""]),
+                                                   "--out", d / "p.h5"], ("item 1 is an empty prompt",)),
+    Case("prompts-json-blank-item", lambda ws, d: ["prompts", _json(d, "p.json", ["  ", "a red circle"]), "--out",
+                                                   d / "out.json"], ("item 0 is an empty prompt",)),
 ]
 
 
@@ -409,8 +621,13 @@ def _snapshot(*folders: Path) -> dict[str, str]:
             for folder in folders for p in sorted(folder.rglob("*")) if p.is_file() and ".lock" not in p.name}
 
 
+NEWER_FEATURES = ("tiers-", "steps-", "calib-", "block-", "validate-", "single-", "nonfinite-", "provenance-",
+                  "prompts-json-")
+
+
 def test_enough_distinct_cases():
-    assert len({case.name for case in CASES}) == len(CASES) >= 60
+    assert len({case.name for case in CASES}) == len(CASES) >= 140
+    assert sum(case.name.startswith(NEWER_FEATURES) for case in CASES) >= 40
 
 
 @pytest.mark.parametrize("case", CASES, ids=[case.name for case in CASES])

@@ -132,3 +132,48 @@ def test_the_simulated_ctrl_c_reaches_a_child_of_a_background_job():
     finally:
         signal.signal(signal.SIGINT, previous)
     assert (ours, plain) == ("True", "False")
+
+
+_PAUSED_SAVE = """
+import sys, time
+import sensq.quant.checkpoint as checkpoint
+point = sys.argv[1]
+original = getattr(checkpoint, point)
+
+def paused(*args, **kwargs):
+    result = original(*args, **kwargs)
+    print("paused", flush=True)
+    time.sleep(120)
+    return result
+
+setattr(checkpoint, point, paused)
+from sensq.cli import main
+main(sys.argv[2:], prog_name="sensq")
+"""
+
+
+@pytest.mark.parametrize("point", ["_write_expert", "_write_checkpoint"],
+                         ids=["after the first expert is written", "after everything is written, before the move"])
+def test_apply_plan_killed_while_saving_keeps_the_old_checkpoint_and_reruns_to_the_same(workspace, tmp_path, point):
+    """kill -9 in the save phase (the earlier test kills during calibration): the old checkpoint at --out is
+    untouched, the half-written temporary folder is the only thing left, and the rerun removes it and writes
+    what an uninterrupted run writes."""
+    args = ["apply-plan", str(workspace / "plan.json"), "--probe", str(workspace / "probe.h5"), "--calibrate", "mse"]
+    whole = subprocess.run(SENSQ + args + ["--out", str(tmp_path / "whole")], capture_output=True, text=True)
+    assert whole.returncode == 0, whole.stderr[-2000:]
+    out = tmp_path / "q"
+    shutil.copytree(workspace / "ckpt", out)
+    before = _digests(out)
+    process = subprocess.Popen([sys.executable, "-c", _PAUSED_SAVE, point, *args, "--out", str(out)],
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    assert process.stdout.readline().strip() == "paused", process.stderr.read()[-2000:]
+    temporary = [p for p in tmp_path.iterdir() if p.name.startswith(".q.") and p.name.endswith(".tmp")]
+    assert len(temporary) == 1 and any(temporary[0].rglob("*.safetensors"))  # caught in the middle of the save
+    _interrupt(process, "kill -9")
+    assert _digests(out) == before
+    rerun = subprocess.run(SENSQ + args + ["--out", str(out)], capture_output=True, text=True)
+    assert rerun.returncode == 0, rerun.stderr[-2000:]
+    uncut, cut = _digests(tmp_path / "whole"), _digests(out)
+    weights = [k for k in uncut if k.endswith(".safetensors") and k.startswith("transformer")]
+    assert weights and {k: cut[k] for k in weights} == {k: uncut[k] for k in weights}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["q", "whole"]  # the stale temporary folder is gone

@@ -349,14 +349,20 @@ def test_apply_plan_never_deletes_a_foreign_folder(workspace, tmp_path):
                         "current, home or root folder")
 
 
-def test_a_second_writer_is_refused_and_a_killed_one_leaves_no_stale_lock(workspace, tmp_path):
-    out = tmp_path / "runs"
+def _lock_holder(out: Path) -> subprocess.Popen:
+    """Another process that holds ``out``'s sensq lock until killed."""
     holder = subprocess.Popen(
         [sys.executable, "-c", "import sys, time\nfrom sensq.store.files import output_lock\n"
          f"with output_lock({str(out)!r}):\n    print('locked', flush=True)\n    time.sleep(120)"],
         stdout=subprocess.PIPE, text=True)
+    assert holder.stdout.readline().strip() == "locked"
+    return holder
+
+
+def test_a_second_writer_is_refused_and_a_killed_one_leaves_no_stale_lock(workspace, tmp_path):
+    out = tmp_path / "runs"
+    holder = _lock_holder(out)
     try:
-        assert holder.stdout.readline().strip() == "locked"
         result = _invoke("generate", "--limit", "1", "--steps", "2", "--no-video", "--out", out)
         _one_line_error(result, f"another sensq command (pid {holder.pid}) is writing")
         assert not out.exists()
@@ -481,3 +487,25 @@ def test_inside_refuses_links_out(tmp_path):
     with pytest.raises(InputError, match="leads outside its folder"):
         inside(tmp_path / "folder", "link/secret", "file")
     assert inside(tmp_path / "folder", "a/b.npy", "file") == tmp_path / "folder" / "a" / "b.npy"
+
+
+@pytest.mark.parametrize("command", [
+    lambda ws, out: ["ablate", ws / "ranking.json", "--limit", "1", "--seeds", "1", "--top-k", "1", "--budget", "",
+                     "--out", out],
+    lambda ws, out: ["plan", ws / "ranking.json", "--top-k", "1", "--out", out],
+    lambda ws, out: ["report", ws / "ranking.json", "--out", out],
+], ids=["ablate", "plan", "report"])
+def test_ablate_plan_and_report_hold_the_lock_every_writer_holds(command, workspace, tmp_path):
+    """While another sensq command holds --out's lock, the command is refused at once (one line naming the
+    holder) and writes nothing; once the holder is gone it runs."""
+    out = tmp_path / "out"
+    holder = _lock_holder(out)
+    try:
+        _one_line_error(_invoke(*command(workspace, out)), f"another sensq command (pid {holder.pid}) is writing")
+        assert not out.exists()
+    finally:
+        holder.kill()
+        holder.wait()
+    result = _invoke(*command(workspace, out))
+    assert result.exit_code == 0, result.output
+    assert out.exists()
