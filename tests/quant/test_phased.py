@@ -203,3 +203,39 @@ def test_gptq_codes_with_ranges_are_checkpointed_exactly(tiny, tmp_path):
     assert type(layer.variants[0]) is torch.nn.Linear and layer.variants[0].bias is layer.base.bias
     done = latents_in_a_fresh_process(tmp_path / "ckpt", trajectory, expected, tmp_path, "a red ball moving left", 3)
     assert done.returncode == 0, done.stderr[-2000:]
+
+
+def test_a_range_no_step_reaches_is_named_once(tiny):
+    """A rule whose step or sigma range the trajectory never reaches decides nothing: dead_ranges names each such
+    range once (not once per layer), and a live range is not named."""
+    from sensq.quant.phased import dead_ranges
+    from sensq.trajectory import plan_steps
+
+    model, trajectory = tiny
+    timesteps = [step.timestep for step in plan_steps(model.pipe, model.adapter, trajectory)]
+    plan = Plan([Rule("re:high:blocks\\.0\\..*", None, None, steps=[7, 9]),
+                 Rule("re:low:proj_out", None, None, sigma=[1.5, 2.0]),
+                 Rule("re:low:blocks\\.0\\..*", None, None, steps=[3, 5]), EVERYTHING])
+    apply_plan(model, plan)
+    try:
+        lines = dead_ranges(model.pipe, model.adapter, timesteps)
+    finally:
+        dequantize_(model)
+    assert len(lines) == 2, lines
+    assert "steps 7-9" in lines[0] and "4-step trajectory" in lines[0] and "high:blocks.0." in lines[0]
+    assert "sigma 1.5-2.0" in lines[1] and "(1 layers, e.g. low:proj_out)" in lines[1]
+
+
+def test_generate_warns_of_a_dead_range(workspace, tmp_path):
+    from click.testing import CliRunner
+
+    from sensq.cli import main
+
+    plan = json.loads((workspace / "plan.json").read_text())
+    plan["rules"][0]["steps"] = [9, 12]
+    (tmp_path / "plan.json").write_text(json.dumps(plan))
+    result = CliRunner().invoke(main, ["generate", "--plan", str(tmp_path / "plan.json"), "--limit", "1", "--steps",
+                                       "3", "--no-video", "--out", str(tmp_path / "g")])
+    assert result.exit_code == 0, result.output
+    warnings = [line for line in result.stderr.splitlines() if line.startswith("warning:")]
+    assert len(warnings) == 1 and "steps 9-12" in warnings[0] and "3-step trajectory" in warnings[0], result.stderr
