@@ -83,6 +83,7 @@ def main(threads) -> None:
       sensq eval DIR --reference FP_DIR   fidelity: latent NMSE, PSNR, SSIM, first-frame, temporal
       sensq ablate RANKING.json  sweep protected sets (budgets, fixed rules, random draws, your plans), paired
       sensq report RANKING.json  heatmaps, top-layer bars, Markdown + self-contained HTML
+      sensq export CKPT --to comfyui|gguf   the measured checkpoint as ComfyUI / ComfyUI-GGUF files
     \b
     Formats and numerics:
       sensq formats              the 4-bit (and reference) formats, their bits and ranges
@@ -97,6 +98,7 @@ def main(threads) -> None:
 
 from sensq.cli.ablate import ablate, demo  # noqa: E402
 from sensq.cli.apply_plan import apply_plan  # noqa: E402
+from sensq.cli.export import export  # noqa: E402
 from sensq.cli.formats import formats  # noqa: E402
 from sensq.cli.generate import eval_command, generate  # noqa: E402
 from sensq.cli.plan import plan  # noqa: E402
@@ -116,3 +118,4 @@ main.add_command(generate)
 main.add_command(eval_command)
 main.add_command(ablate)
 main.add_command(demo)
+main.add_command(export)

@@ -79,6 +79,9 @@ def apply_plan(plan_file, model, device, dtype, lora_high, lora_low, probe_file,
                   ("sequential_experts", "pooled_experts", "probe_from_another_model"),
                   "goes with --probe (it concerns the captured inputs the layers are calibrated on)")
     plan = Plan.load(plan_file)
+    refuse_unused(click.get_current_context(), calibrate != "none" or any(rule.calibration for rule in plan.rules),
+                  ("sequential_experts", "pooled_experts"),
+                  "goes with a calibration (--calibrate, or a plan rule's 'calibration'): nothing here is calibrated")
     check_output_folder(out, "manifest.json", CHECKPOINT_SCHEMA, "checkpoint")  # before any work
     if probe_file is not None:
         from sensq.store.probe_file import ProbeFile

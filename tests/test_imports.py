@@ -20,7 +20,7 @@ LAYERS = [
     {"sensq.trajectory", "sensq.prompts"},
     {"sensq.probes", "sensq.plan"},
     {"sensq.quant"},
-    {"sensq.sensitivity", "sensq.generate", "sensq.loading"},
+    {"sensq.sensitivity", "sensq.generate", "sensq.loading", "sensq.export"},
     {"sensq.eval"},  # scores generations
     {"sensq.report"},
     {"sensq.ablate"},

@@ -104,6 +104,21 @@ def _bars(plt, ranking, expert: str, fmt: str, protected: dict[str, str], top: i
     plt.close(fig)
 
 
+def nonfinite_notes(ranking) -> list[str]:
+    """One note per expert and format whose values include NaN or Inf (the figures draw them apart; a plan
+    refuses NaN)."""
+    import math
+
+    notes = []
+    for fmt in ranking.formats:
+        for expert, layers in ranking.experts.items():
+            bad = [layer.name for layer in layers if fmt in layer.value and not math.isfinite(layer.value[fmt])]
+            if bad:
+                notes.append(f"{expert}: {len(bad)} of {len(layers)} layers have no finite {fmt} value (NaN or Inf), "
+                             f"e.g. {bad[0]}: a failed measurement; sensq plan refuses NaN, rank again")
+    return notes
+
+
 def plan_mismatches(ranking, plan) -> list[str]:
     """What a reader must know when a plan is drawn over a ranking it was not made from: another model, or
     another format's order."""
@@ -188,7 +203,7 @@ def write_ranking_report(ranking, out_dir: str | Path, *, plan=None, top: int = 
     out = claim_output_folder(out_dir, REPORT_MARKER, REPORT_SCHEMA, "report folder")
     plt = pyplot()
     fmt = ranking.formats[0]
-    notes = plan_mismatches(ranking, plan) if plan is not None else []
+    notes = (plan_mismatches(ranking, plan) if plan is not None else []) + nonfinite_notes(ranking)
     if plan is not None and (plan.source or {}).get("ranking_format") in ranking.formats:
         fmt = plan.source["ranking_format"]
     files: list[Path] = []

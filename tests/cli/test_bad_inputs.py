@@ -187,6 +187,12 @@ def _add_tier(data):
             layer["rank"]["fp8_e4m3"] = layer["rank"]["hif4"]
 
 
+def _fake_checkpoint(ws: Path, folder: Path) -> Path:
+    result = CliRunner().invoke(main, ["apply-plan", str(ws / "plan.json"), "--fake", "--out", str(folder / "fake")])
+    assert result.exit_code == 0, result.output
+    return folder / "fake"
+
+
 def _nonfinite_weight(value):
     def change(tensors):
         key = next(k for k, t in tensors.items() if t.is_floating_point())
@@ -510,6 +516,9 @@ CASES = [
         p["rules"][0], "sigma", ["high", 1.0])), "--out", d / "q"], ("sigma",)),
     Case("calib-pooled-without-probe", lambda ws, d: ["apply-plan", ws / "plan.json", "--pooled-experts", "--out",
                                                       d / "q"], ("--pooled-experts goes with --probe",), 2),
+    Case("calib-pooled-without-calibration", lambda ws, d: ["apply-plan", ws / "plan.json", "--probe",
+                                                            ws / "probe.h5", "--pooled-experts", "--out", d / "q"],
+         ("--pooled-experts goes with a calibration", "nothing here is calibrated"), 2),
     Case("calib-sequential-without-probe", lambda ws, d: ["apply-plan", ws / "plan.json", "--sequential-experts",
                                                           "--out", d / "q"], ("--sequential-experts goes with",), 2),
     Case("calib-another-model-without-probe", lambda ws, d: ["apply-plan", ws / "plan.json",
@@ -583,6 +592,16 @@ CASES = [
     Case("provenance-search-other-probe", lambda ws, d: ["plan", ws / "ranking.json", "--budget", "5%", "--search",
                                                          "e2e", "--probe", _wan21_probe(d), "--out", d / "p.json"],
          ("was probed on model 'tiny-wan21'",)),
+    Case("export-not-a-checkpoint", lambda ws, d: ["export", ws / "fp", "--to", "gguf", "--out", d / "x"],
+         ("expected 'sensq.checkpoint/1'",)),
+    Case("export-unknown-target", lambda ws, d: ["export", ws / "ckpt", "--to", "onnx", "--out", d / "x"],
+         ("'onnx' is not one of",), 2),
+    Case("export-hif4-to-comfyui", lambda ws, d: ["export", ws / "ckpt", "--to", "comfyui", "--out", d / "x"],
+         ("ComfyUI has no layout for sensq's hif4", "--format nvfp4_ts")),
+    Case("export-out-foreign", lambda ws, d: ["export", ws / "ckpt", "--to", "gguf", "--out", _foreign_folder(d)],
+         ("is not", "mine")),
+    Case("export-fake-checkpoint", lambda ws, d: ["export", _fake_checkpoint(ws, d), "--to", "gguf", "--out",
+                                                  d / "x"], ("fake-quant checkpoint",)),
     Case("prompts-json-empty-item", lambda ws, d: ["probe", "--prompts", _json(d, "p.json", ["a red circle", ""]),
                                                    "--out", d / "p.h5"], ("item 1 is an empty prompt",)),
     Case("prompts-json-blank-item", lambda ws, d: ["prompts", _json(d, "p.json", ["  ", "a red circle"]), "--out",

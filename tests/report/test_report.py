@@ -77,6 +77,12 @@ def test_report_draws_rankings_whose_values_are_all_zero_nan_or_inf(tmp_path, va
     # a heatmap only where some value is finite; the table shows the values as they are
     assert (tmp_path / "rep" / "high_heatmap.png").exists() == (value == 0.0)
     assert f"| {value:.4g} |" in (tmp_path / "rep" / "report.md").read_text()
+    notes = [line for line in result.stderr.splitlines() if line.startswith("note:")]
+    if value == 0.0:
+        assert notes == []
+    else:  # never in silence: one note per expert, in the terminal and at the top of the report
+        assert len(notes) == len(ranking.experts) and all("have no finite hif4 value" in n for n in notes), notes
+        assert "have no finite hif4 value" in (tmp_path / "rep" / "report.md").read_text()
 
 
 def test_report_says_when_plan_and_ranking_disagree_and_follows_the_plans_format(tmp_path):

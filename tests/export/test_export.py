@@ -1,0 +1,164 @@
+"""sensq export: the files ComfyUI and ComfyUI-GGUF read, checked with those tools' own code (comfy-kitchen's
+layouts as ComfyUI calls them; gguf's reader and dequantizer), against the weights sensq deployed."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from click.testing import CliRunner
+from safetensors.torch import load_file
+
+from sensq.cli import main
+from sensq.export.wan_names import wan_name
+from sensq.quant.checkpoint import load_quantized
+from sensq.quant.deployed import is_deployed
+
+MIXED_RULES = [  # int8 per channel for block 0, BF16 kept for proj_out and the patch embedding, NVFP4 elsewhere
+    {"match": "re:(high|low):blocks\\.0\\..*", "weight": "int8", "activation": "int8"},
+    {"match": "re:(high|low):(proj_out|patch_embedding)", "weight": None, "activation": None},
+    {"match": "re:(high|low):.*", "weight": "nvfp4_ts", "activation": "nvfp4_ts"},
+]
+INT4_RULES = [  # Q4_0 for every block layer and the patch embedding, the embedders kept
+    {"match": "re:(high|low):(condition_embedder\\..*|proj_out)", "weight": None, "activation": None},
+    {"match": "re:(high|low):.*", "weight": "int4@32", "activation": "int4@32"},
+]
+
+
+def _checkpoint(workspace, tmp_path, rules, name, calibrate="none"):
+    plan = json.loads((workspace / "plan.json").read_text())
+    plan["rules"] = rules
+    (tmp_path / f"{name}.json").write_text(json.dumps(plan))
+    args = ["apply-plan", str(tmp_path / f"{name}.json"), "--out", str(tmp_path / name)]
+    if calibrate != "none":
+        args += ["--probe", str(workspace / "probe.h5"), "--calibrate", calibrate]
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 0, result.output
+    return tmp_path / name
+
+
+def _deployed(checkpoint):
+    """{expert: {Wan key prefix: (sensq format, the weight sensq's deployed layer computes with)}}."""
+    model = load_quantized(checkpoint)
+    out = {}
+    for expert in model.adapter.experts(model.pipe):
+        module = model.adapter.expert_module(model.pipe, expert)
+        out[expert] = {wan_name(name): (sub.weight_format.identity, sub.decoded_weight().clone())
+                       for name, sub in module.named_modules() if is_deployed(sub)}
+    return model, out
+
+
+def _export(checkpoint, target, out):
+    result = CliRunner().invoke(main, ["export", str(checkpoint), "--to", target, "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    return result
+
+
+def test_wan_names_are_what_diffusers_converts_back(workspace):
+    """diffusers' own Wan -> diffusers converter maps every exported key back to the model's key."""
+    from diffusers.loaders.single_file_utils import convert_wan_transformer_to_diffusers
+
+    model = load_quantized(workspace / "ckpt")
+    for expert in model.adapter.experts(model.pipe):
+        state = {k: v for k, v in model.adapter.expert_module(model.pipe, expert).state_dict().items()
+                 if "sensq" not in k}
+        back = convert_wan_transformer_to_diffusers({wan_name(k): v for k, v in state.items()})
+        assert set(back) == set(state)
+    assert wan_name("blocks.1.attn1.to_q.weight") == "blocks.1.self_attn.q.weight"
+    assert wan_name("blocks.10.norm2.bias") == "blocks.10.norm3.bias"  # blocks.1 never matches blocks.10
+    assert wan_name("scale_shift_table") == "head.modulation"
+    assert wan_name("blocks.3.scale_shift_table") == "blocks.3.modulation"
+
+
+def test_comfyui_layers_dequantize_to_sensqs_weights_bit_for_bit(workspace, tmp_path):
+    pytest.importorskip("comfy_kitchen", reason="tested with comfy-kitchen: pip install -e '.[deploy]'")
+    from comfy_kitchen.tensor import TensorCoreNVFP4Layout, TensorWiseINT8Layout
+
+    checkpoint = _checkpoint(workspace, tmp_path, MIXED_RULES, "mixed")
+    model, deployed = _deployed(checkpoint)
+    _export(checkpoint, "comfyui", tmp_path / "comfy")
+    for expert, layers in deployed.items():
+        state = load_file(str(tmp_path / "comfy" / f"{expert}.safetensors"))
+        quantized = {key[: -len(".comfy_quant")] for key in state if key.endswith(".comfy_quant")}
+        assert quantized == set(layers)  # the plan's quantized layers, no more, no fewer
+        assert "head.head.weight" in state and "head.head.comfy_quant" not in state  # kept in high precision
+        formats = {}
+        for key, (fmt, weight) in layers.items():
+            tag = json.loads(bytes(state[f"{key}.comfy_quant"].tolist()).decode())["format"]
+            formats[tag] = formats.get(tag, 0) + 1
+            if tag == "nvfp4":
+                params = TensorCoreNVFP4Layout.Params(scale=state[f"{key}.weight_scale_2"], orig_dtype=torch.float32,
+                                                      orig_shape=tuple(weight.shape),
+                                                      block_scale=state[f"{key}.weight_scale"])
+                theirs = TensorCoreNVFP4Layout.dequantize(state[f"{key}.weight"], params)
+                assert fmt == "nvfp4_ts"
+            else:
+                params = TensorWiseINT8Layout.Params(scale=state[f"{key}.weight_scale"], orig_dtype=torch.float32,
+                                                     orig_shape=tuple(weight.shape))
+                theirs = TensorWiseINT8Layout.dequantize(state[f"{key}.weight"], params)
+                assert (tag, fmt) == ("int8_tensorwise", "int8")
+            assert torch.equal(theirs, weight), key
+        assert formats["nvfp4"] > 0 and formats["int8_tensorwise"] > 0
+        module = model.adapter.expert_module(model.pipe, expert)
+        assert torch.equal(state["head.head.weight"], module.proj_out.weight)  # exactly what sensq ran
+    report = json.loads((tmp_path / "comfy" / "export.json").read_text())
+    assert all(row["codes_kept"] and row["nmse_vs_sensq"] == 0 for row in report["layers"])
+
+
+def test_nvfp4_block_scales_follow_cublas_swizzle():
+    pytest.importorskip("comfy_kitchen", reason="tested with comfy-kitchen: pip install -e '.[deploy]'")
+    from comfy_kitchen.float_utils import from_blocked, to_blocked
+
+    from sensq.export.comfyui import swizzle
+
+    scales = torch.arange(200 * 9, dtype=torch.float32).reshape(200, 9)  # pads to 256 x 12
+    assert torch.equal(swizzle(scales), to_blocked(scales, flatten=False))
+    assert torch.equal(from_blocked(swizzle(scales), 200, 9), scales)
+
+
+def test_gguf_keeps_sensqs_gptq_codes_and_reports_the_fp16_scale(workspace, tmp_path):
+    gguf = pytest.importorskip("gguf", reason="tested with gguf: pip install -e '.[deploy]'")
+    import numpy as np
+
+    checkpoint = _checkpoint(workspace, tmp_path, INT4_RULES, "int4", calibrate="gptq")
+    _, deployed = _deployed(checkpoint)
+    _export(checkpoint, "gguf", tmp_path / "gguf")
+    report = {(row["expert"], row["key"]): row for row in
+              json.loads((tmp_path / "gguf" / "export.json").read_text())["layers"]}
+    for expert, layers in deployed.items():
+        reader = gguf.GGUFReader(str(tmp_path / "gguf" / f"{expert}.gguf"))
+        assert bytes(reader.get_field("general.architecture").parts[-1]).decode() == "wan"
+        tensors = {t.name: t for t in reader.tensors}
+        q4 = {name[: -len(".weight")] for name, t in tensors.items()
+              if t.tensor_type == gguf.GGMLQuantizationType.Q4_0}
+        assert q4 == set(layers)
+        for key, (fmt, weight) in layers.items():
+            tensor = tensors[f"{key}.weight"]
+            theirs = torch.from_numpy(gguf.quants.dequantize(tensor.data, tensor.tensor_type).astype(np.float32))
+            theirs = theirs.reshape(weight.shape[0], -1)
+            weight = weight.reshape(weight.shape[0], -1)
+            # the codes are sensq's: the ratio of each element to its block's value is sensq's, only the
+            # FP16 block scale differs, by at most half an FP16 ulp
+            relative = (theirs - weight).abs() / weight.abs().clamp_min(1e-30)
+            assert float(relative[weight != 0].max()) <= 2.0**-11, key
+            error = float(((theirs.double() - weight.double()) ** 2).sum() / (weight.double() ** 2).sum())
+            assert report[(expert, key)]["nmse_vs_sensq"] == pytest.approx(error, rel=1e-6)
+            assert fmt == "int4@32"
+        kept = tensors["head.head.weight"]
+        assert kept.tensor_type == gguf.GGMLQuantizationType.F32
+        shape = reader.get_field("comfy.gguf.orig_shape.patch_embedding.weight")
+        assert shape is not None and len(shape.data) == 5  # ComfyUI-GGUF reshapes the Conv3d back
+
+
+@pytest.mark.parametrize("target, fragments", [
+    ("gguf", ("GGUF (as ComfyUI-GGUF reads it) has no layout for sensq's hif4", "--format int4@32")),
+    ("comfyui", ("ComfyUI has no layout for sensq's hif4", "--format nvfp4_ts")),
+])
+def test_a_format_without_a_home_is_refused_in_one_line(workspace, tmp_path, target, fragments):
+    result = CliRunner().invoke(main, ["export", str(workspace / "ckpt"), "--to", target, "--out",
+                                       str(tmp_path / "x")])
+    assert result.exit_code == 1
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and all(f in lines[0] for f in fragments), result.stderr
+    assert not (tmp_path / "x").exists()
