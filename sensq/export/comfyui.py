@@ -11,8 +11,10 @@ layers, in the dtype sensq ran them in).
   multiplies the two scales in BF16 first, a rounding of its own). A block whose scale underflows to 0 is
   stored as sensq deployed it (scale 0: zeros), not clamped.
 * ``int8`` per output channel -> ``int8_tensorwise`` with a per-row FP32 ``weight_scale`` ``[N, 1]``.
-* Other formats are refused, naming ``nvfp4_ts`` (4-bit) or ``int8`` (8-bit): ComfyUI has no HiF4, MXFP4 or
-  plain INT4 layout, and its FP8 layout has one scale per tensor where sensq's ``fp8_e4m3`` has one per row.
+* ``int4@G`` -> ``awq_w4a16`` (group ``G``, zero points 0; weight-only: ComfyUI runs its activations in high
+  precision). The scale is stored in the weight's dtype: FP32 keeps it, BF16 rounds it (the NMSE is reported).
+* Other formats are refused, naming ``nvfp4_ts`` (4-bit) or ``int8`` (8-bit): ComfyUI has no HiF4 or MXFP4
+  layout, and its FP8 layout has one scale per tensor where sensq's ``fp8_e4m3`` has one per row.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ from pathlib import Path
 import torch
 
 from sensq.errors import InputError
-from sensq.export.target import Layer, Target, Written, nearest_format, register_target
+from sensq.export.target import Layer, Target, Written, nearest_format, nmse, register_target
 from sensq.formats.spec import Family
 from sensq.store.files import atomic_write_bytes
 
@@ -40,8 +42,8 @@ def swizzle(scales: torch.Tensor) -> torch.Tensor:
     return tiles.reshape(padded_rows, padded_cols).contiguous()
 
 
-def _quant_tag(fmt: str) -> torch.Tensor:
-    return torch.frombuffer(bytearray(json.dumps({"format": fmt}).encode()), dtype=torch.uint8)
+def _quant_tag(fmt: str, **fields) -> torch.Tensor:
+    return torch.frombuffer(bytearray(json.dumps({"format": fmt, **fields}).encode()), dtype=torch.uint8)
 
 
 def _layer(layer: Layer) -> Written:
@@ -65,7 +67,31 @@ def _layer(layer: Layer) -> Written:
         return Written({f"{key}.weight": packed.data["codes"].view(torch.int8).contiguous(),
                         f"{key}.weight_scale": packed.data["scale"].float().reshape(rows, 1).contiguous(),
                         f"{key}.comfy_quant": _quant_tag("int8_tensorwise")}, "int8_tensorwise", True, 0.0)
+    if fmt.family is Family.INT and fmt.element_bits == 4 and fmt.block_size and columns % fmt.block_size == 0:
+        return _awq(layer)
     raise nearest_format(fmt, "nvfp4_ts", "int8", "ComfyUI")
+
+
+def _awq(layer: Layer) -> Written:
+    """sensq's symmetric ``int4@G`` as ``awq_w4a16``: the unsigned code ``q + 8`` (low nibble = even element, as
+    sensq packs), the group scale transposed to ``[K/G, N]`` in the weight's dtype and zero points 0, so
+    ``(q + 8 - 8) s + 0`` is sensq's ``q s`` (weight-only in ComfyUI: activations stay in high precision)."""
+    packed = layer.packed
+    rows, columns = packed.shape
+    group = packed.fmt.block_size
+    codes = packed.data["codes"]
+    signed = torch.stack((codes & 0xF, codes >> 4), dim=-1).reshape(rows, -1)[:, :columns].to(torch.int16)
+    unsigned = (torch.where(signed >= 8, signed - 16, signed) + 8).to(torch.uint8)
+    qdata = (unsigned[:, 0::2] | (unsigned[:, 1::2] << 4)).contiguous()
+    dtype = layer.weight.dtype
+    scale = packed.data["scale"].to(dtype).t().contiguous()
+    exact = torch.equal(scale.float().t(), packed.data["scale"].float())
+    weight = ((unsigned.to(dtype) - 8.0).view(rows, columns // group, group) * scale.t().unsqueeze(-1)).view(rows, -1)
+    error = nmse(weight, layer.weight)
+    return Written({f"{layer.wan}.weight": qdata, f"{layer.wan}.weight_scale": scale,
+                    f"{layer.wan}.weight_zeros": torch.zeros_like(scale),
+                    f"{layer.wan}.comfy_quant": _quant_tag("awq_w4a16", group_size=group)}, "awq_w4a16", True,
+                   error, "" if exact else f"codes kept; the FP32 group scale rounded to {dtype}")
 
 
 def _write(path: Path, tensors: dict, family: str) -> None:
@@ -75,6 +101,5 @@ def _write(path: Path, tensors: dict, family: str) -> None:
     atomic_write_bytes(path, save(contiguous, metadata={"sensq.family": family}))
 
 
-TARGET = register_target(Target("comfyui", ".safetensors",
-                                "ComfyUI native (comfy_quant): nvfp4 from nvfp4_ts, int8_tensorwise from int8",
-                                _layer, _write))
+TARGET = register_target(Target("comfyui", ".safetensors", "ComfyUI native (comfy_quant): nvfp4 from nvfp4_ts, "
+                                "int8_tensorwise from int8, awq_w4a16 from int4@G", _layer, _write))

@@ -106,6 +106,26 @@ def test_comfyui_layers_dequantize_to_sensqs_weights_bit_for_bit(workspace, tmp_
     assert all(row["codes_kept"] and row["nmse_vs_sensq"] == 0 for row in report["layers"])
 
 
+def test_comfyui_awq_w4a16_holds_sensqs_int4_gptq_codes(workspace, tmp_path):
+    pytest.importorskip("comfy_kitchen", reason="tested with comfy-kitchen: pip install -e '.[deploy]'")
+    from comfy_kitchen.tensor import TensorCoreAWQW4A16Layout
+
+    rules = [dict(rule) for rule in INT4_RULES]
+    rules[0]["match"] = "re:(high|low):(condition_embedder\\..*|proj_out|patch_embedding)"  # a Conv3d: no layout
+    checkpoint = _checkpoint(workspace, tmp_path, rules, "int4", calibrate="gptq")
+    _, deployed = _deployed(checkpoint)
+    _export(checkpoint, "comfyui", tmp_path / "comfy")
+    for expert, layers in deployed.items():
+        state = load_file(str(tmp_path / "comfy" / f"{expert}.safetensors"))
+        for key, (fmt, weight) in layers.items():
+            tag = json.loads(bytes(state[f"{key}.comfy_quant"].tolist()).decode())
+            assert tag == {"format": "awq_w4a16", "group_size": 32} and fmt == "int4@32"
+            params = TensorCoreAWQW4A16Layout.Params(scale=state[f"{key}.weight_scale"], orig_dtype=torch.float32,
+                                                     orig_shape=tuple(weight.shape), zeros=state[f"{key}.weight_zeros"],
+                                                     group_size=32)
+            assert torch.equal(TensorCoreAWQW4A16Layout.dequantize(state[f"{key}.weight"], params), weight), key
+
+
 def test_nvfp4_block_scales_follow_cublas_swizzle():
     pytest.importorskip("comfy_kitchen", reason="tested with comfy-kitchen: pip install -e '.[deploy]'")
     from comfy_kitchen.float_utils import from_blocked, to_blocked
