@@ -84,6 +84,7 @@ def main(threads) -> None:
       sensq ablate RANKING.json  sweep protected sets (budgets, fixed rules, random draws, your plans), paired
       sensq report RANKING.json  heatmaps, top-layer bars, Markdown + self-contained HTML
       sensq export CKPT --to comfyui|gguf   the measured checkpoint as ComfyUI / ComfyUI-GGUF files
+      sensq audit FILE --model SRC          is someone's ComfyUI/GGUF file sound, and what does it cost
     \b
     Formats and numerics:
       sensq formats              the 4-bit (and reference) formats, their bits and ranges
@@ -98,7 +99,7 @@ def main(threads) -> None:
 
 from sensq.cli.ablate import ablate, demo  # noqa: E402
 from sensq.cli.apply_plan import apply_plan  # noqa: E402
-from sensq.cli.export import export  # noqa: E402
+from sensq.cli.export import audit, export  # noqa: E402
 from sensq.cli.formats import formats  # noqa: E402
 from sensq.cli.generate import eval_command, generate  # noqa: E402
 from sensq.cli.plan import plan  # noqa: E402
@@ -119,3 +120,4 @@ main.add_command(eval_command)
 main.add_command(ablate)
 main.add_command(demo)
 main.add_command(export)
+main.add_command(audit)

@@ -182,3 +182,58 @@ def test_a_format_without_a_home_is_refused_in_one_line(workspace, tmp_path, tar
     lines = [line for line in result.stderr.splitlines() if line.strip()]
     assert len(lines) == 1 and all(f in lines[0] for f in fragments), result.stderr
     assert not (tmp_path / "x").exists()
+
+
+def _swap_nibbles(state, key):
+    q = state[f"{key}.weight"]
+    state[f"{key}.weight"] = ((q & 0xF) << 4) | (q >> 4)  # the low-nibble-first order ComfyUI does not use
+
+
+def test_audit_names_formats_flags_a_crossed_nibble_order_and_writes_a_plan(workspace, tmp_path):
+    pytest.importorskip("comfy_kitchen", reason="tested with comfy-kitchen: pip install -e '.[deploy]'")
+    from safetensors.torch import save_file
+
+    checkpoint = _checkpoint(workspace, tmp_path, MIXED_RULES, "mixed")
+    _, deployed = _deployed(checkpoint)
+    _export(checkpoint, "comfyui", tmp_path / "comfy")
+    sound = CliRunner().invoke(main, ["audit", str(tmp_path / "comfy" / "high.safetensors"),
+                                      str(tmp_path / "comfy" / "low.safetensors"), "--model", "tiny", "--json",
+                                      "--plan-out", str(tmp_path / "theirs.json")])
+    assert sound.exit_code == 0, sound.output
+    audits = json.loads(sound.stdout)
+    for audited in audits:
+        formats = {layer["key"]: layer["fmt"] for layer in audited["quantized"]}
+        assert set(formats) == set(deployed[audited["expert"]])
+        assert {formats[k] for k in formats} == {"nvfp4", "int8_tensorwise"} and audited["suspect"] == []
+        assert all(0.5 < layer["ratio"] < 2 for layer in audited["quantized"])  # sensq's own rounding
+        assert "proj_out" in audited["kept"]
+    plan = json.loads((tmp_path / "theirs.json").read_text())
+    planned = {(r["match"].split(":")[0], r["match"].split(":")[1]): r["weight"] for r in plan["rules"][:-1]}
+    assert {f for f in planned.values()} == {"nvfp4_ts", "int8"} and len(planned) == sum(map(len, deployed.values()))
+    crossed = load_file(str(tmp_path / "comfy" / "high.safetensors"))
+    _swap_nibbles(crossed, "blocks.1.self_attn.q")
+    save_file(crossed, str(tmp_path / "high.safetensors"))
+    flagged = CliRunner().invoke(main, ["audit", str(tmp_path / "high.safetensors"), "--model", "tiny"])
+    assert flagged.exit_code == 0, flagged.output
+    suspects = [line for line in flagged.stderr.splitlines() if "suspect:" in line]
+    assert len(suspects) == 1 and "blocks.1.self_attn.q (nvfp4)" in suspects[0], flagged.stderr
+
+
+def test_audit_of_a_gguf_and_its_plan_measured_by_ablate(workspace, tmp_path):
+    pytest.importorskip("gguf", reason="tested with gguf: pip install -e '.[deploy]'")
+    checkpoint = _checkpoint(workspace, tmp_path, INT4_RULES, "int4")
+    _export(checkpoint, "gguf", tmp_path / "gguf")
+    result = CliRunner().invoke(main, ["audit", str(tmp_path / "gguf" / "high.gguf"), str(tmp_path / "gguf" /
+                                                                                            "low.gguf"),
+                                       "--model", "tiny", "--json", "--plan-out", str(tmp_path / "theirs.json")])
+    assert result.exit_code == 0, result.output
+    for audited in json.loads(result.stdout):
+        assert audited["kind"] == "gguf" and audited["suspect"] == []
+        assert {layer["fmt"] for layer in audited["quantized"]} == {"Q4_0"}
+        assert "patch_embedding" in {layer["name"] for layer in audited["quantized"]}
+    ablation = CliRunner().invoke(main, ["ablate", str(workspace / "ranking.json"), "--plans",
+                                         str(tmp_path / "theirs.json"), "--only-plans", "--limit", "1", "--seeds",
+                                         "1", "--out", str(tmp_path / "ablation")])
+    assert ablation.exit_code == 0, ablation.output
+    rows = {row["set"]: row for row in json.loads((tmp_path / "ablation" / "ablation.json").read_text())["rows"]}
+    assert rows["theirs"]["metrics"]["latent_nmse"] > 0 and rows["theirs"]["kind"] == "plan"
