@@ -14,7 +14,7 @@ from sensq.probes.capture import ProbeConfig
 from sensq.probes.recorder import ProbeRequest, run_probe
 from sensq.prompts import load_prompts
 from sensq.quant import QuantLinear
-from sensq.quant.apply import apply_plan
+from sensq.quant.apply import apply_plan, dequantize_
 from sensq.quant.checkpoint import load_quantized, read_manifest, save_quantized
 from sensq.trajectory import Trajectory, apply_trajectory, run
 from tests.fresh_process import latents_in_a_fresh_process
@@ -108,6 +108,12 @@ def test_sequential_experts_reprobes_the_low_expert(probed):
     model = load_model("tiny", torch.device("cpu"), torch.float32)
     _, calibration = apply_plan(model, PLAN, probe_path=folder / "probe.h5", calibrate="mse", sequential_experts=True)
     assert calibration["low"] and all(c.act_rows > 0 for c in calibration["low"].values())
+    dequantize_(model)
+    _, plain = apply_plan(model, PLAN, probe_path=folder / "probe.h5", calibrate="mse")
+    # the high expert is calibrated on the probe either way; the low one on inputs re-probed behind the
+    # quantized high expert, so what it saw differs (a flag that was ignored would give the same numbers)
+    assert all(calibration["high"][k].act_nmse == plain["high"][k].act_nmse for k in plain["high"])
+    assert any(calibration["low"][k].act_nmse != plain["low"][k].act_nmse for k in plain["low"])
 
 
 def test_fake_checkpoint_gives_the_same_outputs(probed, tmp_path):
