@@ -9,6 +9,7 @@ import click
 
 from sensq.cli.common import checkpoint_option
 from sensq.plan import CALIBRATIONS, protected_range
+from sensq.plan.exports import EXPORTERS
 
 
 @click.command()
@@ -66,7 +67,7 @@ from sensq.plan import CALIBRATIONS, protected_range
 @click.option("--model", default=None,
               help="Model for --validate (default: tiny) and --search e2e (default: the ranking's embedded model; "
                    "a folder or Hub id the ranking names must be passed here).")
-@click.option("--export", type=click.Choice(["torchao", "modelopt"]), default=None,
+@click.option("--export", type=click.Choice(sorted(EXPORTERS)), default=None,
               help="Also write the plan in the library's own form, one file per expert module: torchao's "
               "serialized FqnToConfig (OUT-stem.torchao.transformer.json) or a ModelOpt PTQ recipe "
               "(OUT-stem.modelopt.transformer.yml). Exact layer names, no pipeline prefix.")

@@ -217,7 +217,7 @@ def test_plans_an_export_cannot_map_are_one_clear_error(pipe):
         build_export(other, "modelopt")
     with pytest.raises(InputError, match="no resolved layer table"):
         build_export(Plan(plan.rules), "modelopt")
-    with pytest.raises(InputError, match="--export must be one of torchao, modelopt, got 'onnx'"):
+    with pytest.raises(InputError, match="--export must be one of modelopt, torchao, got 'onnx'"):
         build_export(plan, "onnx")
 
 
@@ -229,3 +229,22 @@ def test_an_export_says_the_plans_calibration_is_not_carried(pipe):
     lines = build_export(plan, "torchao").unsupported_lines()
     assert any(line.startswith("the plan calibrates 9 exported layer(s) with gptq; the export carries formats only")
                for line in lines), lines
+
+
+def test_an_exporter_is_one_registration(pipe, tmp_path):
+    """A new library is an Exporter registered in EXPORTERS: build_export and write_export use it."""
+    from sensq.plan.exporter import EXPORTERS, Exporter, register_exporter
+
+    toy = register_exporter(Exporter(
+        "toy", "txt", translate=lambda weight, activation: f"{weight}/{activation}",
+        document=lambda layers, plan, attr: "\n".join(f"{name} {config}" for name, config in layers),
+        serialize=lambda document, attr: f"# toy\n{document}\n".encode(),
+        recognise=lambda head: head.startswith("# toy")))
+    try:
+        plan = _plan(pipe, "int8", "int8")
+        paths = write_export(build_export(plan, "toy"), tmp_path / "p.json")
+        lines = paths["transformer"].read_text().splitlines()
+        assert lines[0] == "# toy" and len(lines) - 1 == len(_planned(plan, "high"))
+        assert all(line.endswith(" int8/int8") for line in lines[1:])
+    finally:
+        del EXPORTERS[toy.name]
