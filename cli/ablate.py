@@ -9,6 +9,7 @@ from pathlib import Path
 import click
 
 from sensq.cli.common import model_options
+from sensq.formats import backend_names
 from sensq.plan import CALIBRATIONS, CALIBRATIONS_WITHOUT_DATA
 
 
@@ -44,7 +45,7 @@ def _ints(ctx, param, value: str) -> list[int]:
               help="Calibration of every variant, as in sensq apply-plan (all but none and rotate need --probe).")
 @click.option("--probe", "probe_file", type=click.Path(path_type=Path), default=None,
               help="Probe file to calibrate on (--calibrate mse/gptq); the ranking's own is not followed silently.")
-@click.option("--backend", type=click.Choice(["auto", "reference", "cpu", "triton"]), default="auto",
+@click.option("--backend", type=click.Choice(backend_names()), default="auto",
               show_default=True, help="Quantization backend, as in sensq apply-plan.")
 @click.option("--prompts", "prompts_path", type=click.Path(dir_okay=False), default=None,
               help="Prompt file (see sensq probe --help). Default: the model's built-in prompts.")
@@ -137,7 +138,7 @@ def ablate(ranking_file, model, device, dtype, lora_high, lora_low, fmt, top_ks,
 def _print_rows(result: dict) -> None:
     from rich.table import Table
 
-    from sensq.ablate import _interval_text, headline_lines, kept_text
+    from sensq.ablate import interval_text, headline_lines, kept_text
     from sensq.cli.common import console as make_console
 
     console = make_console()
@@ -151,13 +152,13 @@ def _print_rows(result: dict) -> None:
         table.add_column(column, justify="left" if column == "protected set" else "right")
     if procedural:
         table.add_row("full precision", "100% / 100%", "16.00", "0", "inf", "1",
-                      _interval_text(result["reference_row"], "procedural", 3))
+                      interval_text(result["reference_row"], "procedural", 3))
     for row in result["rows"]:
         cells = [row["set"], kept_text(row, 0),
-                 f"{row['effective_bits']:.2f}", _interval_text(row, "latent_nmse", 3), _interval_text(row, "psnr", 3),
-                 _interval_text(row, "ssim", 4)]
+                 f"{row['effective_bits']:.2f}", interval_text(row, "latent_nmse", 3), interval_text(row, "psnr", 3),
+                 interval_text(row, "ssim", 4)]
         if procedural:
-            cells.append(_interval_text(row, "procedural", 3))
+            cells.append(interval_text(row, "procedural", 3))
         table.add_row(*cells)
     console.print(table)
     for line in headline_lines(result):

@@ -11,6 +11,7 @@ from pathlib import Path
 import click
 
 from sensq.cli.common import model_options
+from sensq.formats import backend_names
 from sensq.plan import CALIBRATIONS
 
 
@@ -32,7 +33,7 @@ from sensq.plan import CALIBRATIONS
               help="Calibrate the low-noise expert on the trajectory produced by the already-quantized high-noise "
                    "expert (re-probes it).")
 @click.option("--fake", is_flag=True, help="Store dequantized (fake-quant) weights instead of packed codes.")
-@click.option("--backend", type=click.Choice(["auto", "reference", "cpu", "triton"]), default="auto", show_default=True,
+@click.option("--backend", type=click.Choice(backend_names()), default="auto", show_default=True,
               help="Quantization backend (triton: fused W4A4 HiF4 linear on a GPU). Quantization is bit-exact on every "
                    "backend; the fused linear equals F.linear on the dequantized operands up to fp32 summation order.")
 @click.option("--offload", is_flag=True, help="Keep only the block being calibrated on the GPU (diffusers group "

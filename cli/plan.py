@@ -10,6 +10,7 @@ import click
 from sensq.cli.common import checkpoint_option
 from sensq.plan import CALIBRATIONS, protected_range
 from sensq.plan.exports import EXPORTERS
+from sensq.plan.tiers import SEARCHES
 
 
 @click.command()
@@ -24,7 +25,7 @@ from sensq.plan.exports import EXPORTERS
                    "minimizing the ranking's predicted error within --bits per expert (the ranking must hold every "
                    "quantized tier: sensq rank --format hif4,fp8_e4m3).")
 @click.option("--bits", type=float, default=None, help="With --tiers: effective bits per weight per expert, e.g. 6.")
-@click.option("--search", type=click.Choice(["exact", "greedy", "e2e"]), default=None,
+@click.option("--search", type=click.Choice([*SEARCHES, "e2e"]), default=None,
               help="With --tiers: an exact integer program (scipy HiGHS, the default) or greedy by error removed per "
                    "bit. With --budget: e2e = search the protected set on end-to-end error with the layers' "
                    "interactions (rounds of grad-e2e re-linearized at the quantized model, each measured end to "
@@ -138,9 +139,9 @@ def plan(ranking_file, budget, top_k, tiers, bits, search, rounds, projections, 
     steps = _step_range(protect_steps, last) if protect_steps is not None else None
     check_output_file(out, PLAN_SCHEMA, "plan")  # before any work
     if export:
-        from sensq.models import get_family
+        from sensq.models import recorded_family
 
-        family = get_family(ranking.provenance.get("family") or "wan2.2-t2v-a14b")
+        family = recorded_family(ranking.provenance.get("family"))
         check_export_paths(out, export, family.expert_attrs, ranking.experts)
     if tiers is not None:
         from sensq.plan.tiers import build_tier_plan, parse_tiers

@@ -11,6 +11,8 @@ import click
 
 from sensq.cli.common import checkpoint_option, model_options
 from sensq.metrics import DEFAULT_METRIC, METRICS
+from sensq.sensitivity.e2e import GRANULARITIES, MODES
+from sensq.sensitivity.local import REDUCTIONS
 
 
 def _formats(ctx, param, value: str) -> list[str]:
@@ -27,14 +29,14 @@ def _formats(ctx, param, value: str) -> list[str]:
               help=f"Default {DEFAULT_METRIC}: of the cheap signals, the one that agrees best with leave-one-in e2e "
                    "on the embedded models (docs/sensitivity.md). "
                    + "; ".join(f"{m.name}: {m.help}" for m in METRICS.values()))
-@click.option("--reduce", default="mean", show_default=True, type=click.Choice(["mean", "max", "late-weighted"]),
+@click.option("--reduce", default="mean", show_default=True, type=click.Choice(REDUCTIONS),
               help="How per-step values become one number (late-weighted: weight 1/sigma per step).")
 @click.option("--expert", default="all", show_default=True, metavar="NAME",
               help="Which expert's layers to rank: a name (Wan2.2-T2V-A14B: high, low; one-expert families: "
                    "main) or all (also: both).")
-@click.option("--mode", default="leave-one-in", show_default=True, type=click.Choice(["leave-one-in", "leave-one-out"]),
+@click.option("--mode", default="leave-one-in", show_default=True, type=click.Choice(MODES),
               help="e2e only: quantize just this layer, or everything but this layer.")
-@click.option("--granularity", default="layer", show_default=True, type=click.Choice(["layer", "block"]),
+@click.option("--granularity", default="layer", show_default=True, type=click.Choice(GRANULARITIES),
               help="e2e only: score layers or whole blocks (blocks.N) to make big models affordable.")
 @click.option("--limit", type=click.IntRange(min=1), default=None,
               help="e2e, grad-e2e, grad-step: use the first N prompts of the probe file (default: all).")

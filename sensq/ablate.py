@@ -468,7 +468,7 @@ def kept_text(row: dict, digits: int, separator: str = " ") -> str:
     return kept
 
 
-def _interval_text(row: dict, metric: str, digits: int) -> str:
+def interval_text(row: dict, metric: str, digits: int) -> str:
     interval = row.get("intervals", {}).get(metric)
     if interval is None:
         value = row.get("metrics", {}).get(metric)
@@ -622,7 +622,7 @@ def write_ablation_report(result: dict, out: Path, commands: list[str] | None = 
         everything = " / ".join("100%" for _ in rows[0]["protected_share"])
         table.append(["full precision", everything, "16.00", f"{bf16 / 1e6:.3f} ({bf16 / 1e6:.3f})",
                       f"{real.get('weight_gb_bf16', float('nan')):.1f}", "0", "inf", "1"]
-                     + ([_interval_text(reference, "procedural", 3)] if procedural else []) + ["0", "0"])
+                     + ([interval_text(reference, "procedural", 3)] if procedural else []) + ["0", "0"])
     for row in rows:
         m = row["metrics"]
         real = row.get("real_size")
@@ -630,9 +630,9 @@ def write_ablation_report(result: dict, out: Path, commands: list[str] | None = 
                       f"{row['effective_bits']:.2f}",
                       f"{row['weight_bytes'] / 1e6:.3f} ({row['weight_bytes_bf16'] / 1e6:.3f})",
                       f"{real['weight_gb']:.1f}" if real else "n/a",
-                      _interval_text(row, "latent_nmse", 3), _interval_text(row, "psnr", 3),
-                      _interval_text(row, "ssim", 3)]
-                     + ([_interval_text(row, "procedural", 3)] if procedural else [])
+                      interval_text(row, "latent_nmse", 3), interval_text(row, "psnr", 3),
+                      interval_text(row, "ssim", 3)]
+                     + ([interval_text(row, "procedural", 3)] if procedural else [])
                      + [f"{m.get('first_frame_nmse', math.nan):.3g}", f"{m.get('temporal_nmse', math.nan):.4f}"])
     names, matrix = _significance_matrix(result)
     lines = headline_lines(result)

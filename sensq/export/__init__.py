@@ -27,6 +27,7 @@ from sensq.export import comfyui, gguf  # noqa: F401 (each registers its target)
 from sensq.export.target import TARGETS, Layer, Target, Written, register_target
 from sensq.export.wan_names import wan_name
 from sensq.formats.packing import unpack
+from sensq.models.family import recorded_family
 
 __all__ = ["TARGETS", "Layer", "Target", "Written", "register_target", "export_checkpoint"]
 
@@ -93,7 +94,7 @@ def export_checkpoint(checkpoint: str | Path, target_name: str, out: str | Path,
         raise InputError(f"{str(checkpoint)!r} is not a sensq checkpoint (no manifest.json): write one with sensq "
                          "apply-plan")
     manifest = read_manifest(checkpoint)
-    family = manifest.get("family", WAN_FAMILIES[0])
+    family = recorded_family(manifest.get("family")).name
     if family not in WAN_FAMILIES:
         raise InputError(f"sensq export writes Wan checkpoints; {str(checkpoint)!r} is a {family} model")
     out = check_output_folder(out, REPORT, EXPORT_SCHEMA, "export folder")

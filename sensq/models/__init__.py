@@ -18,10 +18,10 @@ import torch
 
 from sensq.errors import InputError
 from sensq.models import ltx, wan
-from sensq.models.family import FAMILIES, ModelFamily, family_of, get_family
+from sensq.models.family import FAMILIES, ModelFamily, family_of, get_family, recorded_family
 from sensq.models.layers import quantizable_layers
 
-__all__ = ["FAMILIES", "LoadedModel", "ModelFamily", "family_of", "get_family", "load_source_model",
+__all__ = ["FAMILIES", "LoadedModel", "ModelFamily", "family_of", "get_family", "recorded_family", "load_source_model",
            "model_fingerprint", "quantizable_layers"]
 
 EMBEDDED = {**wan.TINY_MODELS, **ltx.TINY_MODELS}

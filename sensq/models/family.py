@@ -300,6 +300,15 @@ def get_family(name: str) -> ModelFamily:
         raise InputError(f"unknown model family {name!r}; known: {', '.join(FAMILIES)}") from None
 
 
+LEGACY_FAMILY = "wan2.2-t2v-a14b"
+"""The family of files written before sensq recorded one (rankings, plans, checkpoints): Wan2.2-T2V-A14B."""
+
+
+def recorded_family(name: str | None) -> ModelFamily:
+    """The family a file records (``None`` or missing: :data:`LEGACY_FAMILY`)."""
+    return get_family(name or LEGACY_FAMILY)
+
+
 def family_of(pipe) -> ModelFamily:
     """The registered family of a loaded pipeline (its class and the experts it holds).
 

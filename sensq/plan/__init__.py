@@ -22,8 +22,8 @@ import sensq
 from sensq.errors import InputError
 from sensq.formats import get_format
 from sensq.models import ModelFamily, get_family
+from sensq.models.family import recorded_family
 from sensq.models.layers import LayerInfo, layer_infos
-from sensq.models.wan import WAN22_A14B
 from sensq.store.files import read_json, write_json
 from sensq.store.schema import Fields, ListOf, validate_document
 
@@ -452,7 +452,7 @@ def build_plan(ranking, *, budget: float | None = None, top_k: int | None = None
         rules=rules, layers=table, summary=summarize(table, infos),
         model={"id": ranking.provenance.get("model_id"), "fingerprint": ranking.provenance.get("model_fingerprint"),
                "loras": ranking.provenance.get("loras") or {},
-               "family": ranking.provenance.get("family", WAN22_A14B.name)},
+               "family": recorded_family(ranking.provenance.get("family")).name},
         source={"ranking_metric": ranking.metric, "ranking_format": rank_format, "reduce": ranking.reduce,
                 "budget": budget, "top_k": top_k, "protect_entrance": protect_entrance, "protect": protect or [],
                 **({"protect_steps": list(protect_steps)} if protect_steps is not None else {}),
@@ -493,7 +493,7 @@ def validate_plan(plan: Plan, layers: list[LayerInfo]) -> list[dict]:
 
 def plan_family(plan: Plan) -> ModelFamily:
     """The model family a plan was made for (plans from before families name none: Wan2.2-T2V-A14B)."""
-    return get_family((plan.model or {}).get("family") or WAN22_A14B.name)
+    return recorded_family((plan.model or {}).get("family"))
 
 
 def summary_at_real_size(plan: Plan, family: ModelFamily | None = None) -> dict | None:

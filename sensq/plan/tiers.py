@@ -173,7 +173,7 @@ def build_tier_plan(ranking, tiers: list[str | None], budget_bits: float, *, sea
     """
     import time
 
-    from sensq.plan import WAN22_A14B, LayerInfo, refuse_nan_values
+    from sensq.plan import LayerInfo, recorded_family, refuse_nan_values
 
     if not METRICS[ranking.metric].higher_is_more_sensitive:
         raise InputError(f"--tiers adds predicted errors over layers; a {ranking.metric} ranking is a quality, "
@@ -208,7 +208,7 @@ def build_tier_plan(ranking, tiers: list[str | None], budget_bits: float, *, sea
         rules=rules, layers=table, summary=summarize(table, infos),
         model={"id": ranking.provenance.get("model_id"), "fingerprint": ranking.provenance.get("model_fingerprint"),
                "loras": ranking.provenance.get("loras") or {},
-               "family": ranking.provenance.get("family", WAN22_A14B.name)},
+               "family": recorded_family(ranking.provenance.get("family")).name},
         source={"ranking_metric": ranking.metric, "tiers": [t or HIGH_PRECISION for t in tiers],
                 "budget_bits": budget_bits, "search": search, "protect_entrance": protect_entrance,
                 "protect": protect or [], "probe_sha256": ranking.provenance.get("probe_sha256"),

@@ -34,8 +34,8 @@ import sensq
 from sensq.errors import InputError, OutputError
 from sensq.formats import PackedTensor, get_format
 from sensq.models import LoadedModel, default_resolution, get_family, model_fingerprint, quiet_hf_progress
+from sensq.models.family import recorded_family
 from sensq.models.layers import quantizable_layers
-from sensq.models.wan import WAN22_A14B
 from sensq.plan import Rule
 from sensq.quant.layers import ROTATION_BLOCK, is_quantized, original_module, packed_weight, quantize_module, swap
 from sensq.quant.phased import is_phased, phased_layer, step_clock
@@ -334,7 +334,7 @@ def load_quantized(path: str | Path, device: torch.device | str = "cpu", dtype: 
     """
     folder = Path(path)
     manifest = read_manifest(folder)
-    adapter = get_family(manifest.get("family", WAN22_A14B.name))  # checkpoints before families were Wan2.2
+    adapter = recorded_family(manifest.get("family"))
     experts = {}
     for expert, attr in manifest["experts"].items():
         if expert not in adapter.expert_attrs or adapter.expert_attrs[expert] != attr:

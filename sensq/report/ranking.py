@@ -27,9 +27,9 @@ class ReportResult:
 
 
 def _label(ranking, expert: str) -> str:
-    from sensq.models import get_family
+    from sensq.models import recorded_family
 
-    return get_family(ranking.provenance.get("family") or "wan2.2-t2v-a14b").expert_label(expert)
+    return recorded_family(ranking.provenance.get("family")).expert_label(expert)
 
 
 def _heatmap(plt, ranking, expert: str, fmt: str, path: Path) -> bool:
