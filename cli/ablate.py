@@ -138,7 +138,7 @@ def ablate(ranking_file, model, device, dtype, lora_high, lora_low, fmt, top_ks,
 def _print_rows(result: dict) -> None:
     from rich.table import Table
 
-    from sensq.ablate import interval_text, headline_lines, kept_text
+    from sensq.ablate import headline_lines, interval_text, kept_text
     from sensq.cli.common import console as make_console
 
     console = make_console()
