@@ -1,6 +1,9 @@
 """The ablation headline says so when a fixed set beats sensq's ranked set at (nearly) the same cost."""
 
-from sensq.ablate import _aggregate, headline, headline_lines
+import pytest
+
+from sensq.report.ablation import aggregate as _aggregate
+from sensq.report.ablation import headline, headline_lines
 
 
 def _row(name, bits, errors):
@@ -60,3 +63,24 @@ def test_first_and_last_blocks_fit_the_budget_or_are_left_out():
     assert 0.15 < share <= 0.2
     small = load_model("tiny-trained-4step", torch.device("cpu"), torch.float32)
     assert all(r.weight is not None for r in edge_blocks_plan(small, ["high", "low"], 0.1, "hif4").rules)
+
+
+def test_run_ablation_leaves_the_callers_plans_alone_and_records_kinds(tmp_path):
+    import torch
+
+    from sensq.ablate import ProtectedSet, SetKind, run_ablation
+    from sensq.loading import load_model
+    from sensq.plan import Plan, Rule
+    from sensq.prompts import load_prompts
+    from sensq.trajectory import Trajectory
+
+    model = load_model("tiny", torch.device("cpu"), torch.float32)
+    trajectory = Trajectory(steps=2).with_resolution(model.default_resolution)
+    plans = [Plan([Rule("re:.*", "hif4", "hif4")]), Plan([Rule("re:(high|low):proj_out", None, None),
+                                                          Rule("re:.*", "hif4", "hif4")])]
+    sets = [ProtectedSet("none", plans[0], SetKind.NONE), ProtectedSet("mine", plans[1], "plan")]
+    result = run_ablation(model, trajectory, load_prompts(None, 1), sets, tmp_path / "abl", fmt="hif4")
+    assert [plan.layers for plan in plans] == [[], []] and [plan.summary for plan in plans] == [{}, {}]
+    assert [row["kind"] for row in result["rows"]] == ["none", "plan"]
+    with pytest.raises(ValueError, match="unknown set kind 'best'"):
+        ProtectedSet("x", plans[0], "best")
