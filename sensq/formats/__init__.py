@@ -7,10 +7,23 @@ rounds a tensor to the format; ``pack``/``unpack`` store it in its real bit layo
 from sensq.formats.api import quantize_dequantize
 from sensq.formats.backend import Backend, backend_names
 from sensq.formats.packing import PackedTensor, pack, unpack
-from sensq.formats.spec import Family, FormatSpec, MXVariant, ScaleType, format_names, get_format
+from sensq.formats.spec import (
+    Codec,
+    Family,
+    FormatSpec,
+    MXVariant,
+    ScaleType,
+    format_names,
+    get_format,
+    register_format,
+    unregister_format,
+)
 
 __all__ = [
     "Backend",
+    "Codec",
+    "register_format",
+    "unregister_format",
     "Family",
     "FormatSpec",
     "MXVariant",

@@ -136,6 +136,13 @@ def as_backend(backend: str | Backend) -> Backend:
         ) from None
 
 
+def _kernel_family(spec: FormatSpec):
+    """The family whose kernels may run ``spec`` (None: the reference codec only, e.g. a registered format)."""
+    from sensq.formats.spec import codec_of
+
+    return spec.family if codec_of(spec).kernels else None
+
+
 def resolve_backend(backend: str | Backend, spec: FormatSpec, x: torch.Tensor) -> Backend:
     """The concrete backend that will run ``spec`` on ``x``.
 
@@ -144,9 +151,10 @@ def resolve_backend(backend: str | Backend, spec: FormatSpec, x: torch.Tensor) -
             this format or device.
     """
     backend = as_backend(backend)
-    cpu_ok = x.device.type == "cpu" and spec.family in families(Backend.CPU)
+    cpu_ok = x.device.type == "cpu" and _kernel_family(spec) in families(Backend.CPU)
     if backend is Backend.AUTO:
-        if x.device.type == "cuda" and spec.family in families(Backend.TRITON) and available(Backend.TRITON, "cuda"):
+        triton_ok = _kernel_family(spec) in families(Backend.TRITON)
+        if x.device.type == "cuda" and triton_ok and available(Backend.TRITON, "cuda"):
             return Backend.TRITON
         return Backend.CPU if cpu_ok and available(Backend.CPU, "cpu") else Backend.REFERENCE
     if backend is Backend.TRITON:
@@ -155,7 +163,7 @@ def resolve_backend(backend: str | Backend, spec: FormatSpec, x: torch.Tensor) -
                 f"backend 'triton' cannot run on this {x.device.type} tensor: it needs triton (pip install "
                 "'sensq[triton]') and a CUDA GPU, or TRITON_INTERPRET=1 for CPU tensors; or use backend='reference'"
             )
-        if spec.family not in families(Backend.TRITON):
+        if _kernel_family(spec) not in families(Backend.TRITON):
             raise BackendUnavailableError(
                 f"backend 'triton' has no kernel for format {spec.name!r} (it has: "
                 f"{_names(families(Backend.TRITON))}); use backend='reference'"
@@ -167,7 +175,7 @@ def resolve_backend(backend: str | Backend, spec: FormatSpec, x: torch.Tensor) -
                 "backend 'cpu' needs numba, which is not installed: pip install numba, "
                 "or use backend='reference'"
             )
-        if spec.family not in families(Backend.CPU):
+        if _kernel_family(spec) not in families(Backend.CPU):
             supported = _names(families(Backend.CPU))
             raise BackendUnavailableError(
                 f"backend 'cpu' has no kernel for format {spec.name!r} (it has: {supported}); "

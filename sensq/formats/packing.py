@@ -23,7 +23,7 @@ from sensq.errors import InputError
 from sensq.formats import reference
 from sensq.formats.backend import Backend, find_kernel
 from sensq.formats.blocks import BlockLayout, check_input, from_blocks, to_blocks
-from sensq.formats.spec import Family, FormatSpec, get_format
+from sensq.formats.spec import Family, FormatSpec, codec_of, get_format
 
 PACKED_SCHEMA = "sensq.packed/1"
 HIF4_BLOCK_BYTES = 36
@@ -108,6 +108,16 @@ class PackedTensor:
         return cls(fmt, tuple(header["shape"]), header["dim"], _DTYPES[header["dtype"]], data)
 
 
+def stored_bytes(spec: FormatSpec, layout: BlockLayout) -> dict[str, int]:
+    """Bytes each code field of a packed tensor holds (:func:`pack_encoded`'s layout): HiF4's 36-byte blocks, 4-bit
+    codes two per byte, other codes one byte per element (two for 16-bit). A reader checks a file against it."""
+    if spec.family is Family.HIF4:
+        return {"blocks": layout.rows * layout.n_blocks * HIF4_BLOCK_BYTES}
+    elements = layout.n_blocks * layout.block
+    per_row = (elements + 1) // 2 if spec.element_bits == 4 else elements * max(1, spec.element_bits // 8)
+    return {"codes": layout.rows * per_row}
+
+
 def _pack_nibbles(codes: torch.Tensor) -> torch.Tensor:
     """uint8 codes < 16, ``[rows, n]`` -> ``[rows, ceil(n/2)]``, low nibble = even index."""
     if codes.shape[-1] % 2:
@@ -131,7 +141,7 @@ def pack(x: torch.Tensor, fmt: str | FormatSpec, dim: int = -1) -> PackedTensor:
     if x.numel() == 0:
         raise InputError(f"cannot pack an empty tensor of shape {tuple(x.shape)}")
     if x.device.type == "cuda":  # a registered GPU kernel writes the same bytes (tested)
-        fast = find_kernel(Backend.TRITON, spec.family, "pack", "cuda")
+        fast = find_kernel(Backend.TRITON, spec.family, "pack", "cuda") if codec_of(spec).kernels else None
         if fast is not None:
             return PackedTensor(spec, tuple(x.shape), dim, x.dtype, {"blocks": fast(x, dim)})
     return pack_encoded(_encode(x, spec, dim), spec, tuple(x.shape), dim, x.dtype)
@@ -164,7 +174,8 @@ def pack_encoded(encoded: reference.Encoded, spec: FormatSpec, shape: tuple[int,
 def _encode(x: torch.Tensor, spec: FormatSpec, dim: int) -> reference.Encoded:
     """The reference encoding of ``x``'s blocks along ``dim``; on a CUDA GPU a registered kernel's (the same
     codes and scales, tested)."""
-    fast = find_kernel(Backend.TRITON, spec.family, "encode", "cuda") if x.device.type == "cuda" else None
+    fast = (find_kernel(Backend.TRITON, spec.family, "encode", "cuda")
+            if x.device.type == "cuda" and codec_of(spec).kernels else None)
     if fast is None:
         return reference.encode(to_blocks(x, dim, spec.block_size)[0], spec)
     codes, scale, tensor_scale = fast(x, spec, dim)
@@ -206,7 +217,8 @@ def unpack_into(packed: PackedTensor, out: torch.Tensor) -> torch.Tensor:
     dim decode with the numba kernel on the CPU (float32 and bfloat16); everything else through
     :func:`unpack`. Bit for bit the same values either way (tested)."""
     layout = packed.layout
-    fast = find_kernel(Backend.CPU, packed.fmt.family, "unpack", out.device.type)
+    fast = find_kernel(Backend.CPU, packed.fmt.family, "unpack", out.device.type) if codec_of(packed.fmt).kernels \
+        else None
     if (fast is not None and packed.dim == len(packed.shape) - 1
             and out.dtype in (torch.float32, torch.bfloat16)):
         fast(packed.data["blocks"].reshape(layout.rows, layout.n_blocks, HIF4_BLOCK_BYTES),

@@ -21,9 +21,14 @@ from sensq.formats.spec import (
     E4M3_MAX,
     HIF4_SCALE_MAX,
     HIF4_SCALE_MIN,
+    Codec,
     Family,
     FormatSpec,
     MXVariant,
+    codec_of,
+    format_names,
+    get_format,
+    register_format,
 )
 
 NAN_SCALE_CODE = 0xFF
@@ -279,36 +284,33 @@ def _bf16_decode(encoded: Encoded) -> torch.Tensor:
     return encoded.codes.reshape(*shape[:-1], -1, 2).view(torch.bfloat16).reshape(*shape[:-1], -1).float()
 
 
+_BUILT_IN = {  # by family: the codecs of the built-in formats, which the kernels match bit for bit (tested)
+    Family.HIF4: Codec(lambda blocks, spec: _hif4_encode(blocks), lambda encoded, spec: _hif4_decode(encoded),
+                       kernels=True),
+    Family.MXFP4: Codec(lambda blocks, spec: _mxfp4_encode(blocks, spec.mx_variant),
+                        lambda encoded, spec: _mxfp4_decode(encoded), kernels=True),
+    Family.NVFP4: Codec(lambda blocks, spec: _nvfp4_encode(blocks, tensor_scale=spec.tensor_scale_bits > 0),
+                        lambda encoded, spec: _nvfp4_decode(encoded), kernels=True),
+    Family.INT: Codec(lambda blocks, spec: _int_encode(blocks, spec.qmax), lambda encoded, spec: _int_decode(encoded),
+                      kernels=True),
+    Family.FP8: Codec(lambda blocks, spec: _fp8_encode(blocks), lambda encoded, spec: _fp8_decode(encoded),
+                      kernels=True),
+    Family.BF16: Codec(lambda blocks, spec: _bf16_encode(blocks), lambda encoded, spec: _bf16_decode(encoded),
+                       kernels=True),
+}
+for _name in format_names():
+    _spec = get_format(_name)
+    register_format(_spec, _BUILT_IN[_spec.family])
+
+
 def encode(blocks: torch.Tensor, spec: FormatSpec) -> Encoded:
-    """Codes and metadata of float32 ``blocks`` ``[rows, n_blocks, block]`` in ``spec``."""
-    family = spec.family
-    if family is Family.HIF4:
-        return _hif4_encode(blocks)
-    if family is Family.MXFP4:
-        return _mxfp4_encode(blocks, spec.mx_variant)
-    if family is Family.NVFP4:
-        return _nvfp4_encode(blocks, tensor_scale=spec.tensor_scale_bits > 0)
-    if family is Family.INT:
-        return _int_encode(blocks, spec.qmax)
-    if family is Family.FP8:
-        return _fp8_encode(blocks)
-    return _bf16_encode(blocks)
+    """Codes and metadata of float32 ``blocks`` ``[rows, n_blocks, block]`` in ``spec`` (its registered codec)."""
+    return codec_of(spec).encode(blocks, spec)
 
 
 def decode(encoded: Encoded, spec: FormatSpec) -> torch.Tensor:
     """float32 values of ``encoded`` (the inverse layout of :func:`encode`)."""
-    family = spec.family
-    if family is Family.HIF4:
-        return _hif4_decode(encoded)
-    if family is Family.MXFP4:
-        return _mxfp4_decode(encoded)
-    if family is Family.NVFP4:
-        return _nvfp4_decode(encoded)
-    if family is Family.INT:
-        return _int_decode(encoded)
-    if family is Family.FP8:
-        return _fp8_decode(encoded)
-    return _bf16_decode(encoded)
+    return codec_of(spec).decode(encoded, spec)
 
 
 def quantize_dequantize_blocks(blocks: torch.Tensor, spec: FormatSpec) -> torch.Tensor:

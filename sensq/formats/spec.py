@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from sensq.errors import FormatError
@@ -270,6 +271,51 @@ _REGISTRY: dict[str, FormatSpec] = {
 }
 
 _UNSET = object()
+
+
+@dataclass(frozen=True)
+class Codec:
+    """How a format turns float32 blocks ``[rows, n_blocks, block]`` into codes and per-block metadata and back
+    (:class:`sensq.formats.reference.Encoded`): the reference every backend is tested against. Codes of 4-bit
+    formats are stored two per byte, others one per byte (or two for 16-bit); the metadata as it is."""
+
+    encode: Callable
+    decode: Callable
+    kernels: bool = False
+    """True when the format family's fast kernels (numba, triton) compute exactly this codec (the built-in
+    formats, tested bit-exact); a registered format runs on the reference codec unless it says so."""
+
+
+_CODECS: dict[str, Codec] = {}
+
+
+def register_format(spec: FormatSpec, codec: Codec) -> FormatSpec:
+    """Add a number format: ``get_format(spec.name)`` finds it, the reference quantizes and packs with its codec,
+    plans, calibration, checkpoints and rankings take it by name. A new format is one module calling this
+    (the built-in ones are registered by :mod:`sensq.formats.reference`).
+
+    Raises:
+        FormatError: the name is taken by another format.
+    """
+    if spec.name in _REGISTRY and _REGISTRY[spec.name] != spec:
+        raise FormatError(f"format {spec.name!r} is already registered")
+    _REGISTRY[spec.name] = spec
+    _CODECS[spec.name] = codec
+    return spec
+
+
+def unregister_format(name: str) -> None:
+    """Remove a format added by :func:`register_format` (tests)."""
+    _REGISTRY.pop(name, None)
+    _CODECS.pop(name, None)
+
+
+def codec_of(spec: FormatSpec) -> Codec:
+    """The registered codec of ``spec`` (by name: a group-size variant shares its base format's codec)."""
+    try:
+        return _CODECS[spec.name]
+    except KeyError:
+        raise FormatError(f"format {spec.name!r} has no registered codec") from None
 
 
 def format_names() -> list[str]:

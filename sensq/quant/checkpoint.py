@@ -33,6 +33,7 @@ from safetensors.torch import save_file
 import sensq
 from sensq.errors import InputError, OutputError
 from sensq.formats import PackedTensor, get_format
+from sensq.formats.packing import stored_bytes
 from sensq.models import LoadedModel, default_resolution, get_family, model_fingerprint, quiet_hf_progress
 from sensq.models.family import recorded_family
 from sensq.models.layers import quantizable_layers
@@ -537,13 +538,7 @@ def _load_phased(folder: Path, expert: str, name: str, layer: torch.nn.Module, e
 
 def _check_packed(packed: PackedTensor) -> None:
     """Every stored field has the size its header implies (a short field would decode garbage)."""
-    layout = packed.layout
-    if packed.fmt.family.value == "hif4":
-        want = {"blocks": layout.rows * layout.n_blocks * 36}
-    else:
-        bits = packed.fmt.element_bits
-        want = {"codes": layout.rows * ((layout.n_blocks * layout.block * bits + 7) // 8)}
-    for field, numel in want.items():
+    for field, numel in stored_bytes(packed.fmt, packed.layout).items():
         got = packed.data[field].numel() * packed.data[field].element_size()
         if got != numel:
             raise ValueError(f"field {field!r} holds {got} bytes, the header needs {numel}")
