@@ -10,7 +10,8 @@ import click
 
 from sensq.cli.common import model_options
 from sensq.formats import backend_names
-from sensq.plan import CALIBRATIONS, CALIBRATIONS_WITHOUT_DATA
+from sensq.plan import CALIBRATIONS
+from sensq.plan.calibrations import needs_data
 
 
 def _ints(ctx, param, value: str) -> list[int]:
@@ -97,7 +98,7 @@ def ablate(ranking_file, model, device, dtype, lora_high, lora_low, fmt, top_ks,
     ranking = Ranking.load(ranking_file)
     check_output_folder(out, "ablation.json", ABLATION_SCHEMA, "ablation folder")  # before any work
     shares = [parse_budget(b) for b in budgets.split(",") if b.strip()]
-    if calibrate not in CALIBRATIONS_WITHOUT_DATA and probe_file is None:
+    if needs_data(calibrate) and probe_file is None:
         raise InputError(f"--calibrate {calibrate} needs --probe PROBE.h5 (the captured inputs to calibrate on)")
     given_model = model
     model = model_named_by_file(ranking_file, str(ranking.provenance.get("model_id")),

@@ -13,6 +13,7 @@ import click
 from sensq.cli.common import model_options
 from sensq.formats import backend_names
 from sensq.plan import CALIBRATIONS
+from sensq.plan.calibrations import calibration_help
 
 
 @click.command("apply-plan")
@@ -22,13 +23,8 @@ from sensq.plan import CALIBRATIONS
               help="Probe file with the captured inputs (needed by --calibrate mse/gptq and by rules with a "
                    "'calibration' field).")
 @click.option("--calibrate", type=click.Choice(CALIBRATIONS), default="none", show_default=True,
-              help="none: the format's own scale rule (bit-exact golden semantics); mse: per layer, the clipping "
-                   "factor of weights and activations that minimizes their quantization MSE (the curves go into the "
-                   "manifest); gptq: activations as mse, 4-bit weights rounded by GPTQ onto the format's own block "
-                   "grid with the error propagated (other weights as mse); rotate: both operands of each Linear "
-                   "rotated by a block-diagonal Hadamard of size 64 before the format's rule (spreads outlier "
-                   "channels; no probe needed); rotate-gptq: both. Block by block, on the probe's inputs. A plan "
-                   "rule's 'calibration' field overrides it for its layers; the manifest records each layer's.")
+              help=calibration_help() + ". Block by block, on the probe's inputs. A plan rule's 'calibration' field "
+                   "overrides it for its layers; the manifest records each layer's.")
 @click.option("--sequential-experts", is_flag=True,
               help="Calibrate the low-noise expert on the trajectory produced by the already-quantized high-noise "
                    "expert (re-probes it).")

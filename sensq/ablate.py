@@ -21,7 +21,6 @@ from sensq.errors import InputError
 from sensq.eval import evaluate_fidelity
 from sensq.generate import GenerateRequest, config_digest, generate
 from sensq.plan import (
-    CALIBRATIONS_WITHOUT_DATA,
     Plan,
     Rule,
     build_plan,
@@ -30,6 +29,7 @@ from sensq.plan import (
     summary_at_real_size,
     validate_plan,
 )
+from sensq.plan.calibrations import needs_data
 from sensq.quant import dequantize_
 from sensq.quant.apply import apply_plan
 from sensq.report.ablation import (  # noqa: F401 (the ablation's statistics and report, re-exported)
@@ -233,9 +233,9 @@ def _run_ablation(model, trajectory, prompts, sets: list[ProtectedSet], out: Pat
     from sensq.eval import evaluate_procedural, is_procedural
     from sensq.store.files import file_digest
 
-    if calibrate not in CALIBRATIONS_WITHOUT_DATA and probe_path is None:
+    if needs_data(calibrate) and probe_path is None:
         raise InputError(f"--calibrate {calibrate} needs --probe PROBE.h5 (the captured inputs to calibrate on)")
-    asking = [s.name for s in sets if any(r.calibration not in (None, *CALIBRATIONS_WITHOUT_DATA)
+    asking = [s.name for s in sets if any(needs_data(r.calibration)
                                           for r in s.plan.rules)]
     if asking and probe_path is None:
         raise InputError(f"the plan's 'calibration' rules need --probe PROBE.h5 (the captured inputs to calibrate "

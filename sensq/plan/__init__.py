@@ -24,6 +24,7 @@ from sensq.formats import get_format
 from sensq.models import ModelFamily, get_family
 from sensq.models.family import recorded_family
 from sensq.models.layers import LayerInfo, layer_infos
+from sensq.plan.calibrations import METHODS
 from sensq.store.files import read_json, write_json
 from sensq.store.schema import Fields, ListOf, validate_document
 
@@ -31,10 +32,12 @@ PLAN_SCHEMA = "sensq.plan/1"
 HIGH_PRECISION_BITS = 16  # protected layers stay in the model's bf16
 MAX_PATTERN_LENGTH = 2000
 
-CALIBRATIONS = ("none", "mse", "gptq", "rotate", "rotate-gptq")
-"""How a rule's layers are calibrated (``calibration`` field; see :mod:`sensq.quant.calibrate`)."""
-CALIBRATIONS_WITHOUT_DATA = ("none", "rotate")
-"""The calibrations that need no captured inputs (no probe file)."""
+CALIBRATIONS = tuple(METHODS)
+"""How a rule's layers are calibrated (``calibration`` field): the registered methods
+(:mod:`sensq.plan.calibrations`; implemented in :mod:`sensq.quant.calibrate`)."""
+CALIBRATIONS_WITHOUT_DATA = tuple(name for name, method in METHODS.items() if not method.needs_data)
+"""The built-in calibrations that need no captured inputs (code checks :func:`~sensq.plan.calibrations.needs_data`,
+which also knows methods registered later)."""
 
 _RULE_SPEC = Fields(required={"match": str}, optional={"weight": (str, None), "activation": (str, None), "why": str,
                                                         "calibration": (str, None), "steps": list, "sigma": list})
@@ -94,9 +97,9 @@ class Rule:
     included."""
 
     def __post_init__(self):
-        if self.calibration is not None and self.calibration not in CALIBRATIONS:
+        if self.calibration is not None and self.calibration not in METHODS:
             raise InputError(f"rule {self.match!r}: unknown calibration {self.calibration!r}; use one of "
-                             f"{', '.join(CALIBRATIONS)} (or leave it out to use apply-plan's --calibrate)")
+                             f"{', '.join(METHODS)} (or leave it out to use apply-plan's --calibrate)")
         if self.steps is not None and self.sigma is not None:
             raise InputError(f"rule {self.match!r} has both 'steps' and 'sigma'; give one range")
         if self.steps is not None:

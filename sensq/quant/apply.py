@@ -9,7 +9,8 @@ import torch
 
 from sensq.errors import InputError
 from sensq.models.layers import quantizable_layers
-from sensq.plan import CALIBRATIONS_WITHOUT_DATA, Plan, model_layers, validate_plan
+from sensq.plan import Plan, model_layers, validate_plan
+from sensq.plan.calibrations import needs_data
 from sensq.probes.capture import ProbeConfig
 from sensq.probes.recorder import ProbeRequest, run_probe
 from sensq.prompts import Prompt
@@ -98,7 +99,7 @@ def apply_plan(model, plan: Plan, *, probe_path=None, calibrate: str = "none", s
     if offload:
         offload_experts(model)
     methods = {method_of(row, calibrate) for row in table if row["weight"] or row["activation"]}
-    if methods - set(CALIBRATIONS_WITHOUT_DATA) and probe_path is None:
+    if any(map(needs_data, methods)) and probe_path is None:
         which = f"--calibrate {calibrate} needs" if calibrate != "none" else "the plan's 'calibration' rules need"
         raise InputError(f"{which} --probe PROBE.h5 (the captured inputs to calibrate on)")
     family, experts = model.adapter, model.adapter.experts(model.pipe)
@@ -113,7 +114,7 @@ def apply_plan(model, plan: Plan, *, probe_path=None, calibrate: str = "none", s
         phase_layers(model, table, expert, backend)
         return calibration
 
-    if not methods - set(CALIBRATIONS_WITHOUT_DATA):
+    if not any(map(needs_data, methods)):
         return table, {expert: calibrate_one(expert, None, calibrate) for expert in experts}
     later = experts[1:] if sequential_experts else []
     calibration: dict = {}

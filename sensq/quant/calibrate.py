@@ -40,7 +40,7 @@ from sensq.formats import FormatSpec, PackedTensor, get_format, unpack
 from sensq.metrics import nmse
 from sensq.models.family import ModelFamily
 from sensq.models.layers import input_rows
-from sensq.plan import CALIBRATIONS, CALIBRATIONS_WITHOUT_DATA
+from sensq.plan.calibrations import METHODS, needs_data
 from sensq.quant.gptq import gptq_pack, gptq_refusal
 from sensq.quant.layers import ROTATION_BLOCK, fake_quantize, gemm_weight, quantize_module, rotate, swap
 
@@ -93,30 +93,32 @@ def _best(curve: list[tuple[float, float]]) -> tuple[float, float]:
 
 
 def _calibrate_layer(module, weight_fmt, act_fmt, act_rows: torch.Tensor | None, backend,
-                     method: str) -> LayerCalibration:
+                     name: str) -> LayerCalibration:
     result = LayerCalibration()
-    rotating = method in ("rotate", "rotate-gptq")
-    method = {"rotate": "none", "rotate-gptq": "gptq"}.get(method, method)  # what follows the rotation
-    if rotating and isinstance(module, torch.nn.Linear) and gemm_weight(module).shape[1] % ROTATION_BLOCK == 0:
+    method = METHODS[name]
+    if method.rotate and isinstance(module, torch.nn.Linear) and gemm_weight(module).shape[1] % ROTATION_BLOCK == 0:
         result.rotation = ROTATION_BLOCK
-    result.method = method if result.rotation is None else "rotate" if method == "none" else f"rotate-{method}"
-    if method == "none":
+    rotated = result.rotation is not None
+    result.method = method.applied(rotated, method.weights)
+    if not method.needs_data:
         return result
     if act_rows is None or act_rows.numel() == 0:
         raise InputError("calibrating needs captured inputs: probe the model first (sensq probe)")
     act_rows = rotate(act_rows.float(), result.rotation)
     result.act_rows = int(act_rows.shape[0])
-    if act_fmt is not None:
+    if act_fmt is not None and method.activations == "mse":
         result.act_curve = clip_curve(act_rows, act_fmt, backend)
         result.act_clip, result.act_nmse = _best(result.act_curve)
     if weight_fmt is None:
         return result
+    if method.weights == "none":
+        return result
     weight = rotate(gemm_weight(module), result.rotation)
-    if method == "gptq" and gptq_refusal(weight_fmt) is None:
+    if method.weights == "gptq" and gptq_refusal(weight_fmt) is None:
         result.weight_packed = gptq_pack(weight, act_rows, weight_fmt, dtype=module.weight.dtype)
         result.weight_nmse = nmse(weight, unpack(result.weight_packed).float())
         return result
-    result.method = result.method.replace("gptq", "mse")
+    result.method = method.applied(rotated, "mse")  # GPTQ does not round this format: the MSE clip instead
     result.weight_curve = clip_curve(weight, weight_fmt, backend)
     result.weight_clip, result.weight_nmse = _best(result.weight_curve)
     return result
@@ -133,8 +135,8 @@ def _quantize_calibrated(expert_module, name: str, row: dict, calib: LayerCalibr
 def method_of(row: dict, default: str) -> str:
     """A resolved plan row's calibration: its rule's ``calibration`` field, else ``default``."""
     method = row.get("calibration") or default
-    if method not in CALIBRATIONS:
-        raise InputError(f"unknown calibration {method!r}; use one of {', '.join(CALIBRATIONS)}")
+    if method not in METHODS:
+        raise InputError(f"unknown calibration {method!r}; use one of {', '.join(METHODS)}")
     return method
 
 
@@ -168,7 +170,7 @@ def calibrate_expert(expert_module: torch.nn.Module, expert: str, table: list[di
     rows = {r["layer"]: r for r in table if r["expert"] == expert and (r["weight"] or r["activation"])}
     methods = {name: method_of(row, method) for name, row in rows.items()}
     results: dict[str, LayerCalibration] = {}
-    if all(m in CALIBRATIONS_WITHOUT_DATA for m in methods.values()):
+    if not any(map(needs_data, methods.values())):
         for name, row in rows.items():
             weight_fmt, act_fmt = _formats(row)
             results[name] = _calibrate_layer(expert_module.get_submodule(name), weight_fmt, act_fmt, None, backend,
@@ -183,7 +185,7 @@ def calibrate_expert(expert_module: torch.nn.Module, expert: str, table: list[di
     outside = [name for name in rows if family.block_of(name) is None]
     for name in outside:
         act_rows = None
-        if methods[name] not in CALIBRATIONS_WITHOUT_DATA:
+        if needs_data(methods[name]):
             samples = [probe.read(source, name, "samples") for source in sources]
             act_rows = torch.cat([torch.from_numpy(a.reshape(-1, a.shape[-1])) for a in samples])
             # one expert: its first rows (the probe's sample is already spread); pooled: a draw over every expert's
@@ -222,7 +224,7 @@ def _calibrate_blocks(expert_module, expert, rows, methods, probe, family, max_r
     for index, block in enumerate(blocks):
         names = [name for name in rows if family.block_of(name) == f"{family.blocks}.{index}"]
         captured: dict[str, list[torch.Tensor]] = {name: [] for name in names
-                                                   if methods[name] not in CALIBRATIONS_WITHOUT_DATA}
+                                                   if needs_data(methods[name])}
         handles = []
         for name in captured:
             module = expert_module.get_submodule(name)

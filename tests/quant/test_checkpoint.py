@@ -373,3 +373,23 @@ def test_pooled_experts_calibrate_on_every_experts_inputs(probed, tmp_path):
 def _saved(plan, tmp_path):
     plan.save(tmp_path / "plan.json")
     return tmp_path / "plan.json"
+
+
+def test_a_calibration_method_is_one_registration(probed):
+    """A method that clips weights by MSE and leaves activations to the format's rule: registered, it is a
+    choice of plan rules and apply-plan, needs a probe, and the layers record it."""
+    from sensq.plan import calibrations
+    from sensq.quant.calibrate import method_of
+
+    folder, _ = probed
+    calibrations.register_calibration(calibrations.Calibration("mse-weights", "mse", "none", help="weights only"))
+    try:
+        assert calibrations.METHODS["mse-weights"].needs_data and method_of({}, "mse-weights") == "mse-weights"
+        model = load_model("tiny", torch.device("cpu"), torch.float32)
+        _, calibration = apply_plan(model, PLAN, probe_path=folder / "probe.h5", calibrate="mse-weights")
+        layers = [c for expert in calibration.values() for c in expert.values()]
+        assert layers and all(c.method == "mse-weights" for c in layers)
+        assert all(c.weight_curve is not None and c.act_curve is None for c in layers)
+        dequantize_(model)
+    finally:
+        del calibrations.METHODS["mse-weights"]
