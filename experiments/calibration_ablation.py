@@ -21,8 +21,6 @@ from sensq.quant import dequantize_
 from sensq.quant.apply import apply_plan
 from sensq.trajectory import Trajectory, apply_trajectory, run
 
-ENTRANCE = r"re:(high|low):(patch_embedding|condition_embedder\..*|blocks\.0\..*)"
-
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -34,7 +32,9 @@ def main() -> None:
     model = load_model(args.model, torch.device("cpu"), torch.float32)
     trajectory = Trajectory(steps=args.steps).with_resolution(model.default_resolution)
     prompts = load_prompts(None, args.prompts)
-    everything = [Rule(f"re:{e}:.*", args.format, args.format) for e in ("high", "low")]
+    experts = model.adapter.experts(model.pipe)
+    everything = [Rule(f"re:{e}:.*", args.format, args.format) for e in experts]
+    entrance = model.adapter.entrance_rule(experts)
     with tempfile.TemporaryDirectory() as tmp:
         probe = Path(tmp) / "probe.h5"
         run_probe(ProbeRequest(model, trajectory, prompts, ["high", "low"], probe))
@@ -44,7 +44,7 @@ def main() -> None:
         print("| entrance protected | calibration | final-latent NMSE | calibration s |")
         print("|---|---|---|---|")
         for protect in (False, True):
-            plan = Plan(([Rule(ENTRANCE, None, None)] if protect else []) + everything)
+            plan = Plan(([Rule(entrance, None, None)] if protect else []) + everything)
             for method in ("none", "mse"):
                 started = time.perf_counter()
                 apply_plan(model, plan, probe_path=probe, calibrate=method)

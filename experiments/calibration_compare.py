@@ -32,7 +32,7 @@ from sensq.plan import Plan, Rule, build_plan, model_layers, summarize, validate
 def sets_for(model, ranking, fmt: str = "hif4") -> list[ProtectedSet]:
     family = model.adapter
     experts = family.experts(model.pipe)
-    entrance = f"re:({'|'.join(experts)}):({'|'.join(family.entrance)})"
+    entrance = family.entrance_rule(experts)
 
     def everything(calibration=None):
         return [Rule(f"re:{e}:.*", fmt, fmt, calibration=calibration) for e in experts]

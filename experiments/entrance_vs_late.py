@@ -16,6 +16,7 @@ from pathlib import Path
 
 import torch
 
+from sensq.ablate import fill_budget
 from sensq.loading import load_model
 from sensq.metrics import nmse
 from sensq.plan import Plan, Rule, model_layers
@@ -32,12 +33,7 @@ def plan_for(protected: dict[str, set[str]], fmt: str) -> Plan:
 
 
 def fill(order: list, params: dict, budget: int) -> set[str]:
-    chosen, used = set(), 0
-    for name in order:
-        if used + params[name] <= budget:
-            chosen.add(name)
-            used += params[name]
-    return chosen
+    return set(fill_budget(order, params, budget))
 
 
 def main() -> None:

@@ -60,7 +60,7 @@ def quantized_work_share(model, plan: Plan, trajectory: Trajectory) -> float:
 
 def sets_for(model, ranking, budget: float, steps: int, fmt: str = "hif4") -> list[ProtectedSet]:
     experts = model.adapter.experts(model.pipe)
-    entrance = f"re:({'|'.join(experts)}):({'|'.join(model.adapter.entrance)})"
+    entrance = model.adapter.entrance_rule(experts)
     everything = [Rule(f"re:{e}:.*", fmt, fmt) for e in experts]
     kept = build_plan(ranking, budget=budget, fmt=fmt, protect_entrance=False)
     last = steps - 1

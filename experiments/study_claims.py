@@ -52,7 +52,7 @@ def main() -> None:
     run_probe(ProbeRequest(student, few, prompts, experts, own, resume=own.exists()))
     run_probe(ProbeRequest(teacher, long, prompts, experts, taught, resume=taught.exists()))
     del teacher
-    entrance = f"re:({'|'.join(experts)}):({'|'.join(student.adapter.entrance)})"
+    entrance = student.adapter.entrance_rule(experts)
     plan = Plan([Rule(entrance, None, None)] + [Rule(f"re:{e}:.*", "hif4", "hif4") for e in experts])
     variants = [
         ("no calibration", {"calibrate": "none"}),

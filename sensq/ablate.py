@@ -88,11 +88,10 @@ def standard_sets(model, ranking, fmt: str = "hif4", top_ks=(2, 4), budgets=(0.3
     family = model.adapter
     experts = family.experts(model.pipe)
     everything = quantize_the_rest(experts, fmt)
-    entrance = "(" + "|".join(family.entrance) + ")"
     n_blocks = len(family.block_list(family.expert_module(model.pipe, experts[0])))
     recipe = family.fixed_recipe(n_blocks)
     sets = [ProtectedSet("none", Plan(everything), "none"),
-            ProtectedSet("entrance", Plan([Rule(f"re:({'|'.join(experts)}):{entrance}", None, None)] + everything),
+            ProtectedSet("entrance", Plan([Rule(family.entrance_rule(experts), None, None)] + everything),
                          "fixed")]
     for k in top_ks:
         sets.append(ProtectedSet(f"entrance + top-{k}", build_plan(ranking, top_k=k, fmt=fmt, protect_entrance=True)))
@@ -101,7 +100,7 @@ def standard_sets(model, ranking, fmt: str = "hif4", top_ks=(2, 4), budgets=(0.3
                                                                     protect_entrance=protect_entrance)))
     for expert in experts if len(experts) > 1 else []:
         sets.append(ProtectedSet(f"entrance, {expert} only",
-                                 Plan([Rule(f"re:{expert}:{entrance}", None, None)] + everything), "fixed"))
+                                 Plan([Rule(family.entrance_rule([expert]), None, None)] + everything), "fixed"))
     if n_blocks > 6 and recipe is not None:
         recipe_name, pattern = recipe
         fixed = Plan([Rule(f"re:({'|'.join(experts)}):{pattern}", None, None)] + everything)
@@ -185,12 +184,21 @@ def random_plan(model, experts: list[str], budget: float, fmt: str, seed: int) -
     for expert in experts:
         own = [layer for layer in layers if layer.expert == expert]
         total = sum(layer.params for layer in own)
-        used = 0
-        for layer in rng.sample(own, len(own)):
-            if used + layer.params <= budget * total:
-                rules.append(Rule(f"{expert}:{layer.name}", None, None, f"random draw {seed}"))
-                used += layer.params
+        params = {layer.name: layer.params for layer in own}
+        for name in fill_budget([layer.name for layer in rng.sample(own, len(own))], params, budget * total):
+            rules.append(Rule(f"{expert}:{name}", None, None, f"random draw {seed}"))
     return Plan(rules + quantize_the_rest(experts, fmt))
+
+
+def fill_budget(order: list[str], params: dict[str, int], budget: float) -> list[str]:
+    """The layers of ``order`` taken in turn while they fit in ``budget`` parameters (a layer that does not fit
+    is skipped, later smaller ones may still be taken)."""
+    chosen, used = [], 0
+    for name in order:
+        if used + params[name] <= budget:
+            chosen.append(name)
+            used += params[name]
+    return chosen
 
 
 SEED_STRIDE = 10007

@@ -165,6 +165,11 @@ class ModelFamily:
         ablation compares sensq's plans with; None where there is none."""
         return None
 
+    def entrance_rule(self, experts: list[str]) -> str:
+        """The plan rule's ``match`` for the entrance layers of ``experts``: ``re:(high|low):(patch_embedding|...)``."""
+        who = experts[0] if len(experts) == 1 else f"({'|'.join(experts)})"
+        return f"re:{who}:({'|'.join(self.entrance)})"
+
     def is_entrance(self, layer: str) -> bool:
         return any(re.fullmatch(pattern, layer) for pattern in self.entrance)
 
