@@ -136,7 +136,7 @@ def test_the_simulated_ctrl_c_reaches_a_child_of_a_background_job():
 
 _PAUSED_SAVE = """
 import sys, time
-import sensq.quant.checkpoint as checkpoint
+import sensq.quant.checkpoint.write as checkpoint
 point = sys.argv[1]
 original = getattr(checkpoint, point)
 
