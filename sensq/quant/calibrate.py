@@ -34,6 +34,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
+from diffusers.hooks import HookRegistry, ModelHook
 
 from sensq.errors import InputError
 from sensq.formats import FormatSpec, PackedTensor, get_format, unpack
@@ -122,6 +123,21 @@ def _calibrate_layer(module, weight_fmt, act_fmt, act_rows: torch.Tensor | None,
     result.weight_curve = clip_curve(weight, weight_fmt, backend)
     result.weight_clip, result.weight_nmse = _best(result.weight_curve)
     return result
+
+
+CAPTURE_HOOK = "sensq_calibration_capture"
+
+
+class _InputCapture(ModelHook):
+    """Keeps the input rows of each call of one layer (diffusers' hook, as every sensq hook)."""
+
+    def __init__(self, into: list):
+        super().__init__()
+        self.into = into
+
+    def pre_forward(self, module, *args, **kwargs):
+        self.into.append(input_rows(module, args[0].detach()).float().cpu())
+        return args, kwargs
 
 
 def _quantize_calibrated(expert_module, name: str, row: dict, calib: LayerCalibration, backend) -> None:
@@ -225,23 +241,19 @@ def _calibrate_blocks(expert_module, expert, rows, methods, probe, family, max_r
         names = [name for name in rows if family.block_of(name) == f"{family.blocks}.{index}"]
         captured: dict[str, list[torch.Tensor]] = {name: [] for name in names
                                                    if needs_data(methods[name])}
-        handles = []
+        registries = []
         for name in captured:
-            module = expert_module.get_submodule(name)
-
-            def capture(mod, args, name=name, captured=captured):
-                x = args[0].detach()
-                captured[name].append(input_rows(mod, x).float().cpu())
-
-            handles.append(module.register_forward_pre_hook(capture))
-        if handles:
+            registry = HookRegistry.check_if_exists_or_initialize(expert_module.get_submodule(name))
+            registry.register_hook(_InputCapture(captured[name]), CAPTURE_HOOK)
+            registries.append(registry)
+        if registries:
             with torch.no_grad():
                 try:
                     for h, call in zip(hidden, calls, strict=True):
                         _run_block(family, block, h, call, dtype, device)
                 finally:
-                    for handle in handles:
-                        handle.remove()
+                    for registry in registries:
+                        registry.remove_hook(CAPTURE_HOOK, recurse=False)
         for name in names:
             act_rows = None
             if name in captured:

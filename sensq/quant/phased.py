@@ -13,6 +13,7 @@ is an error, not a guess.
 from __future__ import annotations
 
 import torch
+from diffusers.hooks import HookRegistry, ModelHook
 
 from sensq.models.layers import layer_kind
 from sensq.quant.layers import original_module, quantize_module
@@ -22,25 +23,41 @@ STEP_CLOCK_ATTR = "_sensq_step_clock"
 """The pipeline attribute holding its :class:`StepClock` (one per pipeline, attached once)."""
 
 
+CLOCK_HOOK = "sensq_step_clock"
+
+
+class _ClockHook(ModelHook):
+    """diffusers' hook (the mechanism every sensq hook uses) that shows each expert forward to the clock."""
+
+    def __init__(self, clock: StepClock):
+        super().__init__()
+        self.clock = clock
+
+    def pre_forward(self, module, *args, **kwargs):
+        self.clock._see(module, args, kwargs)
+        return args, kwargs
+
+
 class StepClock:
-    """The step the pipeline is running, kept up to date by pre-hooks on its experts."""
+    """The step the pipeline is running, kept up to date by a hook on each of its experts."""
 
     def __init__(self, pipe, family):
         self.pipe, self.family = pipe, family
         self.timestep: float | None = None
         self._step: int | None = None
-        self.handles: list = []
+        self.registries: list = []
 
     def attach(self) -> StepClock:
         for expert in self.family.experts(self.pipe):
-            module = self.family.expert_module(self.pipe, expert)
-            self.handles.append(module.register_forward_pre_hook(self._see, with_kwargs=True))
+            registry = HookRegistry.check_if_exists_or_initialize(self.family.expert_module(self.pipe, expert))
+            registry.register_hook(_ClockHook(self), CLOCK_HOOK)
+            self.registries.append(registry)
         return self
 
     def detach(self) -> None:
-        for handle in self.handles:
-            handle.remove()
-        self.handles.clear()
+        for registry in self.registries:
+            registry.remove_hook(CLOCK_HOOK, recurse=False)
+        self.registries.clear()
 
     def _see(self, module, args, kwargs):
         """Once per expert forward (not per layer call): the timestep, and its index in the scheduler's
