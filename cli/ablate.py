@@ -231,7 +231,7 @@ def demo(model, fmt, n_prompts, steps, budget, seeds, threads, out) -> None:
     prompts = load_prompts(None, n_prompts, procedural=loaded.procedural)
     probe_path = out / "probe.h5"
     step(f"probe: {model}, {len(prompts)} prompts x {steps} UniPC steps with CFG, both experts -> {probe_path}")
-    run_probe(ProbeRequest(loaded, trajectory, prompts, loaded.adapter.experts(loaded.pipe), probe_path,
+    run_probe(ProbeRequest(loaded, trajectory, prompts, loaded.family.experts(loaded.pipe), probe_path,
                             resume=probe_path.exists()))
     from sensq.cli.common import progress_bar
     from sensq.metrics import DEFAULT_METRIC

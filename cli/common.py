@@ -105,9 +105,9 @@ def checkpoint_option(applies_to: str):
 
 def refuse_second_expert_options(model) -> None:
     """``--guidance-2`` on a model with one expert means nothing: one line, exit 2 (a preset's value passes)."""
-    experts = model.adapter.experts(model.pipe)
+    experts = model.family.experts(model.pipe)
     refuse_unused(click.get_current_context(), len(experts) > 1, ("guidance_2",),
-                  f"is the low-noise expert's CFG scale; this {model.adapter.name} model has one expert "
+                  f"is the low-noise expert's CFG scale; this {model.family.name} model has one expert "
                   f"({', '.join(experts)}): use --guidance")
 
 

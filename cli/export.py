@@ -94,7 +94,7 @@ def audit(files, model, expert, plan_out, device, as_json) -> None:
 
         check_output_file(plan_out, PLAN_SCHEMA, "plan")
     source = load_cli_model(model, device, None)
-    experts = source.adapter.experts(source.pipe)
+    experts = source.family.experts(source.pipe)
     audits = []
     for path in files:
         which = expert or path.name.split(".")[0]

@@ -211,7 +211,7 @@ def _searched(ranking, ranking_file, budget: float, fmt: str, *, rounds: int, pr
     return plan_protecting(
         found.chosen, model_layers(loaded), fmt,
         model={"id": ranking.provenance.get("model_id"), "fingerprint": loaded.fingerprint,
-               "loras": ranking.provenance.get("loras") or {}, "family": loaded.adapter.name},
+               "loras": ranking.provenance.get("loras") or {}, "family": loaded.family.name},
         source={"ranking_metric": ranking.metric, "search": "e2e", "budget": budget, "rounds": found.rounds,
                 "projections": projections, "prompts": len(job.prompts), "probe_file": str(probe_file),
                 "checkpoint": checkpoint,

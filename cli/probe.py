@@ -59,7 +59,7 @@ def probe(**kwargs) -> None:
     model = load_cli_model(kwargs["model"], kwargs["device"], kwargs["dtype"], kwargs["lora_high"], kwargs["lora_low"])
     refuse_second_expert_options(model)
     prompts = load_prompts(kwargs["prompts_path"], kwargs["limit"], procedural=model.procedural)
-    experts = (model.adapter.experts(model.pipe) if kwargs["expert"] in ("all", "both") else [kwargs["expert"]])
+    experts = (model.family.experts(model.pipe) if kwargs["expert"] in ("all", "both") else [kwargs["expert"]])
     request = ProbeRequest(
         model=model, trajectory=trajectory.with_resolution(model.default_resolution), prompts=prompts,
         experts=experts, out=kwargs["out"],

@@ -132,9 +132,9 @@ def rank(probe_file, model, device, dtype, lora_high, lora_low, formats, metric,
     if as_json:
         click.echo(json.dumps(ranking.to_dict(), indent=1))
         return
-    _table(ranking, top, out, loaded.adapter)
+    _table(ranking, top, out, loaded.family)
     if ranking.validation:
-        _validation_lines(ranking.validation, loaded.adapter)
+        _validation_lines(ranking.validation, loaded.family)
 
 
 def _validation_lines(validation: dict, family) -> None:

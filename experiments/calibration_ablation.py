@@ -32,9 +32,9 @@ def main() -> None:
     model = load_model(args.model, torch.device("cpu"), torch.float32)
     trajectory = Trajectory(steps=args.steps).with_resolution(model.default_resolution)
     prompts = load_prompts(None, args.prompts)
-    experts = model.adapter.experts(model.pipe)
+    experts = model.family.experts(model.pipe)
     everything = [Rule(f"re:{e}:.*", args.format, args.format) for e in experts]
-    entrance = model.adapter.entrance_rule(experts)
+    entrance = model.family.entrance_rule(experts)
     with tempfile.TemporaryDirectory() as tmp:
         probe = Path(tmp) / "probe.h5"
         run_probe(ProbeRequest(model, trajectory, prompts, ["high", "low"], probe))

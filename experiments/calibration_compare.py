@@ -30,7 +30,7 @@ from sensq.plan import Plan, Rule, build_plan, model_layers, summarize, validate
 
 
 def sets_for(model, ranking, fmt: str = "hif4") -> list[ProtectedSet]:
-    family = model.adapter
+    family = model.family
     experts = family.experts(model.pipe)
     entrance = family.entrance_rule(experts)
 

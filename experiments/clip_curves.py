@@ -32,7 +32,7 @@ def main() -> None:
     parser.add_argument("--format", default="hif4")
     args = parser.parse_args()
     model = load_model(args.model, torch.device("cpu"), torch.float32)
-    experts = model.adapter.experts(model.pipe)
+    experts = model.family.experts(model.pipe)
     plan = Plan([Rule(f"re:{e}:.*", args.format, args.format) for e in experts])
     _, calibration = apply_plan(model, plan, probe_path=args.probe, calibrate="mse")
     for expert, layers in calibration.items():

@@ -154,7 +154,7 @@ job = E2EJob(Trajectory(steps=1, guidance=1.0, guidance_2=None).with_resolution(
 held = []
 if mode == "upfront":  # the sweep as it was before: every dense twin built before scoring
     held = [quantize_module(expert.get_submodule(n), get_format("hif4"), get_format("hif4")) for n in layers]
-e2e_scores(model.pipe, expert, layers, job, get_format("hif4"), family=model.adapter)
+e2e_scores(model.pipe, expert, layers, job, get_format("hif4"), family=model.family)
 print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
 """
 

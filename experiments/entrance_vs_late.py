@@ -50,7 +50,7 @@ def main() -> None:
     layers = model_layers(model)
     experts = sorted({layer.expert for layer in layers})
     params = {e: {x.name: x.params for x in layers if x.expert == e} for e in experts}
-    entrance = {e: {n for n in params[e] if model.adapter.is_entrance(n)} for e in experts}
+    entrance = {e: {n for n in params[e] if model.family.is_entrance(n)} for e in experts}
     budget = {e: sum(params[e][n] for n in entrance[e]) for e in experts}
     with tempfile.TemporaryDirectory() as tmp:
         probe = Path(tmp) / "probe.h5"

@@ -38,7 +38,7 @@ def main() -> None:
     trajectory = get_preset(args.preset).with_resolution(model.default_resolution)
     prompts = load_prompts(None, args.prompts, procedural=model.procedural)
     probe = args.out / "probe.h5"
-    experts = model.adapter.experts(model.pipe)
+    experts = model.family.experts(model.pipe)
     run_probe(ProbeRequest(model, trajectory, prompts, experts, probe, resume=probe.exists()))
     ranking = rank_layers(RankRequest(probe, model, ["hif4"], metric="e2e", limit=min(args.prompts, 2)))
     ranking.save(args.out / "e2e.json")

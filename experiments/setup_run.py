@@ -43,7 +43,7 @@ def probe_and_rank(args, formats=("hif4",)) -> Run:
         model.default_resolution)
     prompts = load_prompts(None, args.prompts, procedural=model.procedural)
     probe = args.out / "probe.h5"
-    run_probe(ProbeRequest(model, trajectory, prompts, model.adapter.experts(model.pipe), probe,
+    run_probe(ProbeRequest(model, trajectory, prompts, model.family.experts(model.pipe), probe,
                            resume=probe.exists()))
     ranking = rank_layers(RankRequest(probe, model, list(formats), metric="mse"))
     ranking.save(args.out / "ranking.json")

@@ -42,7 +42,7 @@ def quantized_work_share(model, plan: Plan, trajectory: Trajectory) -> float:
     """Parameters x steps run with a quantized weight over parameters x steps run, along ``trajectory``."""
     table = validate_plan(plan, model_layers(model))
     apply_trajectory(model.pipe, trajectory)
-    steps = plan_steps(model.pipe, model.adapter, trajectory)
+    steps = plan_steps(model.pipe, model.family, trajectory)
     done = total = 0
     for step in steps:
         for row in (r for r in table if r["expert"] == step.expert):
@@ -59,8 +59,8 @@ def quantized_work_share(model, plan: Plan, trajectory: Trajectory) -> float:
 
 
 def sets_for(model, ranking, budget: float, steps: int, fmt: str = "hif4") -> list[ProtectedSet]:
-    experts = model.adapter.experts(model.pipe)
-    entrance = model.adapter.entrance_rule(experts)
+    experts = model.family.experts(model.pipe)
+    entrance = model.family.entrance_rule(experts)
     everything = [Rule(f"re:{e}:.*", fmt, fmt) for e in experts]
     kept = build_plan(ranking, budget=budget, fmt=fmt, protect_entrance=False)
     last = steps - 1

@@ -47,12 +47,12 @@ def main() -> None:
     few = get_preset("lightning-4step").with_resolution(student.default_resolution)
     long = Trajectory(steps=args.teacher_steps).with_resolution(teacher.default_resolution)
     prompts = load_prompts(None, args.prompts, procedural=student.procedural)
-    experts = student.adapter.experts(student.pipe)
+    experts = student.family.experts(student.pipe)
     own, taught = args.out / "student-4step.h5", args.out / f"teacher-{args.teacher_steps}step.h5"
     run_probe(ProbeRequest(student, few, prompts, experts, own, resume=own.exists()))
     run_probe(ProbeRequest(teacher, long, prompts, experts, taught, resume=taught.exists()))
     del teacher
-    entrance = student.adapter.entrance_rule(experts)
+    entrance = student.family.entrance_rule(experts)
     plan = Plan([Rule(entrance, None, None)] + [Rule(f"re:{e}:.*", "hif4", "hif4") for e in experts])
     variants = [
         ("no calibration", {"calibrate": "none"}),

@@ -41,7 +41,7 @@ def main() -> None:
     trajectory = Trajectory(steps=args.steps).with_resolution(model.default_resolution)
     prompts = load_prompts(None, args.prompts, procedural=model.procedural)
     probe = args.out / "probe.h5"
-    run_probe(ProbeRequest(model, trajectory, prompts, model.adapter.experts(model.pipe), probe,
+    run_probe(ProbeRequest(model, trajectory, prompts, model.family.experts(model.pipe), probe,
                            resume=probe.exists()))
     ranking = rank_layers(RankRequest(probe, model, ["hif4", "fp8_e4m3"], metric="mse"))
     ranking.save(args.out / "ranking.json")

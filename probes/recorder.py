@@ -116,7 +116,7 @@ def _route(request: ProbeRequest) -> tuple[list, dict[str, list[int]]]:
         InputError: an unknown expert, a resolution the family refuses, an expert no step is routed to.
     """
     model, trajectory = request.model, request.trajectory
-    pipe, adapter = model.pipe, model.adapter
+    pipe, adapter = model.pipe, model.family
     available = adapter.experts(pipe)
     for expert in request.experts:
         if expert not in available:
@@ -162,7 +162,7 @@ def _run_probe(request: ProbeRequest, progress: Callable[[ProgressEvent], None] 
     """
     started = time.perf_counter()
     model, trajectory = request.model, request.trajectory
-    pipe, adapter = model.pipe, model.adapter
+    pipe, adapter = model.pipe, model.family
     steps, expert_steps = _route(request)
     seeds = [trajectory.seed + p.index for p in request.prompts]
     writer = _open_writer(request, steps, expert_steps, seeds)

@@ -85,7 +85,7 @@ def standard_sets(model, ranking, fmt: str = "hif4", top_ks=(2, 4), budgets=(0.3
     same share of parameters protected (seeded draws, the yardstick a ranking has to beat). sensq's plans are
     made as ``sensq plan`` makes them, with ``protect_entrance`` as given (the entrance first, then the
     ranking; or the ranking alone; ``None``: as ``sensq plan`` decides for this ranking)."""
-    family = model.adapter
+    family = model.family
     experts = family.experts(model.pipe)
     everything = quantize_the_rest(experts, fmt)
     n_blocks = len(family.block_list(family.expert_module(model.pipe, experts[0])))
@@ -123,7 +123,7 @@ def standard_sets(model, ranking, fmt: str = "hif4", top_ks=(2, 4), budgets=(0.3
 def edge_blocks_plan(model, experts: list[str], budget: float, fmt: str) -> Plan:
     """The fixed rule of several tools at a budget: per expert, whole blocks from both ends of the stack (first,
     last, second, second to last, ...) while they fit in ``budget`` of its parameters; nothing else."""
-    family = model.adapter
+    family = model.family
     layers = model_layers(model)
     rules = []
     for expert in experts:
@@ -152,7 +152,7 @@ def plan_sets(model, paths: list[Path], fmt: str = "hif4") -> list[ProtectedSet]
     Raises:
         InputError: a plan that cannot be read, two files with the same name.
     """
-    experts = model.adapter.experts(model.pipe)
+    experts = model.family.experts(model.pipe)
     sets = [ProtectedSet("none", Plan(quantize_the_rest(experts, fmt)), "none")]
     return sets + file_sets(paths, sets)
 
@@ -303,7 +303,7 @@ def _run_ablation(model, trajectory, prompts, sets: list[ProtectedSet], out: Pat
             "effective_bits": summary["total"]["effective_bits"],
             "weight_bytes": summary["total"]["weight_bytes_after"],
             "weight_bytes_bf16": summary["total"]["weight_bytes_before"],
-            "real_size": summary_at_real_size(plan, model.adapter),
+            "real_size": summary_at_real_size(plan, model.family),
             **aggregate(per_item),
         })
         if progress is not None:

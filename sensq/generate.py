@@ -152,13 +152,13 @@ def _generate(request: GenerateRequest, progress: Callable[[int, int, Prompt], N
         write_json(manifest_path, manifest)  # claims the folder for this configuration at once
     pipe, trajectory = request.model.pipe, request.trajectory
     apply_trajectory(pipe, trajectory)
-    request.model.adapter.check_resolution(pipe, trajectory.height, trajectory.width, trajectory.frames,
+    request.model.family.check_resolution(pipe, trajectory.height, trajectory.width, trajectory.frames,
                                            request.model.dtype, request.model.device)
     from sensq.quant.phased import dead_ranges
     from sensq.trajectory import plan_steps
 
-    warnings = dead_ranges(pipe, request.model.adapter,
-                           [step.timestep for step in plan_steps(pipe, request.model.adapter, trajectory)])
+    warnings = dead_ranges(pipe, request.model.family,
+                           [step.timestep for step in plan_steps(pipe, request.model.family, trajectory)])
     generated, seconds = 0, 0.0
     for position, prompt in enumerate(request.prompts):
         key = str(prompt.index)
@@ -168,7 +168,7 @@ def _generate(request: GenerateRequest, progress: Callable[[int, int, Prompt], N
 
         def keep_final(_pipe, i, _t, kwargs, final=final):
             if i == trajectory.steps - 1:
-                latents = request.model.adapter.video_latents(pipe, kwargs["latents"].detach(), trajectory)
+                latents = request.model.family.video_latents(pipe, kwargs["latents"].detach(), trajectory)
                 final["latents"] = latents.cpu().clone()  # [B, C, F, H, W] in every family
             return kwargs
 

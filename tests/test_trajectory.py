@@ -14,7 +14,7 @@ def tiny():
 def test_lightning_preset_reproduces_the_training_timesteps(tiny):
     trajectory = get_preset("lightning-4step")
     apply_trajectory(tiny.pipe, trajectory)
-    steps = plan_steps(tiny.pipe, tiny.adapter, trajectory)
+    steps = plan_steps(tiny.pipe, tiny.family, trajectory)
     assert [round(s.timestep, 1) for s in steps] == [1000.0, 937.5, 833.3, 625.0]
     assert [s.expert for s in steps] == ["high", "high", "low", "low"]
     assert not trajectory.cfg and trajectory.branches == ("cond",)
@@ -23,14 +23,14 @@ def test_lightning_preset_reproduces_the_training_timesteps(tiny):
 def test_plain_euler_shift5_is_not_lightning(tiny):
     trajectory = Trajectory(steps=4, scheduler="euler", shift=5.0, guidance=1.0)
     apply_trajectory(tiny.pipe, trajectory)
-    timesteps = [round(s.timestep, 1) for s in plan_steps(tiny.pipe, tiny.adapter, trajectory)]
+    timesteps = [round(s.timestep, 1) for s in plan_steps(tiny.pipe, tiny.family, trajectory)]
     assert timesteps != [1000.0, 937.5, 833.3, 625.0] and timesteps[0] == 1000.0
 
 
 def test_unipc_shift3_routing(tiny):
     trajectory = Trajectory(steps=8, scheduler="unipc", shift=3.0)
     apply_trajectory(tiny.pipe, trajectory)
-    steps = plan_steps(tiny.pipe, tiny.adapter, trajectory)
+    steps = plan_steps(tiny.pipe, tiny.family, trajectory)
     assert [s.expert for s in steps].count("high") == 3
     assert all((s.timestep >= 875) == (s.expert == "high") for s in steps)
 
@@ -49,7 +49,7 @@ def test_the_pipeline_runs_the_planned_steps_on_the_planned_experts(tiny):
     finally:
         for handle in handles:
             handle.remove()
-    planned = [(s.expert, round(s.timestep, 1)) for s in plan_steps(tiny.pipe, tiny.adapter, trajectory)]
+    planned = [(s.expert, round(s.timestep, 1)) for s in plan_steps(tiny.pipe, tiny.family, trajectory)]
     assert [(e, round(t, 1)) for e, t in seen] == planned  # guidance 1: one forward per step
 
 

@@ -63,10 +63,10 @@ def main() -> None:
                                                                      projections=args.projections)))
         rows.append((f"rank --metric grad-e2e, K={args.projections}, {args.prompts} prompt(s)", seconds,
                      seconds / generation))
-    expert = model.adapter.expert_module(model.pipe, "low")
+    expert = model.family.expert_module(model.pipe, "low")
     names = [info.name for info in model_layers(model) if info.expert == "low"][: args.e2e_layers]
     _, seconds = _timed("e2e", lambda: e2e_scores(model.pipe, expert, names, job, get_format("hif4"),
-                                                  family=model.adapter))
+                                                  family=model.family))
     per_layer = (seconds - generation * len(prompts)) / len(names)  # minus the reference generation
     rows.append((f"e2e leave-one-in, per layer, {args.prompts} prompt(s)", per_layer, per_layer / generation))
     _, seconds = _timed("search", lambda: search_protected(model, job, get_format("hif4"), 0.1, rounds=1,

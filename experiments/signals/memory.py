@@ -22,10 +22,10 @@ checkpoint = sys.argv[4] == "1"
 m = load_model(model_name, torch.device("cpu"), torch.float32)
 t = get_preset("lightning-4step").with_resolution((size, size, frames))
 job = E2EJob(t, [load_prompts(None, 1, procedural=m.procedural)[0].text], [0], [""])
-experts = {e: m.adapter.expert_module(m.pipe, e) for e in m.adapter.experts(m.pipe)}
+experts = {e: m.family.expert_module(m.pipe, e) for e in m.family.experts(m.pipe)}
 before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 started = time.perf_counter()
-result = linearize(m.pipe, experts, job, get_format("hif4"), family=m.adapter, projections=2, checkpoint=checkpoint)
+result = linearize(m.pipe, experts, job, get_format("hif4"), family=m.family, projections=2, checkpoint=checkpoint)
 peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 print(json.dumps({"seconds": time.perf_counter() - started, "peak_mb": peak / 1024, "before_mb": before / 1024,
                   "scores": {e: {n: v[0] for n, v in s.items()} for e, s in result.scores.items()}}))

@@ -100,10 +100,10 @@ def export_checkpoint(checkpoint: str | Path, target_name: str, out: str | Path,
     out = check_output_folder(out, REPORT, EXPORT_SCHEMA, "export folder")
     started = time.perf_counter()
     model = load_quantized(checkpoint)
-    experts = model.adapter.experts(model.pipe)
+    experts = model.family.experts(model.pipe)
     planned: dict[str, tuple[list, dict]] = {}
     for expert in experts:  # every layer is laid out before anything is written: a refusal leaves no file
-        layers, plain = _expert_layers(model.adapter.expert_module(model.pipe, expert))
+        layers, plain = _expert_layers(model.family.expert_module(model.pipe, expert))
         written = []
         for position, layer in enumerate(layers):
             try:

@@ -181,10 +181,10 @@ def audit_file(path: str | Path, source, expert: str) -> Audit:
         head = f.read(4)
     kind = "gguf" if head == b"GGUF" else "comfyui"
     layers, plain = _gguf_layers(path) if kind == "gguf" else _comfy_layers(path)
-    experts = source.adapter.experts(source.pipe)
+    experts = source.family.experts(source.pipe)
     if expert not in experts:
         raise InputError(f"--expert {expert!r} is not an expert of {source.model_id!r} ({', '.join(experts)})")
-    reference = source.adapter.expert_module(source.pipe, expert).state_dict()
+    reference = source.family.expert_module(source.pipe, expert).state_dict()
     names = _diffusers_names([f"{key}.weight" for key in layers] + list(plain))
     result = Audit(str(path), kind, expert)
     for key, (fmt, weight) in sorted(layers.items()):
@@ -205,7 +205,7 @@ def audit_file(path: str | Path, source, expert: str) -> Audit:
     from sensq.models.layers import quantizable_layers
 
     quantized_names = {layer.name for layer in result.quantized}
-    module = source.adapter.expert_module(source.pipe, expert)
+    module = source.family.expert_module(source.pipe, expert)
     result.kept = [name for name, _ in quantizable_layers(module) if name not in quantized_names]
     result.unknown += [key for key, name in names.items() if name not in reference and key in plain]
     return result
@@ -226,5 +226,5 @@ def audit_plan(audits: list[Audit], source):
                               why=f"{layer.fmt} in {Path(audit.file).name}"))
     rules.append(Rule("re:.*", None, None, why="not quantized in the audited file(s)"))
     return Plan(rules, model={"id": source.model_id, "fingerprint": source.fingerprint,
-                              "family": source.adapter.name},
+                              "family": source.family.name},
                 source={"audited": [audit.file for audit in audits]})

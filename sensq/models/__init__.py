@@ -40,7 +40,7 @@ class LoadedModel:
 
     Attributes:
         pipe: the diffusers pipeline, on ``device`` in ``dtype``.
-        adapter: the model's family (experts, routing, blocks, entrance layers; :mod:`sensq.models.family`).
+        family: the model's family (experts, routing, blocks, entrance layers; :mod:`sensq.models.family`).
         model_id: what the user passed (``tiny``, a folder, a Hub id).
         fingerprint: see :func:`model_fingerprint`.
         default_resolution: (height, width, frames) when the user passes none.
@@ -49,7 +49,7 @@ class LoadedModel:
     """
 
     pipe: object
-    adapter: ModelFamily
+    family: ModelFamily
     model_id: str
     fingerprint: str
     default_resolution: tuple[int, int, int]
@@ -256,10 +256,10 @@ def load_a14b_width(num_layers: int = 1, seed: int = 1) -> LoadedModel:
     embedder and proj_out), random weights, fp32. For timing sensq's work at real widths (benchmarks,
     experiments/rank_a14b_width.py), not for generating anything."""
     model = load_source_model("tiny-realshape", torch.device("cpu"), torch.float32)
-    family = model.adapter
+    family = model.family
     for offset, attr in enumerate(family.expert_attrs.values()):
         torch.manual_seed(seed + offset)
         setattr(model.pipe, attr, family.transformer_type()(**{**family.real_config, "num_layers": num_layers}).eval())
     model.model_id = f"a14b-width-{num_layers}"
-    model.fingerprint = model_fingerprint(model.pipe, model.adapter)
+    model.fingerprint = model_fingerprint(model.pipe, model.family)
     return model

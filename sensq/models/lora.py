@@ -54,11 +54,11 @@ def fuse_loras(model, *, high: str | None = None, low: str | None = None, scale:
         if not Path(path).is_file():
             raise InputError(f"LoRA file for the {expert}-noise expert not found: {str(path)!r} (a probe or ranking "
                              f"records where its LoRAs were: pass --lora-{expert} with the file's new place)")
-        if expert not in model.adapter.expert_attrs:
-            raise InputError(f"--lora-{expert}: this {model.adapter.name} model has no {expert!r} expert (it has "
-                             f"{', '.join(model.adapter.expert_attrs)}); --lora-high/--lora-low are Wan2.2's experts")
+        if expert not in model.family.expert_attrs:
+            raise InputError(f"--lora-{expert}: this {model.family.name} model has no {expert!r} expert (it has "
+                             f"{', '.join(model.family.expert_attrs)}); --lora-high/--lora-low are Wan2.2's experts")
         check_lora_file(path, expert)
-        component = model.adapter.expert_attrs[expert]
+        component = model.family.expert_attrs[expert]
         try:
             pipe.load_lora_weights(path, adapter_name=f"sensq_{expert}",
                                    load_into_transformer_2=(component == "transformer_2"))
@@ -71,4 +71,4 @@ def fuse_loras(model, *, high: str | None = None, low: str | None = None, scale:
     # absolute paths: probes and rankings record them, and rank/ablate may run from another directory
     model.loras = {**model.loras, **{e: str(Path(p).resolve()) for e, p in (("high", high), ("low", low))
                                       if p is not None}}
-    model.fingerprint = model_fingerprint(pipe, model.adapter)
+    model.fingerprint = model_fingerprint(pipe, model.family)

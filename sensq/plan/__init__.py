@@ -478,7 +478,7 @@ def plan_protecting(chosen: dict[str, list[tuple[str, str]]], layers: list[Layer
 def model_layers(model) -> list[LayerInfo]:
     """Every quantizable layer of every expert of a loaded model (quantized twins share the originals'
     parameters, so a quantized model lists the same layers)."""
-    return layer_infos({e: model.adapter.expert_module(model.pipe, e) for e in model.adapter.experts(model.pipe)})
+    return layer_infos({e: model.family.expert_module(model.pipe, e) for e in model.family.experts(model.pipe)})
 
 
 def validate_plan(plan: Plan, layers: list[LayerInfo]) -> list[dict]:

@@ -34,8 +34,8 @@ def quantize_(model, plan: Plan, backend: str = "auto") -> list[dict]:
 
 def dequantize_(model) -> None:
     """Put plain layers back everywhere (exact: the twins share the original parameters)."""
-    for expert_name in model.adapter.experts(model.pipe):
-        expert = model.adapter.expert_module(model.pipe, expert_name)
+    for expert_name in model.family.experts(model.pipe):
+        expert = model.family.expert_module(model.pipe, expert_name)
         for name, module in quantizable_layers(expert):  # a phased layer is one layer: its variants are inside
             if is_phased(module):
                 swap(expert, name, original_module(module.base))
@@ -48,10 +48,10 @@ def phase_layers(model, table: list[dict], expert: str, backend: str = "auto") -
     """Wrap every layer of ``expert`` whose resolved row has ``phases`` (rules with a step or sigma range) in a
     :class:`sensq.quant.phased.PhasedLayer` around its current module (quantized by the plan, calibrated or
     not). Returns how many layers were wrapped."""
-    module = model.adapter.expert_module(model.pipe, expert)
+    module = model.family.expert_module(model.pipe, expert)
     rows = [row for row in table if row["expert"] == expert and row.get("phases")]
     for row in rows:
-        clock = step_clock(model.pipe, model.adapter)
+        clock = step_clock(model.pipe, model.family)
         swap(module, row["layer"], phased_layer(module.get_submodule(row["layer"]), row, clock, backend))
     return len(rows)
 
@@ -61,8 +61,8 @@ def offload_experts(model) -> None:
     block level; the rest waits on the host). A no-op in effect when the model runs on the CPU."""
     from diffusers.hooks import apply_group_offloading
 
-    for expert in model.adapter.experts(model.pipe):
-        apply_group_offloading(model.adapter.expert_module(model.pipe, expert), onload_device=model.device,
+    for expert in model.family.experts(model.pipe):
+        apply_group_offloading(model.family.expert_module(model.pipe, expert), onload_device=model.device,
                                offload_device=torch.device("cpu"), offload_type="block_level",
                                num_blocks_per_group=1)
 
@@ -102,7 +102,7 @@ def apply_plan(model, plan: Plan, *, probe_path=None, calibrate: str = "none", s
     if any(map(needs_data, methods)) and probe_path is None:
         which = f"--calibrate {calibrate} needs" if calibrate != "none" else "the plan's 'calibration' rules need"
         raise InputError(f"{which} --probe PROBE.h5 (the captured inputs to calibrate on)")
-    family, experts = model.adapter, model.adapter.experts(model.pipe)
+    family, experts = model.family, model.family.experts(model.pipe)
     if pooled_experts and sequential_experts:
         raise InputError("--pooled-experts and --sequential-experts exclude each other: a pooled set is drawn "
                          "from the full-precision trajectory of every expert")

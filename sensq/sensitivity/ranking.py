@@ -235,7 +235,7 @@ def rank_layers(request: RankRequest, progress: Callable[[str, int, int], None] 
         if METRICS[request.metric].propagated:  # every expert in one pass
             ranked = _rank_propagated(request, probe, model, experts, formats, steps, sigmas, progress)
         for expert in () if METRICS[request.metric].propagated else experts:
-            expert_module = model.adapter.expert_module(model.pipe, expert)
+            expert_module = model.family.expert_module(model.pipe, expert)
             if METRICS[request.metric].local:
                 ranked[expert] = _rank_local(request, probe, expert, expert_module, formats,
                                              np.array(sigmas[expert]), use_outputs[expert], progress)
@@ -259,7 +259,7 @@ def rank_layers(request: RankRequest, progress: Callable[[str, int, int], None] 
 def _rank_local(request: RankRequest, probe, expert: str, expert_module, formats, sigmas: np.ndarray,
                 use_outputs: bool, progress) -> list[LayerRank]:
     """Every probed layer of one expert scored by a local metric, reduced over steps."""
-    family = request.model.adapter
+    family = request.model.family
     layer_names = probe.layers(expert)
     layers = []
     for i, name in enumerate(layer_names):
@@ -286,7 +286,7 @@ def _provenance(request: RankRequest, probe, used_outputs: bool, seconds: float)
     return {
         "probe_file": str(request.probe_path), "probe_sha256": file_digest(request.probe_path, length=64),
         "probe_model_fingerprint": probe.model_fingerprint, "model_id": model.model_id,
-        "family": model.adapter.name, "model_fingerprint": model.fingerprint, "loras": dict(model.loras),
+        "family": model.family.name, "model_fingerprint": model.fingerprint, "loras": dict(model.loras),
         "reference": "recorded outputs" if used_outputs else "recomputed from the samples",
         "trajectory": probe.attr_json("trajectory"), "prompts": int(probe.done.sum()), "seconds": round(seconds, 3),
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
@@ -310,7 +310,7 @@ def _rank_propagated(request, probe, model, experts, formats, steps, sigmas, pro
     """Every probed layer of every expert, from one pass per prompt (:mod:`sensq.sensitivity.propagated`)."""
     from sensq.sensitivity.propagated import propagated_scores
 
-    family = model.adapter
+    family = model.family
     job = probe_job(probe, request.limit)
     modules = {e: family.expert_module(model.pipe, e) for e in experts}
     scores = {}
@@ -339,19 +339,19 @@ def _rank_e2e(request, probe, model, expert, expert_module, layer_names, formats
     values = {}
     for fmt in formats:
         values[fmt.identity] = e2e_scores(
-            model.pipe, expert_module, layer_names, job, fmt, family=model.adapter, mode=request.mode,
+            model.pipe, expert_module, layer_names, job, fmt, family=model.family, mode=request.mode,
             granularity=request.granularity, backend=request.backend,
             progress=None if progress is None else (lambda i, n: progress(f"{expert} e2e", i, n)),
         )
     layers = []
-    for group, members in layer_groups(layer_names, request.granularity, model.adapter):
+    for group, members in layer_groups(layer_names, request.granularity, model.family):
         infos = [probe.layer_attrs(expert, name) for name in members]
         layers.append(LayerRank(
             name=group, kind=infos[0]["kind"] if len(infos) == 1 else "block",
             params=sum(i["params"] for i in infos), in_features=infos[0]["in_features"],
             out_features=infos[-1]["out_features"],
-            entrance=all(model.adapter.is_entrance(n) for n in members),
-            exit=all(model.adapter.is_exit(n) for n in members),
+            entrance=all(model.family.is_entrance(n) for n in members),
+            exit=all(model.family.is_exit(n) for n in members),
             value={f: values[f][group] for f in values}, members=members if len(members) > 1 else [],
             member_layers=[{"name": n, "kind": i["kind"], "params": int(i["params"]),
                             "in_features": int(i["in_features"])} for n, i in zip(members, infos, strict=True)]

@@ -69,7 +69,7 @@ def search_protected(model, job: E2EJob, fmt: FormatSpec, budget: float, *, roun
     """Protect, per expert, layers within ``budget`` of its parameters (see the module docstring).
 
     ``checkpoint`` bounds the memory of each linearization as in :func:`linearize`."""
-    family, pipe = model.adapter, model.pipe
+    family, pipe = model.family, model.pipe
     experts = {e: family.expert_module(pipe, e) for e in family.experts(pipe)}
     infos = model_layers(model)
     params = {(i.expert, i.name): i.params for i in infos}

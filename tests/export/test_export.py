@@ -42,8 +42,8 @@ def _deployed(checkpoint):
     """{expert: {Wan key prefix: (sensq format, the weight sensq's deployed layer computes with)}}."""
     model = load_quantized(checkpoint)
     out = {}
-    for expert in model.adapter.experts(model.pipe):
-        module = model.adapter.expert_module(model.pipe, expert)
+    for expert in model.family.experts(model.pipe):
+        module = model.family.expert_module(model.pipe, expert)
         out[expert] = {wan_name(name): (sub.weight_format.identity, sub.decoded_weight().clone())
                        for name, sub in module.named_modules() if is_deployed(sub)}
     return model, out
@@ -60,8 +60,8 @@ def test_wan_names_are_what_diffusers_converts_back(workspace):
     from diffusers.loaders.single_file_utils import convert_wan_transformer_to_diffusers
 
     model = load_quantized(workspace / "ckpt")
-    for expert in model.adapter.experts(model.pipe):
-        state = {k: v for k, v in model.adapter.expert_module(model.pipe, expert).state_dict().items()
+    for expert in model.family.experts(model.pipe):
+        state = {k: v for k, v in model.family.expert_module(model.pipe, expert).state_dict().items()
                  if "sensq" not in k}
         back = convert_wan_transformer_to_diffusers({wan_name(k): v for k, v in state.items()})
         assert set(back) == set(state)
@@ -100,7 +100,7 @@ def test_comfyui_layers_dequantize_to_sensqs_weights_bit_for_bit(workspace, tmp_
                 assert (tag, fmt) == ("int8_tensorwise", "int8")
             assert torch.equal(theirs, weight), key
         assert formats["nvfp4"] > 0 and formats["int8_tensorwise"] > 0
-        module = model.adapter.expert_module(model.pipe, expert)
+        module = model.family.expert_module(model.pipe, expert)
         assert torch.equal(state["head.head.weight"], module.proj_out.weight)  # exactly what sensq ran
     report = json.loads((tmp_path / "comfy" / "export.json").read_text())
     assert all(row["codes_kept"] and row["nmse_vs_sensq"] == 0 for row in report["layers"])

@@ -56,18 +56,18 @@ def test_the_whole_chain(model, tmp_path):
         assert result.exit_code == 0, (args[0], result.output, result.exception)
 
     source = load_model(model, CPU, torch.float32)
-    assert source.adapter.name == family_name and source.adapter.experts(source.pipe) == experts
+    assert source.family.name == family_name and source.family.experts(source.pipe) == experts
     with ProbeFile(probe) as recorded:
         assert recorded.experts == experts
         for expert in experts:  # every quantizable layer was recorded, in both CFG branches
-            module = source.adapter.expert_module(source.pipe, expert)
+            module = source.family.expert_module(source.pipe, expert)
             assert recorded.layers(expert) == [name for name, _ in quantizable_layers(module)]
             samples = recorded.read(expert, recorded.layers(expert)[-1], "samples")
             assert samples.shape[2] == 2 and np.isfinite(samples).all()
     ranked = json.loads(ranking.read_text())
     assert ranked["provenance"]["family"] == family_name and list(ranked["experts"]) == experts
     blocks = json.loads(e2e.read_text())["experts"][experts[0]]
-    assert f"{source.adapter.blocks}.1" in {layer["name"] for layer in blocks}  # a whole block scored as one
+    assert f"{source.family.blocks}.1" in {layer["name"] for layer in blocks}  # a whole block scored as one
     from sensq.plan import Plan, model_layers, validate_plan
 
     block_plan = Plan.load(tmp_path / "blocks.json")  # a block ranking planned: the top block's every layer kept
@@ -78,13 +78,13 @@ def test_the_whole_chain(model, tmp_path):
                for layer in blocks)
     assert len(validate_plan(block_plan, model_layers(source))) == len(model_layers(source))
     manifest = json.loads((tmp_path / "ckpt" / "manifest.json").read_text())
-    assert manifest["family"] == family_name and manifest["experts"] == source.adapter.expert_attrs
+    assert manifest["family"] == family_name and manifest["experts"] == source.family.expert_attrs
     calibrated = [entry for entry in manifest["layers"].values() if entry["weight"]]
     assert calibrated and all(entry["act_rows"] for entry in calibrated)
     deployed = load_model(str(tmp_path / "ckpt"), CPU, torch.float32)
-    assert deployed.adapter is source.adapter
+    assert deployed.family is source.family
     assert any(type(m).__name__ == "PackedLinear" for e in experts
-               for m in deployed.adapter.expert_module(deployed.pipe, e).modules())
+               for m in deployed.family.expert_module(deployed.pipe, e).modules())
     from safetensors.torch import load_file
 
     latents = [load_file(path)["latents"] for path in (tmp_path / "gen").rglob("*.safetensors")]
@@ -93,7 +93,7 @@ def test_the_whole_chain(model, tmp_path):
     rows = {row["set"]: row for row in result["rows"]}
     assert rows["none"]["metrics"]["latent_nmse"] > 0 and all(math.isfinite(r["metrics"]["latent_nmse"])
                                                                for r in rows.values())
-    assert rows["none"]["real_size"]["model"] == source.adapter.real_model_id
+    assert rows["none"]["real_size"]["model"] == source.family.real_model_id
 
 
 def test_batched_guidance_is_split_into_its_branches(tmp_path):
@@ -139,7 +139,7 @@ def test_a_saved_ltx_folder_loads_as_its_family(tmp_path):
     model = load_model("tiny-ltx", CPU, torch.float32)
     model.pipe.save_pretrained(tmp_path)
     again = load_model(str(tmp_path), CPU, torch.float32)
-    assert again.adapter.name == "ltx-video" and again.fingerprint == model.fingerprint
+    assert again.family.name == "ltx-video" and again.fingerprint == model.fingerprint
     inventory = layer_inventory(str(tmp_path))
     assert [layer.name for layer in inventory] == [name for name, _ in quantizable_layers(model.pipe.transformer)]
 
@@ -158,7 +158,7 @@ def test_family_registry_errors():
 
 def test_ltx_refuses_what_its_pipeline_cannot_run():
     model = load_model("tiny-ltx", CPU, torch.float32)
-    family = model.adapter
+    family = model.family
     with pytest.raises(InputError, match="ltx-video runs --scheduler euler, not 'unipc'"):
         family.check_trajectory(Trajectory())
     with pytest.raises(InputError, match="--height must be a multiple of 32 for ltx-video, got 48"):

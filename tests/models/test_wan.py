@@ -74,7 +74,7 @@ def test_fingerprint_changes_with_weights(tiny, tmp_path):
         other.pipe.transformer_2.proj_out.weight[0, 0] += 1.0
     from sensq.models import model_fingerprint
 
-    assert model_fingerprint(other.pipe, other.adapter) != tiny.fingerprint
+    assert model_fingerprint(other.pipe, other.family) != tiny.fingerprint
 
 
 def test_folder_without_pipeline(tmp_path):

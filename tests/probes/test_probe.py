@@ -87,7 +87,7 @@ def test_hooks_leave_the_generation_bit_identical_and_are_removed(tiny, tmp_path
     reference = run(tiny.pipe, "a red ball", trajectory, seed=3)
     from sensq.probes.capture import ProbeSession, apply_probe, remove_probe
 
-    session = ProbeSession(ProbeConfig(), trajectory.branches, tiny.adapter)
+    session = ProbeSession(ProbeConfig(), trajectory.branches, tiny.family)
     apply_probe(tiny.pipe.transformer, "high", session)
     steps_seen = []
 

@@ -170,7 +170,7 @@ def test_exports_refuse_plans_with_ranges(tiny):
 
     model, _ = tiny
     plan = Plan([Rule("re:high:blocks\\.0\\..*", None, None, steps=[0, 0]), EVERYTHING],
-                model={"family": model.adapter.name})
+                model={"family": model.family.name})
     plan.layers = validate_plan(plan, model_layers(model))
     with pytest.raises(InputError, match="changes .* with the denoising step"):
         build_export(plan, "torchao")
@@ -212,13 +212,13 @@ def test_a_range_no_step_reaches_is_named_once(tiny):
     from sensq.trajectory import plan_steps
 
     model, trajectory = tiny
-    timesteps = [step.timestep for step in plan_steps(model.pipe, model.adapter, trajectory)]
+    timesteps = [step.timestep for step in plan_steps(model.pipe, model.family, trajectory)]
     plan = Plan([Rule("re:high:blocks\\.0\\..*", None, None, steps=[7, 9]),
                  Rule("re:low:proj_out", None, None, sigma=[1.5, 2.0]),
                  Rule("re:low:blocks\\.0\\..*", None, None, steps=[3, 5]), EVERYTHING])
     apply_plan(model, plan)
     try:
-        lines = dead_ranges(model.pipe, model.adapter, timesteps)
+        lines = dead_ranges(model.pipe, model.family, timesteps)
     finally:
         dequantize_(model)
     assert len(lines) == 2, lines

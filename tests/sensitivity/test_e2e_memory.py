@@ -22,7 +22,7 @@ def setup():
     model = load_model("tiny", torch.device("cpu"), torch.float32)
     trajectory = Trajectory(steps=2, guidance_2=None).with_resolution(model.default_resolution)
     job = E2EJob(trajectory, ["a red circle"], [1], [""])
-    expert = model.adapter.expert_module(model.pipe, "low")
+    expert = model.family.expert_module(model.pipe, "low")
     # the patch Conv3d, two blocks (block groups of several layers) and proj_out: every kind, a short sweep
     layers = [name for name, _ in quantizable_layers(expert)
               if not name.startswith(("condition_embedder", "blocks.0."))]
@@ -55,14 +55,14 @@ def _upfront_leave_one_in(pipe, expert, layers, job, fmt, granularity):
 def test_leave_one_in_builds_one_group_at_a_time_and_scores_the_same(setup, granularity):
     model, job, expert, layers = setup
     fmt = get_format("hif4")
-    groups = dict(layer_groups(layers, granularity, model.adapter))
+    groups = dict(layer_groups(layers, granularity, model.family))
     alive = []
 
     def progress(done, total):
         alive.append(_dense_twins_alive())
 
     baseline = _dense_twins_alive()
-    scores = e2e_scores(model.pipe, expert, layers, job, fmt, family=model.adapter, granularity=granularity,
+    scores = e2e_scores(model.pipe, expert, layers, job, fmt, family=model.family, granularity=granularity,
                         progress=progress)
     assert alive and max(alive) - baseline <= max(len(names) for names in groups.values())
     assert _dense_twins_alive() == baseline  # nothing left behind
@@ -78,7 +78,7 @@ def test_leave_one_out_holds_packed_twins_only(setup):
         seen.append((sum(is_deployed(m) for m in expert.modules()),
                      sum(isinstance(m, (QuantLinear, QuantPatchConv3d)) for m in expert.modules())))
 
-    scores = e2e_scores(model.pipe, expert, layers, job, fmt, family=model.adapter, mode="leave-one-out",
+    scores = e2e_scores(model.pipe, expert, layers, job, fmt, family=model.family, mode="leave-one-out",
                         progress=progress)
     assert all(dense == 0 and packed == len(layers) for packed, dense in seen)  # swapped back before progress
     assert set(scores) == set(layers) and not any(is_deployed(m) for m in expert.modules())

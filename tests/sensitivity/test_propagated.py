@@ -30,7 +30,7 @@ def tiny():
 
 def _nudged_latents(model, job, expert, name, scale):
     """Final latents with ``scale * dY`` added to one layer's output at every call (dY: its HiF4 W4A4 error)."""
-    module = model.adapter.expert_module(model.pipe, expert).get_submodule(name)
+    module = model.family.expert_module(model.pipe, expert).get_submodule(name)
     twin = quantize_module(module, get_format("hif4"), get_format("hif4"))
 
     def nudge(_, args, output):
@@ -48,8 +48,8 @@ def test_grad_e2e_estimates_the_first_order_end_to_end_error(tiny):
     """||J dY||^2 / ||z||^2 from a central finite difference of the real trajectory, against the projections'
     estimate (256 projections: relative spread about 9%)."""
     model, job = tiny
-    experts = {e: model.adapter.expert_module(model.pipe, e) for e in ("high", "low")}
-    scores = propagated_scores(model.pipe, experts, job, get_format("hif4"), family=model.adapter,
+    experts = {e: model.family.expert_module(model.pipe, e) for e in ("high", "low")}
+    scores = propagated_scores(model.pipe, experts, job, get_format("hif4"), family=model.family,
                                metric="grad-e2e", projections=256)
     eps = 1e-2
     for expert, name in LAYERS:
@@ -68,10 +68,10 @@ def test_the_model_is_left_as_it_was(tiny):
     model, job = tiny
     apply_trajectory(model.pipe, job.trajectory)
     before = run(model.pipe, job.prompts[0], job.trajectory, seed=job.seeds[0])
-    experts = {e: model.adapter.expert_module(model.pipe, e) for e in ("high", "low")}
+    experts = {e: model.family.expert_module(model.pipe, e) for e in ("high", "low")}
     grads = [p.requires_grad for m in experts.values() for p in m.parameters()]
     for metric in ("grad-e2e", "grad-step"):
-        propagated_scores(model.pipe, experts, job, get_format("hif4"), family=model.adapter, metric=metric,
+        propagated_scores(model.pipe, experts, job, get_format("hif4"), family=model.family, metric=metric,
                           projections=1)
     assert grads == [p.requires_grad for m in experts.values() for p in m.parameters()]
     assert not any(getattr(m, "_diffusers_hook", None) and m._diffusers_hook.hooks
@@ -84,13 +84,13 @@ def test_grad_step_scores_each_step_where_it_runs(tiny):
     """grad-step projects each step's model output: an expert's layers have terms only at its own steps, and a
     layer's value is the step's output NMSE to first order (checked against a finite difference at one step)."""
     model, job = tiny
-    experts = {e: model.adapter.expert_module(model.pipe, e) for e in ("high", "low")}
-    scores = propagated_scores(model.pipe, experts, job, get_format("hif4"), family=model.adapter,
+    experts = {e: model.family.expert_module(model.pipe, e) for e in ("high", "low")}
+    scores = propagated_scores(model.pipe, experts, job, get_format("hif4"), family=model.family,
                                metric="grad-step", projections=2)
     from sensq.trajectory import plan_steps
 
     apply_trajectory(model.pipe, job.trajectory)
-    routed = [s.expert for s in plan_steps(model.pipe, model.adapter, job.trajectory)]
+    routed = [s.expert for s in plan_steps(model.pipe, model.family, job.trajectory)]
     for expert in ("high", "low"):
         per_step = scores[expert]["proj_out"][1]
         for step, owner in enumerate(routed):
@@ -152,7 +152,7 @@ def test_checkpointing_recomputes_and_gives_the_same_scores(tiny):
     """--checkpoint: each expert call and block is recomputed in the backward passes (more layer calls) and the
     scores are the same."""
     model, job = tiny
-    experts = {e: model.adapter.expert_module(model.pipe, e) for e in ("high", "low")}
+    experts = {e: model.family.expert_module(model.pipe, e) for e in ("high", "low")}
     layer = experts["low"].blocks[0].attn1.to_q
     results, calls = {}, {}
     for checkpoint in (False, True):
@@ -160,7 +160,7 @@ def test_checkpointing_recomputes_and_gives_the_same_scores(tiny):
         handle = layer.register_forward_hook(lambda *_, count=count: count.__setitem__(0, count[0] + 1))
         try:
             results[checkpoint] = propagated_scores(model.pipe, experts, job, get_format("hif4"),
-                                                    family=model.adapter, projections=2, checkpoint=checkpoint)
+                                                    family=model.family, projections=2, checkpoint=checkpoint)
         finally:
             handle.remove()
         calls[checkpoint] = count[0]
@@ -176,7 +176,7 @@ def test_checkpointing_keeps_no_layer_error_in_the_graph(tiny):
     and recomputed with the block: what the trajectory's graph saves outside the checkpointed calls is a small
     fraction of what it saves without them."""
     model, job = tiny
-    experts = {e: model.adapter.expert_module(model.pipe, e) for e in ("high", "low")}
+    experts = {e: model.family.expert_module(model.pipe, e) for e in ("high", "low")}
     saved = {}
     for checkpoint in (False, True):
         total = [0]
@@ -186,7 +186,7 @@ def test_checkpointing_keeps_no_layer_error_in_the_graph(tiny):
             return tensor
 
         with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
-            propagated_scores(model.pipe, experts, job, get_format("hif4"), family=model.adapter, projections=1,
+            propagated_scores(model.pipe, experts, job, get_format("hif4"), family=model.family, projections=1,
                               checkpoint=checkpoint)
         saved[checkpoint] = total[0]
     assert saved[True] * 10 < saved[False], saved

@@ -43,7 +43,7 @@ def fragile(tmp_path_factory):
         ffn.net[2].weight[:, 5] /= 300.0
         ffn.net[2].weight *= 20.0
         ffn.net[2].bias *= 20.0
-    model.fingerprint = model_fingerprint(model.pipe, model.adapter)
+    model.fingerprint = model_fingerprint(model.pipe, model.family)
     out = tmp_path_factory.mktemp("probe") / "probe.h5"
     trajectory = Trajectory(steps=4).with_resolution(model.default_resolution)
     run_probe(ProbeRequest(model, trajectory, load_prompts(None, 2), ["high", "low"], out))

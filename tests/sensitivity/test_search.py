@@ -30,12 +30,12 @@ def test_the_gain_of_the_only_quantized_layer_is_the_error_it_causes(tiny):
     measured error: 2 e.J dY - ||J dY||^2 = ||e||^2 (the exact term through the quantized forward, the
     projections for the square)."""
     model, job = tiny
-    experts = {e: model.adapter.expert_module(model.pipe, e) for e in ("high", "low")}
+    experts = {e: model.family.expert_module(model.pipe, e) for e in ("high", "low")}
     apply_trajectory(model.pipe, job.trajectory)
     with torch.no_grad():
         references = [run(model.pipe, job.prompts[0], job.trajectory, seed=job.seeds[0]).float()]
     for layer in (("low", "proj_out"), ("high", "blocks.1.attn1.to_out.0")):
-        point = linearize(model.pipe, experts, job, get_format("hif4"), family=model.adapter, projections=128,
+        point = linearize(model.pipe, experts, job, get_format("hif4"), family=model.family, projections=128,
                           quantized=frozenset({layer}), references=references)
         assert set(point.scores["high"]) | set(point.scores["low"]) == {layer[1]}
         exact, square = point.exact[layer[0]][layer[1]], point.scores[layer[0]][layer[1]][0]

@@ -158,7 +158,7 @@ def _write_phased(name: str, layer, tensors: dict[str, torch.Tensor], headers: d
 
 def _write_checkpoint(model, tmp: Path, *, plan, calibration: dict, fake: bool,
                       calibration_source: dict | None = None) -> dict:
-    pipe, adapter = model.pipe, model.adapter
+    pipe, adapter = model.pipe, model.family
     layers_manifest: dict[str, dict] = {}
     files: dict[str, dict] = {}
     tally = _Tally()
