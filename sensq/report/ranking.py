@@ -168,9 +168,11 @@ def ranking_headline(ranking, plan, fmt: str) -> list[str]:
                      + (f", top-{result['top_k']} overlap {result['top_k_overlap']}/{result['top_k']}"
                         if "top_k" in result else "") + (" (weak)." if result["weak"] else "."))
     for expert in ranking.experts:
-        top = [layer.name for layer in ranking.ordered(expert, fmt)[:3]]
+        top = [layer.name for layer in ranking.ordered(expert, fmt)
+               if fmt in layer.value and math.isfinite(layer.value[fmt])][:3]
         lines.append(f"Most sensitive in the {_label(ranking, expert)} ({ranking.metric}, {fmt}): "
-                     + ", ".join(top) + ".")
+                     + ", ".join(top) + "." if top else
+                     f"No order in the {_label(ranking, expert)}: none of its {fmt} values is finite (see the note).")
     if plan is not None and plan.summary:
         kept = ", ".join(f"{e}: {len(plan.protected(e))} layers ({plan.summary[e]['protected_share']:.1%} of its "
                          "parameters)" for e in ranking.experts if e in plan.summary)

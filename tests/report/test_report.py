@@ -83,6 +83,7 @@ def test_report_draws_rankings_whose_values_are_all_zero_nan_or_inf(tmp_path, va
     else:  # never in silence: one note per expert, in the terminal and at the top of the report
         assert len(notes) == len(ranking.experts) and all("have no finite hif4 value" in n for n in notes), notes
         assert "have no finite hif4 value" in (tmp_path / "rep" / "report.md").read_text()
+        assert "Most sensitive" not in (tmp_path / "rep" / "report.md").read_text()  # no order from NaN
 
 
 def test_report_says_when_plan_and_ranking_disagree_and_follows_the_plans_format(tmp_path):
