@@ -8,8 +8,10 @@
 * Every other tensor keeps the dtype sensq ran it in (F32, F16 or BF16). The patch embedding's Conv3d weight
   (five dims; GGUF holds four) is stored flattened to two, with its shape in ``comfy.gguf.orig_shape.<key>``
   as ComfyUI-GGUF's own converter writes it, quantized or not.
+* ``q4_k`` (sensq's registered Q4_K, :mod:`sensq.formats.kquant`) -> Q4_K: codes, 6-bit scales and mins and
+  FP16 super-block scales as sensq deployed them; gguf's dequantizer gives sensq's weight bit for bit.
 * Other quantized formats (HiF4, MXFP4, NVFP4, FP8, INT4/INT8 in other groups) are refused, naming
-  ``int4@32`` or ``int8@32``. (GGUF's K-quants would need their own super-block scales: not written yet.)
+  ``q4_k`` or ``int8@32``.
 """
 
 from __future__ import annotations
@@ -41,12 +43,38 @@ def _int_codes(layer: Layer) -> tuple[np.ndarray, np.ndarray]:
     return codes.to(torch.int16).numpy(), packed.data["scale"].float().numpy()
 
 
+def _q4_k(layer: Layer) -> Written:
+    """sensq's ``q4_k`` as GGUF's Q4_K blocks (144 bytes per 256: d, dmin, the 12 bytes of 6-bit scales and
+    mins, 128 bytes of nibbles, sub-block 2c in the low and 2c + 1 in the high nibbles of chunk c)."""
+    import gguf
+
+    packed = layer.packed
+    rows, columns = packed.shape
+    if columns % 256:
+        raise InputError(f"GGUF's Q4_K holds rows of whole 256-element super-blocks; this layer has {columns}")
+    codes = packed.data["codes"]
+    q = torch.stack((codes & 0xF, codes >> 4), dim=-1).reshape(rows, columns // 256, 8, 32)
+    qs = (q[:, :, 0::2] | (q[:, :, 1::2] << 4)).reshape(rows, columns // 256, 128)
+    sc, m = packed.data["sc"], packed.data["m"]
+    scales = torch.cat(((sc[..., :4] & 63) | ((sc[..., 4:] >> 4) << 6), (m[..., :4] & 63) | ((m[..., 4:] >> 4) << 6),
+                        (sc[..., 4:] & 0xF) | ((m[..., 4:] & 0xF) << 4)), dim=-1)
+    halves = [packed.data[k].to(torch.float16).view(torch.uint8).reshape(rows, columns // 256, 2)
+              for k in ("d", "dmin")]
+    raw = np.ascontiguousarray(torch.cat((*halves, scales, qs), dim=-1).reshape(rows, -1).numpy())
+    kind = gguf.GGMLQuantizationType.Q4_K
+    target = torch.from_numpy(gguf.quants.dequantize(raw, kind).astype(np.float32)).reshape(rows, columns)
+    return Written({f"{layer.wan}.weight": (raw, kind, layer.shape)}, kind.name, True,
+                   nmse(target, layer.weight.float()))
+
+
 def _layer(layer: Layer) -> Written:
     import gguf
 
     fmt = layer.packed.fmt
+    if fmt.family is Family.KQUANT and fmt.name == "q4_k" and len(layer.packed.shape) == 2:
+        return _q4_k(layer)
     if fmt.family is not Family.INT or fmt.block_size != BLOCK or len(layer.packed.shape) != 2:
-        raise nearest_format(fmt, "int4@32", "int8@32", "GGUF (as ComfyUI-GGUF reads it)")
+        raise nearest_format(fmt, "q4_k", "int8@32", "GGUF (as ComfyUI-GGUF reads it)")
     rows, columns = layer.packed.shape
     if columns % BLOCK:
         raise InputError(f"{columns} input features are not a multiple of GGUF's block of {BLOCK}")

@@ -49,6 +49,8 @@ class Family(enum.Enum):
     """FP8 E4M3 elements, FP32 scale = absmax / 448 per group."""
     BF16 = "bf16"
     """Round to bfloat16 (the identity on bf16 tensors); no blocks."""
+    KQUANT = "kquant"
+    """llama.cpp's K-quants (GGUF): unsigned codes, sub-block scales and mins under FP16 super-block scales."""
 
 
 class ScaleType(enum.Enum):
@@ -59,6 +61,7 @@ class ScaleType(enum.Enum):
     E4M3 = "E4M3"
     E4M3_X_FP32 = "E4M3 x FP32"
     FP32 = "FP32"
+    KQUANT = "6b scale+min/32, FP16 d+dmin/256"
     NONE = "none"
 
 

@@ -237,3 +237,32 @@ def test_audit_of_a_gguf_and_its_plan_measured_by_ablate(workspace, tmp_path):
     assert ablation.exit_code == 0, ablation.output
     rows = {row["set"]: row for row in json.loads((tmp_path / "ablation" / "ablation.json").read_text())["rows"]}
     assert rows["theirs"]["metrics"]["latent_nmse"] > 0 and rows["theirs"]["kind"] == "plan"
+
+
+def test_q4_k_blocks_are_gguf_q4_k_bit_for_bit():
+    """sensq's q4_k codes, scales and mins laid out as GGUF's Q4_K: gguf's own dequantizer gives exactly the
+    weight sensq decodes (and the error a plan measures), including a zero row and a NaN super-block."""
+    gguf = pytest.importorskip("gguf", reason="tested with gguf: pip install -e '.[deploy]'")
+    import numpy as np
+
+    from sensq.export.gguf import _layer
+    from sensq.export.target import Layer
+    from sensq.formats import pack, quantize_dequantize, unpack
+
+    weight = torch.randn(6, 768, generator=torch.Generator().manual_seed(3)) * torch.logspace(-3, 2, 768)
+    weight[1] = 0.0
+    weight[2, 300:310] += 40.0  # an outlier in one sub-block
+    packed = pack(weight, "q4_k")
+    ours = unpack(packed)
+    assert torch.equal(ours, quantize_dequantize(weight, "q4_k"))
+    written = _layer(Layer("blocks.0.attn1.to_q", "blocks.0.self_attn.q", packed, ours, None, (6, 768)))
+    raw, kind, _ = written.tensors["blocks.0.self_attn.q.weight"]
+    assert kind == gguf.GGMLQuantizationType.Q4_K and raw.shape == (6, 3 * 144)
+    theirs = torch.from_numpy(gguf.quants.dequantize(raw, kind).astype(np.float32))
+    assert torch.equal(theirs, ours) and written.nmse == 0.0 and written.kind == "Q4_K"
+    poisoned = weight.clone()
+    poisoned[4, 520] = float("nan")
+    raw, kind, _ = _layer(Layer("x", "x", pack(poisoned, "q4_k"), unpack(pack(poisoned, "q4_k")), None,
+                                (6, 768))).tensors["x.weight"]
+    decoded = gguf.quants.dequantize(raw, kind)
+    assert np.isnan(decoded[4, 512:768]).all() and not np.isnan(decoded[4, :512]).any()
