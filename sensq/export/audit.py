@@ -26,7 +26,7 @@ SUSPECT_RATIO = 10.0
 """A layer whose NMSE exceeds this many times the nearest sensq format's is reported as suspect."""
 
 COMFY_NEAREST = {"nvfp4": "nvfp4_ts", "int8_tensorwise": "int8", "float8_e4m3fn": "fp8_e4m3",
-                 "float8_e5m2": "fp8_e4m3", "mxfp8": "fp8_e4m3"}
+                 "float8_e5m2": "fp8_e4m3", "mxfp8": "mxfp8"}
 """ComfyUI format -> the sensq format whose error on the same weight is the yardstick (``awq_w4a16``: int4@G)."""
 
 
@@ -113,6 +113,8 @@ def _comfy_layers(path: Path) -> tuple[dict[str, tuple[str, torch.Tensor]], dict
         elif fmt in ("float8_e4m3fn", "float8_e5m2"):
             weight = TensorCoreFP8Layout.dequantize(q, TensorCoreFP8Layout.Params(scale, dtype, shape))
         elif fmt == "mxfp8":
+            if scale.dtype == torch.uint8:  # how shared files store E8M0 (ComfyUI reads it as E8M0)
+                scale = scale.view(torch.float8_e8m0fnu)
             weight = TensorCoreMXFP8Layout.dequantize(q, TensorCoreMXFP8Layout.Params(scale, dtype, shape))
         else:
             raise InputError(f"{str(path)!r}: {key} has ComfyUI format {fmt!r}, which sensq audit does not read yet")

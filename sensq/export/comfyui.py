@@ -11,6 +11,8 @@ layers, in the dtype sensq ran them in).
   multiplies the two scales in BF16 first, a rounding of its own). A block whose scale underflows to 0 is
   stored as sensq deployed it (scale 0: zeros), not clamped.
 * ``int8`` per output channel -> ``int8_tensorwise`` with a per-row FP32 ``weight_scale`` ``[N, 1]``.
+* ``mxfp8`` -> ``mxfp8``: E4M3 codes as ``weight``, the E8M0 scale bytes swizzled like NVFP4's as
+  ``weight_scale`` (the layout of the Wan2.2 MXFP8 files ComfyUI users share).
 * ``int4@G`` -> ``awq_w4a16`` (group ``G``, zero points 0; weight-only: ComfyUI runs its activations in high
   precision). The scale is stored in the weight's dtype: FP32 keeps it, BF16 rounds it (the NMSE is reported).
 * Other formats are refused, naming ``nvfp4_ts`` (4-bit) or ``int8`` (8-bit): ComfyUI has no HiF4 or MXFP4
@@ -67,6 +69,12 @@ def _layer(layer: Layer) -> Written:
         return Written({f"{key}.weight": packed.data["codes"].view(torch.int8).contiguous(),
                         f"{key}.weight_scale": packed.data["scale"].float().reshape(rows, 1).contiguous(),
                         f"{key}.comfy_quant": _quant_tag("int8_tensorwise")}, "int8_tensorwise", True, 0.0)
+    if fmt.family is Family.MXFP8:
+        if columns % 32:
+            raise InputError(f"ComfyUI's MXFP8 needs whole blocks of 32 input features; this layer has {columns}")
+        return Written({f"{key}.weight": packed.data["codes"].view(torch.float8_e4m3fn).contiguous(),
+                        f"{key}.weight_scale": swizzle(packed.data["scale"]),
+                        f"{key}.comfy_quant": _quant_tag("mxfp8")}, "mxfp8", True, 0.0)
     if fmt.family is Family.INT and fmt.element_bits == 4 and fmt.block_size and columns % fmt.block_size == 0:
         return _awq(layer)
     raise nearest_format(fmt, "nvfp4_ts", "int8", "ComfyUI")
@@ -102,4 +110,4 @@ def _write(path: Path, tensors: dict, family: str) -> None:
 
 
 TARGET = register_target(Target("comfyui", ".safetensors", "ComfyUI native (comfy_quant): nvfp4 from nvfp4_ts, "
-                                "int8_tensorwise from int8, awq_w4a16 from int4@G", _layer, _write))
+                                "int8_tensorwise from int8, mxfp8, awq_w4a16 from int4@G", _layer, _write))

@@ -1,10 +1,10 @@
-"""Number formats: HiF4, MXFP4, NVFP4, INT4/INT8, FP8 E4M3, BF16, and GGUF's Q4_K.
+"""Number formats: HiF4, MXFP4, NVFP4, INT4/INT8, FP8 E4M3, BF16, MXFP8, and GGUF's Q4_K.
 
 ``get_format(name)`` returns a frozen :class:`FormatSpec`; ``quantize_dequantize(x, fmt, dim)``
 rounds a tensor to the format; ``pack``/``unpack`` store it in its real bit layout.
 """
 
-from sensq.formats import kquant  # noqa: F401 (registers q4_k)
+from sensq.formats import kquant, mxfp8  # noqa: F401 (register q4_k and mxfp8)
 from sensq.formats.api import quantize_dequantize
 from sensq.formats.backend import Backend, backend_names
 from sensq.formats.packing import PackedTensor, pack, unpack

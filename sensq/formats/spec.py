@@ -49,6 +49,8 @@ class Family(enum.Enum):
     """FP8 E4M3 elements, FP32 scale = absmax / 448 per group."""
     BF16 = "bf16"
     """Round to bfloat16 (the identity on bf16 tensors); no blocks."""
+    MXFP8 = "mxfp8"
+    """E4M3 elements, E8M0 power-of-two scale per 32 (OCP MX v1.0)."""
     KQUANT = "kquant"
     """llama.cpp's K-quants (GGUF): unsigned codes, sub-block scales and mins under FP16 super-block scales."""
 

@@ -15,8 +15,10 @@ from sensq.export.wan_names import wan_name
 from sensq.quant.checkpoint import load_quantized
 from sensq.quant.deployed import is_deployed
 
-MIXED_RULES = [  # int8 per channel for block 0, BF16 kept for proj_out and the patch embedding, NVFP4 elsewhere
+MIXED_RULES = [  # int8 per channel for block 0, MXFP8 for block 1's self-attention, BF16 kept for proj_out and the
+    # patch embedding, NVFP4 elsewhere
     {"match": "re:(high|low):blocks\\.0\\..*", "weight": "int8", "activation": "int8"},
+    {"match": "re:(high|low):blocks\\.1\\.attn1\\..*", "weight": "mxfp8", "activation": "mxfp8"},
     {"match": "re:(high|low):(proj_out|patch_embedding)", "weight": None, "activation": None},
     {"match": "re:(high|low):.*", "weight": "nvfp4_ts", "activation": "nvfp4_ts"},
 ]
@@ -73,7 +75,7 @@ def test_wan_names_are_what_diffusers_converts_back(workspace):
 
 def test_comfyui_layers_dequantize_to_sensqs_weights_bit_for_bit(workspace, tmp_path):
     pytest.importorskip("comfy_kitchen", reason="tested with comfy-kitchen: pip install -e '.[deploy]'")
-    from comfy_kitchen.tensor import TensorCoreNVFP4Layout, TensorWiseINT8Layout
+    from comfy_kitchen.tensor import TensorCoreMXFP8Layout, TensorCoreNVFP4Layout, TensorWiseINT8Layout
 
     checkpoint = _checkpoint(workspace, tmp_path, MIXED_RULES, "mixed")
     model, deployed = _deployed(checkpoint)
@@ -93,13 +95,18 @@ def test_comfyui_layers_dequantize_to_sensqs_weights_bit_for_bit(workspace, tmp_
                                                       block_scale=state[f"{key}.weight_scale"])
                 theirs = TensorCoreNVFP4Layout.dequantize(state[f"{key}.weight"], params)
                 assert fmt == "nvfp4_ts"
+            elif tag == "mxfp8":
+                params = TensorCoreMXFP8Layout.Params(scale=state[f"{key}.weight_scale"].view(torch.float8_e8m0fnu),
+                                                      orig_dtype=torch.float32, orig_shape=tuple(weight.shape))
+                theirs = TensorCoreMXFP8Layout.dequantize(state[f"{key}.weight"], params)
+                assert fmt == "mxfp8"
             else:
                 params = TensorWiseINT8Layout.Params(scale=state[f"{key}.weight_scale"], orig_dtype=torch.float32,
                                                      orig_shape=tuple(weight.shape))
                 theirs = TensorWiseINT8Layout.dequantize(state[f"{key}.weight"], params)
                 assert (tag, fmt) == ("int8_tensorwise", "int8")
             assert torch.equal(theirs, weight), key
-        assert formats["nvfp4"] > 0 and formats["int8_tensorwise"] > 0
+        assert formats["nvfp4"] > 0 and formats["int8_tensorwise"] > 0 and formats["mxfp8"] > 0
         module = model.family.expert_module(model.pipe, expert)
         assert torch.equal(state["head.head.weight"], module.proj_out.weight)  # exactly what sensq ran
     report = json.loads((tmp_path / "comfy" / "export.json").read_text())
@@ -172,7 +179,7 @@ def test_gguf_keeps_sensqs_gptq_codes_and_reports_the_fp16_scale(workspace, tmp_
 
 
 @pytest.mark.parametrize("target, fragments", [
-    ("gguf", ("GGUF (as ComfyUI-GGUF reads it) has no layout for sensq's hif4", "--format int4@32")),
+    ("gguf", ("GGUF (as ComfyUI-GGUF reads it) has no layout for sensq's hif4", "--format q4_k")),
     ("comfyui", ("ComfyUI has no layout for sensq's hif4", "--format nvfp4_ts")),
 ])
 def test_a_format_without_a_home_is_refused_in_one_line(workspace, tmp_path, target, fragments):
@@ -204,19 +211,19 @@ def test_audit_names_formats_flags_a_crossed_nibble_order_and_writes_a_plan(work
     for audited in audits:
         formats = {layer["key"]: layer["fmt"] for layer in audited["quantized"]}
         assert set(formats) == set(deployed[audited["expert"]])
-        assert {formats[k] for k in formats} == {"nvfp4", "int8_tensorwise"} and audited["suspect"] == []
+        assert {formats[k] for k in formats} == {"nvfp4", "int8_tensorwise", "mxfp8"} and audited["suspect"] == []
         assert all(0.5 < layer["ratio"] < 2 for layer in audited["quantized"])  # sensq's own rounding
         assert "proj_out" in audited["kept"]
     plan = json.loads((tmp_path / "theirs.json").read_text())
     planned = {(r["match"].split(":")[0], r["match"].split(":")[1]): r["weight"] for r in plan["rules"][:-1]}
-    assert {f for f in planned.values()} == {"nvfp4_ts", "int8"} and len(planned) == sum(map(len, deployed.values()))
+    assert set(planned.values()) == {"nvfp4_ts", "int8", "mxfp8"} and len(planned) == sum(map(len, deployed.values()))
     crossed = load_file(str(tmp_path / "comfy" / "high.safetensors"))
-    _swap_nibbles(crossed, "blocks.1.self_attn.q")
+    _swap_nibbles(crossed, "blocks.1.cross_attn.q")
     save_file(crossed, str(tmp_path / "high.safetensors"))
     flagged = CliRunner().invoke(main, ["audit", str(tmp_path / "high.safetensors"), "--model", "tiny"])
     assert flagged.exit_code == 0, flagged.output
     suspects = [line for line in flagged.stderr.splitlines() if "suspect:" in line]
-    assert len(suspects) == 1 and "blocks.1.self_attn.q (nvfp4)" in suspects[0], flagged.stderr
+    assert len(suspects) == 1 and "blocks.1.cross_attn.q (nvfp4)" in suspects[0], flagged.stderr
 
 
 def test_audit_of_a_gguf_and_its_plan_measured_by_ablate(workspace, tmp_path):
@@ -266,3 +273,34 @@ def test_q4_k_blocks_are_gguf_q4_k_bit_for_bit():
                                 (6, 768))).tensors["x.weight"]
     decoded = gguf.quants.dequantize(raw, kind)
     assert np.isnan(decoded[4, 512:768]).all() and not np.isnan(decoded[4, :512]).any()
+
+
+def test_mxfp8_is_comfyuis_mxfp8_bit_for_bit():
+    """sensq's mxfp8 (OCP: scale 2^(floor(log2 amax) - 8), saturating) exported as ComfyUI's mxfp8 layout:
+    comfy-kitchen's dequantizer reads sensq's codes and swizzled E8M0 scales to sensq's weight exactly; its own
+    quantizer picks the scale that never saturates, so its codes differ while both decode alike."""
+    pytest.importorskip("comfy_kitchen", reason="tested with comfy-kitchen: pip install -e '.[deploy]'")
+    from comfy_kitchen.tensor import TensorCoreMXFP8Layout
+
+    from sensq.export.comfyui import _layer
+    from sensq.export.target import Layer
+    from sensq.formats import pack, quantize_dequantize, unpack
+
+    weight = torch.randn(130, 96, generator=torch.Generator().manual_seed(5)) * torch.logspace(-4, 3, 96)
+    weight[7] = 0.0
+    packed = pack(weight, "mxfp8")
+    ours = unpack(packed)
+    assert torch.equal(ours, quantize_dequantize(weight, "mxfp8"))
+    written = _layer(Layer("blocks.0.attn1.to_q", "blocks.0.self_attn.q", packed, ours, None, (130, 96)))
+    state = written.tensors
+    scale = state["blocks.0.self_attn.q.weight_scale"]
+    assert scale.dtype == torch.uint8  # as the shared Wan2.2 MXFP8 files store it; comfy-kitchen reads E8M0
+    params = TensorCoreMXFP8Layout.Params(scale=scale.view(torch.float8_e8m0fnu), orig_dtype=torch.float32,
+                                          orig_shape=(130, 96))
+    theirs = TensorCoreMXFP8Layout.dequantize(state["blocks.0.self_attn.q.weight"], params)
+    assert torch.equal(theirs, ours) and written.kind == "mxfp8"
+    # the OCP rule: the block's largest element maps into E4M3's top binade, saturating at 448
+    blocks = weight.reshape(130, 3, 32)
+    amax = blocks.abs().amax(-1)
+    scale = torch.exp2(torch.floor(torch.log2(amax[amax > 0])) - 8)
+    assert torch.all(amax[amax > 0] / scale >= 256) and torch.all(amax[amax > 0] / scale < 512)

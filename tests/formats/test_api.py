@@ -130,13 +130,14 @@ def test_scaled_formats_poison_non_finite_groups(fmt):
 
 
 def test_signed_zero_rules():
-    """4-bit formats map x = +-0 to +0.0 (HiF4 spec §3 step 10); INT has no -0; FP8 and BF16 keep -0."""
+    """4-bit formats map x = +-0 to +0.0 (HiF4 spec §3 step 10); INT has no -0; FP8, MXFP8 (E4M3 elements) and
+    BF16 keep -0; Q4_K's unsigned codes decode to +0."""
     x = torch.zeros(2, 128)
     x[1] = -0.0
     for fmt in ALL:
         y = quantize_dequantize(x, fmt)
         assert torch.equal(y, torch.zeros_like(y)), fmt
-        keeps_sign = get_format(fmt).family in (Family.FP8, Family.BF16)
+        keeps_sign = get_format(fmt).family in (Family.FP8, Family.MXFP8, Family.BF16)
         assert torch.equal(torch.signbit(y), torch.signbit(x) & keeps_sign), fmt
 
 
