@@ -15,6 +15,8 @@ def _modelopt_quantizer(spec, role: str) -> dict | None:
         return {"num_bits": "e2m1", "block_sizes": {-1: 16, "type": "dynamic", "scale_bits": "e4m3"}}
     if spec.family is Family.MXFP4:
         return {"num_bits": "e2m1", "block_sizes": {-1: 32, "type": "dynamic", "scale_bits": "e8m0"}}
+    if spec.family is Family.MXFP8:
+        return {"num_bits": "e4m3", "block_sizes": {-1: 32, "type": "dynamic", "scale_bits": "e8m0"}}
     bits = {Family.INT: spec.element_bits, Family.FP8: "e4m3"}.get(spec.family)
     if bits is None:
         return None

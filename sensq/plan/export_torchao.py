@@ -46,6 +46,10 @@ def _torchao_config(weight: str, activation: str | None):
         fp4 = torch.float4_e2m1fn_x2  # OCP scale 2^(floor(log2 amax) - 2): torchao's FLOOR mode
         return mx.MXDynamicActivationMXWeightConfig(activation_dtype=fp4, weight_dtype=fp4,
                                                     scaling_mode=mx.config.ScaleCalculationMode.FLOOR)
+    if w.family is Family.MXFP8 and a is not None and a.family is Family.MXFP8:
+        fp8 = torch.float8_e4m3fn  # OCP scale 2^(floor(log2 amax) - 8): torchao's FLOOR mode
+        return mx.MXDynamicActivationMXWeightConfig(activation_dtype=fp8, weight_dtype=fp8,
+                                                    scaling_mode=mx.config.ScaleCalculationMode.FLOOR)
     if w.family is Family.FP8 and w.block_size is None:
         if a is None:
             return quantization.Float8WeightOnlyConfig(granularity=PerRow())

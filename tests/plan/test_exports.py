@@ -51,7 +51,8 @@ TORCHAO_CPU = [("int8", "int8", "Int8DynamicActivationInt8WeightConfig"),
                ("int4@16", None, "IntxWeightOnlyConfig"),
                ("fp8_e4m3", None, "Float8WeightOnlyConfig"),
                ("nvfp4_ts", None, "NVFP4WeightOnlyConfig"),
-               ("mxfp4_ocp", "mxfp4_ocp", "MXDynamicActivationMXWeightConfig")]
+               ("mxfp4_ocp", "mxfp4_ocp", "MXDynamicActivationMXWeightConfig"),
+               ("mxfp8", "mxfp8", "MXDynamicActivationMXWeightConfig")]
 # their kernels (or quantize_ itself) need CUDA sm89+/sm100: the config and torchao's own routing are asserted
 TORCHAO_CUDA = [("fp8_e4m3", "fp8_e4m3", "Float8DynamicActivationFloat8WeightConfig"),
                 ("nvfp4_ts", "nvfp4_ts", "NVFP4DynamicActivationNVFP4WeightConfig")]
@@ -133,7 +134,8 @@ def test_hif4_has_no_library_equivalent(pipe):
 
 # ModelOpt's dynamic block quantization of NVFP4/MXFP4 runs only on CUDA: for those the recipe and the set of
 # enabled quantizers are asserted, for the others also that the quantized forward differs from full precision
-MODELOPT = [("nvfp4_ts", "nvfp4_ts", False), ("mxfp4_ocp", "mxfp4_ocp", False), ("int8", "int8", True),
+MODELOPT = [("nvfp4_ts", "nvfp4_ts", False), ("mxfp4_ocp", "mxfp4_ocp", False), ("mxfp8", "mxfp8", False),
+            ("int8", "int8", True),
             ("fp8_e4m3", "fp8_e4m3", True), ("int4@16", None, True), ("int8@64", "int8", True)]
 
 
