@@ -25,7 +25,7 @@ from sensq.export.target import nmse
 SUSPECT_RATIO = 10.0
 """A layer whose NMSE exceeds this many times the nearest sensq format's is reported as suspect."""
 
-COMFY_NEAREST = {"nvfp4": "nvfp4_ts", "int8_tensorwise": "int8", "float8_e4m3fn": "fp8_e4m3",
+COMFY_NEAREST = {"nvfp4": "nvfp4_ts", "int8_tensorwise": "int8", "float8_e4m3fn": "fp8_e4m3_tensor",
                  "float8_e5m2": "fp8_e4m3", "mxfp8": "mxfp8"}
 """ComfyUI format -> the sensq format whose error on the same weight is the yardstick (``awq_w4a16``: int4@G)."""
 

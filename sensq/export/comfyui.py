@@ -11,12 +11,14 @@ layers, in the dtype sensq ran them in).
   multiplies the two scales in BF16 first, a rounding of its own). A block whose scale underflows to 0 is
   stored as sensq deployed it (scale 0: zeros), not clamped.
 * ``int8`` per output channel -> ``int8_tensorwise`` with a per-row FP32 ``weight_scale`` ``[N, 1]``.
+* ``fp8_e4m3_tensor`` -> ``float8_e4m3fn``: E4M3 codes and the scalar FP32 ``weight_scale``.
 * ``mxfp8`` -> ``mxfp8``: E4M3 codes as ``weight``, the E8M0 scale bytes swizzled like NVFP4's as
   ``weight_scale`` (the layout of the Wan2.2 MXFP8 files ComfyUI users share).
 * ``int4@G`` -> ``awq_w4a16`` (group ``G``, zero points 0; weight-only: ComfyUI runs its activations in high
   precision). The scale is stored in the weight's dtype: FP32 keeps it, BF16 rounds it (the NMSE is reported).
 * Other formats are refused, naming ``nvfp4_ts`` (4-bit) or ``int8`` (8-bit): ComfyUI has no HiF4 or MXFP4
-  layout, and its FP8 layout has one scale per tensor where sensq's ``fp8_e4m3`` has one per row.
+  layout, and its FP8 layout has one scale per tensor where sensq's ``fp8_e4m3`` has one per row (plan
+  ``fp8_e4m3_tensor`` for it).
 """
 
 from __future__ import annotations
@@ -69,6 +71,10 @@ def _layer(layer: Layer) -> Written:
         return Written({f"{key}.weight": packed.data["codes"].view(torch.int8).contiguous(),
                         f"{key}.weight_scale": packed.data["scale"].float().reshape(rows, 1).contiguous(),
                         f"{key}.comfy_quant": _quant_tag("int8_tensorwise")}, "int8_tensorwise", True, 0.0)
+    if fmt.family is Family.FP8 and fmt.tensor_scale_bits:
+        return Written({f"{key}.weight": packed.data["codes"].view(torch.float8_e4m3fn).reshape(rows, columns),
+                        f"{key}.weight_scale": packed.data["scale"].float().reshape(()),
+                        f"{key}.comfy_quant": _quant_tag("float8_e4m3fn")}, "float8_e4m3fn", True, 0.0)
     if fmt.family is Family.MXFP8:
         if columns % 32:
             raise InputError(f"ComfyUI's MXFP8 needs whole blocks of 32 input features; this layer has {columns}")
@@ -77,7 +83,7 @@ def _layer(layer: Layer) -> Written:
                         f"{key}.comfy_quant": _quant_tag("mxfp8")}, "mxfp8", True, 0.0)
     if fmt.family is Family.INT and fmt.element_bits == 4 and fmt.block_size and columns % fmt.block_size == 0:
         return _awq(layer)
-    raise nearest_format(fmt, "nvfp4_ts", "int8", "ComfyUI")
+    raise nearest_format(fmt, "nvfp4_ts", "fp8_e4m3_tensor", "ComfyUI")
 
 
 def _awq(layer: Layer) -> Written:
@@ -110,4 +116,5 @@ def _write(path: Path, tensors: dict, family: str) -> None:
 
 
 TARGET = register_target(Target("comfyui", ".safetensors", "ComfyUI native (comfy_quant): nvfp4 from nvfp4_ts, "
-                                "int8_tensorwise from int8, mxfp8, awq_w4a16 from int4@G", _layer, _write))
+                                "int8_tensorwise from int8, float8_e4m3fn from fp8_e4m3_tensor, mxfp8, awq_w4a16 "
+                                "from int4@G", _layer, _write))

@@ -18,7 +18,7 @@ def _modelopt_quantizer(spec, role: str) -> dict | None:
     if spec.family is Family.MXFP8:
         return {"num_bits": "e4m3", "block_sizes": {-1: 32, "type": "dynamic", "scale_bits": "e8m0"}}
     bits = {Family.INT: spec.element_bits, Family.FP8: "e4m3"}.get(spec.family)
-    if bits is None:
+    if bits is None or spec.tensor_scale_bits:  # ModelOpt's per-tensor FP8 scale is calibrated, not sensq's amax
         return None
     if spec.block_size is not None:
         if role == "input":

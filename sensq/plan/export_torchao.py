@@ -50,7 +50,7 @@ def _torchao_config(weight: str, activation: str | None):
         fp8 = torch.float8_e4m3fn  # OCP scale 2^(floor(log2 amax) - 8): torchao's FLOOR mode
         return mx.MXDynamicActivationMXWeightConfig(activation_dtype=fp8, weight_dtype=fp8,
                                                     scaling_mode=mx.config.ScaleCalculationMode.FLOOR)
-    if w.family is Family.FP8 and w.block_size is None:
+    if w.family is Family.FP8 and w.block_size is None and not w.tensor_scale_bits:
         if a is None:
             return quantization.Float8WeightOnlyConfig(granularity=PerRow())
         if a.family is Family.FP8 and a.block_size is None:

@@ -304,3 +304,29 @@ def test_mxfp8_is_comfyuis_mxfp8_bit_for_bit():
     amax = blocks.abs().amax(-1)
     scale = torch.exp2(torch.floor(torch.log2(amax[amax > 0])) - 8)
     assert torch.all(amax[amax > 0] / scale >= 256) and torch.all(amax[amax > 0] / scale < 512)
+
+
+def test_fp8_e4m3_tensor_is_comfyuis_float8_e4m3fn_bit_for_bit(workspace, tmp_path):
+    """A plan in fp8_e4m3_tensor exports as ComfyUI's float8_e4m3fn layers (scalar weight_scale), which
+    comfy-kitchen's FP8 layout dequantizes to sensq's weights exactly; audit reads them back as sound."""
+    pytest.importorskip("comfy_kitchen", reason="tested with comfy-kitchen: pip install -e '.[deploy]'")
+    from comfy_kitchen.tensor import TensorCoreFP8Layout
+
+    rules = [{"match": "re:(high|low):(proj_out|patch_embedding)", "weight": None, "activation": None},
+             {"match": "re:(high|low):.*", "weight": "fp8_e4m3_tensor", "activation": "fp8_e4m3_tensor"}]
+    checkpoint = _checkpoint(workspace, tmp_path, rules, "fp8")
+    _, deployed = _deployed(checkpoint)
+    _export(checkpoint, "comfyui", tmp_path / "comfy")
+    for expert, layers in deployed.items():
+        state = load_file(str(tmp_path / "comfy" / f"{expert}.safetensors"))
+        for key, (fmt, weight) in layers.items():
+            assert json.loads(bytes(state[f"{key}.comfy_quant"].tolist()).decode()) == {"format": "float8_e4m3fn"}
+            assert state[f"{key}.weight_scale"].shape == () and fmt == "fp8_e4m3_tensor"
+            params = TensorCoreFP8Layout.Params(scale=state[f"{key}.weight_scale"], orig_dtype=torch.float32,
+                                                orig_shape=tuple(weight.shape))
+            assert torch.equal(TensorCoreFP8Layout.dequantize(state[f"{key}.weight"], params), weight), key
+    audited = CliRunner().invoke(main, ["audit", str(tmp_path / "comfy" / "high.safetensors"), "--model", "tiny",
+                                        "--json"])
+    assert audited.exit_code == 0, audited.output
+    result = json.loads(audited.stdout)[0]
+    assert {layer["fmt"] for layer in result["quantized"]} == {"float8_e4m3fn"} and result["suspect"] == []
