@@ -30,6 +30,7 @@ import torch
 
 from sensq.errors import InputError
 from sensq.export.target import Layer, Target, Written, nearest_format, nmse, register_target
+from sensq.formats.packing import element_codes
 from sensq.formats.spec import Family
 from sensq.store.files import atomic_write_bytes
 
@@ -93,9 +94,8 @@ def _awq(layer: Layer) -> Written:
     packed = layer.packed
     rows, columns = packed.shape
     group = packed.fmt.block_size
-    codes = packed.data["codes"]
-    signed = torch.stack((codes & 0xF, codes >> 4), dim=-1).reshape(rows, -1)[:, :columns].to(torch.int16)
-    unsigned = (torch.where(signed >= 8, signed - 16, signed) + 8).to(torch.uint8)
+    signed = element_codes(packed)[:, :columns].view(torch.int8).to(torch.int16)
+    unsigned = (signed + 8).to(torch.uint8)
     qdata = (unsigned[:, 0::2] | (unsigned[:, 1::2] << 4)).contiguous()
     dtype = layer.weight.dtype
     scale = packed.data["scale"].to(dtype).t().contiguous()

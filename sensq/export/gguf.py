@@ -24,6 +24,7 @@ import torch
 
 from sensq.errors import InputError
 from sensq.export.target import Layer, Target, Written, nearest_format, nmse, register_target
+from sensq.formats.packing import element_codes
 from sensq.formats.spec import Family
 from sensq.store.files import temporary_sibling
 
@@ -33,13 +34,7 @@ BLOCK = 32
 def _int_codes(layer: Layer) -> tuple[np.ndarray, np.ndarray]:
     """sensq's INT codes ``[rows, K]`` (signed) and FP32 scales ``[rows, K / 32]`` of the layer."""
     packed = layer.packed
-    codes = packed.data["codes"]
-    if packed.fmt.element_bits == 4:
-        nibbles = torch.stack((codes & 0xF, codes >> 4), dim=-1).reshape(codes.shape[0], -1)
-        signed = nibbles.to(torch.int16)
-        codes = torch.where(signed >= 8, signed - 16, signed)[:, : packed.shape[1]]
-    else:
-        codes = codes.view(torch.int8)
+    codes = element_codes(packed)[:, : packed.shape[1]].view(torch.int8)
     return codes.to(torch.int16).numpy(), packed.data["scale"].float().numpy()
 
 
@@ -52,8 +47,7 @@ def _q4_k(layer: Layer) -> Written:
     rows, columns = packed.shape
     if columns % 256:
         raise InputError(f"GGUF's Q4_K holds rows of whole 256-element super-blocks; this layer has {columns}")
-    codes = packed.data["codes"]
-    q = torch.stack((codes & 0xF, codes >> 4), dim=-1).reshape(rows, columns // 256, 8, 32)
+    q = element_codes(packed).reshape(rows, columns // 256, 8, 32)
     qs = (q[:, :, 0::2] | (q[:, :, 1::2] << 4)).reshape(rows, columns // 256, 128)
     sc, m = packed.data["sc"], packed.data["m"]
     scales = torch.cat(((sc[..., :4] & 63) | ((sc[..., 4:] >> 4) << 6), (m[..., :4] & 63) | ((m[..., 4:] >> 4) << 6),

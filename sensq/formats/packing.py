@@ -185,6 +185,19 @@ def _encode(x: torch.Tensor, spec: FormatSpec, dim: int) -> reference.Encoded:
     return reference.Encoded(codes, meta)
 
 
+def element_codes(packed: PackedTensor) -> torch.Tensor:
+    """One uint8 code per element, ``[rows, n_blocks * block]`` (the padded tail included), of a format stored
+    in a ``codes`` field: 4-bit codes out of their nibbles, INT4's sign-extended (read them ``.view(torch.int8)``).
+    What :func:`unpack` decodes, and what an export re-lays out for another runtime."""
+    layout = packed.layout
+    codes = packed.data["codes"]
+    if packed.fmt.element_bits == 4:
+        codes = _unpack_nibbles(codes, layout.n_blocks * layout.block)
+        if packed.fmt.family is Family.INT:
+            codes = ((codes.to(torch.int16) ^ 8) - 8).to(torch.int8).view(torch.uint8)  # sign-extend
+    return codes.reshape(layout.rows, -1)
+
+
 def unpack(packed: PackedTensor) -> torch.Tensor:
     """The dequantized tensor: ``x.dtype`` and ``x.shape`` of the packed original."""
     spec, layout = packed.fmt, packed.layout
@@ -201,13 +214,8 @@ def unpack(packed: PackedTensor) -> torch.Tensor:
     elif spec.family is Family.BF16:
         encoded = reference.Encoded(packed.data["codes"].reshape(rows, 1, -1))
     else:
-        codes = packed.data["codes"]
-        if spec.element_bits == 4:
-            codes = _unpack_nibbles(codes, n_blocks * block)
-            if spec.family is Family.INT:
-                codes = ((codes.to(torch.int16) ^ 8) - 8).to(torch.int8).view(torch.uint8)  # sign-extend
         meta = {k: v for k, v in packed.data.items() if k != "codes"}
-        encoded = reference.Encoded(codes.reshape(rows, n_blocks, block), meta)
+        encoded = reference.Encoded(element_codes(packed).reshape(rows, n_blocks, block), meta)
     return from_blocks(reference.decode(encoded, spec), layout, packed.dtype)
 
 

@@ -84,12 +84,17 @@ class StepClock:
         return self._now() / float(self.pipe.scheduler.config.get("num_train_timesteps", 1000))
 
 
-def _in_range(clock: StepClock, phase: dict) -> bool:
+def _covers(phase: dict, step: int, sigma: float) -> bool:
+    """Whether a rule's step or sigma range (both ends included) holds the step ``step`` of noise level ``sigma``."""
     if "steps" in phase:
         low, high = phase["steps"]
-        return low <= clock.step <= high
+        return low <= step <= high
     low, high = phase["sigma"]
-    return low <= clock.sigma <= high
+    return low <= sigma <= high
+
+
+def _in_range(clock: StepClock, phase: dict) -> bool:
+    return _covers(phase, clock.step, clock.sigma)
 
 
 def dead_ranges(pipe, family, timesteps: list[float]) -> list[str]:
@@ -102,11 +107,9 @@ def dead_ranges(pipe, family, timesteps: list[float]) -> list[str]:
             if not isinstance(module, PhasedLayer):
                 continue
             for phase in module.phases:
-                key, (low, high) = ("steps", phase["steps"]) if "steps" in phase else ("sigma", phase["sigma"])
-                hits = [i for i, t in enumerate(timesteps)
-                        if (low <= i <= high if key == "steps" else low <= t / num_train <= high)]
-                if not hits:
-                    dead.setdefault((key, low, high), []).append(f"{expert}:{name}")
+                if not any(_covers(phase, i, t / num_train) for i, t in enumerate(timesteps)):
+                    key = "steps" if "steps" in phase else "sigma"
+                    dead.setdefault((key, *phase[key]), []).append(f"{expert}:{name}")
     return [f"the rule for {key} {low}-{high} ({len(layers)} layers, e.g. {layers[0]}) never applies: this "
             f"{len(timesteps)}-step trajectory has no step there, so the next matching rule decides at every step"
             for (key, low, high), layers in dead.items()]
