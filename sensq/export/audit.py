@@ -21,6 +21,7 @@ import torch
 
 from sensq.errors import InputError
 from sensq.export.target import nmse
+from sensq.models.layers import quantizable_layers
 
 SUSPECT_RATIO = 10.0
 """A layer whose NMSE exceeds this many times the nearest sensq format's is reported as suspect."""
@@ -169,9 +170,7 @@ def _nearest_error(fmt: str, weight: torch.Tensor) -> tuple[str | None, float | 
         return None, None
     if weight.shape[-1] % 32 and nearest.endswith("@32"):
         return nearest, None
-    spec = get_format(nearest.split("@")[0], group_size=int(nearest.split("@")[1])) if "@" in nearest else \
-        get_format(nearest)
-    return nearest, nmse(quantize_dequantize(weight.float(), spec), weight) * 4.0 ** bits_below_four
+    return nearest, nmse(quantize_dequantize(weight.float(), get_format(nearest)), weight) * 4.0 ** bits_below_four
 
 
 def audit_file(path: str | Path, source, expert: str) -> Audit:
@@ -204,8 +203,6 @@ def audit_file(path: str | Path, source, expert: str) -> Audit:
         ratio = None if not expected else error / expected
         result.quantized.append(AuditedLayer(key, name.removesuffix(".weight"), fmt, nearest, error, expected, ratio,
                                              ratio is not None and ratio > SUSPECT_RATIO))
-    from sensq.models.layers import quantizable_layers
-
     quantized_names = {layer.name for layer in result.quantized}
     module = source.family.expert_module(source.pipe, expert)
     result.kept = [name for name, _ in quantizable_layers(module) if name not in quantized_names]
