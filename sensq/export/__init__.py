@@ -93,7 +93,7 @@ def export_checkpoint(checkpoint: str | Path, target_name: str, out: str | Path,
     if not is_checkpoint(checkpoint):
         raise InputError(f"{str(checkpoint)!r} is not a sensq checkpoint (no manifest.json): write one with sensq "
                          "apply-plan")
-    manifest = read_manifest(checkpoint)
+    manifest = read_manifest(checkpoint, verify=False)  # its family, before any work; load_quantized verifies
     family = recorded_family(manifest.get("family")).name
     if family not in WAN_FAMILIES:
         raise InputError(f"sensq export writes Wan checkpoints; {str(checkpoint)!r} is a {family} model")
