@@ -103,11 +103,10 @@ def audit(files, model, expert, plan_out, device, as_json) -> None:
                              "--expert")
         audits.append(audit_file(path, source, which))
     if plan_out is not None:
-        from sensq.models import layer_inventory
-        from sensq.plan import validate_plan
+        from sensq.plan import model_layers, validate_plan
 
         plan = audit_plan(audits, source)
-        plan.layers = validate_plan(plan, layer_inventory(model))
+        plan.layers = validate_plan(plan, model_layers(source))
         plan.save(plan_out)
     if as_json:
         click.echo(json.dumps([a.to_dict() for a in audits], indent=1))
