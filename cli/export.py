@@ -29,7 +29,7 @@ def export(checkpoint, target, out, as_json) -> None:
 
     \b
     Examples:
-      sensq plan ranking.json --budget 10% --format nvfp4_ts --out plan.json
+      sensq plan ranking.json --budget 10% --format nvfp4_ts --rank-format hif4 --out plan.json
       sensq apply-plan plan.json --probe probe.h5 --calibrate gptq --out ckpt/
       sensq export ckpt/ --to comfyui --out comfy/     # comfy/high.safetensors, comfy/low.safetensors
       sensq export ckpt-int4/ --to gguf --out gguf/    # from a plan with --format int4@32 (Q4_0)
