@@ -158,6 +158,8 @@ def _nearest_error(fmt: str, weight: torch.Tensor) -> tuple[str | None, float | 
         nearest = f"int4@{fmt.split('@')[1]}"
     elif fmt in COMFY_NEAREST:
         nearest = COMFY_NEAREST[fmt]
+    elif fmt in ("Q4_K", "Q6_K") and weight.shape[-1] % 256 == 0:
+        nearest = fmt.lower()  # GGUF's own K-quant, registered in sensq: the file's format itself
     elif fmt.startswith("Q8"):
         nearest = "int8@32"
     elif fmt.startswith(("Q4", "Q5", "Q6", "IQ4")):

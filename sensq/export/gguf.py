@@ -8,8 +8,9 @@
 * Every other tensor keeps the dtype sensq ran it in (F32, F16 or BF16). The patch embedding's Conv3d weight
   (five dims; GGUF holds four) is stored flattened to two, with its shape in ``comfy.gguf.orig_shape.<key>``
   as ComfyUI-GGUF's own converter writes it, quantized or not.
-* ``q4_k`` (sensq's registered Q4_K, :mod:`sensq.formats.kquant`) -> Q4_K: codes, 6-bit scales and mins and
-  FP16 super-block scales as sensq deployed them; gguf's dequantizer gives sensq's weight bit for bit.
+* ``q4_k`` and ``q6_k`` (sensq's registered Q4_K and Q6_K, :mod:`sensq.formats.kquant`) -> Q4_K and Q6_K:
+  codes, sub-block scales (and mins) and FP16 super-block scales as sensq deployed them (GPTQ's included);
+  gguf's dequantizer gives sensq's weight bit for bit.
 * Other quantized formats (HiF4, MXFP4, NVFP4, FP8, INT4/INT8 in other groups) are refused, naming
   ``q4_k`` or ``int8@32``.
 """
@@ -61,12 +62,40 @@ def _q4_k(layer: Layer) -> Written:
                    nmse(target, layer.weight.float()))
 
 
+def _q6_k(layer: Layer) -> Written:
+    """sensq's ``q6_k`` as GGUF's Q6_K blocks (210 bytes per 256: 128 bytes of low nibbles, 64 of high bit pairs,
+    16 int8 scales, FP16 d). In each half of 128 elements, element ``l`` and ``l + 64`` share the low and high
+    nibble of byte ``l`` of ``ql`` (``l < 64``), and the high bit pairs of elements ``l``, ``l + 32``, ``l + 64``,
+    ``l + 96`` fill byte ``l`` of ``qh`` from its low bits up (``l < 32``)."""
+    import gguf
+
+    packed = layer.packed
+    rows, columns = packed.shape
+    if columns % 256:
+        raise InputError(f"GGUF's Q6_K holds rows of whole 256-element super-blocks; this layer has {columns}")
+    q = element_codes(packed).reshape(rows, columns // 256, 2, 128)
+    low, high = q & 0xF, q >> 4
+    ql = (low[..., :64] | (low[..., 64:] << 4)).reshape(rows, columns // 256, 128)
+    qh = (high[..., 0:32] | (high[..., 32:64] << 2) | (high[..., 64:96] << 4) | (high[..., 96:] << 6))
+    scales = packed.data["sc"].view(torch.uint8)
+    d = packed.data["d"].to(torch.float16).view(torch.uint8).reshape(rows, columns // 256, 2)
+    raw = np.ascontiguousarray(torch.cat((ql, qh.reshape(rows, columns // 256, 64), scales, d), dim=-1)
+                               .reshape(rows, -1).numpy())
+    kind = gguf.GGMLQuantizationType.Q6_K
+    target = torch.from_numpy(gguf.quants.dequantize(raw, kind).astype(np.float32)).reshape(rows, columns)
+    return Written({f"{layer.wan}.weight": (raw, kind, layer.shape)}, kind.name, True,
+                   nmse(target, layer.weight.float()))
+
+
+K_QUANTS = {"q4_k": _q4_k, "q6_k": _q6_k}
+
+
 def _layer(layer: Layer) -> Written:
     import gguf
 
     fmt = layer.packed.fmt
-    if fmt.family is Family.KQUANT and fmt.name == "q4_k" and len(layer.packed.shape) == 2:
-        return _q4_k(layer)
+    if fmt.family is Family.KQUANT and fmt.name in K_QUANTS and len(layer.packed.shape) == 2:
+        return K_QUANTS[fmt.name](layer)
     if fmt.family is not Family.INT or fmt.block_size != BLOCK or len(layer.packed.shape) != 2:
         raise nearest_format(fmt, "q4_k", "int8@32", "GGUF (as ComfyUI-GGUF reads it)")
     rows, columns = layer.packed.shape
@@ -131,5 +160,5 @@ def _write(path: Path, tensors: dict, family: str) -> None:
             tmp.unlink()
 
 
-TARGET = register_target(Target("gguf", ".gguf", "GGUF for ComfyUI-GGUF: Q4_0 from int4@32, Q8_0 from int8@32",
-                                _layer, _write))
+TARGET = register_target(Target("gguf", ".gguf", "GGUF for ComfyUI-GGUF: Q4_K/Q6_K from q4_k/q6_k, Q4_0 from "
+                                "int4@32, Q8_0 from int8@32", _layer, _write))

@@ -4,7 +4,7 @@
 rounds a tensor to the format; ``pack``/``unpack`` store it in its real bit layout.
 """
 
-from sensq.formats import fp8_tensor, kquant, mxfp8  # noqa: F401 (register fp8_e4m3_tensor, q4_k, mxfp8)
+from sensq.formats import fp8_tensor, kquant, mxfp8  # noqa: F401 (register fp8_e4m3_tensor, q4_k, q6_k, mxfp8)
 from sensq.formats.api import quantize_dequantize
 from sensq.formats.backend import Backend, backend_names
 from sensq.formats.packing import PackedTensor, pack, unpack

@@ -52,7 +52,7 @@ class Family(enum.Enum):
     MXFP8 = "mxfp8"
     """E4M3 elements, E8M0 power-of-two scale per 32 (OCP MX v1.0)."""
     KQUANT = "kquant"
-    """llama.cpp's K-quants (GGUF): unsigned codes, sub-block scales and mins under FP16 super-block scales."""
+    """llama.cpp's K-quants (GGUF): unsigned codes, sub-block scales (and mins) under FP16 super-block scales."""
 
 
 class ScaleType(enum.Enum):
@@ -64,6 +64,7 @@ class ScaleType(enum.Enum):
     E4M3_X_FP32 = "E4M3 x FP32"
     FP32 = "FP32"
     KQUANT = "6b scale+min/32, FP16 d+dmin/256"
+    KQUANT_SIGNED = "int8 scale/16, FP16 d/256"
     NONE = "none"
 
 

@@ -57,8 +57,8 @@ for _method in (
     Calibration("none", "none", "none", help="the format's own scale rule (bit-exact golden semantics)"),
     Calibration("mse", "mse", "mse", help="per layer, the clipping factor of weights and activations that "
                 "minimizes their quantization MSE (the curves go into the manifest)"),
-    Calibration("gptq", "gptq", "mse", help="activations as mse, 4-bit weights rounded by GPTQ onto the format's "
-                "own block grid with the error propagated (other weights as mse)"),
+    Calibration("gptq", "gptq", "mse", help="activations as mse, 4-bit and K-quant weights rounded by GPTQ onto the "
+                "format's own block grid with the error propagated (other weights as mse)"),
     Calibration("rotate", "none", "none", rotate=True, help="both operands of each Linear rotated by a "
                 "block-diagonal Hadamard of size 64 before the format's rule (spreads outlier channels; no probe "
                 "needed)"),

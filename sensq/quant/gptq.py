@@ -10,12 +10,13 @@ Block formats are rounded within their own scales, as each format defines them. 
 every format block (64 columns for HiF4, 32 for MXFP4, 16 for NVFP4, the group for INT4) the block's
 metadata is chosen by the format's encoder (:mod:`sensq.formats.reference`) from the block's *current*
 values, the rounding error of the columns before it included: HiF4's E6M2 scale and its lv2/lv3 bits,
-MXFP4's E8M0, NVFP4's E4M3, INT4's FP32 scale. Each column of the block is then rounded to the nearest
-of the values that this metadata can decode (one per 4-bit code). The result is codes plus metadata,
+MXFP4's E8M0, NVFP4's E4M3, INT4's FP32 scale, Q4_K's and Q6_K's two levels of scales (at the first column
+of each 256-wide super-block). Each column of the block is then rounded to the nearest
+of the values that this metadata can decode (one per code). The result is codes plus metadata,
 stored as they are (:func:`sensq.formats.packing.pack_encoded`), so the deployed weight is exactly
 the weight GPTQ chose: nothing re-encodes it (HiF4 is not idempotent).
 
-Only 4-bit element formats with block metadata are supported; NVFP4 with a per-tensor scale
+Only 4-bit element formats with block metadata and the K-quants are supported; NVFP4 with a per-tensor scale
 (``nvfp4_ts``) is not (its tensor scale would change with every block's update).
 """
 
@@ -37,9 +38,9 @@ LAZY_BATCH = 128
 
 def gptq_refusal(spec: FormatSpec) -> str | None:
     """Why GPTQ cannot round weights to ``spec`` (not 4-bit elements, or a per-tensor scale); None when it can."""
-    if spec.element_bits != 4 or spec.family is Family.BF16:
-        return (f"--calibrate gptq rounds 4-bit weights (hif4, mxfp4, nvfp4, int4); {spec.identity} weights use "
-                "--calibrate mse or none")
+    if (spec.element_bits != 4 and spec.family is not Family.KQUANT) or spec.family is Family.BF16:
+        return (f"--calibrate gptq rounds 4-bit weights (hif4, mxfp4, nvfp4, int4) and GGUF's K-quants (q4_k, "
+                f"q6_k); {spec.identity} weights use --calibrate mse or none")
     if spec.tensor_scale_bits:
         return (f"--calibrate gptq does not support {spec.identity} (its per-tensor scale changes as blocks are "
                 "updated); use nvfp4 or --calibrate mse")
@@ -57,7 +58,7 @@ def _alphabet(spec: FormatSpec) -> torch.Tensor:
     """Every valid element code, as :mod:`reference` stores codes (INT: int8 viewed as uint8)."""
     if spec.family is Family.INT:
         return torch.arange(-spec.qmax, spec.qmax + 1, dtype=torch.int8).view(torch.uint8)
-    return torch.arange(16, dtype=torch.uint8)
+    return torch.arange(2**spec.element_bits, dtype=torch.uint8)  # 4-bit float codes; K-quants' unsigned ones
 
 
 def _candidates(meta: dict[str, torch.Tensor], spec: FormatSpec, alphabet: torch.Tensor, rows: int,

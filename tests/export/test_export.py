@@ -178,6 +178,47 @@ def test_gguf_keeps_sensqs_gptq_codes_and_reports_the_fp16_scale(workspace, tmp_
         assert shape is not None and len(shape.data) == 5  # ComfyUI-GGUF reshapes the Conv3d back
 
 
+K_QUANT_RULES = [  # the tiny model's one 256-wide layer (GGUF's K-quants hold whole super-blocks of 256): Q6_K
+    # in the high-noise expert, Q4_K in the low-noise one, the rest kept
+    {"match": "high:condition_embedder.time_embedder.linear_1", "weight": "q6_k", "activation": None},
+    {"match": "low:condition_embedder.time_embedder.linear_1", "weight": "q4_k", "activation": None},
+    {"match": "re:.*", "weight": None, "activation": None},
+]
+
+
+def test_gguf_keeps_gptq_codes_on_the_k_quant_grids(workspace, tmp_path):
+    """GPTQ rounds onto Q4_K's and Q6_K's two-level grids (the super-block's scales chosen at its first column
+    from the error-compensated values) and the GGUF file holds exactly those codes: gguf's dequantizer gives
+    sensq's deployed weight bit for bit, and the codes are not the round-to-nearest ones."""
+    gguf = pytest.importorskip("gguf", reason="tested with gguf: pip install -e '.[deploy]'")
+    import numpy as np
+
+    from sensq.formats import quantize_dequantize
+    from sensq.loading import load_model
+
+    checkpoint = _checkpoint(workspace, tmp_path, K_QUANT_RULES, "kquant", calibrate="gptq")
+    _, deployed = _deployed(checkpoint)
+    manifest = json.loads((checkpoint / "manifest.json").read_text())
+    quantized = [entry for entry in manifest["layers"].values() if entry["weight"]]
+    assert len(quantized) == sum(map(len, deployed.values())) == 2
+    assert {entry["calibration"] for entry in quantized} == {"gptq"}
+    _export(checkpoint, "gguf", tmp_path / "gguf")
+    source = load_model("tiny", torch.device("cpu"), torch.float32)
+    differs = 0
+    for expert, layers in deployed.items():
+        assert {fmt for fmt, _ in layers.values()} == {"q6_k" if expert == "high" else "q4_k"}
+        tensors = {t.name: t for t in gguf.GGUFReader(str(tmp_path / "gguf" / f"{expert}.gguf")).tensors}
+        original = {wan_name(name): module.weight.detach() for name, module in
+                    source.family.expert_module(source.pipe, expert).named_modules() if wan_name(name) in layers}
+        for key, (fmt, weight) in layers.items():
+            tensor = tensors[f"{key}.weight"]
+            assert tensor.tensor_type.name == fmt.upper()
+            theirs = torch.from_numpy(gguf.quants.dequantize(tensor.data, tensor.tensor_type).astype(np.float32))
+            assert torch.equal(theirs.reshape(weight.shape), weight.float()), key
+            differs += not torch.equal(weight.float(), quantize_dequantize(original[key].float(), fmt))
+    assert differs > 0  # GPTQ's codes, not round-to-nearest of its own output
+
+
 @pytest.mark.parametrize("target, fragments", [
     ("gguf", ("GGUF (as ComfyUI-GGUF reads it) has no layout for sensq's hif4", "--format q4_k")),
     ("comfyui", ("ComfyUI has no layout for sensq's hif4", "--format nvfp4_ts")),
@@ -196,7 +237,7 @@ def _swap_nibbles(state, key):
     state[f"{key}.weight"] = ((q & 0xF) << 4) | (q >> 4)  # the low-nibble-first order ComfyUI does not use
 
 
-def test_audit_names_formats_flags_a_crossed_nibble_order_and_writes_a_plan(workspace, tmp_path):
+def test_audit_names_formats_flags_crossed_conventions_and_round_trips(workspace, tmp_path):
     pytest.importorskip("comfy_kitchen", reason="tested with comfy-kitchen: pip install -e '.[deploy]'")
     from safetensors.torch import save_file
 
@@ -217,13 +258,30 @@ def test_audit_names_formats_flags_a_crossed_nibble_order_and_writes_a_plan(work
     plan = json.loads((tmp_path / "theirs.json").read_text())
     planned = {(r["match"].split(":")[0], r["match"].split(":")[1]): r["weight"] for r in plan["rules"][:-1]}
     assert set(planned.values()) == {"nvfp4_ts", "int8", "mxfp8"} and len(planned) == sum(map(len, deployed.values()))
+    # the round trip: sensq's plan and the plan audited from its ComfyUI files generate the same latents, bit for
+    # bit (the codes are kept), in one ablation
+    ablation = CliRunner().invoke(main, ["ablate", str(workspace / "ranking.json"), "--plans",
+                                         str(tmp_path / "mixed.json"), "--plans", str(tmp_path / "theirs.json"),
+                                         "--only-plans", "--limit", "1", "--seeds", "1", "--out",
+                                         str(tmp_path / "ablation")])
+    assert ablation.exit_code == 0, ablation.output
+    rows = {row["set"]: row for row in json.loads((tmp_path / "ablation" / "ablation.json").read_text())["rows"]}
+    latents = [load_file(str(path))["latents"] for name in ("mixed", "theirs")
+               for path in sorted((tmp_path / "ablation" / rows[name]["folder"]).rglob("latents/*.safetensors"))]
+    assert len(latents) == 2 and torch.equal(latents[0], latents[1])
+    assert rows["mixed"]["metrics"]["latent_nmse"] == rows["theirs"]["metrics"]["latent_nmse"] > 0
     crossed = load_file(str(tmp_path / "comfy" / "high.safetensors"))
     _swap_nibbles(crossed, "blocks.1.cross_attn.q")
+    for key in ("blocks.1.ffn.0", "blocks.0.self_attn.q"):  # a scale stored as a divisor: NVFP4's tensor scale, INT8's
+        crossed[f"{key}.weight_scale" + ("_2" if key.endswith("ffn.0") else "")] **= -1
     save_file(crossed, str(tmp_path / "high.safetensors"))
     flagged = CliRunner().invoke(main, ["audit", str(tmp_path / "high.safetensors"), "--model", "tiny"])
     assert flagged.exit_code == 0, flagged.output
-    suspects = [line for line in flagged.stderr.splitlines() if "suspect:" in line]
-    assert len(suspects) == 1 and "blocks.1.cross_attn.q (nvfp4)" in suspects[0], flagged.stderr
+    suspects = sorted(line for line in flagged.stderr.splitlines() if "suspect:" in line)
+    assert len(suspects) == 3, flagged.stderr
+    for suspect, layer in zip(suspects, ("blocks.0.self_attn.q (int8_tensorwise)", "blocks.1.cross_attn.q (nvfp4)",
+                                         "blocks.1.ffn.0 (nvfp4)"), strict=True):
+        assert layer in suspect, suspects
 
 
 def test_audit_of_a_gguf_and_its_plan_measured_by_ablate(workspace, tmp_path):
@@ -246,9 +304,11 @@ def test_audit_of_a_gguf_and_its_plan_measured_by_ablate(workspace, tmp_path):
     assert rows["theirs"]["metrics"]["latent_nmse"] > 0 and rows["theirs"]["kind"] == "plan"
 
 
-def test_q4_k_blocks_are_gguf_q4_k_bit_for_bit():
-    """sensq's q4_k codes, scales and mins laid out as GGUF's Q4_K: gguf's own dequantizer gives exactly the
-    weight sensq decodes (and the error a plan measures), including a zero row and a NaN super-block."""
+@pytest.mark.parametrize("fmt, kind_name, block_bytes", [("q4_k", "Q4_K", 144), ("q6_k", "Q6_K", 210)])
+def test_k_quant_blocks_are_gguf_k_quants_bit_for_bit(fmt, kind_name, block_bytes):
+    """sensq's q4_k (codes, scales and mins) and q6_k (codes, signed scales) laid out as GGUF's Q4_K and Q6_K:
+    gguf's own dequantizer gives exactly the weight sensq decodes (and the error a plan measures), including a
+    zero row, outliers of either sign and a NaN super-block."""
     gguf = pytest.importorskip("gguf", reason="tested with gguf: pip install -e '.[deploy]'")
     import numpy as np
 
@@ -259,17 +319,18 @@ def test_q4_k_blocks_are_gguf_q4_k_bit_for_bit():
     weight = torch.randn(6, 768, generator=torch.Generator().manual_seed(3)) * torch.logspace(-3, 2, 768)
     weight[1] = 0.0
     weight[2, 300:310] += 40.0  # an outlier in one sub-block
-    packed = pack(weight, "q4_k")
+    weight[3, 600:604] -= 40.0  # and a negative one (Q6_K maps it onto -32)
+    packed = pack(weight, fmt)
     ours = unpack(packed)
-    assert torch.equal(ours, quantize_dequantize(weight, "q4_k"))
+    assert torch.equal(ours, quantize_dequantize(weight, fmt))
     written = _layer(Layer("blocks.0.attn1.to_q", "blocks.0.self_attn.q", packed, ours, None, (6, 768)))
     raw, kind, _ = written.tensors["blocks.0.self_attn.q.weight"]
-    assert kind == gguf.GGMLQuantizationType.Q4_K and raw.shape == (6, 3 * 144)
+    assert kind == getattr(gguf.GGMLQuantizationType, kind_name) and raw.shape == (6, 3 * block_bytes)
     theirs = torch.from_numpy(gguf.quants.dequantize(raw, kind).astype(np.float32))
-    assert torch.equal(theirs, ours) and written.nmse == 0.0 and written.kind == "Q4_K"
+    assert torch.equal(theirs, ours) and written.nmse == 0.0 and written.kind == kind_name
     poisoned = weight.clone()
     poisoned[4, 520] = float("nan")
-    raw, kind, _ = _layer(Layer("x", "x", pack(poisoned, "q4_k"), unpack(pack(poisoned, "q4_k")), None,
+    raw, kind, _ = _layer(Layer("x", "x", pack(poisoned, fmt), unpack(pack(poisoned, fmt)), None,
                                 (6, 768))).tensors["x.weight"]
     decoded = gguf.quants.dequantize(raw, kind)
     assert np.isnan(decoded[4, 512:768]).all() and not np.isnan(decoded[4, :512]).any()

@@ -8,7 +8,7 @@ from sensq.formats import get_format, pack, quantize_dequantize, reference, unpa
 from sensq.formats.blocks import to_blocks
 from sensq.quant.gptq import gptq_pack
 
-FORMATS = ["hif4", "mxfp4", "mxfp4_ocp", "nvfp4", "int4"]
+FORMATS = ["hif4", "mxfp4", "mxfp4_ocp", "nvfp4", "int4", "q4_k", "q6_k"]
 
 
 def _correlated_inputs(n=512, width=200, seed=0):
@@ -47,7 +47,7 @@ def test_gptq_with_uncorrelated_inputs_is_nearest_rounding_under_the_formats_own
     assert differ.float().mean() < (0.01 if fmt == "hif4" else 1e-9)
 
 
-@pytest.mark.parametrize("fmt", ["hif4", "nvfp4", "int4"])
+@pytest.mark.parametrize("fmt", ["hif4", "nvfp4", "int4", "q6_k"])
 def test_the_gptq_weight_is_stored_in_the_formats_layout(fmt):
     """Same bytes as the format's own packing, a tail block included, and the deployed decode (numba for HiF4)
     reads it as the reference does."""
