@@ -221,6 +221,13 @@ def _set(container, key, value):
 
 
 GEN = ["generate", "--limit", "1", "--steps", "2", "--no-video"]
+DEEP = b"[" * 200000 + b"]" * 200000  # deeper than Python's recursion limit: json.loads raises RecursionError
+
+
+def _nested_generation(ws: Path, folder: Path) -> Path:
+    run = _generation(ws, folder, name="nested")
+    (run / "manifest.json").write_bytes(b'{"schema": "sensq.generation/1", "items": ' + DEEP + b"}")
+    return run
 
 CASES = [
     # -- rankings of the right kind but the wrong shape (plan, report, ablate read them) -------------------
@@ -309,6 +316,14 @@ CASES = [
     Case("manifest-nested-deeply", lambda ws, d: [*GEN, "--model", _checkpoint(
         ws, d, lambda m: b'{"schema": "sensq.checkpoint/1", "phases": ' + b"[" * 200000 + b"]" * 200000 + b"}"),
         "--out", d / "g"], ("nested too deeply",)),
+    Case("plan-nested-deeply", lambda ws, d: ["plan", "--validate", _bytes(
+        d, "plan.json", b'{"schema": "sensq.plan/1", "rules": ' + DEEP + b"}")], ("nested too deeply",)),
+    Case("ranking-nested-deeply", lambda ws, d: ["plan", _bytes(
+        d, "ranking.json", b'{"schema": "sensq.ranking/1", "experts": ' + DEEP + b"}"), "--budget", "5%", "--out",
+        d / "p.json"], ("nested too deeply",)),
+    Case("generation-manifest-nested-deeply", lambda ws, d: ["eval", _generation(ws, d, lambda m, run: None),
+                                                              "--reference", _nested_generation(ws, d)],
+         ("nested too deeply",)),
     Case("manifest-bytes-string", lambda ws, d: [*GEN, "--model", _checkpoint(
         ws, d, lambda m: _set(m["files"]["transformer/config.json"], "bytes", "12")),
         "--out", d / "g"], ("bytes must be an integer, got '12'",)),
