@@ -66,11 +66,11 @@ def apply_plan(plan_file, model, device, dtype, lora_high, lora_low, probe_file,
 
     from sensq.cli.common import load_cli_model, refuse_unused
     from sensq.plan import Plan
-    from sensq.quant.apply import apply_plan as run_apply
     from sensq.quant.apply import calibration_source
     from sensq.quant.calibrate import summarize_calibration
     from sensq.quant.checkpoint import CHECKPOINT_SCHEMA, save_quantized
     from sensq.store.files import check_output_folder, make_parent, output_lock
+    from sensq.workflows import apply_plan as run_apply
 
     refuse_unused(click.get_current_context(), probe_file is not None,
                   ("sequential_experts", "pooled_experts", "probe_from_another_model"),

@@ -31,7 +31,6 @@ from sensq.plan import (
 )
 from sensq.plan.calibrations import needs_data
 from sensq.quant import dequantize_
-from sensq.quant.apply import apply_plan
 from sensq.report.ablation import (  # noqa: F401 (the ablation's statistics and report, re-exported)
     ABLATION_SCHEMA,
     METRICS,
@@ -52,6 +51,7 @@ from sensq.store.files import (
     output_lock,
     write_json,
 )
+from sensq.workflows import apply_plan
 
 
 @dataclass(frozen=True)
@@ -227,7 +227,7 @@ def _run_ablation(model, trajectory, prompts, sets: list[ProtectedSet], out: Pat
     """Run every set over every prompt and seed (resuming what is done) and write ``ablation.json``.
 
     Each set is deployed exactly as ``sensq apply-plan`` deploys it, through the same function
-    (:func:`sensq.quant.apply.apply_plan`: the same ``calibrate``, probe, ``backend``, ``sequential_experts``,
+    (:func:`sensq.workflows.apply_plan`: the same ``calibrate``, probe, ``backend``, ``sequential_experts``,
     ``pooled_experts`` and ``probe_from_another_model``), and generated as
     ``sensq generate`` generates; the round trip through a packed checkpoint gives bit-identical latents
     (tests/eval/test_ablate_demo.py checks a row against ``apply-plan`` + ``generate --model CKPT``).

@@ -18,9 +18,10 @@ LAYERS = [
     {"sensq.kernels"},  # fill the formats' kernel registry; know nothing above the formats
     {"sensq.store", "sensq.models"},  # files; model families and layers
     {"sensq.trajectory", "sensq.prompts"},
-    {"sensq.probes", "sensq.plan"},
-    {"sensq.quant"},
-    {"sensq.sensitivity", "sensq.generate", "sensq.loading", "sensq.export"},
+    {"sensq.plan"},
+    {"sensq.quant"},  # quantizes by a plan, calibrates on probe files (sensq.store): never runs a probe
+    {"sensq.probes"},
+    {"sensq.sensitivity", "sensq.generate", "sensq.loading", "sensq.export", "sensq.workflows"},
     {"sensq.eval"},  # scores generations
     {"sensq.report"},
     {"sensq.ablate"},

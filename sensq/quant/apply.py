@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -11,13 +12,9 @@ from sensq.errors import InputError
 from sensq.models.layers import quantizable_layers
 from sensq.plan import Plan, model_layers, validate_plan
 from sensq.plan.calibrations import needs_data
-from sensq.probes.capture import ProbeConfig
-from sensq.probes.recorder import ProbeRequest, run_probe
-from sensq.prompts import Prompt
 from sensq.quant.calibrate import calibrate_expert, method_of
 from sensq.quant.layers import is_quantized, original_module, swap
 from sensq.quant.phased import is_phased, phased_layer, remove_step_clock, step_clock
-from sensq.trajectory import Trajectory
 
 
 def quantize_(model, plan: Plan, backend: str = "auto") -> list[dict]:
@@ -67,15 +64,21 @@ def offload_experts(model) -> None:
                                num_blocks_per_group=1)
 
 
-def apply_plan(model, plan: Plan, *, probe_path=None, calibrate: str = "none", sequential_experts: bool = False,
+Reprobe = Callable[[object, str, object, Path], None]
+"""``reprobe(model, expert, probe_file, out)``: write to ``out`` a fresh probe of ``expert`` that runs the
+``probe_file``'s trajectory, prompts and config on ``model`` as it is now (:func:`sensq.workflows.reprobe`)."""
+
+
+def apply_plan(model, plan: Plan, *, probe_path=None, calibrate: str = "none", reprobe: Reprobe | None = None,
                backend: str = "auto", force: bool = False, offload: bool = False,
                probe_from_another_model: bool = False, pooled_experts: bool = False,
                progress=None) -> tuple[list[dict], dict]:
     """Quantize ``model`` by ``plan`` expert by expert, calibrated on ``probe_path`` when asked.
 
-    With ``sequential_experts`` every expert after the first (Wan2.2: the low-noise one) is calibrated on a
-    fresh probe of the trajectory run with the experts before it already quantized (same prompts, seeds and
-    trajectory as the probe file), so its calibration sees their quantization error.
+    With ``reprobe`` every expert after the first (Wan2.2: the low-noise one) is calibrated on a fresh probe
+    that ``reprobe`` writes with the experts before it already quantized (same prompts, seeds and trajectory as
+    the probe file), so its calibration sees their quantization error (``--sequential-experts``:
+    :func:`sensq.workflows.apply_plan` passes :func:`sensq.workflows.reprobe`).
 
     ``pooled_experts``: every expert is calibrated on the captured inputs of all experts pooled (the calibration
     set of the whole trajectory, the alternative to the study's expert-by-expert sets; needs every expert in
@@ -103,7 +106,7 @@ def apply_plan(model, plan: Plan, *, probe_path=None, calibrate: str = "none", s
         which = f"--calibrate {calibrate} needs" if calibrate != "none" else "the plan's 'calibration' rules need"
         raise InputError(f"{which} --probe PROBE.h5 (the captured inputs to calibrate on)")
     family, experts = model.family, model.family.experts(model.pipe)
-    if pooled_experts and sequential_experts:
+    if pooled_experts and reprobe is not None:
         raise InputError("--pooled-experts and --sequential-experts exclude each other: a pooled set is drawn "
                          "from the full-precision trajectory of every expert")
 
@@ -116,7 +119,7 @@ def apply_plan(model, plan: Plan, *, probe_path=None, calibrate: str = "none", s
 
     if not any(map(needs_data, methods)):
         return table, {expert: calibrate_one(expert, None, calibrate) for expert in experts}
-    later = experts[1:] if sequential_experts else []
+    later = experts[1:] if reprobe is not None else []
     calibration: dict = {}
     with ProbeFile(probe_path) as probe:
         if probe.model_fingerprint != model.fingerprint and not (force or probe_from_another_model):
@@ -128,13 +131,12 @@ def apply_plan(model, plan: Plan, *, probe_path=None, calibrate: str = "none", s
         for expert in experts:
             if expert not in later:
                 calibration[expert] = calibrate_one(expert, probe, calibrate)
-        trajectory, prompts, config = _rerun_of(probe)
-    for expert in later:  # each on a re-probe made with the experts before it already quantized
-        with tempfile.TemporaryDirectory() as tmp:
-            reprobe = Path(tmp) / f"{expert}_after_quantized_earlier_experts.h5"
-            run_probe(ProbeRequest(model, trajectory, prompts, [expert], reprobe, config=config))
-            with ProbeFile(reprobe) as probe:
-                calibration[expert] = calibrate_one(expert, probe, calibrate)
+        for expert in later:  # each on a re-probe made with the experts before it already quantized
+            with tempfile.TemporaryDirectory() as tmp:
+                fresh = Path(tmp) / f"{expert}_after_quantized_earlier_experts.h5"
+                reprobe(model, expert, probe, fresh)
+                with ProbeFile(fresh) as again:
+                    calibration[expert] = calibrate_one(expert, again, calibrate)
     return table, calibration
 
 
@@ -169,11 +171,3 @@ def _check_made_for(plan: Plan, model, force: bool) -> None:
                 "--lora-high/--lora-low)" if loras != model.loras else "")
         raise InputError(f"the plan was made for model fingerprint {planned_for} but this model has "
                          f"{model.fingerprint}{hint}; pass --force to apply it anyway")
-
-
-def _rerun_of(probe) -> tuple[Trajectory, list[Prompt], ProbeConfig]:
-    """What re-probes the same run: the probe file's trajectory, its finished prompts and its config."""
-    trajectory = Trajectory.from_dict(probe.attr_json("trajectory"))
-    prompts = [Prompt(int(i), t, n) for i, t, n, d in
-               zip(probe.prompt_index, probe.prompts, probe.negatives, probe.done, strict=True) if d]
-    return trajectory, prompts, ProbeConfig(**probe.attr_json("probe_config"))

@@ -6,6 +6,7 @@ import pytest
 import torch
 from click.testing import CliRunner
 
+from sensq import workflows
 from sensq.cli import main
 from sensq.errors import InputError
 from sensq.loading import load_model
@@ -106,7 +107,8 @@ def test_mse_calibration_keeps_its_clip_curves(probed, tmp_path):
 def test_sequential_experts_reprobes_the_low_expert(probed):
     folder, _ = probed
     model = load_model("tiny", torch.device("cpu"), torch.float32)
-    _, calibration = apply_plan(model, PLAN, probe_path=folder / "probe.h5", calibrate="mse", sequential_experts=True)
+    _, calibration = workflows.apply_plan(model, PLAN, probe_path=folder / "probe.h5", calibrate="mse",
+                                          sequential_experts=True)
     assert calibration["low"] and all(c.act_rows > 0 for c in calibration["low"].values())
     dequantize_(model)
     _, plain = apply_plan(model, PLAN, probe_path=folder / "probe.h5", calibrate="mse")
@@ -362,8 +364,9 @@ def test_pooled_experts_calibrate_on_every_experts_inputs(probed, tmp_path):
         assert any(pooled[expert][n].act_rows > own[expert][n].act_rows for n in own[expert])
     assert any(pooled[e][n].act_nmse != own[e][n].act_nmse for e in own for n in own[e])
     with pytest.raises(InputError, match="--pooled-experts and --sequential-experts exclude each other"):
-        apply_plan(load_model("tiny", torch.device("cpu"), torch.float32), PLAN, probe_path=folder / "probe.h5",
-                   calibrate="mse", pooled_experts=True, sequential_experts=True)
+        workflows.apply_plan(load_model("tiny", torch.device("cpu"), torch.float32), PLAN,
+                             probe_path=folder / "probe.h5", calibrate="mse", pooled_experts=True,
+                             sequential_experts=True)
     result = CliRunner().invoke(main, ["apply-plan", str(_saved(PLAN, tmp_path)), "--probe", str(folder / "probe.h5"),
                                        "--calibrate", "mse", "--pooled-experts", "--out", str(tmp_path / "q")])
     assert result.exit_code == 0, result.output
