@@ -14,6 +14,25 @@ from sensq.plan import CALIBRATIONS
 from sensq.plan.calibrations import needs_data
 
 
+def _set_kinds(ctx, param, value: str | None) -> list[str] | None:
+    from sensq.ablate import set_builders
+
+    if value is None:
+        return None
+    names = [v.strip() for v in value.split(",") if v.strip()]
+    unknown = [n for n in names if n not in set_builders()]
+    if unknown or not names:
+        raise click.BadParameter(f"unknown set kind {(unknown or [value])[0]!r}; known: {', '.join(set_builders())}")
+    return names
+
+
+def _set_kinds_help() -> str:
+    from sensq.ablate import set_builders
+
+    return ("Kinds of standard sets to include, comma-separated (default: all): "
+            + "; ".join(f"{name}: {builder.help}" for name, builder in set_builders().items()) + ".")
+
+
 def _ints(ctx, param, value: str) -> list[int]:
     try:
         return [int(v) for v in value.split(",") if v.strip()]
@@ -34,6 +53,7 @@ def _ints(ctx, param, value: str) -> list[int]:
                    "sensq plan does (only for a local ranking such as mse).")
 @click.option("--random", "random_draws", type=click.IntRange(min=0), default=0, show_default=True,
               help="Random sets per budget with the same share of parameters protected (seeded draws).")
+@click.option("--sets", "set_kinds", default=None, callback=_set_kinds, metavar="KINDS", help=_set_kinds_help())
 @click.option("--plans", "plan_files", multiple=True, type=click.Path(dir_okay=False, path_type=Path),
               help="Also ablate these plan files, in the same paired run as the standard sets (repeat the option; "
                    "each set is named after its file). Points of a plan --pareto front, tier plans, plans from "
@@ -55,8 +75,8 @@ def _ints(ctx, param, value: str) -> list[int]:
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=Path("ablation"), show_default=True)
 @click.option("--json", "as_json", is_flag=True, help="Print the ablation table as JSON.")
 def ablate(ranking_file, model, device, dtype, lora_high, lora_low, fmt, top_ks, budgets, protect_entrance,
-           random_draws, plan_files, only_plans, seeds, calibrate, probe_file, backend, prompts_path, limit, video, out,
-           as_json) -> None:
+           random_draws, set_kinds, plan_files, only_plans, seeds, calibrate, probe_file, backend, prompts_path, limit,
+           video, out, as_json) -> None:
     """Sweep protected sets at one format and say which differences are real: none, the entrance, entrance
     + top-k, sensq's budgeted plans, the entrance in one expert only, ModelOpt's fixed Wan recipe
     (embedders, proj_out, first and last three blocks) and sensq's plan at its budget, the first and last
@@ -78,19 +98,14 @@ def ablate(ranking_file, model, device, dtype, lora_high, lora_low, fmt, top_ks,
       sensq ablate ranking.json --calibrate mse --probe probe.h5 --seeds 4 --out ablation-mse/
       sensq ablate ranking.json --budget 5%,10% --plans e2e-10pct.json --seeds 2 --out ablation/
       sensq ablate ranking.json --plans tiers-6bits.json --plans keep-13pct.json --only-plans --out ablation-plans/
+      sensq ablate ranking.json --sets none,budget,recipe --budget 10% --out ablation/
     """
-    from sensq.ablate import (
-        ABLATION_SCHEMA,
-        file_sets,
-        plan_sets,
-        run_ablation,
-        standard_sets,
-        write_ablation_report,
-    )
+    from sensq.ablate import ABLATION_SCHEMA, file_sets, plan_sets, run_ablation, standard_sets
     from sensq.cli.common import load_cli_model, model_named_by_file, progress_bar
     from sensq.errors import InputError
     from sensq.plan import entrance_by_default, parse_budget
     from sensq.prompts import load_prompts
+    from sensq.report.ablation import write_ablation_report
     from sensq.sensitivity import Ranking
     from sensq.store.files import check_output_folder
     from sensq.trajectory import Trajectory
@@ -100,35 +115,27 @@ def ablate(ranking_file, model, device, dtype, lora_high, lora_low, fmt, top_ks,
     shares = [parse_budget(b) for b in budgets.split(",") if b.strip()]
     if needs_data(calibrate) and probe_file is None:
         raise InputError(f"--calibrate {calibrate} needs --probe PROBE.h5 (the captured inputs to calibrate on)")
-    given_model = model
-    model = model_named_by_file(ranking_file, str(ranking.provenance.get("model_id")),
-                                ranking.provenance.get("loras") or {}, model, lora_high, lora_low)
-    loaded = load_cli_model(model, device, dtype, lora_high, lora_low)
-    trajectory = Trajectory.from_dict(ranking.provenance.get("trajectory") or {})
-    prompts = load_prompts(prompts_path, limit, procedural=loaded.procedural)
     if only_plans and not plan_files:
         raise InputError("--only-plans needs --plans PLAN.json (the plan files to measure)")
+    loaded = load_cli_model(model_named_by_file(ranking_file, str(ranking.provenance.get("model_id")),
+                                                ranking.provenance.get("loras") or {}, model, lora_high, lora_low),
+                            device, dtype, lora_high, lora_low)
+    prompts = load_prompts(prompts_path, limit, procedural=loaded.procedural)
     if protect_entrance is None:
         protect_entrance = entrance_by_default(ranking)
     if only_plans:
         sets = plan_sets(loaded, list(plan_files), fmt)
     else:
         sets = standard_sets(loaded, ranking, fmt, top_ks=top_ks, budgets=shares, random_draws=random_draws,
-                             protect_entrance=protect_entrance)
+                             protect_entrance=protect_entrance, builders=set_kinds)
         sets += file_sets(list(plan_files), sets)
     with progress_bar("ablate", enabled=not as_json) as progress:
-        result = run_ablation(loaded, trajectory, prompts, sets, out, fmt=fmt, seeds=seeds, calibrate=calibrate,
-                              probe_path=probe_file, backend=backend, write_video=video,
+        result = run_ablation(loaded, Trajectory.from_dict(ranking.provenance.get("trajectory") or {}), prompts,
+                              sets, out, fmt=fmt, seeds=seeds, calibrate=calibrate, probe_path=probe_file,
+                              backend=backend, write_video=video,
                               progress=None if progress is None else lambda name, done, total: progress(
                                   "protected sets", done, total))
-    chosen = ("" if only_plans else f" --top-k {','.join(map(str, top_ks))} --budget {budgets}"
-              f" --{'' if protect_entrance else 'no-'}protect-entrance --random {random_draws}")
-    chosen += ''.join(f" --plans {p}" for p in plan_files) + (" --only-plans" if only_plans else "")
-    command = (f"sensq ablate {ranking_file} --format {fmt}{chosen} --seeds {seeds} "
-               f"--calibrate {calibrate}{f' --probe {probe_file}' if probe_file else ''} --backend {backend}"
-               f"{f' --prompts {prompts_path}' if prompts_path else ''}{f' --limit {limit}' if limit else ''}"
-               f"{f' --model {given_model}' if given_model else ''} --out {out}")
-    write_ablation_report(result, out, [command])
+    write_ablation_report(result, out, [_command_line(click.get_current_context().params, protect_entrance)])
     if as_json:
         click.echo(json.dumps(result, indent=1))
         return
@@ -136,11 +143,29 @@ def ablate(ranking_file, model, device, dtype, lora_high, lora_low, fmt, top_ks,
     click.echo(f"report: {out / 'ablation.html'}")
 
 
+def _command_line(p: dict, protect_entrance: bool) -> str:
+    """The command that reruns this ablation, every choice spelled out (for the report)."""
+    parts = ["sensq ablate", str(p["ranking_file"]), "--format", p["fmt"]]
+    if not p["only_plans"]:
+        parts += ["--top-k", ",".join(map(str, p["top_ks"])), "--budget", p["budgets"],
+                  f"--{'' if protect_entrance else 'no-'}protect-entrance", "--random", str(p["random_draws"])]
+        parts += ["--sets", ",".join(p["set_kinds"])] if p["set_kinds"] else []
+    for plan_file in p["plan_files"]:
+        parts += ["--plans", str(plan_file)]
+    parts += ["--only-plans"] if p["only_plans"] else []
+    parts += ["--seeds", str(p["seeds"]), "--calibrate", p["calibrate"]]
+    parts += ["--probe", str(p["probe_file"])] if p["probe_file"] else []
+    parts += ["--backend", p["backend"]]
+    for option, key in (("--prompts", "prompts_path"), ("--limit", "limit"), ("--model", "model")):
+        parts += [option, str(p[key])] if p[key] else []
+    return " ".join(parts + ["--out", str(p["out"])])
+
+
 def _print_rows(result: dict) -> None:
     from rich.table import Table
 
-    from sensq.ablate import headline_lines, interval_text, kept_text
     from sensq.cli.common import console as make_console
+    from sensq.report.ablation import headline_lines, interval_text, kept_text
 
     console = make_console()
     n = result["rows"][0]["intervals"]["latent_nmse"]["n"]
@@ -202,7 +227,7 @@ def demo(model, fmt, n_prompts, steps, budget, seeds, threads, out) -> None:
 
     import torch
 
-    from sensq.ablate import run_ablation, standard_sets, write_ablation_report
+    from sensq.ablate import run_ablation, standard_sets
     from sensq.eval import evaluate_fidelity
     from sensq.generate import GenerateRequest, generate
     from sensq.loading import load_model
@@ -211,6 +236,7 @@ def demo(model, fmt, n_prompts, steps, budget, seeds, threads, out) -> None:
     from sensq.prompts import load_prompts
     from sensq.quant.apply import apply_plan
     from sensq.quant.checkpoint import save_quantized
+    from sensq.report.ablation import write_ablation_report
     from sensq.report.ranking import write_ranking_report
     from sensq.sensitivity import RankRequest, rank_layers
     from sensq.store.files import claim_output_folder

@@ -29,7 +29,8 @@ def report(ranking_file, plan_file, top, out, as_json) -> None:
       sensq report sensq-demo/ablation
     """
     if ranking_file.is_dir():
-        from sensq.ablate import load_ablation, write_ablation_report
+        from sensq.ablate import load_ablation
+        from sensq.report.ablation import write_ablation_report
 
         files = write_ablation_report(load_ablation(ranking_file), ranking_file)
         if as_json:

@@ -25,8 +25,9 @@ import json
 
 from setup_run import add_arguments, probe_and_rank, trajectory_flags
 
-from sensq.ablate import ProtectedSet, run_ablation, write_ablation_report
+from sensq.ablate import ProtectedSet, run_ablation
 from sensq.plan import Plan, Rule, build_plan, model_layers, summarize, validate_plan
+from sensq.report.ablation import write_ablation_report
 
 
 def sets_for(model, ranking, fmt: str = "hif4") -> list[ProtectedSet]:

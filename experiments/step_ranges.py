@@ -27,8 +27,9 @@ import json
 
 from setup_run import add_arguments, probe_and_rank, trajectory_flags
 
-from sensq.ablate import ProtectedSet, run_ablation, write_ablation_report
+from sensq.ablate import ProtectedSet, run_ablation
 from sensq.plan import Plan, Rule, build_plan, model_layers, validate_plan
+from sensq.report.ablation import write_ablation_report
 from sensq.trajectory import Trajectory, apply_trajectory, plan_steps
 
 

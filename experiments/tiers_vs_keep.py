@@ -16,12 +16,13 @@ from pathlib import Path
 
 import torch
 
-from sensq.ablate import ProtectedSet, run_ablation, write_ablation_report
+from sensq.ablate import ProtectedSet, run_ablation
 from sensq.loading import load_model
 from sensq.plan import build_plan
 from sensq.plan.tiers import build_tier_plan, parse_tiers
 from sensq.probes.recorder import ProbeRequest, run_probe
 from sensq.prompts import load_prompts
+from sensq.report.ablation import write_ablation_report
 from sensq.sensitivity import RankRequest, rank_layers
 from sensq.trajectory import Trajectory
 

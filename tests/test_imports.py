@@ -23,8 +23,8 @@ LAYERS = [
     {"sensq.probes"},
     {"sensq.sensitivity", "sensq.generate", "sensq.loading", "sensq.export", "sensq.workflows"},
     {"sensq.eval"},  # scores generations
-    {"sensq.report"},
-    {"sensq.ablate"},
+    {"sensq.ablate"},  # sets, runs and statistics; no rendering
+    {"sensq.report"},  # renders rankings and ablations
     {"sensq.cli"},
 ]
 """Bottom to top: a part imports only parts of lower layers (or its own package)."""

@@ -316,6 +316,9 @@ CASES = [
     Case("manifest-nested-deeply", lambda ws, d: [*GEN, "--model", _checkpoint(
         ws, d, lambda m: b'{"schema": "sensq.checkpoint/1", "phases": ' + b"[" * 200000 + b"]" * 200000 + b"}"),
         "--out", d / "g"], ("nested too deeply",)),
+    Case("ablate-unknown-set-kind", lambda ws, d: ["ablate", ws / "ranking.json", "--sets", "none,entrance-ish",
+                                                   "--out", d / "a"],
+         ("unknown set kind 'entrance-ish'", "known: none, entrance"), 2),
     Case("plan-nested-deeply", lambda ws, d: ["plan", "--validate", _bytes(
         d, "plan.json", b'{"schema": "sensq.plan/1", "rules": ' + DEEP + b"}")], ("nested too deeply",)),
     Case("ranking-nested-deeply", lambda ws, d: ["plan", _bytes(

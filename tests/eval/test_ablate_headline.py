@@ -2,8 +2,9 @@
 
 import pytest
 
-from sensq.report.ablation import aggregate as _aggregate
-from sensq.report.ablation import headline, headline_lines
+from sensq.ablate.statistics import aggregate as _aggregate
+from sensq.ablate.statistics import headline
+from sensq.report.ablation import headline_lines
 
 
 def _row(name, bits, errors):

@@ -66,7 +66,7 @@ def test_resolve_records_the_ranges_before_the_rule_that_decides_the_other_steps
     summary = summarize(table, layers)["high"]
     assert summary["protected_share"] == 0 and summary["protected_at_some_steps_share"] == pytest.approx(
         layers[0].params / (layers[0].params + layers[1].params))
-    from sensq.ablate import kept_text
+    from sensq.report.ablation import kept_text
 
     row = {"protected_share": {"high": 0.0, "low": 0.1}, "protected_at_some_steps": {"high": 0.25, "low": 0.0}}
     assert kept_text(row, 0) == "0% / 10% (+25% / 0% at some steps)"

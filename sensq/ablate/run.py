@@ -1,205 +1,30 @@
-"""Protected-set ablation: for each protected set, quantize, generate, evaluate against full precision.
+"""Running an ablation: for each protected set, quantize as ``apply-plan`` does, generate as ``generate`` does,
+score against the full-precision generation of the same prompt and seed.
 
 Every set uses the same format and the same prompts, seeds and trajectory as the full-precision run.
-Results land in one folder (resumable: generations resume, scores are recomputed) with a JSON
-table and a Markdown + self-contained HTML report.
+Results land in one folder (resumable: generations resume, scores are recomputed) as ``ablation.json``.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
-import re
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 import sensq
+from sensq.ablate.sets import ProtectedSet, slug
+from sensq.ablate.statistics import ABLATION_SCHEMA, METRICS, aggregate, compare_rows, headline
 from sensq.errors import InputError
 from sensq.eval import evaluate_fidelity
 from sensq.generate import GenerateRequest, config_digest, generate
-from sensq.plan import (
-    Plan,
-    Rule,
-    build_plan,
-    model_layers,
-    summarize,
-    summary_at_real_size,
-    validate_plan,
-)
+from sensq.plan import Plan, model_layers, summarize, summary_at_real_size, validate_plan
 from sensq.plan.calibrations import needs_data
 from sensq.quant import dequantize_
-from sensq.report.ablation import (  # noqa: F401 (the ablation's statistics and report, re-exported)
-    ABLATION_SCHEMA,
-    METRICS,
-    SET_KINDS,
-    SetKind,
-    aggregate,
-    compare_rows,
-    headline,
-    headline_lines,
-    interval_text,
-    kept_text,
-    load_ablation,
-    write_ablation_report,
-)
-from sensq.store.files import (
-    claim_output_folder,
-    make_parent,
-    output_lock,
-    write_json,
-)
+from sensq.store.files import claim_output_folder, make_parent, output_lock, write_json
 from sensq.workflows import apply_plan
-
-
-@dataclass(frozen=True)
-class ProtectedSet:
-    name: str
-    plan: Plan
-    kind: SetKind = SetKind.RANKED
-
-    def __post_init__(self):
-        try:
-            object.__setattr__(self, "kind", SetKind(self.kind))
-        except ValueError:
-            raise ValueError(f"unknown set kind {self.kind!r}; use one of {', '.join(SET_KINDS)}") from None
-
-
-def slug(name: str) -> str:
-    return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
-
-
-def quantize_the_rest(experts: list[str], fmt: str) -> list[Rule]:
-    """The last rules of every set: each expert's remaining layers in ``fmt`` (W=A)."""
-    return [Rule(f"re:{e}:.*", fmt, fmt) for e in experts]
-
-
-def standard_sets(model, ranking, fmt: str = "hif4", top_ks=(2, 4), budgets=(0.3,), random_draws: int = 0,
-                  protect_entrance: bool | None = None) -> list[ProtectedSet]:
-    """None; the entrance; entrance + top-k (per k); sensq's budgeted plans; the entrance in one expert only;
-    the family's published fixed set where it has one (Wan: ModelOpt's, the embedders, proj_out, the first
-    and last three blocks) and sensq's plan at the same budget, left out for models of 6 blocks or fewer
-    (the set would keep every block in high precision); and ``random_draws`` random sets per budget with the
-    same share of parameters protected (seeded draws, the yardstick a ranking has to beat). sensq's plans are
-    made as ``sensq plan`` makes them, with ``protect_entrance`` as given (the entrance first, then the
-    ranking; or the ranking alone; ``None``: as ``sensq plan`` decides for this ranking)."""
-    family = model.family
-    experts = family.experts(model.pipe)
-    everything = quantize_the_rest(experts, fmt)
-    n_blocks = len(family.block_list(family.expert_module(model.pipe, experts[0])))
-    recipe = family.fixed_recipe(n_blocks)
-    sets = [ProtectedSet("none", Plan(everything), "none"),
-            ProtectedSet("entrance", Plan([Rule(family.entrance_rule(experts), None, None)] + everything),
-                         "fixed")]
-    for k in top_ks:
-        sets.append(ProtectedSet(f"entrance + top-{k}", build_plan(ranking, top_k=k, fmt=fmt, protect_entrance=True)))
-    for budget in budgets:
-        sets.append(ProtectedSet(f"budget {budget:.0%}", build_plan(ranking, budget=budget, fmt=fmt,
-                                                                    protect_entrance=protect_entrance)))
-    for expert in experts if len(experts) > 1 else []:
-        sets.append(ProtectedSet(f"entrance, {expert} only",
-                                 Plan([Rule(family.entrance_rule([expert]), None, None)] + everything), "fixed"))
-    if n_blocks > 6 and recipe is not None:
-        recipe_name, pattern = recipe
-        fixed = Plan([Rule(f"re:({'|'.join(experts)}):{pattern}", None, None)] + everything)
-        sets.append(ProtectedSet(recipe_name, fixed, "fixed"))
-        layers = model_layers(model)
-        share = summarize(validate_plan(fixed, layers), layers)["total"]["protected_share"]
-        sets.append(ProtectedSet(f"sensq at ModelOpt's budget ({share:.0%})",
-                                 build_plan(ranking, budget=share, fmt=fmt, protect_entrance=protect_entrance)))
-    for budget in budgets if n_blocks > 2 else ():
-        edges = edge_blocks_plan(model, experts, budget, fmt)
-        if any(rule.weight is None for rule in edges.rules):  # left out where no whole block fits the budget
-            sets.append(ProtectedSet(f"first+last blocks {budget:.0%}", edges, "fixed"))
-    for budget in budgets:
-        for draw in range(random_draws):
-            sets.append(ProtectedSet(f"random {budget:.0%} #{draw + 1}",
-                                     random_plan(model, experts, budget, fmt, seed=draw), "random"))
-    return sets
-
-
-def edge_blocks_plan(model, experts: list[str], budget: float, fmt: str) -> Plan:
-    """The fixed rule of several tools at a budget: per expert, whole blocks from both ends of the stack (first,
-    last, second, second to last, ...) while they fit in ``budget`` of its parameters; nothing else."""
-    family = model.family
-    layers = model_layers(model)
-    rules = []
-    for expert in experts:
-        own = [layer for layer in layers if layer.expert == expert]
-        total = sum(layer.params for layer in own)
-        sizes: dict[str, int] = {}
-        for layer in own:
-            block = family.block_of(layer.name)
-            if block is not None:
-                sizes[block] = sizes.get(block, 0) + layer.params
-        n = len(sizes)
-        order = [i for pair in zip(range(n), reversed(range(n)), strict=True) for i in pair]
-        used = 0
-        for index in dict.fromkeys(order[:n]):
-            block = f"{family.blocks}.{index}"
-            if used + sizes[block] > budget * total:
-                break
-            rules.append(Rule(f"re:{expert}:{re.escape(block)}\\..*", None, None, "first and last blocks"))
-            used += sizes[block]
-    return Plan(rules + quantize_the_rest(experts, fmt))
-
-
-def plan_sets(model, paths: list[Path], fmt: str = "hif4") -> list[ProtectedSet]:
-    """``none`` (every layer in ``fmt``, the yardstick) and each plan file as a set named after the file.
-
-    Raises:
-        InputError: a plan that cannot be read, two files with the same name.
-    """
-    experts = model.family.experts(model.pipe)
-    sets = [ProtectedSet("none", Plan(quantize_the_rest(experts, fmt)), "none")]
-    return sets + file_sets(paths, sets)
-
-
-def file_sets(paths: list[Path], taken: list[ProtectedSet]) -> list[ProtectedSet]:
-    """Each plan file as a set named after the file: ``ranked`` when sensq made it from a ranking (its source
-    names one), else ``plan``.
-
-    Raises:
-        InputError: a plan that cannot be read, a name already taken.
-    """
-    sets: list[ProtectedSet] = []
-    for path in paths:
-        name = Path(path).stem
-        if any(s.name == name for s in [*taken, *sets]):
-            raise InputError(f"two sets would be named {name!r} ({str(path)!r}); rename one plan file")
-        plan = Plan.load(path)
-        sets.append(ProtectedSet(name, plan, "ranked" if (plan.source or {}).get("ranking_metric") else "plan"))
-    return sets
-
-
-def random_plan(model, experts: list[str], budget: float, fmt: str, seed: int) -> Plan:
-    """Protect, per expert, layers drawn at random (seeded) while they fit in ``budget`` of its parameters."""
-    import random
-
-    rng = random.Random(seed)
-    layers = model_layers(model)
-    rules = []
-    for expert in experts:
-        own = [layer for layer in layers if layer.expert == expert]
-        total = sum(layer.params for layer in own)
-        params = {layer.name: layer.params for layer in own}
-        for name in fill_budget([layer.name for layer in rng.sample(own, len(own))], params, budget * total):
-            rules.append(Rule(f"{expert}:{name}", None, None, f"random draw {seed}"))
-    return Plan(rules + quantize_the_rest(experts, fmt))
-
-
-def fill_budget(order: list[str], params: dict[str, int], budget: float) -> list[str]:
-    """The layers of ``order`` taken in turn while they fit in ``budget`` parameters (a layer that does not fit
-    is skipped, later smaller ones may still be taken)."""
-    chosen, used = [], 0
-    for name in order:
-        if used + params[name] <= budget:
-            chosen.append(name)
-            used += params[name]
-    return chosen
-
 
 SEED_STRIDE = 10007
 """Seed bases of an ablation's seed sets: ``trajectory.seed + k * SEED_STRIDE`` for ``k = 1 .. seeds`` (prompt ``i``
