@@ -11,8 +11,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-WEIGHT_STEPS = ("none", "mse", "gptq")
-ACTIVATION_STEPS = ("none", "mse")
+WEIGHT_STEPS: dict[str, bool] = {"none": False, "mse": True, "gptq": True}
+"""How a method rounds weights, by name -> whether the step needs captured inputs. Each name's implementation is
+registered with :func:`sensq.quant.calibrate.register_weight_step` (which adds the name here)."""
+ACTIVATION_STEPS: dict[str, bool] = {"none": False, "mse": True}
 
 
 @dataclass(frozen=True)
@@ -29,8 +31,8 @@ class Calibration:
 
     @property
     def needs_data(self) -> bool:
-        """Needs captured inputs (a probe file): any step but the rotation and the format's own rule."""
-        return self.weights != "none" or self.activations != "none"
+        """Needs captured inputs (a probe file): a step that does (the rotation and the format's own rule do not)."""
+        return WEIGHT_STEPS[self.weights] or ACTIVATION_STEPS[self.activations]
 
     def applied(self, rotated: bool, weights: str) -> str:
         """The label a layer records: the method's name when the layer got every step, else what it got
@@ -47,8 +49,15 @@ METHODS: dict[str, Calibration] = {}
 
 
 def register_calibration(method: Calibration) -> Calibration:
+    """Add a method (a combination of a rotation, a weight step and an activation step): plan rules,
+    ``--calibrate`` and the manifest take it by name.
+
+    Raises:
+        ValueError: a step that is not registered.
+    """
     if method.weights not in WEIGHT_STEPS or method.activations not in ACTIVATION_STEPS:
-        raise ValueError(f"calibration {method.name!r}: weights in {WEIGHT_STEPS}, activations in {ACTIVATION_STEPS}")
+        raise ValueError(f"calibration {method.name!r}: weights in {tuple(WEIGHT_STEPS)}, activations in "
+                         f"{tuple(ACTIVATION_STEPS)}")
     METHODS[method.name] = method
     return method
 

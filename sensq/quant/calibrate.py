@@ -41,6 +41,7 @@ from sensq.formats import FormatSpec, PackedTensor, get_format, unpack
 from sensq.metrics import nmse
 from sensq.models.family import ModelFamily
 from sensq.models.layers import input_rows
+from sensq.plan import calibrations
 from sensq.plan.calibrations import METHODS, needs_data
 from sensq.quant.gptq import gptq_pack, gptq_refusal
 from sensq.quant.layers import ROTATION_BLOCK, fake_quantize, gemm_weight, quantize_module, rotate, swap
@@ -93,6 +94,51 @@ def _best(curve: list[tuple[float, float]]) -> tuple[float, float]:
     return best
 
 
+@dataclass
+class WeightRounding:
+    """What a weight step chose for one layer: a clip factor of the format's own rule, or codes of its own
+    (``packed``, stored and deployed as they are), the weight NMSE, and the label the layer records (a step
+    that cannot round this format and did something else says what: GPTQ on an 8-bit format: ``mse``)."""
+
+    applied: str
+    clip: float = 1.0
+    nmse: float | None = None
+    curve: list[tuple[float, float]] | None = None
+    packed: PackedTensor | None = None
+
+
+WeightStep = Callable[[torch.Tensor, torch.Tensor, FormatSpec, str, torch.dtype], WeightRounding]
+"""``(weight [out, in] float32 (rotated when the method rotates), captured input rows [n, in], format, backend,
+the layer's dtype) -> WeightRounding``."""
+
+_WEIGHT_STEPS: dict[str, WeightStep] = {}
+
+
+def register_weight_step(name: str, step: WeightStep, *, needs_data: bool = True) -> None:
+    """Add a way of rounding weights: a :class:`sensq.plan.calibrations.Calibration` names it as ``weights``.
+    What it returns is what the deployed layer applies (the clip factor, or its packed codes) and what the
+    checkpoint stores; nothing else has to change."""
+    calibrations.WEIGHT_STEPS[name] = needs_data
+    _WEIGHT_STEPS[name] = step
+
+
+def _mse_weights(weight, rows, fmt, backend, dtype) -> WeightRounding:
+    curve = clip_curve(weight, fmt, backend)
+    clip, error = _best(curve)
+    return WeightRounding("mse", clip, error, curve)
+
+
+def _gptq_weights(weight, rows, fmt, backend, dtype) -> WeightRounding:
+    if gptq_refusal(fmt) is not None:  # GPTQ does not round this format: the MSE clip instead
+        return _mse_weights(weight, rows, fmt, backend, dtype)
+    packed = gptq_pack(weight, rows, fmt, dtype=dtype)
+    return WeightRounding("gptq", nmse=nmse(weight, unpack(packed).float()), packed=packed)
+
+
+register_weight_step("mse", _mse_weights)
+register_weight_step("gptq", _gptq_weights)
+
+
 def _calibrate_layer(module, weight_fmt, act_fmt, act_rows: torch.Tensor | None, backend,
                      name: str) -> LayerCalibration:
     result = LayerCalibration()
@@ -101,27 +147,23 @@ def _calibrate_layer(module, weight_fmt, act_fmt, act_rows: torch.Tensor | None,
         result.rotation = ROTATION_BLOCK
     rotated = result.rotation is not None
     result.method = method.applied(rotated, method.weights)
-    if not method.needs_data:
-        return result
-    if act_rows is None or act_rows.numel() == 0:
-        raise InputError("calibrating needs captured inputs: probe the model first (sensq probe)")
-    act_rows = rotate(act_rows.float(), result.rotation)
-    result.act_rows = int(act_rows.shape[0])
-    if act_fmt is not None and method.activations == "mse":
-        result.act_curve = clip_curve(act_rows, act_fmt, backend)
-        result.act_clip, result.act_nmse = _best(result.act_curve)
-    if weight_fmt is None:
-        return result
-    if method.weights == "none":
+    if method.needs_data:
+        if act_rows is None or act_rows.numel() == 0:
+            raise InputError("calibrating needs captured inputs: probe the model first (sensq probe)")
+        act_rows = rotate(act_rows.float(), result.rotation)
+        result.act_rows = int(act_rows.shape[0])
+        if act_fmt is not None and method.activations == "mse":
+            result.act_curve = clip_curve(act_rows, act_fmt, backend)
+            result.act_clip, result.act_nmse = _best(result.act_curve)
+    else:
+        act_rows = None
+    if weight_fmt is None or method.weights == "none":
         return result
     weight = rotate(gemm_weight(module), result.rotation)
-    if method.weights == "gptq" and gptq_refusal(weight_fmt) is None:
-        result.weight_packed = gptq_pack(weight, act_rows, weight_fmt, dtype=module.weight.dtype)
-        result.weight_nmse = nmse(weight, unpack(result.weight_packed).float())
-        return result
-    result.method = method.applied(rotated, "mse")  # GPTQ does not round this format: the MSE clip instead
-    result.weight_curve = clip_curve(weight, weight_fmt, backend)
-    result.weight_clip, result.weight_nmse = _best(result.weight_curve)
+    rounding = _WEIGHT_STEPS[method.weights](weight, act_rows, weight_fmt, backend, module.weight.dtype)
+    result.method = method.applied(rotated, rounding.applied)
+    result.weight_clip, result.weight_nmse, result.weight_curve = rounding.clip, rounding.nmse, rounding.curve
+    result.weight_packed = rounding.packed
     return result
 
 
