@@ -97,6 +97,19 @@ def main(threads) -> None:
     set_threads(threads)
 
 
+def _load_plugins() -> None:
+    """Extensions register before the commands below read the registries for their choices (sensq.plugins)."""
+    from sensq.plugins import load_plugins
+
+    try:
+        load_plugins()
+    except SensqError as error:
+        click.echo(f"Error: {error}", err=True)
+        sys.exit(1)
+
+
+_load_plugins()
+
 from sensq.cli.ablate import ablate, demo  # noqa: E402
 from sensq.cli.apply_plan import apply_plan  # noqa: E402
 from sensq.cli.export import audit, export  # noqa: E402

@@ -13,7 +13,7 @@ ROOTS = {"sensq": "sensq", "cli": "sensq.cli", "probes": "sensq.probes", "kernel
 
 LAYERS = [
     {"sensq.errors"},
-    {"sensq.stats", "sensq.runtime", "sensq.metrics", "sensq.testing"},
+    {"sensq.stats", "sensq.runtime", "sensq.metrics", "sensq.testing", "sensq.plugins"},
     {"sensq.formats"},  # number formats: know no model, no kernel module
     {"sensq.kernels"},  # fill the formats' kernel registry; know nothing above the formats
     {"sensq.store", "sensq.models"},  # files; model families and layers

@@ -7,7 +7,6 @@
 The report is :mod:`sensq.report.ablation`.
 """
 
-from sensq.ablate.run import SEED_STRIDE, generation_complete, hash_rules, run_ablation, seed_bases
 from sensq.ablate.sets import (
     SET_KINDS,
     ProtectedSet,
@@ -27,6 +26,19 @@ from sensq.ablate.sets import (
     unregister_set_builder,
 )
 from sensq.ablate.statistics import ABLATION_SCHEMA, METRICS, aggregate, compare_rows, headline, load_ablation
+
+_RUN = ("SEED_STRIDE", "generation_complete", "hash_rules", "run_ablation", "seed_bases")
+
+
+def __getattr__(name: str):
+    """The runner's names, imported on first use: it pulls in diffusers, which the CLI's help and choices do not
+    need (they read the set builders)."""
+    if name in _RUN:
+        from sensq.ablate import run
+
+        return getattr(run, name)
+    raise AttributeError(f"module 'sensq.ablate' has no attribute {name!r}")
+
 
 __all__ = ["ABLATION_SCHEMA", "METRICS", "SEED_STRIDE", "SET_KINDS", "ProtectedSet", "SetBuilder", "SetContext",
            "SetKind", "aggregate", "register_set_builder", "set_builders", "unregister_set_builder",

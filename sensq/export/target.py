@@ -56,8 +56,14 @@ TARGETS: dict[str, Target] = {}
 
 
 def register_target(target: Target) -> Target:
+    """Add an export target: ``sensq export --to`` and :func:`sensq.export.export_checkpoint` take it by name."""
     TARGETS[target.name] = target
     return target
+
+
+def unregister_target(name: str) -> None:
+    """Remove a target added by :func:`register_target` (tests)."""
+    TARGETS.pop(name, None)
 
 
 def nearest_format(fmt: FormatSpec, four_bit: str, eight_bit: str, target: str) -> InputError:

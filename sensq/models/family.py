@@ -293,6 +293,11 @@ def register_family(family: ModelFamily) -> ModelFamily:
     return family
 
 
+def unregister_family(name: str) -> None:
+    """Remove a family added by :func:`register_family` (tests)."""
+    FAMILIES.pop(name, None)
+
+
 def get_family(name: str) -> ModelFamily:
     """The registered family ``name``.
 

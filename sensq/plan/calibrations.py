@@ -76,6 +76,11 @@ for _method in (
     register_calibration(_method)
 
 
+def unregister_calibration(name: str) -> None:
+    """Remove a method added by :func:`register_calibration` (tests)."""
+    METHODS.pop(name, None)
+
+
 def needs_data(name: str | None) -> bool:
     """Whether the method ``name`` needs captured inputs (None, a rule without a calibration: no)."""
     return name is not None and METHODS[name].needs_data

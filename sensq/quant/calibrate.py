@@ -122,6 +122,12 @@ def register_weight_step(name: str, step: WeightStep, *, needs_data: bool = True
     _WEIGHT_STEPS[name] = step
 
 
+def unregister_weight_step(name: str) -> None:
+    """Remove a step added by :func:`register_weight_step` (tests)."""
+    calibrations.WEIGHT_STEPS.pop(name, None)
+    _WEIGHT_STEPS.pop(name, None)
+
+
 def _mse_weights(weight, rows, fmt, backend, dtype) -> WeightRounding:
     curve = clip_curve(weight, fmt, backend)
     clip, error = _best(curve)

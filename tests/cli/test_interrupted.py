@@ -34,18 +34,34 @@ def _interrupt(process, how: str) -> None:
     process.wait(timeout=120)
 
 
+@pytest.fixture(scope="module")
+def uncut(tmp_path_factory):
+    """``uncut(args)``: the output folder or file of ``sensq ARGS --out ...`` run once, uninterrupted; shared by
+    every way of interrupting the same command (its result does not depend on them)."""
+    done: dict[tuple, Path] = {}
+
+    def run(args: list[str], name: str) -> Path:
+        if tuple(args) not in done:
+            out = tmp_path_factory.mktemp("uncut") / name
+            result = subprocess.run(SENSQ + args + ["--out", str(out)], capture_output=True, text=True)
+            assert result.returncode == 0, result.stderr[-2000:]
+            done[tuple(args)] = out
+        return done[tuple(args)]
+
+    return run
+
+
 def _digests(folder: Path) -> dict[str, str]:
     return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
             for p in sorted(folder.rglob("*")) if p.is_file()}
 
 
 @pytest.mark.parametrize("how", ["kill -9", "Ctrl-C"])
-def test_generate_resumes_to_the_uninterrupted_result(tmp_path, how):
-    prompts = tmp_path / "prompts.txt"
+def test_generate_resumes_to_the_uninterrupted_result(tmp_path_factory, tmp_path, uncut, how):
+    prompts = tmp_path_factory.getbasetemp() / "twelve-prompts.txt"
     prompts.write_text("\n".join(f"a small bird number {i} flying" for i in range(12)))
     args = ["generate", "--prompts", str(prompts), "--steps", "2", "--no-video"]
-    whole = subprocess.run(SENSQ + args + ["--out", str(tmp_path / "whole")], capture_output=True, text=True)
-    assert whole.returncode == 0, whole.stderr[-2000:]
+    whole = uncut(args, "whole")
     out = tmp_path / "cut"
     process = popen_interruptible(SENSQ + args + ["--out", str(out)], stdout=subprocess.PIPE,
                                   stderr=subprocess.PIPE, text=True)
@@ -67,18 +83,17 @@ def test_generate_resumes_to_the_uninterrupted_result(tmp_path, how):
     rerun = subprocess.run(SENSQ + args + ["--out", str(out), "--json"], capture_output=True, text=True)
     assert rerun.returncode == 0, rerun.stderr[-2000:]
     assert json.loads(rerun.stdout)["skipped"] == len(items)
-    cut, uncut = _digests(out), _digests(tmp_path / "whole")
-    data = {k: v for k, v in uncut.items() if k.startswith(("frames/", "latents/"))}
+    cut, complete = _digests(out), _digests(whole)
+    data = {k: v for k, v in complete.items() if k.startswith(("frames/", "latents/"))}
     assert {k: cut[k] for k in data} == data  # every frame and latent equal to the uninterrupted run's
     assert not list(tmp_path.glob(".cut.lock"))
 
 
 @pytest.mark.parametrize("how", ["kill -9", "Ctrl-C"])
-def test_rank_keeps_the_old_ranking_and_reruns_to_the_same(workspace, tmp_path, how):
+def test_rank_keeps_the_old_ranking_and_reruns_to_the_same(workspace, tmp_path, uncut, how):
     out = tmp_path / "ranking.json"
     args = ["rank", str(workspace / "probe.h5"), "--metric", "e2e", "--limit", "1"]
-    whole = subprocess.run(SENSQ + args + ["--out", str(tmp_path / "whole.json")], capture_output=True, text=True)
-    assert whole.returncode == 0, whole.stderr[-2000:]
+    whole = uncut(args, "whole.json")
     shutil.copy(workspace / "ranking.json", out)  # an older ranking at --out: kept until the new one is complete
     before = out.read_bytes()
     process = popen_interruptible(SENSQ + args + ["--out", str(out)], stdout=subprocess.PIPE,
@@ -88,18 +103,16 @@ def test_rank_keeps_the_old_ranking_and_reruns_to_the_same(workspace, tmp_path, 
     _interrupt(process, how)
     assert out.read_bytes() == before
     assert sorted(p.name for p in tmp_path.iterdir() if not p.name.startswith(".ranking.json.lock")) == [
-        "ranking.json", "whole.json"]  # no partial file
+        "ranking.json"]  # no partial file
     rerun = subprocess.run(SENSQ + args + ["--out", str(out)], capture_output=True, text=True)
     assert rerun.returncode == 0, rerun.stderr[-2000:]
-    new, uncut = json.loads(out.read_text()), json.loads((tmp_path / "whole.json").read_text())
-    assert new["experts"] == uncut["experts"]
+    assert json.loads(out.read_text())["experts"] == json.loads(whole.read_text())["experts"]
 
 
 @pytest.mark.parametrize("how", ["kill -9", "Ctrl-C"])
-def test_apply_plan_keeps_the_old_checkpoint_and_reruns_to_the_same(workspace, tmp_path, how):
+def test_apply_plan_keeps_the_old_checkpoint_and_reruns_to_the_same(workspace, tmp_path, uncut, how):
     args = ["apply-plan", str(workspace / "plan.json"), "--probe", str(workspace / "probe.h5"), "--calibrate", "mse"]
-    whole = subprocess.run(SENSQ + args + ["--out", str(tmp_path / "whole")], capture_output=True, text=True)
-    assert whole.returncode == 0, whole.stderr[-2000:]
+    whole = uncut(args, "whole")
     out = tmp_path / "q"
     shutil.copytree(workspace / "ckpt", out)  # an older checkpoint at --out
     before = _digests(out)
@@ -111,13 +124,12 @@ def test_apply_plan_keeps_the_old_checkpoint_and_reruns_to_the_same(workspace, t
     assert _digests(out) == before
     rerun = subprocess.run(SENSQ + args + ["--out", str(out)], capture_output=True, text=True)
     assert rerun.returncode == 0, rerun.stderr[-2000:]
-    uncut = _digests(tmp_path / "whole")
-    cut = _digests(out)
-    weights = [k for k in uncut if k.endswith(".safetensors") and k.startswith("transformer")]
-    assert weights and {k: cut[k] for k in weights} == {k: uncut[k] for k in weights}
+    complete, cut = _digests(whole), _digests(out)
+    weights = [k for k in complete if k.endswith(".safetensors") and k.startswith("transformer")]
+    assert weights and {k: cut[k] for k in weights} == {k: complete[k] for k in weights}
     assert json.loads((out / "manifest.json").read_text())["layers"] == \
-        json.loads((tmp_path / "whole" / "manifest.json").read_text())["layers"]
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["q", "whole"]  # no temporary folder left behind
+        json.loads((whole / "manifest.json").read_text())["layers"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["q"]  # no temporary folder left behind
 
 
 def test_the_simulated_ctrl_c_reaches_a_child_of_a_background_job():
@@ -154,13 +166,13 @@ main(sys.argv[2:], prog_name="sensq")
 
 @pytest.mark.parametrize("point", ["_write_expert", "_write_checkpoint"],
                          ids=["after the first expert is written", "after everything is written, before the move"])
-def test_apply_plan_killed_while_saving_keeps_the_old_checkpoint_and_reruns_to_the_same(workspace, tmp_path, point):
+def test_apply_plan_killed_while_saving_keeps_the_old_checkpoint_and_reruns_to_the_same(workspace, tmp_path, uncut,
+                                                                                        point):
     """kill -9 in the save phase (the earlier test kills during calibration): the old checkpoint at --out is
     untouched, the half-written temporary folder is the only thing left, and the rerun removes it and writes
     what an uninterrupted run writes."""
     args = ["apply-plan", str(workspace / "plan.json"), "--probe", str(workspace / "probe.h5"), "--calibrate", "mse"]
-    whole = subprocess.run(SENSQ + args + ["--out", str(tmp_path / "whole")], capture_output=True, text=True)
-    assert whole.returncode == 0, whole.stderr[-2000:]
+    whole = uncut(args, "whole")
     out = tmp_path / "q"
     shutil.copytree(workspace / "ckpt", out)
     before = _digests(out)
@@ -173,7 +185,7 @@ def test_apply_plan_killed_while_saving_keeps_the_old_checkpoint_and_reruns_to_t
     assert _digests(out) == before
     rerun = subprocess.run(SENSQ + args + ["--out", str(out)], capture_output=True, text=True)
     assert rerun.returncode == 0, rerun.stderr[-2000:]
-    uncut, cut = _digests(tmp_path / "whole"), _digests(out)
-    weights = [k for k in uncut if k.endswith(".safetensors") and k.startswith("transformer")]
-    assert weights and {k: cut[k] for k in weights} == {k: uncut[k] for k in weights}
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["q", "whole"]  # the stale temporary folder is gone
+    complete, cut = _digests(whole), _digests(out)
+    weights = [k for k in complete if k.endswith(".safetensors") and k.startswith("transformer")]
+    assert weights and {k: cut[k] for k in weights} == {k: complete[k] for k in weights}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["q"]  # the stale temporary folder is gone
