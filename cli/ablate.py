@@ -225,22 +225,9 @@ def demo(model, fmt, n_prompts, steps, budget, seeds, threads, out) -> None:
     """
     import os
 
-    import torch
-
-    from sensq.ablate import run_ablation, standard_sets
-    from sensq.eval import evaluate_fidelity
-    from sensq.generate import GenerateRequest, generate
-    from sensq.loading import load_model
-    from sensq.plan import build_plan, parse_budget
-    from sensq.probes.recorder import ProbeRequest, run_probe
-    from sensq.prompts import load_prompts
-    from sensq.quant.apply import apply_plan
-    from sensq.quant.checkpoint import save_quantized
-    from sensq.report.ablation import write_ablation_report
-    from sensq.report.ranking import write_ranking_report
-    from sensq.sensitivity import RankRequest, rank_layers
+    from sensq.cli.common import progress_bar
+    from sensq.demo import Demo
     from sensq.store.files import claim_output_folder
-    from sensq.trajectory import Trajectory
 
     claim_output_folder(out, ".sensq-output.json", "sensq.demo/1", "demo folder")
     if threads is not None or "OMP_NUM_THREADS" not in os.environ:
@@ -249,53 +236,9 @@ def demo(model, fmt, n_prompts, steps, budget, seeds, threads, out) -> None:
         set_threads(threads or 1)  # torch's and numba's pools together
     started = time.perf_counter()
 
-    def step(text: str) -> None:
+    def say(text: str) -> None:
         click.echo(f"[{time.perf_counter() - started:6.1f} s] {text}")
 
-    loaded = load_model(model, torch.device("cpu"), torch.float32)
-    trajectory = Trajectory(steps=steps).with_resolution(loaded.default_resolution)
-    prompts = load_prompts(None, n_prompts, procedural=loaded.procedural)
-    probe_path = out / "probe.h5"
-    step(f"probe: {model}, {len(prompts)} prompts x {steps} UniPC steps with CFG, both experts -> {probe_path}")
-    run_probe(ProbeRequest(loaded, trajectory, prompts, loaded.family.experts(loaded.pipe), probe_path,
-                            resume=probe_path.exists()))
-    from sensq.cli.common import progress_bar
-    from sensq.metrics import DEFAULT_METRIC
-
-    step(f"rank: --metric {DEFAULT_METRIC} --projections 4 --format {fmt},nvfp4 -> {out / 'ranking.json'}")
-    with progress_bar(f"rank ({DEFAULT_METRIC})") as progress:
-        ranking = rank_layers(RankRequest(probe_path, loaded, [fmt, "nvfp4"], metric=DEFAULT_METRIC, projections=4),
-                              progress)
-    ranking.save(out / "ranking.json")
-    plan = build_plan(ranking, budget=parse_budget(budget), fmt=fmt)
-    plan.save(out / "plan.json")
-    protected = {e: len(plan.protected(e)) for e in ranking.experts}
-    step(f"plan: the most sensitive layers within {budget}: {protected} layers kept in BF16 -> {out / 'plan.json'}")
-    write_ranking_report(ranking, out / "ranking-report", plan=plan)
-    with progress_bar("calibrate (mse) blocks") as progress:
-        _, calibration = apply_plan(loaded, plan, probe_path=probe_path, calibrate="mse", progress=progress)
-    manifest = save_quantized(loaded, out / "quantized", plan=plan, calibration=calibration)
-    step(f"apply-plan: mse calibration, packed checkpoint -> {out / 'quantized'} "
-         f"({manifest['sizes']['disk_bytes'] / 1e6:.2f} MB on disk)")
-    fp = load_model(model, torch.device("cpu"), torch.float32)
-    generate(GenerateRequest(fp, trajectory, prompts, out / "runs" / "full-precision", label="full precision"))
-    quantized = load_model(str(out / "quantized"), torch.device("cpu"), torch.float32)
-    generate(GenerateRequest(quantized, trajectory, prompts, out / "runs" / "quantized", label="quantized (packed)"))
-    scores = evaluate_fidelity(out / "runs" / "quantized", out / "runs" / "full-precision")
-    aggregate = scores["aggregate"]
-    step(f"generate + eval: quantized vs full precision: latent NMSE {aggregate['latent_nmse']['mean']:.5f}, "
-         f"PSNR {aggregate['psnr']['mean']:.1f} dB, SSIM {aggregate['ssim']['mean']:.4f}")
-    sets = standard_sets(fp, ranking, fmt, top_ks=(), budgets=(parse_budget(budget),), random_draws=1)
-    with progress_bar("ablate") as progress:
-        result = run_ablation(fp, trajectory, prompts, sets, out / "ablation", fmt=fmt, seeds=seeds,
-                              calibrate="mse", probe_path=probe_path,
-                              progress=None if progress is None else lambda name, done, total: progress(
-                                  "protected sets", done, total))
-    write_ablation_report(result, out / "ablation", [f"sensq demo --model {model} --format {fmt} --prompts "
-                                                     f"{n_prompts} --steps {steps} --budget {budget} --seeds {seeds} "
-                                                     f"--out {out}"])
-    step(f"ablate: {len(sets)} protected sets x {len(prompts)} prompts x {seeds} seeds, each deployed as apply-plan "
-         "deploys it (mse calibration)")
-    _print_rows(result)
+    _print_rows(Demo(model, fmt, n_prompts, steps, budget, seeds, out, say, progress_bar).run())
     click.echo(f"done in {time.perf_counter() - started:.1f} s. Reports: {out / 'ablation' / 'ablation.html'}, "
                f"{out / 'ranking-report' / 'report.html'}")

@@ -100,20 +100,25 @@ def apply_plan(plan_file, model, device, dtype, lora_high, lora_low, probe_file,
         source = calibration_source(loaded, probe_file, calibrate, sequential_experts, pooled_experts)
         manifest = save_quantized(loaded, out, plan=plan, calibration=calibration, fake=fake, lock=False,
                                   calibration_source=source)
-    peak_host = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     summary = {
         "out": str(out), "packed": manifest["packed"], "calibrate": calibrate, "sizes": manifest["sizes"],
         "calibration": summarize_calibration(calibration), "calibration_source": source,
         "layers_quantized": sum(1 for entry in manifest["layers"].values() if entry["weight"] is not None),
-        "seconds": round(time.perf_counter() - started, 2), "peak_host_bytes": peak_host,
+        "seconds": round(time.perf_counter() - started, 2),
+        "peak_host_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
         "peak_gpu_bytes": torch.cuda.max_memory_allocated() if device.type == "cuda" else None,
     }
     if as_json:
         click.echo(json.dumps(summary, indent=1))
-        return
-    sizes = summary["sizes"]
-    click.echo(f"checkpoint written to {out} ({'packed' if manifest['packed'] else 'fake-quant'}, "
-               f"calibration {calibrate}, {summary['layers_quantized']} layers quantized, {summary['seconds']} s)")
+    else:
+        _print_summary(summary, out)
+
+
+def _print_summary(summary: dict, out) -> None:
+    sizes, source = summary["sizes"], summary["calibration_source"]
+    click.echo(f"checkpoint written to {out} ({'packed' if summary['packed'] else 'fake-quant'}, "
+               f"calibration {summary['calibrate']}, {summary['layers_quantized']} layers quantized, "
+               f"{summary['seconds']} s)")
     methods = sum((Counter(expert["methods"]) for expert in summary["calibration"].values()), Counter())
     if set(methods) - {"none"}:
         click.echo("  calibration per layer: " + ", ".join(f"{m} {n}" for m, n in sorted(methods.items())))
@@ -126,4 +131,4 @@ def apply_plan(plan_file, model, device, dtype, lora_high, lora_low, probe_file,
     click.echo(f"  quantized weights: {sizes['quantized_params']:,} params in {sizes['quantized_weight_bytes']:,} "
                f"bytes = {sizes['effective_bits_quantized']:.3f} bits/param (metadata and tail padding included)")
     click.echo(f"  resident expert weights in the simulation: {sizes['resident_weight_bytes_simulation'] / 1e6:.3f} "
-               f"MB; peak host memory {peak_host / 1e6:.0f} MB")
+               f"MB; peak host memory {summary['peak_host_bytes'] / 1e6:.0f} MB")

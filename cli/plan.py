@@ -103,8 +103,7 @@ def plan(ranking_file, budget, top_k, tiers, bits, search, rounds, projections, 
       sensq plan --validate plan.json --model ./Wan2.2-T2V-A14B-Diffusers
     """
     from sensq.cli.common import refuse_unused
-    from sensq.errors import InputError
-    from sensq.plan import Plan, build_plan, entrance_by_default, parse_budget, with_calibration
+    from sensq.plan import with_calibration
     from sensq.plan.exports import build_export, check_export_paths, write_export
 
     ctx = click.get_current_context()
@@ -122,6 +121,68 @@ def plan(ranking_file, budget, top_k, tiers, bits, search, rounds, projections, 
     from sensq.store.files import check_output_file
 
     ranking = Ranking.load(ranking_file)
+    _check_choice(budget, top_k, tiers, bits, protect_steps, search)
+    last = max((step for steps in ranking.steps.values() for step in steps), default=0)
+    steps = _step_range(protect_steps, last) if protect_steps is not None else None
+    check_output_file(out, PLAN_SCHEMA, "plan")  # before any work
+    if export:
+        from sensq.models import recorded_family
+
+        family = recorded_family(ranking.provenance.get("family"))
+        check_export_paths(out, export, family.expert_attrs, ranking.experts)
+    result = _chosen_plan(ranking, ranking_file, budget=budget, top_k=top_k, tiers=tiers, bits=bits, search=search,
+                          rounds=rounds, projections=projections, limit=limit, probe_file=probe_file, model=model,
+                          device=device, checkpoint=checkpoint, pareto=pareto, protect_entrance=protect_entrance,
+                          protect=protect, steps=steps, fmt=fmt, act_format=act_format, rank_format=rank_format,
+                          quiet=as_json)
+    result = with_calibration(result, calibration)
+    result.source["ranking_file"] = str(ranking_file)
+    exported = build_export(result, export) if export else None  # refuses before anything is written
+    from sensq.store.files import output_lock
+
+    with output_lock(out):
+        result.save(out)
+        paths = write_export(exported, out) if exported else {}
+    if as_json:
+        click.echo(json.dumps(result.to_dict(), indent=1))
+        return
+    _table(result, out, exported, paths)
+    _how_it_was_chosen(result, walked=budget is not None and tiers is None)
+
+
+def _chosen_plan(ranking, ranking_file, *, budget, top_k, tiers, bits, search, rounds, projections, limit, probe_file,
+                 model, device, checkpoint, pareto, protect_entrance, protect, steps, fmt, act_format, rank_format,
+                 quiet):
+    """The plan the options choose: format tiers within --bits, the e2e search within --budget, or the ranking
+    walked within --budget / --top-k."""
+    from sensq.plan import Plan, build_plan, entrance_by_default, parse_budget
+
+    if tiers is not None:
+        from sensq.plan.tiers import build_tier_plan, parse_tiers
+
+        result: Plan = build_tier_plan(ranking, parse_tiers(tiers), bits, search=search or "exact",
+                                       protect_entrance=bool(protect_entrance), protect=list(protect),
+                                       with_pareto=pareto)
+    elif search == "e2e":
+        result = _searched(ranking, ranking_file, parse_budget(budget), fmt, rounds=rounds, projections=projections,
+                           limit=limit, probe_file=probe_file, model=model, device=device, checkpoint=checkpoint,
+                           quiet=quiet)
+    else:
+        result = build_plan(
+            ranking, budget=parse_budget(budget) if budget is not None else None, top_k=top_k,
+            protect_entrance=entrance_by_default(ranking) if protect_entrance is None else protect_entrance,
+            protect=list(protect), fmt=fmt,
+            act_format=None if act_format == "none" else act_format, rank_format=rank_format,
+            protect_steps=steps,
+        )
+    return result
+
+
+def _check_choice(budget, top_k, tiers, bits, protect_steps, search) -> None:
+    """Raises InputError for options that do not make one choice: --budget, --top-k or --tiers (with --bits),
+    and what goes with each."""
+    from sensq.errors import InputError
+
     if tiers is not None and (budget is not None or top_k is not None):
         raise InputError("--tiers chooses every layer's format within --bits: give it without --budget/--top-k")
     if tiers is not None and bits is None:
@@ -135,50 +196,16 @@ def plan(ranking_file, budget, top_k, tiers, bits, search, rounds, projections, 
                          "--tiers or --protect-steps)")
     if search in ("exact", "greedy") and tiers is None:
         raise InputError(f"--search {search} goes with --tiers; with --budget use --search e2e (or nothing)")
-    last = max((step for steps in ranking.steps.values() for step in steps), default=0)
-    steps = _step_range(protect_steps, last) if protect_steps is not None else None
-    check_output_file(out, PLAN_SCHEMA, "plan")  # before any work
-    if export:
-        from sensq.models import recorded_family
 
-        family = recorded_family(ranking.provenance.get("family"))
-        check_export_paths(out, export, family.expert_attrs, ranking.experts)
-    if tiers is not None:
-        from sensq.plan.tiers import build_tier_plan, parse_tiers
 
-        result: Plan = build_tier_plan(ranking, parse_tiers(tiers), bits, search=search or "exact",
-                                       protect_entrance=bool(protect_entrance), protect=list(protect),
-                                       with_pareto=pareto)
-    elif search == "e2e":
-        result = _searched(ranking, ranking_file, parse_budget(budget), fmt, rounds=rounds, projections=projections,
-                           limit=limit, probe_file=probe_file, model=model, device=device, checkpoint=checkpoint,
-                           quiet=as_json)
-    else:
-        result = build_plan(
-            ranking, budget=parse_budget(budget) if budget is not None else None, top_k=top_k,
-            protect_entrance=entrance_by_default(ranking) if protect_entrance is None else protect_entrance,
-            protect=list(protect), fmt=fmt,
-            act_format=None if act_format == "none" else act_format, rank_format=rank_format,
-            protect_steps=steps,
-        )
-    result = with_calibration(result, calibration)
-    result.source["ranking_file"] = str(ranking_file)
-    exported = build_export(result, export) if export else None  # refuses before anything is written
-    from sensq.store.files import output_lock
-
-    with output_lock(out):
-        result.save(out)
-        paths = write_export(exported, out) if exported else {}
-    if as_json:
-        click.echo(json.dumps(result.to_dict(), indent=1))
-        return
-    _table(result, out, exported, paths)
+def _how_it_was_chosen(result, walked: bool) -> None:
+    """After the table: what the search measured, or a hint that the walk ignores the layers' interactions."""
     if result.source.get("search") == "e2e":
         measured = ", ".join(f"{r['measured_nmse']:.4g}" for r in result.source["rounds"])
         click.echo(f"searched on end-to-end error over {result.source['prompts']} prompts: final-latent NMSE by round "
                    f"{measured} -> {result.source['searched_nmse']:.4g} with this plan "
                    f"({result.source['generations']} generations)")
-    elif budget is not None and tiers is None:
+    elif walked:
         click.echo("walked the ranking in order (each layer's damage as if alone); --search e2e also weighs the "
                    "layers' interactions on the model (4 prompts x 80 generations at its defaults; "
                    "docs/sensitivity.md)")

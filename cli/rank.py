@@ -76,19 +76,10 @@ def rank(probe_file, model, device, dtype, lora_high, lora_low, formats, metric,
       sensq rank probe.h5 --metric e2e --out e2e.json && sensq rank probe.h5 --validate e2e.json   # proxy check
       torchrun --nproc-per-node 4 -m sensq.cli rank probe.h5 --metric e2e   # layers split across ranks
     """
-    from sensq.cli.common import load_cli_model, model_named_by_file, refuse_unused
+    from sensq.cli.common import load_cli_model, model_named_by_file
     from sensq.sensitivity import RankRequest, rank_layers
 
-    ctx = click.get_current_context()
-    chosen = METRICS[metric]
-    refuse_unused(ctx, chosen.operand == "latents", ("mode", "granularity"),
-                  f"applies to --metric e2e only (this ranking is by {metric})")
-    refuse_unused(ctx, chosen.propagated, ("projections", "checkpoint"),
-                  "applies to --metric grad-e2e and grad-step only")
-    refuse_unused(ctx, not chosen.local, ("limit",),
-                  "applies to e2e, grad-e2e and grad-step (a local metric reads every prompt's probe samples)")
-    refuse_unused(ctx, chosen.local or metric == "grad-step", ("reduce",),
-                  f"applies to per-step metrics ({metric} scores the whole trajectory at once)")
+    _refuse_options_of_other_metrics(metric)
     from sensq.sensitivity.ranking import RANKING_SCHEMA
     from sensq.store.files import check_output_file
     from sensq.store.probe_file import ProbeFile
@@ -135,6 +126,22 @@ def rank(probe_file, model, device, dtype, lora_high, lora_low, formats, metric,
     _table(ranking, top, out, loaded.family)
     if ranking.validation:
         _validation_lines(ranking.validation, loaded.family)
+
+
+def _refuse_options_of_other_metrics(metric: str) -> None:
+    """Usage errors for options given that this metric does not use."""
+    from sensq.cli.common import refuse_unused
+
+    ctx = click.get_current_context()
+    chosen = METRICS[metric]
+    refuse_unused(ctx, chosen.operand == "latents", ("mode", "granularity"),
+                  f"applies to --metric e2e only (this ranking is by {metric})")
+    refuse_unused(ctx, chosen.propagated, ("projections", "checkpoint"),
+                  "applies to --metric grad-e2e and grad-step only")
+    refuse_unused(ctx, not chosen.local, ("limit",),
+                  "applies to e2e, grad-e2e and grad-step (a local metric reads every prompt's probe samples)")
+    refuse_unused(ctx, chosen.local or metric == "grad-step", ("reduce",),
+                  f"applies to per-step metrics ({metric} scores the whole trajectory at once)")
 
 
 def _validation_lines(validation: dict, family) -> None:

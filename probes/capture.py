@@ -23,7 +23,7 @@ from diffusers.hooks.hooks import StateManager
 
 from sensq.models.family import ModelFamily
 from sensq.models.layers import input_rows, layer_kind, layer_size, output_rows, quantizable_layers
-from sensq.store.probe_file import LayerShape
+from sensq.store.probe_writer import LayerShape
 
 HOOK_NAME = "sensq_probe"
 CONTEXT_HOOK_NAME = "sensq_probe_context"

@@ -17,7 +17,7 @@ from sensq.models import LoadedModel
 from sensq.probes.capture import ProbeConfig, ProbeSession, apply_probe, remove_probe
 from sensq.prompts import Prompt
 from sensq.store.files import describe_os_error, output_lock
-from sensq.store.probe_file import ProbeWriter
+from sensq.store.probe_writer import ProbeWriter
 from sensq.trajectory import Trajectory, apply_trajectory, plan_steps, run
 
 
@@ -153,6 +153,46 @@ def _open_writer(request: ProbeRequest, steps: list, expert_steps: dict[str, lis
                               expert_steps=expert_steps, branches=trajectory.branches)
 
 
+class _StepRecorder:
+    """The pipeline's step-end callback: writes what the probe session captured at each step of the prompt being
+    run (``slot``, ``prompt``) for the expert that ran it, creating the expert's layer table on first use."""
+
+    def __init__(self, request: ProbeRequest, writer, session: ProbeSession, steps, expert_steps: dict,
+                 progress: Callable[[ProgressEvent], None] | None):
+        self.request, self.writer, self.session, self.steps, self.progress = request, writer, session, steps, progress
+        self.expert_steps = expert_steps
+        self.local_step = {e: {step: k for k, step in enumerate(indices)} for e, indices in expert_steps.items()}
+        self.bytes_written = 0
+        self.prompts_run = 0
+        self.slot: int = 0
+        self.prompt: Prompt | None = None
+
+    def __call__(self, _pipe, i, _t, callback_kwargs):
+        expert = self.steps[i].expert
+        if expert in self.expert_steps:
+            self._record(expert, i)
+        if self.progress is not None:
+            self.progress(ProgressEvent(self.prompts_run, len(self.request.prompts), i + 1, len(self.steps),
+                                        self.prompt))
+        return callback_kwargs
+
+    def _record(self, expert: str, i: int) -> None:
+        data = self.session.take_step(i)
+        writer = self.writer
+        if writer.building and not writer.has_layers(expert):
+            shapes = {name: self.session.layer_meta[(expert, name)] for name in data.order}
+            writer.create_layers(expert, shapes, {k: v.shape[1:] for k, v in data.first_block.items()},
+                                 outputs=self.request.config.outputs, yes=self.request.yes)
+        for stat, array in [*data.packed.items(), *data.first_block.items()]:
+            if not np.isfinite(array).all():
+                raise InputError(
+                    f"the model produced NaN or Inf activations ({stat}, {expert} expert, prompt {self.prompt.index}, "
+                    f"step {i}); nothing of this prompt was recorded: probe in fp32 (--dtype fp32) or check the "
+                    "model's weights")
+        self.bytes_written += writer.write_step(self.slot, expert, self.local_step[expert][i], data.packed,
+                                                data.first_block)
+
+
 def _run_probe(request: ProbeRequest, progress: Callable[[ProgressEvent], None] | None = None) -> ProbeResult:
     """Probe ``request.experts`` along the trajectory for every prompt; resumable.
 
@@ -168,30 +208,7 @@ def _run_probe(request: ProbeRequest, progress: Callable[[ProgressEvent], None] 
     writer = _open_writer(request, steps, expert_steps, seeds)
     session = ProbeSession(request.config, trajectory.branches, adapter)
     done = writer.file["prompts/done"][...]
-    bytes_written = 0
-    prompts_run = 0
-    local_step = {e: {step: k for k, step in enumerate(indices)} for e, indices in expert_steps.items()}
-
-    def on_step_end(_pipe, i, _t, callback_kwargs):
-        nonlocal bytes_written
-        expert = steps[i].expert
-        if expert in expert_steps:
-            data = session.take_step(i)
-            if writer.building and not writer.has_layers(expert):
-                shapes = {name: session.layer_meta[(expert, name)] for name in data.order}
-                writer.create_layers(expert, shapes, {k: v.shape[1:] for k, v in data.first_block.items()},
-                                     outputs=request.config.outputs, yes=request.yes)
-            for stat, array in [*data.packed.items(), *data.first_block.items()]:
-                if not np.isfinite(array).all():
-                    raise InputError(
-                        f"the model produced NaN or Inf activations ({stat}, {expert} expert, prompt {prompt.index}, "
-                        f"step {i}); nothing of this prompt was recorded: probe in fp32 (--dtype fp32) or check the "
-                        "model's weights")
-            bytes_written += writer.write_step(slot, expert, local_step[expert][i], data.packed, data.first_block)
-        if progress is not None:
-            progress(ProgressEvent(prompts_run, len(request.prompts), i + 1, len(steps), prompt))
-        return callback_kwargs
-
+    recorder = _StepRecorder(request, writer, session, steps, expert_steps, progress)
     for name in request.experts:
         apply_probe(adapter.expert_module(pipe, name), name, session)
     completed = False
@@ -199,9 +216,10 @@ def _run_probe(request: ProbeRequest, progress: Callable[[ProgressEvent], None] 
         for slot, prompt in enumerate(request.prompts):
             if done[slot]:
                 continue
-            run(pipe, prompt.text, trajectory, seed=seeds[slot], callback=on_step_end, negative=prompt.negative)
+            recorder.slot, recorder.prompt = slot, prompt
+            run(pipe, prompt.text, trajectory, seed=seeds[slot], callback=recorder, negative=prompt.negative)
             writer.finish_prompt(slot)
-            prompts_run += 1
+            recorder.prompts_run += 1
         completed = True
     except OSError as error:  # a full disk: the prompts marked done are kept, the same command resumes
         raise OutputError(describe_os_error(error, request.out, needed=writer.planned_bytes)) from None
@@ -209,6 +227,7 @@ def _run_probe(request: ProbeRequest, progress: Callable[[ProgressEvent], None] 
         for name in request.experts:
             remove_probe(adapter.expert_module(pipe, name))
         writer.close(failed=not completed)
+    prompts_run, bytes_written = recorder.prompts_run, recorder.bytes_written
     layers = {}
     from sensq.store.probe_file import ProbeFile
 

@@ -129,27 +129,7 @@ def generate(request: GenerateRequest, progress: Callable[[int, int, Prompt], No
 
 def _generate(request: GenerateRequest, progress: Callable[[int, int, Prompt], None] | None) -> GenerateResult:
     out = request.out
-    config = request_config(request)
-    digest = config_digest(config)
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "frames").mkdir(exist_ok=True)
-        if request.keep_latents:
-            (out / "latents").mkdir(exist_ok=True)
-    except OSError as error:
-        raise OutputError(describe_os_error(error, out)) from None
-    manifest_path = out / MANIFEST
-    if manifest_path.exists():
-        manifest = load_generation(out)
-        if manifest["config_digest"] != digest:
-            raise InputError(
-                f"{str(out)!r} holds generations of another configuration (digest {manifest['config_digest']} "
-                f"!= {digest}: model, plan, trajectory or prompts differ); a folder never mixes two: use another --out"
-            )
-    else:
-        manifest = {"schema": GENERATION_SCHEMA, "sensq_version": sensq.__version__, "config_digest": digest,
-                    "config": config, "items": {}}
-        write_json(manifest_path, manifest)  # claims the folder for this configuration at once
+    manifest = _claim_folder(request)
     pipe, trajectory = request.model.pipe, request.trajectory
     apply_trajectory(pipe, trajectory)
     request.model.family.check_resolution(pipe, trajectory.height, trajectory.width, trajectory.frames,
@@ -161,43 +141,79 @@ def _generate(request: GenerateRequest, progress: Callable[[int, int, Prompt], N
                            [step.timestep for step in plan_steps(pipe, request.model.family, trajectory)])
     generated, seconds = 0, 0.0
     for position, prompt in enumerate(request.prompts):
-        key = str(prompt.index)
-        if key in manifest["items"]:
+        if str(prompt.index) in manifest["items"]:
             continue
-        final: dict[str, torch.Tensor] = {}
-
-        def keep_final(_pipe, i, _t, kwargs, final=final):
-            if i == trajectory.steps - 1:
-                latents = request.model.family.video_latents(pipe, kwargs["latents"].detach(), trajectory)
-                final["latents"] = latents.cpu().clone()  # [B, C, F, H, W] in every family
-            return kwargs
-
-        started = time.perf_counter()
-        seed = trajectory.seed + prompt.index
-        frames = run(pipe, prompt.text, trajectory, seed=seed, callback=keep_final, output_type="np",
-                     negative=prompt.negative)[0]
-        frames_u8 = np.clip(np.round(np.asarray(frames) * 255.0), 0, 255).astype(np.uint8)
-        item = {"index": prompt.index, "prompt": prompt.text, "seed": seed,
-                "frames": f"frames/{prompt.index:05d}.npy"}
-        buffer = _npy_bytes(frames_u8)
-        atomic_write_bytes(out / item["frames"], buffer)
-        if request.keep_latents:
-            item["latents"] = f"latents/{prompt.index:05d}.safetensors"
-            atomic_write_bytes(out / item["latents"], save_safetensors({"latents": final["latents"].contiguous()}))
-        if request.write_video:
-            item["video"] = video_name(prompt)
-            _write_mp4(frames_u8, out / item["video"], request.fps)
-        item["seconds"] = round(time.perf_counter() - started, 3)
+        item = _generate_one(request, prompt)
         seconds += item["seconds"]
         generated += 1
-        manifest["items"][key] = item
-        write_json(manifest_path, manifest)  # after the files: an item in the manifest is complete
+        manifest["items"][str(prompt.index)] = item
+        write_json(out / MANIFEST, manifest)  # after the files: an item in the manifest is complete
         if progress is not None:
             progress(position + 1, len(request.prompts), prompt)
     files = [str(out / MANIFEST)] + [str(out / i[k]) for i in manifest["items"].values()
                                      for k in ("frames", "latents", "video") if k in i]
     return GenerateResult(str(out), generated, len(request.prompts) - generated,
                           seconds / generated if generated else 0.0, files, warnings)
+
+
+def _claim_folder(request: GenerateRequest) -> dict:
+    """The folder's manifest: a new one written at once (the folder is this configuration's), or the existing one
+    when it holds this very configuration.
+
+    Raises:
+        OutputError: the folder cannot be made.
+        InputError: it holds generations of another configuration.
+    """
+    out = request.out
+    config = request_config(request)
+    digest = config_digest(config)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "frames").mkdir(exist_ok=True)
+        if request.keep_latents:
+            (out / "latents").mkdir(exist_ok=True)
+    except OSError as error:
+        raise OutputError(describe_os_error(error, out)) from None
+    if (out / MANIFEST).exists():
+        manifest = load_generation(out)
+        if manifest["config_digest"] != digest:
+            raise InputError(
+                f"{str(out)!r} holds generations of another configuration (digest {manifest['config_digest']} "
+                f"!= {digest}: model, plan, trajectory or prompts differ); a folder never mixes two: use another --out"
+            )
+        return manifest
+    manifest = {"schema": GENERATION_SCHEMA, "sensq_version": sensq.__version__, "config_digest": digest,
+                "config": config, "items": {}}
+    write_json(out / MANIFEST, manifest)  # claims the folder for this configuration at once
+    return manifest
+
+
+def _generate_one(request: GenerateRequest, prompt: Prompt) -> dict:
+    """Generate one prompt; its frames, latents and video written atomically; returns its manifest item."""
+    pipe, trajectory, out = request.model.pipe, request.trajectory, request.out
+    final: dict[str, torch.Tensor] = {}
+
+    def keep_final(_pipe, i, _t, kwargs):
+        if i == trajectory.steps - 1:
+            latents = request.model.family.video_latents(pipe, kwargs["latents"].detach(), trajectory)
+            final["latents"] = latents.cpu().clone()  # [B, C, F, H, W] in every family
+        return kwargs
+
+    started = time.perf_counter()
+    seed = trajectory.seed + prompt.index
+    frames = run(pipe, prompt.text, trajectory, seed=seed, callback=keep_final, output_type="np",
+                 negative=prompt.negative)[0]
+    frames_u8 = np.clip(np.round(np.asarray(frames) * 255.0), 0, 255).astype(np.uint8)
+    item = {"index": prompt.index, "prompt": prompt.text, "seed": seed, "frames": f"frames/{prompt.index:05d}.npy"}
+    atomic_write_bytes(out / item["frames"], _npy_bytes(frames_u8))
+    if request.keep_latents:
+        item["latents"] = f"latents/{prompt.index:05d}.safetensors"
+        atomic_write_bytes(out / item["latents"], save_safetensors({"latents": final["latents"].contiguous()}))
+    if request.write_video:
+        item["video"] = video_name(prompt)
+        _write_mp4(frames_u8, out / item["video"], request.fps)
+    item["seconds"] = round(time.perf_counter() - started, 3)
+    return item
 
 
 def _npy_bytes(array: np.ndarray) -> bytes:

@@ -191,49 +191,70 @@ def filter_prompts(prompts: list[Prompt], spec: PromptFilter) -> tuple[list[Prom
     for name in ("min_words", "max_words", "per_type", "sample"):
         if getattr(spec, name) is not None and getattr(spec, name) < 1:
             raise InputError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(spec, name)}")
-    dropped: dict[str, int] = {}
-    kept = list(prompts)
+    kept = _Kept(list(prompts))
+    _by_metadata(kept, spec, prompts)
+    _by_text(kept, spec)
+    _by_count(kept, spec)
+    return kept.prompts, kept.dropped
 
-    def keep(reason: str, test) -> None:
-        nonlocal kept
-        before = len(kept)
-        kept = [p for p in kept if test(p)]
-        if before > len(kept):
-            dropped[reason] = dropped.get(reason, 0) + before - len(kept)
 
+@dataclass
+class _Kept:
+    """The prompts still kept, and how many each reason dropped so far."""
+
+    prompts: list[Prompt]
+    dropped: dict[str, int] = field(default_factory=dict)
+
+    def keep(self, reason: str, test) -> None:
+        before = len(self.prompts)
+        self.prompts = [p for p in self.prompts if test(p)]
+        if before > len(self.prompts):
+            self.dropped[reason] = self.dropped.get(reason, 0) + before - len(self.prompts)
+
+
+def _by_metadata(kept: _Kept, spec: PromptFilter, prompts: list[Prompt]) -> None:
+    """OpenS2V-Eval types and VBench dimensions."""
     if spec.types or spec.exclude_types or spec.per_type:
         if not any("type" in p.meta for p in prompts):
             raise InputError("the prompt file has no types (OpenS2V-Eval ids such as 'singleobj_1' give them); "
                              "drop --type/--exclude-type/--per-type")
     if spec.types:
-        keep(f"type not in {','.join(spec.types)}", lambda p: p.meta.get("type") in spec.types)
+        kept.keep(f"type not in {','.join(spec.types)}", lambda p: p.meta.get("type") in spec.types)
     if spec.exclude_types:
-        keep(f"type in {','.join(spec.exclude_types)}", lambda p: p.meta.get("type") not in spec.exclude_types)
+        kept.keep(f"type in {','.join(spec.exclude_types)}", lambda p: p.meta.get("type") not in spec.exclude_types)
     if spec.dimensions:
         if not any("dimension" in p.meta for p in prompts):
             raise InputError("the prompt file has no VBench dimensions (VBench_full_info.json records have them); "
                              "drop --dimension")
-        keep(f"no dimension in {','.join(spec.dimensions)}",
-             lambda p: bool(set(p.meta.get("dimension") or ()) & set(spec.dimensions)))
+        kept.keep(f"no dimension in {','.join(spec.dimensions)}",
+                  lambda p: bool(set(p.meta.get("dimension") or ()) & set(spec.dimensions)))
+
+
+def _by_text(kept: _Kept, spec: PromptFilter) -> None:
+    """Word counts, OpenS2V-5M scores and the --exclude regex."""
     if spec.min_words:
-        keep(f"fewer than {spec.min_words} words", lambda p: len(p.text.split()) >= spec.min_words)
+        kept.keep(f"fewer than {spec.min_words} words", lambda p: len(p.text.split()) >= spec.min_words)
     if spec.max_words:
-        keep(f"more than {spec.max_words} words", lambda p: len(p.text.split()) <= spec.max_words)
+        kept.keep(f"more than {spec.max_words} words", lambda p: len(p.text.split()) <= spec.max_words)
     for score in ("aesthetic", "motion", "tech"):
         threshold = getattr(spec, f"min_{score}")
         if threshold is None:
             continue
-        lacking = sum(not isinstance(p.meta.get(score), int | float) for p in kept)
+        lacking = sum(not isinstance(p.meta.get(score), int | float) for p in kept.prompts)
         if lacking:
-            raise InputError(f"--min-{score}: {lacking} of {len(kept)} prompts have no {score!r} score "
+            raise InputError(f"--min-{score}: {lacking} of {len(kept.prompts)} prompts have no {score!r} score "
                              "(OpenS2V-5M metadata has one; OpenS2V-Eval and plain lists do not)")
-        keep(f"{score} < {threshold:g}", lambda p, s=score, t=threshold: p.meta[s] >= t)
+        kept.keep(f"{score} < {threshold:g}", lambda p, s=score, t=threshold: p.meta[s] >= t)
     if spec.exclude:
         try:
             pattern = re.compile(spec.exclude, re.IGNORECASE)
         except re.error as error:
             raise InputError(f"--exclude {spec.exclude!r} is not a valid regex: {error}") from None
-        keep(f"matches {spec.exclude!r}", lambda p: not pattern.search(p.text))
+        kept.keep(f"matches {spec.exclude!r}", lambda p: not pattern.search(p.text))
+
+
+def _by_count(kept: _Kept, spec: PromptFilter) -> None:
+    """Duplicates, at most --per-type per type, and a seeded --sample of what is left."""
     if spec.dedupe:
         seen: set[str] = set()
 
@@ -241,7 +262,7 @@ def filter_prompts(prompts: list[Prompt], spec: PromptFilter) -> tuple[list[Prom
             norm = " ".join(p.text.lower().split())
             return not (norm in seen or seen.add(norm))
 
-        keep("duplicate", first)
+        kept.keep("duplicate", first)
     if spec.per_type:
         count: dict[str, int] = {}
 
@@ -249,12 +270,11 @@ def filter_prompts(prompts: list[Prompt], spec: PromptFilter) -> tuple[list[Prom
             count[p.meta.get("type")] = count.get(p.meta.get("type"), 0) + 1
             return count[p.meta.get("type")] <= spec.per_type
 
-        keep(f"beyond {spec.per_type} per type", within)
-    if spec.sample and spec.sample < len(kept):
-        chosen = set(random.Random(spec.seed).sample(range(len(kept)), spec.sample))
-        positions = {id(p): i for i, p in enumerate(kept)}
-        keep(f"not in the {spec.sample} sampled", lambda p: positions[id(p)] in chosen)
-    return kept, dropped
+        kept.keep(f"beyond {spec.per_type} per type", within)
+    if spec.sample and spec.sample < len(kept.prompts):
+        chosen = set(random.Random(spec.seed).sample(range(len(kept.prompts)), spec.sample))
+        positions = {id(p): i for i, p in enumerate(kept.prompts)}
+        kept.keep(f"not in the {spec.sample} sampled", lambda p: positions[id(p)] in chosen)
 
 
 def is_written_prompt_file(path: str | Path) -> bool:

@@ -6,6 +6,7 @@ CLI loads them from SENSQ_PLUGINS and offers them in its choices; the toy target
 
 from __future__ import annotations
 
+import importlib
 import json
 import os
 import subprocess
@@ -16,18 +17,19 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from tests.extending import toy_calibration, toy_family, toy_format, toy_sets, toy_target
-
-TOYS = (toy_format, toy_calibration, toy_sets, toy_target, toy_family)
+TOYS = tuple(f"tests.extending.toy_{kind}" for kind in ("format", "calibration", "sets", "target", "family"))
 REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture
 def toys():
-    for toy in TOYS:
+    """The toy modules, registered for the test and unregistered after it (imported here, not at collection: a
+    plugin registers when imported, and no other test may see the toys)."""
+    modules = [importlib.import_module(name) for name in TOYS]
+    for toy in modules:
         toy.register()
-    yield
-    for toy in TOYS:
+    yield dict(zip(("format", "calibration", "sets", "target", "family"), modules, strict=True))
+    for toy in modules:
         toy.unregister()
 
 
@@ -43,7 +45,7 @@ def test_the_toys_run_the_method_end_to_end(toys, tmp_path):
     from sensq.sensitivity import RankRequest, rank_layers
     from sensq.trajectory import Trajectory
 
-    model = toy_family.load()
+    model = toys["family"].load()
     assert family_of(model.pipe).name == "toy-wan" and model.family.experts(model.pipe) == ["main"]
     trajectory = Trajectory(steps=2).with_resolution(model.default_resolution)
     prompts = load_prompts(None, 1)
@@ -58,7 +60,7 @@ def test_the_toys_run_the_method_end_to_end(toys, tmp_path):
     quantized = {name: module for name, module in expert.named_modules() if is_quantized(module)}
     assert quantized and {m.weight_format.name for m in quantized.values()} == {"toy_int3"}
     assert {c.method for c in calibration["main"].values()} == {"toy-clip"}
-    assert {m.weight_clip for m in quantized.values()} == {toy_calibration.CLIP}
+    assert {m.weight_clip for m in quantized.values()} == {toys["calibration"].CLIP}
     generated = generate(GenerateRequest(model, trajectory, prompts, tmp_path / "q", write_video=False))
     latents = load_file(str(tmp_path / "q" / "latents" / "00000.safetensors"))["latents"]
     assert generated.generated == 1 and torch.isfinite(latents).all()
@@ -74,19 +76,29 @@ def test_the_toys_run_the_method_end_to_end(toys, tmp_path):
     assert rows["last block"]["metrics"]["latent_nmse"] < rows["none"]["metrics"]["latent_nmse"]
 
 
-def _sensq(*args, cwd: Path) -> subprocess.CompletedProcess:
-    env = {**os.environ, "SENSQ_PLUGINS": ",".join(toy.__name__ for toy in TOYS),
+HELPS = """
+import sys
+from click.testing import CliRunner
+from sensq.cli import main
+for command in sys.argv[2].split(","):
+    print(CliRunner().invoke(main, [command, "--help"]).output)
+"""
+
+
+def _sensq(*args, cwd: Path, script: str | None = None) -> subprocess.CompletedProcess:
+    env = {**os.environ, "SENSQ_PLUGINS": ",".join(TOYS),
            "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
-    return subprocess.run([sys.executable, "-m", "sensq.cli", *map(str, args)], cwd=cwd, env=env, capture_output=True,
-                          text=True, timeout=300)
+    command = [sys.executable, "-c", script] if script else [sys.executable, "-m", "sensq.cli"]
+    return subprocess.run([*command, *map(str, args)], cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
 
 
 def test_the_cli_loads_plugins_and_offers_them(workspace, tmp_path):
     listed = _sensq("formats", "--json", cwd=tmp_path)
     assert listed.returncode == 0, listed.stderr
     assert "toy_int3" in {row["name"] for row in json.loads(listed.stdout)}
-    helps = {command: _sensq(command, "--help", cwd=tmp_path).stdout for command in ("apply-plan", "ablate", "export")}
-    assert "toy-clip" in helps["apply-plan"] and "last-block" in helps["ablate"] and "toy-bf16" in helps["export"]
+    helps = _sensq("--help-of", "apply-plan,ablate,export", cwd=tmp_path, script=HELPS)
+    assert helps.returncode == 0, helps.stderr
+    assert "toy-clip" in helps.stdout and "last-block" in helps.stdout and "toy-bf16" in helps.stdout
     exported = _sensq("export", workspace / "ckpt", "--to", "toy-bf16", "--out", tmp_path / "bf16", cwd=tmp_path)
     assert exported.returncode == 0, exported.stderr
     from sensq.export.wan_names import wan_name

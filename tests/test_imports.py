@@ -25,7 +25,8 @@ LAYERS = [
     {"sensq.eval"},  # scores generations
     {"sensq.ablate"},  # sets, runs and statistics; no rendering
     {"sensq.report"},  # renders rankings and ablations
-    {"sensq.cli"},
+    {"sensq.demo"},  # the whole method end to end
+    {"sensq.cli", "sensq"},  # the CLI; the root package's lazy facade (sensq.quantize_)
 ]
 """Bottom to top: a part imports only parts of lower layers (or its own package)."""
 

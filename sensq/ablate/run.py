@@ -63,83 +63,35 @@ def _run_ablation(model, trajectory, prompts, sets: list[ProtectedSet], out: Pat
     Raises:
         InputError: ``calibrate`` other than none without a probe file; a plan that does not fit the model.
     """
-    from sensq.eval import evaluate_procedural, is_procedural
+    from sensq.eval import is_procedural
     from sensq.store.files import file_digest
 
-    if needs_data(calibrate) and probe_path is None:
-        raise InputError(f"--calibrate {calibrate} needs --probe PROBE.h5 (the captured inputs to calibrate on)")
-    asking = [s.name for s in sets if any(needs_data(r.calibration)
-                                          for r in s.plan.rules)]
-    if asking and probe_path is None:
-        raise InputError(f"the plan's 'calibration' rules need --probe PROBE.h5 (the captured inputs to calibrate "
-                         f"on); set {asking[0]!r} has them")
+    _require_probe(calibrate, probe_path, sets)
     out = claim_output_folder(out, "ablation.json", ABLATION_SCHEMA, "ablation folder")
     bases = seed_bases(trajectory, seeds)
-    references = {}
+    references = {base: out / "full-precision" / f"seed-{base}" for base in bases}
     for base in bases:
-        references[base] = out / "full-precision" / f"seed-{base}"
         generate(GenerateRequest(model, dataclasses.replace(trajectory, seed=base), prompts, references[base],
                                  label="full precision", write_video=write_video))
-    procedural = is_procedural([p.text for p in prompts])
     deploy = {"calibrate": calibrate, "backend": backend,
               "probe_sha256": file_digest(probe_path, length=64) if probe_path is not None else None,
               **({"sequential_experts": True} if sequential_experts else {}),
               **({"probe_from_another_model": True} if probe_from_another_model else {}),
               **({"pooled_experts": True} if pooled_experts else {})}
-    layers = model_layers(model)
+    run = _Run(model, trajectory, prompts, out, references, deploy, is_procedural([p.text for p in prompts]),
+               model_layers(model), write_video,
+               {"probe_path": probe_path, "calibrate": calibrate, "backend": backend,
+                "sequential_experts": sequential_experts, "probe_from_another_model": probe_from_another_model,
+                "pooled_experts": pooled_experts})
     rows = []
     for position, protected in enumerate(sets):
         if progress is not None:
             progress(protected.name, position, len(sets))
-        table = validate_plan(protected.plan, layers)
-        summary = summarize(table, layers)
-        folder = out / "sets" / slug(protected.name)
-        folder.mkdir(parents=True, exist_ok=True)
-        plan = dataclasses.replace(protected.plan, layers=table, summary=summary)  # the caller's plan stays as it is
-        plan.save(folder / "plan.json")
-        digest = f"{slug(protected.name)}:{hash_rules(plan)}:{config_digest(deploy)}"
-        requests = [GenerateRequest(model, dataclasses.replace(trajectory, seed=base), prompts, folder / f"seed-{base}",
-                                    label=protected.name, plan_digest=digest, write_video=write_video)
-                    for base in bases]
-        if not all(generation_complete(request) for request in requests):
-            apply_plan(model, plan, probe_path=probe_path, calibrate=calibrate, backend=backend,
-                       sequential_experts=sequential_experts, probe_from_another_model=probe_from_another_model,
-                       pooled_experts=pooled_experts)
-            try:
-                for request in requests:
-                    generate(request)
-            finally:
-                dequantize_(model)
-        per_item: dict[str, dict[str, float]] = {}
-        for base, request in zip(bases, requests, strict=True):
-            scores = evaluate_fidelity(request.out, references[base])
-            quality = _procedural_per_item(evaluate_procedural(request.out)) if procedural else {}
-            for index, values in scores["per_item"].items():
-                per_item[f"{index}@{base}"] = {**{m: values[m] for m in METRICS if m in values},
-                                                **({"procedural": quality[index]} if procedural else {})}
-        rows.append({
-            "set": protected.name, "kind": protected.kind.value, "folder": str(folder.relative_to(out)),
-            "rule_calibrations": sorted({r.calibration for r in plan.rules if r.calibration}),
-            "protected_share": {e: summary[e]["protected_share"] for e in summary if e != "total"},
-            "protected_at_some_steps": {e: summary[e]["protected_at_some_steps_share"] for e in summary
-                                        if e != "total"},
-            "protected_layers": {e: summary[e]["by_precision"].get("high-precision", {"layers": 0})["layers"]
-                                 for e in summary if e != "total"},
-            "effective_bits": summary["total"]["effective_bits"],
-            "weight_bytes": summary["total"]["weight_bytes_after"],
-            "weight_bytes_bf16": summary["total"]["weight_bytes_before"],
-            "real_size": summary_at_real_size(plan, model.family),
-            **aggregate(per_item),
-        })
+        rows.append(run.measure(protected))
         if progress is not None:
             progress(protected.name, position + 1, len(sets))
-    reference_row = None
-    if procedural:
-        per_item = {}
-        for base in bases:
-            quality = _procedural_per_item(evaluate_procedural(references[base]))
-            per_item.update({f"{index}@{base}": {"procedural": value} for index, value in quality.items()})
-        reference_row = {"set": "full precision", **aggregate(per_item)}
+    reference_row = run.reference_row()
+    procedural = reference_row is not None
     result = {"schema": ABLATION_SCHEMA, "sensq_version": sensq.__version__, "format": fmt,
               "model": {"id": model.model_id, "fingerprint": model.fingerprint},
               "trajectory": trajectory.to_dict(), "prompts": [[p.index, p.text] for p in prompts], "seeds": bases,
@@ -151,6 +103,97 @@ def _run_ablation(model, trajectory, prompts, sets: list[ProtectedSet], out: Pat
     result["headline"] = headline(result)
     write_json(out / "ablation.json", result)
     return result
+
+
+def _require_probe(calibrate: str, probe_path, sets: list[ProtectedSet]) -> None:
+    """Raises InputError when a calibration that needs captured inputs (the default or a rule's) has no probe."""
+    if needs_data(calibrate) and probe_path is None:
+        raise InputError(f"--calibrate {calibrate} needs --probe PROBE.h5 (the captured inputs to calibrate on)")
+    asking = [s.name for s in sets if any(needs_data(r.calibration) for r in s.plan.rules)]
+    if asking and probe_path is None:
+        raise InputError(f"the plan's 'calibration' rules need --probe PROBE.h5 (the captured inputs to calibrate "
+                         f"on); set {asking[0]!r} has them")
+
+
+@dataclasses.dataclass
+class _Run:
+    """What every set of one ablation shares: the model, trajectory and prompts, the folder, the full-precision
+    references by seed base, how sets are deployed (``deploy`` as recorded, ``apply`` as passed to apply_plan)."""
+
+    model: object
+    trajectory: object
+    prompts: list
+    out: Path
+    references: dict[int, Path]
+    deploy: dict
+    procedural: bool
+    layers: list
+    write_video: bool
+    apply: dict
+
+    def measure(self, protected: ProtectedSet) -> dict:
+        """Deploy ``protected`` as apply-plan does, generate every prompt x seed (what is not done yet), score."""
+        table = validate_plan(protected.plan, self.layers)
+        summary = summarize(table, self.layers)
+        folder = self.out / "sets" / slug(protected.name)
+        folder.mkdir(parents=True, exist_ok=True)
+        plan = dataclasses.replace(protected.plan, layers=table, summary=summary)  # the caller's plan stays as is
+        plan.save(folder / "plan.json")
+        digest = f"{slug(protected.name)}:{hash_rules(plan)}:{config_digest(self.deploy)}"
+        requests = [GenerateRequest(self.model, dataclasses.replace(self.trajectory, seed=base), self.prompts,
+                                    folder / f"seed-{base}", label=protected.name, plan_digest=digest,
+                                    write_video=self.write_video) for base in self.references]
+        if not all(generation_complete(request) for request in requests):
+            apply_plan(self.model, plan, **self.apply)
+            try:
+                for request in requests:
+                    generate(request)
+            finally:
+                dequantize_(self.model)
+        return _row(protected, plan, summary, str(folder.relative_to(self.out)), self.model.family,
+                    self.scores([request.out for request in requests]))
+
+    def scores(self, folders: list[Path]) -> dict[str, dict[str, float]]:
+        """Per generation (``index@base``), each metric against the full-precision one (+ the procedural score)."""
+        from sensq.eval import evaluate_procedural
+
+        per_item: dict[str, dict[str, float]] = {}
+        for (base, reference), folder in zip(self.references.items(), folders, strict=True):
+            fidelity = evaluate_fidelity(folder, reference)
+            quality = _procedural_per_item(evaluate_procedural(folder)) if self.procedural else {}
+            for index, values in fidelity["per_item"].items():
+                per_item[f"{index}@{base}"] = {**{m: values[m] for m in METRICS if m in values},
+                                                **({"procedural": quality[index]} if self.procedural else {})}
+        return per_item
+
+    def reference_row(self) -> dict | None:
+        """The full-precision generations' own procedural scores (procedural prompts only)."""
+        from sensq.eval import evaluate_procedural
+
+        if not self.procedural:
+            return None
+        per_item = {}
+        for base, reference in self.references.items():
+            quality = _procedural_per_item(evaluate_procedural(reference))
+            per_item.update({f"{index}@{base}": {"procedural": value} for index, value in quality.items()})
+        return {"set": "full precision", **aggregate(per_item)}
+
+
+def _row(protected: ProtectedSet, plan: Plan, summary: dict, folder: str, family, per_item: dict) -> dict:
+    experts = [e for e in summary if e != "total"]
+    return {
+        "set": protected.name, "kind": protected.kind.value, "folder": folder,
+        "rule_calibrations": sorted({r.calibration for r in plan.rules if r.calibration}),
+        "protected_share": {e: summary[e]["protected_share"] for e in experts},
+        "protected_at_some_steps": {e: summary[e]["protected_at_some_steps_share"] for e in experts},
+        "protected_layers": {e: summary[e]["by_precision"].get("high-precision", {"layers": 0})["layers"]
+                             for e in experts},
+        "effective_bits": summary["total"]["effective_bits"],
+        "weight_bytes": summary["total"]["weight_bytes_after"],
+        "weight_bytes_bf16": summary["total"]["weight_bytes_before"],
+        "real_size": summary_at_real_size(plan, family),
+        **aggregate(per_item),
+    }
 
 
 def generation_complete(request: GenerateRequest) -> bool:

@@ -26,7 +26,7 @@ import numpy as np
 from sensq.errors import InputError
 from sensq.formats import get_format
 from sensq.metrics import METRICS
-from sensq.plan import HIGH_PRECISION_BITS, Plan, Rule, compile_pattern, resolve, summarize
+from sensq.plan import HIGH_PRECISION_BITS, Rule, compile_pattern
 
 HIGH_PRECISION = "bf16"
 SEARCHES = ("exact", "greedy")
@@ -171,9 +171,8 @@ def build_tier_plan(ranking, tiers: list[str | None], budget_bits: float, *, sea
         InputError: a tier the ranking has no values for, a quality metric (SQNR: the errors must add), a
             ranking of blocks, and what :func:`allocate` raises.
     """
-    import time
-
-    from sensq.plan import LayerInfo, recorded_family, refuse_nan_values
+    from sensq.plan import LayerInfo, refuse_nan_values
+    from sensq.plan.build import ranked_plan
 
     if not METRICS[ranking.metric].higher_is_more_sensitive:
         raise InputError(f"--tiers adds predicted errors over layers; a {ranking.metric} ranking is a quality, "
@@ -203,15 +202,7 @@ def build_tier_plan(ranking, tiers: list[str | None], budget_bits: float, *, sea
             front[expert] = {"front": pareto(layers, tiers, search, forced),
                              "chosen": {"effective_bits": found.effective_bits,
                                         "predicted_error": found.predicted_error}}
-    table, _ = resolve(rules, infos)
-    return Plan(
-        rules=rules, layers=table, summary=summarize(table, infos),
-        model={"id": ranking.provenance.get("model_id"), "fingerprint": ranking.provenance.get("model_fingerprint"),
-               "loras": ranking.provenance.get("loras") or {},
-               "family": recorded_family(ranking.provenance.get("family")).name},
-        source={"ranking_metric": ranking.metric, "tiers": [t or HIGH_PRECISION for t in tiers],
-                "budget_bits": budget_bits, "search": search, "protect_entrance": protect_entrance,
-                "protect": protect or [], "probe_sha256": ranking.provenance.get("probe_sha256"),
-                **({"pareto": front} if with_pareto else {}),
-                "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())},
-    )
+    return ranked_plan(ranking, rules, infos, {
+        "ranking_metric": ranking.metric, "tiers": [t or HIGH_PRECISION for t in tiers], "budget_bits": budget_bits,
+        "search": search, "protect_entrance": protect_entrance, "protect": protect or [],
+        "probe_sha256": ranking.provenance.get("probe_sha256"), **({"pareto": front} if with_pareto else {})})

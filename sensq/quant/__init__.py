@@ -1,5 +1,7 @@
 """Quantized layers and the swap that puts them into a model."""
 
+import torch
+
 from sensq.quant.layers import (
     QuantLinear,
     QuantPatchConv3d,
@@ -10,8 +12,15 @@ from sensq.quant.layers import (
 )
 
 
-def quantize_(model, plan, backend: str = "auto"):
-    """Apply a plan to a loaded model in place (see :mod:`sensq.quant.apply`)."""
+def quantize_(model, plan, backend: str = "auto", **options):
+    """Apply a plan in place. ``model`` is a :class:`sensq.models.LoadedModel` (every expert of the pipeline;
+    :mod:`sensq.quant.apply`; returns the resolved table) or any ``nn.Module`` (one expert, its layers named
+    under ``expert=``, calibrated through ``forward_loop=`` when ``calibrate=`` needs data;
+    :mod:`sensq.quant.module`; returns the table and the calibrations)."""
+    if isinstance(model, torch.nn.Module):
+        from sensq.quant.module import quantize_ as quantize_module_
+
+        return quantize_module_(model, plan, backend=backend, **options)
     from sensq.quant.apply import quantize_ as apply
 
     return apply(model, plan, backend)

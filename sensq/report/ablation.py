@@ -7,6 +7,7 @@ from __future__ import annotations
 import html
 import math
 import re
+from dataclasses import dataclass
 from pathlib import Path
 
 from sensq.ablate.statistics import headline
@@ -147,7 +148,7 @@ def write_ablation_report(result: dict, out: Path, commands: list[str] | None = 
     """``ablation.md``, ``ablation.html`` (self-contained) and PNG plots from an ablation result: the headline,
     the Pareto plots with intervals, the table (full precision first, every quality column the CLI shows),
     and which differences are distinguishable from noise."""
-    from sensq.report import embedded_png, html_page, pyplot
+    from sensq.report import pyplot
 
     plt = pyplot()
     rows = result["rows"]
@@ -158,14 +159,21 @@ def write_ablation_report(result: dict, out: Path, commands: list[str] | None = 
                          "ablate again into a new folder")
     result = {**result, "headline": headline(result)}  # from the rows: a re-rendered report follows the rules
     procedural = "procedural" in rows[0]["metrics"]
-    files = []
-    plot = out / "pareto_latent_nmse.png"
-    _pareto_plot(plt, result, plot, "latent_nmse", "final-latent NMSE vs full precision")
-    files.append(plot)
+    files = [out / "pareto_latent_nmse.png"]
+    _pareto_plot(plt, result, files[0], "latent_nmse", "final-latent NMSE vs full precision")
     if procedural:
-        plot = out / "pareto_procedural.png"
-        _pareto_plot(plt, result, plot, "procedural", "procedural evaluator average (higher is better)")
-        files.append(plot)
+        files.append(out / "pareto_procedural.png")
+        _pareto_plot(plt, result, files[1], "procedural", "procedural evaluator average (higher is better)")
+    columns, table = _table(result, procedural)
+    page = _Page(result, columns, table, files, _note(result), "\n".join(commands or []))
+    atomic_write_bytes(out / "ablation.md", page.markdown().encode())
+    atomic_write_bytes(out / "ablation.html", page.html().encode())
+    return [str(p) for p in files] + [str(out / "ablation.md"), str(out / "ablation.html")]
+
+
+def _table(result: dict, procedural: bool) -> tuple[list[str], list[list[str]]]:
+    """The columns and the rows of the ablation's table: full precision first (when scored), then every set."""
+    rows = result["rows"]
     real_model = next((r["real_size"]["model"] for r in rows if r.get("real_size")), "real size")
     columns = ["protected set", "kept per expert", "effective bits", "weight MB (BF16 MB)",
                f"{real_model.rpartition('/')[2]} GB (same rules)",
@@ -191,47 +199,73 @@ def write_ablation_report(result: dict, out: Path, commands: list[str] | None = 
                       interval_text(row, "ssim", 3)]
                      + ([interval_text(row, "procedural", 3)] if procedural else [])
                      + [f"{m.get('first_frame_nmse', math.nan):.3g}", f"{m.get('temporal_nmse', math.nan):.4f}"])
-    names, matrix = _significance_matrix(result)
-    lines = headline_lines(result)
+    return columns, table
+
+
+def _note(result: dict) -> str:
+    """What every number is measured against, how the variants were deployed, and the intervals."""
+    rows = result["rows"]
     n_items = rows[0]["intervals"]["latent_nmse"]["n"]
     own = {row["set"]: row["rule_calibrations"] for row in rows if row.get("rule_calibrations")}
     by_rule = ("; plan rules name their own in " + ", ".join(f"{name} ({'/'.join(c)})" for name, c in own.items())
                if own else "")
-    note = (f"All metrics against the full-precision generation of the same prompt and seed ({n_items} generations: "
+    return (f"All metrics against the full-precision generation of the same prompt and seed ({n_items} generations: "
             f"{len(result['prompts'])} prompts x {len(result['seeds'])} seeds). Every variant is deployed as sensq "
             f"apply-plan deploys it (calibration {result['deploy']['calibrate']}{by_rule}; backend "
             f"{result['deploy']['backend']}). Intervals: percentile bootstrap of the mean, 95%, seeded.")
-    md = [f"# sensq ablation: {result['format']} W4A4 on {result['model']['id']}", "",
-          *[f"* {line}" for line in lines], "", note, "",
-          "| " + " | ".join(columns) + " |", "|" + "---|" * len(columns),
-          *["| " + " | ".join(c.replace("\n", " ") for c in cells) + " |" for cells in table], "",
-          *[f"![{p.stem}]({p.name})" for p in files], "",
-          "## Which differences are distinguishable from noise (latent NMSE)", "",
-          "`<`: the row's set has lower error than the column's beyond noise; `>` higher; `≈` within noise.", "",
-          "| | " + " | ".join(str(i + 1) for i in range(len(names))) + " |", "|" + "---|" * (len(names) + 1),
-          *[f"| {i + 1}: {name} | " + " | ".join(cells) + " |" for i, (name, cells) in enumerate(
-              zip(names, matrix, strict=True))]]
-    reproduce = "\n".join(commands or [])
-    if reproduce:
-        md += ["", "## Reproduce", "", "```bash", reproduce, "```"]
-    title = f"sensq ablation: {result['format']} W4A4 on {result['model']['id']}"
-    bold, strong = re.compile(r"\*\*(.+?)\*\*"), r"<b>\1</b>"
-    headline_html = "<ul class='headline'>" + "".join(
-        "<li>" + bold.sub(strong, html.escape(line)) + "</li>" for line in lines) + "</ul>"
-    table_html = ("<table><tr>" + "".join(f"<th>{html.escape(c)}</th>" for c in columns) + "</tr>" + "".join(
-        "<tr>" + "".join(f"<td{' class=wrap' if i == 1 else ''}>{html.escape(c).replace(chr(10), '<br>')}</td>"
-                         for i, c in enumerate(cells)) + "</tr>"
-        for cells in table) + "</table>")
-    matrix_html = ("<table><tr><th></th>" + "".join(f"<th>{i + 1}</th>" for i in range(len(names))) + "</tr>" + "".join(
-        f"<tr><th style='text-align:left'>{i + 1}: {html.escape(name)}</th>" + "".join(
-            f"<td style='text-align:center'>{html.escape(c)}</td>" for c in cells) + "</tr>"
-        for i, (name, cells) in enumerate(zip(names, matrix, strict=True))) + "</table>")
-    page = html_page(title, headline_html + f"<p>{html.escape(note)}</p>" + table_html
-                     + "".join(embedded_png(p) for p in files)
-                     + "<h2>Which differences are distinguishable from noise (latent NMSE)</h2><p><code>&lt;</code>: "
-                       "the row's set has lower error than the column's beyond noise; <code>&gt;</code> higher; "
-                       "<code>≈</code> within noise.</p>" + matrix_html
-                     + (f"<h2>Reproduce</h2><pre>{html.escape(reproduce)}</pre>" if reproduce else ""))
-    atomic_write_bytes(out / "ablation.md", ("\n".join(md) + "\n").encode())
-    atomic_write_bytes(out / "ablation.html", page.encode())
-    return [str(p) for p in files] + [str(out / "ablation.md"), str(out / "ablation.html")]
+
+
+NOISE_LEGEND = "`<`: the row's set has lower error than the column's beyond noise; `>` higher; `≈` within noise."
+
+
+@dataclass
+class _Page:
+    """The ablation page's parts, rendered as Markdown and as self-contained HTML."""
+
+    result: dict
+    columns: list[str]
+    table: list[list[str]]
+    files: list[Path]
+    note: str
+    reproduce: str
+
+    @property
+    def title(self) -> str:
+        return f"sensq ablation: {self.result['format']} W4A4 on {self.result['model']['id']}"
+
+    def markdown(self) -> str:
+        names, matrix = _significance_matrix(self.result)
+        md = [f"# {self.title}", "", *[f"* {line}" for line in headline_lines(self.result)], "", self.note, "",
+              "| " + " | ".join(self.columns) + " |", "|" + "---|" * len(self.columns),
+              *["| " + " | ".join(c.replace("\n", " ") for c in cells) + " |" for cells in self.table], "",
+              *[f"![{p.stem}]({p.name})" for p in self.files], "",
+              "## Which differences are distinguishable from noise (latent NMSE)", "", NOISE_LEGEND, "",
+              "| | " + " | ".join(str(i + 1) for i in range(len(names))) + " |", "|" + "---|" * (len(names) + 1),
+              *[f"| {i + 1}: {name} | " + " | ".join(cells) + " |" for i, (name, cells) in enumerate(
+                  zip(names, matrix, strict=True))]]
+        if self.reproduce:
+            md += ["", "## Reproduce", "", "```bash", self.reproduce, "```"]
+        return "\n".join(md) + "\n"
+
+    def html(self) -> str:
+        from sensq.report import embedded_png, html_page
+
+        names, matrix = _significance_matrix(self.result)
+        bold, strong = re.compile(r"\*\*(.+?)\*\*"), r"<b>\1</b>"
+        headline_html = "<ul class='headline'>" + "".join(
+            "<li>" + bold.sub(strong, html.escape(line)) + "</li>" for line in headline_lines(self.result)) + "</ul>"
+        table_html = ("<table><tr>" + "".join(f"<th>{html.escape(c)}</th>" for c in self.columns) + "</tr>" + "".join(
+            "<tr>" + "".join(f"<td{' class=wrap' if i == 1 else ''}>{html.escape(c).replace(chr(10), '<br>')}</td>"
+                             for i, c in enumerate(cells)) + "</tr>"
+            for cells in self.table) + "</table>")
+        matrix_html = ("<table><tr><th></th>" + "".join(f"<th>{i + 1}</th>" for i in range(len(names))) + "</tr>"
+                       + "".join(f"<tr><th style='text-align:left'>{i + 1}: {html.escape(name)}</th>" + "".join(
+                           f"<td style='text-align:center'>{html.escape(c)}</td>" for c in cells) + "</tr>"
+                           for i, (name, cells) in enumerate(zip(names, matrix, strict=True))) + "</table>")
+        legend = ("<p><code>&lt;</code>: the row's set has lower error than the column's beyond noise; "
+                  "<code>&gt;</code> higher; <code>≈</code> within noise.</p>")
+        return html_page(self.title, headline_html + f"<p>{html.escape(self.note)}</p>" + table_html
+                         + "".join(embedded_png(p) for p in self.files)
+                         + "<h2>Which differences are distinguishable from noise (latent NMSE)</h2>" + legend
+                         + matrix_html
+                         + (f"<h2>Reproduce</h2><pre>{html.escape(self.reproduce)}</pre>" if self.reproduce else ""))

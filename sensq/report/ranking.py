@@ -194,6 +194,33 @@ def ranking_headline(ranking, plan, fmt: str) -> list[str]:
     return lines
 
 
+def _expert_plots(plt, ranking, expert: str, fmt: str, protected: dict, top: int, out: Path) -> list[Path]:
+    """The expert's top-layer bars and (when there are steps to show) its layers x steps heatmap."""
+    bars, heat = out / f"{expert}_top.png", out / f"{expert}_heatmap.png"
+    _bars(plt, ranking, expert, fmt, protected, top, bars)
+    return [bars] + ([heat] if _heatmap(plt, ranking, expert, fmt, heat) else [])
+
+
+def _expert_section(ranking, expert: str, fmt: str, protected: dict, top: int,
+                    images: list[Path]) -> tuple[str, str]:
+    """The expert's table of its most sensitive layers and its plots, as Markdown and as HTML."""
+    rows = ranking.ordered(expert, fmt)[:top]
+    table_md = ["| # | layer | params | " + " | ".join(ranking.formats) + " | kept in high precision |",
+                "|---|---|---|" + "---|" * len(ranking.formats) + "---|"]
+    for layer in rows:
+        cells = " | ".join(f"{layer.value[f]:.4g}" for f in ranking.formats)
+        table_md.append(f"| {layer.rank[fmt]} | `{layer.name}` | {layer.params:,} | {cells} | "
+                        f"{protected.get(layer.name, '')} |")
+    markdown = (f"## {_label(ranking, expert)}\n\n" + "\n".join(table_md) + "\n\n"
+                + "\n".join(f"![{p.stem}]({p.name})" for p in images) + "\n")
+    table_html = "<table><tr><th>#</th><th>layer</th><th>params</th>" + "".join(
+        f"<th>{html.escape(f)}</th>" for f in ranking.formats) + "<th>kept</th></tr>" + "".join(
+        f"<tr><td>{layer.rank[fmt]}</td><td><code>{html.escape(layer.name)}</code></td><td>{layer.params:,}</td>"
+        + "".join(f"<td>{layer.value[f]:.4g}</td>" for f in ranking.formats)
+        + f"<td>{html.escape(protected.get(layer.name, ''))}</td></tr>" for layer in rows) + "</table>"
+    return markdown, f"<h2>{_label(ranking, expert)}</h2>{table_html}" + "".join(embedded_png(p) for p in images)
+
+
 def write_ranking_report(ranking, out_dir: str | Path, *, plan=None, top: int = 20,
                          commands: list[str] | None = None) -> ReportResult:
     """Write PNGs, ``report.md`` and a self-contained ``report.html`` into ``out_dir``.
@@ -216,30 +243,11 @@ def write_ranking_report(ranking, out_dir: str | Path, *, plan=None, top: int = 
             protected = kept_marks(plan, expert)
         else:
             protected = {layer.name: "yes" for layer in ranking.experts[expert] if layer.entrance}
-        bars = out / f"{expert}_top.png"
-        _bars(plt, ranking, expert, fmt, protected, top, bars)
-        files.append(bars)
-        heat = out / f"{expert}_heatmap.png"
-        has_heatmap = _heatmap(plt, ranking, expert, fmt, heat)
-        if has_heatmap:
-            files.append(heat)
-        rows = ranking.ordered(expert, fmt)[:top]
-        table_md = ["| # | layer | params | " + " | ".join(ranking.formats) + " | kept in high precision |",
-                    "|---|---|---|" + "---|" * len(ranking.formats) + "---|"]
-        for layer in rows:
-            cells = " | ".join(f"{layer.value[f]:.4g}" for f in ranking.formats)
-            table_md.append(f"| {layer.rank[fmt]} | `{layer.name}` | {layer.params:,} | {cells} | "
-                            f"{protected.get(layer.name, '')} |")
-        images = [bars] + ([heat] if has_heatmap else [])
-        sections_md.append(f"## {_label(ranking, expert)}\n\n" + "\n".join(table_md) + "\n\n" +
-                           "\n".join(f"![{p.stem}]({p.name})" for p in images) + "\n")
-        embedded = "".join(embedded_png(p) for p in images)
-        table_html = "<table><tr><th>#</th><th>layer</th><th>params</th>" + "".join(
-            f"<th>{html.escape(f)}</th>" for f in ranking.formats) + "<th>kept</th></tr>" + "".join(
-            f"<tr><td>{layer.rank[fmt]}</td><td><code>{html.escape(layer.name)}</code></td><td>{layer.params:,}</td>"
-            + "".join(f"<td>{layer.value[f]:.4g}</td>" for f in ranking.formats)
-            + f"<td>{html.escape(protected.get(layer.name, ''))}</td></tr>" for layer in rows) + "</table>"
-        sections_html.append(f"<h2>{_label(ranking, expert)}</h2>{table_html}{embedded}")
+        images = _expert_plots(plt, ranking, expert, fmt, protected, top, out)
+        files += images
+        section_md, section_html = _expert_section(ranking, expert, fmt, protected, top, images)
+        sections_md.append(section_md)
+        sections_html.append(section_html)
     provenance = json.dumps(ranking.provenance, indent=1, default=str)
     agreement = json.dumps(ranking.agreement, indent=1) if ranking.agreement else ""
     reproduce = "\n".join(commands or [])

@@ -27,15 +27,15 @@ dotted with it at once: no per-layer gradient is ever kept. Because ``dY`` is a 
 ``checkpoint`` drops it with the rest and recomputes it, one step and one block at a time, when the backward
 reaches that block.
 
-``value`` is the leave-one-in NMSE estimate (``grad-e2e``: all steps summed before squaring, cross-step terms
-included; ``grad-step``: per-step values reduced like the local metrics); ``per_step`` holds each
-``(step, branch)`` term alone.
+``value``: the leave-one-in NMSE estimate (grad-e2e: steps summed before squaring; grad-step: per-step values
+reduced like the local metrics); ``per_step``: each ``(step, branch)`` term alone.
 """
 
 from __future__ import annotations
 
 import os
 from collections.abc import Callable
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -294,9 +294,8 @@ def linearize(pipe, experts: dict[str, torch.nn.Module], job: E2EJob, fmt: Forma
     full-precision final latents per prompt (needed with ``quantized``; the error is measured against them).
     ``checkpoint``: bound the memory of the graph (each expert call checkpointed, and the family's blocks
     where the model supports diffusers' gradient checkpointing): the same result, one more forward per
-    backward pass. ``rows``: keep each call's ``dY`` at that many token rows (an unbiased estimate of the
-    dot product over all of them). ``twins``: ``{(expert, layer): quantized twin}`` built by :func:`quantize_twins`
-    (a caller that linearizes several times builds them once); missing ones are built here.
+    backward pass. ``twins``: ``{(expert, layer): quantized twin}`` built by :func:`quantize_twins` (a caller
+    that linearizes several times builds them once); missing ones are built here.
     """
     if quantized and references is None:
         raise ValueError("a quantized operating point needs the full-precision latents as references")
@@ -307,13 +306,47 @@ def linearize(pipe, experts: dict[str, torch.nn.Module], job: E2EJob, fmt: Forma
     world, rank = int(os.environ.get("WORLD_SIZE", "1")), int(os.environ.get("RANK", "0"))
     jobs = list(zip(job.prompts, job.seeds, job.negatives, strict=True))
     mine = list(enumerate(jobs))[rank::world]
+    error = 0.0
+    with _instrumented(pipe, experts, session, fmt, backend, twins, checkpoint):
+        for done, (index, (text, seed_value, negative)) in enumerate(mine):
+            session.generator.manual_seed(seed + index)  # the same projections whatever the sharding
+            with torch.enable_grad():
+                latents = run(pipe, text, job.trajectory, seed=seed_value, negative=negative, grad=True)
+                if session.target == "final":
+                    reference = (latents if references is None else references[index]).detach().float()
+                    scale = float(torch.sum(reference * reference, dtype=torch.float64)) or 1.0
+                    deviation = latents.detach().float() - reference
+                    error += float(torch.sum(deviation * deviation, dtype=torch.float64)) / scale
+                    session.accumulate(latents, scale, deviation if quantized else None)
+            session.calls.clear()
+            if progress is not None:
+                progress(done + 1, len(mine))
+    sums, exact, error = _gathered(session.sums, session.exact, error, world)
+    count = max(len(jobs), 1)
+    scores: dict[str, dict[str, tuple[float, np.ndarray]]] = {}
+    directions: dict[str, dict[str, float]] = {}
+    for expert, module in experts.items():
+        scores[expert], directions[expert] = {}, {}
+        for name, _ in quantizable_layers(module):
+            if not session.scored((expert, name)):
+                continue
+            value, per_step = sums.get((expert, name), [0.0, np.zeros((steps, len(session.branches)))])
+            scores[expert][name] = (value / count, per_step / count)
+            directions[expert][name] = exact.get((expert, name), 0.0) / count
+    return Linearization(scores, directions, error / count)
+
+
+@contextmanager
+def _instrumented(pipe, experts: dict[str, torch.nn.Module], session: _Session, fmt: FormatSpec, backend: str,
+                  twins: dict | None, checkpoint: bool):
+    """Parameters frozen (the text encoder's too: no graph of its own), the experts' and scored layers' hooks in
+    place, and with ``checkpoint`` each expert call and the family's blocks checkpointed; all undone after."""
     modules = {id(m): m for m in [*experts.values(), *getattr(pipe, "components", {}).values()]
-               if isinstance(m, torch.nn.Module)}  # the text encoder too: no graph of its own
+               if isinstance(m, torch.nn.Module)}
     frozen = [p for module in modules.values() for p in module.parameters() if p.requires_grad]
     registries = []
     checkpointed = [m for m in experts.values() if checkpoint and getattr(m, "_supports_gradient_checkpointing", False)
                     and not m.is_gradient_checkpointing]
-    error = 0.0
     try:
         for p in frozen:
             p.requires_grad_(False)
@@ -331,19 +364,7 @@ def linearize(pipe, experts: dict[str, torch.nn.Module], job: E2EJob, fmt: Forma
                         _LayerHook(session, expert, name, twin), HOOK_NAME)
             registry.invalidate_child_registries_cache()
             registries.append(registry)
-        for done, (index, (text, seed_value, negative)) in enumerate(mine):
-            session.generator.manual_seed(seed + index)  # the same projections whatever the sharding
-            with torch.enable_grad():
-                latents = run(pipe, text, job.trajectory, seed=seed_value, negative=negative, grad=True)
-                if session.target == "final":
-                    reference = (latents if references is None else references[index]).detach().float()
-                    scale = float(torch.sum(reference * reference, dtype=torch.float64)) or 1.0
-                    deviation = latents.detach().float() - reference
-                    error += float(torch.sum(deviation * deviation, dtype=torch.float64)) / scale
-                    session.accumulate(latents, scale, deviation if quantized else None)
-            session.calls.clear()
-            if progress is not None:
-                progress(done + 1, len(mine))
+        yield
     finally:
         session.calls.clear()
         for registry in registries:
@@ -355,32 +376,25 @@ def linearize(pipe, experts: dict[str, torch.nn.Module], job: E2EJob, fmt: Forma
         for p in frozen:
             p.requires_grad_(True)
         release_scratch()
-    sums, exact = session.sums, session.exact
-    if world > 1:
-        import torch.distributed as dist
 
-        if not dist.is_initialized():
-            dist.init_process_group("gloo")
-        gathered: list[tuple] = [None] * world  # type: ignore[list-item]
-        dist.all_gather_object(gathered, (sums, exact, error))
-        sums, exact, error = {}, {}, 0.0
-        for part_sums, part_exact, part_error in gathered:
-            for key, (value, per_step) in part_sums.items():
-                total = sums.setdefault(key, [0.0, np.zeros_like(per_step)])
-                total[0] += value
-                total[1] += per_step
-            for key, value in part_exact.items():
-                exact[key] = exact.get(key, 0.0) + value
-            error += part_error
-    count = max(len(jobs), 1)
-    scores: dict[str, dict[str, tuple[float, np.ndarray]]] = {}
-    directions: dict[str, dict[str, float]] = {}
-    for expert, module in experts.items():
-        scores[expert], directions[expert] = {}, {}
-        for name, _ in quantizable_layers(module):
-            if not session.scored((expert, name)):
-                continue
-            value, per_step = sums.get((expert, name), [0.0, np.zeros((steps, len(session.branches)))])
-            scores[expert][name] = (value / count, per_step / count)
-            directions[expert][name] = exact.get((expert, name), 0.0) / count
-    return Linearization(scores, directions, error / count)
+
+def _gathered(sums: dict, exact: dict, error: float, world: int) -> tuple[dict, dict, float]:
+    """Under torchrun, every rank's sums, exact directions and error added up (gloo); else as they are."""
+    if world <= 1:
+        return sums, exact, error
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        dist.init_process_group("gloo")
+    gathered: list[tuple] = [None] * world  # type: ignore[list-item]
+    dist.all_gather_object(gathered, (sums, exact, error))
+    sums, exact, error = {}, {}, 0.0
+    for part_sums, part_exact, part_error in gathered:
+        for key, (value, per_step) in part_sums.items():
+            total = sums.setdefault(key, [0.0, np.zeros_like(per_step)])
+            total[0] += value
+            total[1] += per_step
+        for key, value in part_exact.items():
+            exact[key] = exact.get(key, 0.0) + value
+        error += part_error
+    return sums, exact, error

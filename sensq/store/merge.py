@@ -10,7 +10,8 @@ import h5py
 import numpy as np
 
 from sensq.errors import InputError
-from sensq.store.probe_file import ProbeFile, ProbeWriter, _create_allocated
+from sensq.store.probe_file import ProbeFile
+from sensq.store.probe_writer import ProbeWriter, _create_allocated
 
 _RUN_ATTRS = ("model_id", "model_fingerprint", "loras", "trajectory", "probe_config", "branches", "experts")
 

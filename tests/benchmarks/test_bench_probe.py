@@ -18,7 +18,7 @@ import torch
 from sensq.loading import load_model
 from sensq.probes.recorder import ProbeRequest, run_probe
 from sensq.prompts import load_prompts
-from sensq.store.probe_file import LayerShape, ProbeWriter
+from sensq.store.probe_writer import LayerShape, ProbeWriter
 from sensq.trajectory import Step, Trajectory, apply_trajectory, run
 
 

@@ -113,6 +113,27 @@ def test_comfyui_layers_dequantize_to_sensqs_weights_bit_for_bit(workspace, tmp_
     assert all(row["codes_kept"] and row["nmse_vs_sensq"] == 0 for row in report["layers"])
 
 
+def test_an_nvfp4_block_whose_scale_underflows_is_zero_in_comfyui_as_in_sensq():
+    """nvfp4_ts stores scale 0 for a block whose E4M3 scale rounds to zero and deploys zeros (ModelOpt would clamp
+    the scale to 2^-9); comfy-kitchen's dequantizer multiplies by the stored scale: the same zeros."""
+    pytest.importorskip("comfy_kitchen", reason="tested with comfy-kitchen: pip install -e '.[deploy]'")
+    from comfy_kitchen.tensor import TensorCoreNVFP4Layout
+
+    from sensq.export.comfyui import _layer
+    from sensq.export.target import Layer
+    from sensq.formats import pack, unpack
+
+    weight = torch.randn(16, 64, generator=torch.Generator().manual_seed(5)) * 100.0
+    weight[3, 16:32] = 1e-9  # far below the tensor's amax / (448 x 6 x 2^9): its block scale underflows
+    packed = pack(weight, "nvfp4_ts")
+    ours = unpack(packed)
+    assert torch.equal(ours[3, 16:32], torch.zeros(16)) and (ours[3, :16] != 0).any()
+    state = _layer(Layer("x", "x", packed, ours, None, (16, 64))).tensors
+    params = TensorCoreNVFP4Layout.Params(scale=state["x.weight_scale_2"], orig_dtype=torch.float32,
+                                          orig_shape=(16, 64), block_scale=state["x.weight_scale"])
+    assert torch.equal(TensorCoreNVFP4Layout.dequantize(state["x.weight"], params), ours)
+
+
 def test_comfyui_awq_w4a16_holds_sensqs_int4_gptq_codes(workspace, tmp_path):
     pytest.importorskip("comfy_kitchen", reason="tested with comfy-kitchen: pip install -e '.[deploy]'")
     from comfy_kitchen.tensor import TensorCoreAWQW4A16Layout

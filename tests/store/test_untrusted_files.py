@@ -412,7 +412,7 @@ def test_atomic_writes_use_unique_names_and_say_one_line_on_failure(tmp_path, mo
 
 
 def test_disk_full_in_a_command_is_one_line(workspace, tmp_path, monkeypatch):
-    from sensq.store.probe_file import ProbeWriter
+    from sensq.store.probe_writer import ProbeWriter
 
     def full(*args, **kwargs):
         raise OSError(errno.ENOSPC, "No space left on device", str(tmp_path / "p.h5"))

@@ -61,8 +61,6 @@ def _load_expert(folder: Path, manifest: dict, expert: str, attr: str, family) -
     unpacked entries."""
     from accelerate import init_empty_weights
 
-    from sensq.quant.deployed import PackedLinear, PackedPatchConv3d
-
     transformer_type = family.transformer_type()
     config = transformer_type.load_config(str(folder / attr))
     with init_empty_weights(include_buffers=False):
@@ -71,87 +69,104 @@ def _load_expert(folder: Path, manifest: dict, expert: str, attr: str, family) -
     expected = {key: tuple(value.shape) for key, value in module.state_dict().items()}
     entries = {qualified.partition(":")[2]: entry for qualified, entry in manifest["layers"].items()
                if qualified.partition(":")[0] == expert}
-    deployed = set()
     # a packed layer with step ranges also keeps its full-precision weight: set aside for its other variants
     full_weights = {name: tensors.pop(f"{name}.weight") for name, entry in entries.items()
                     if "phases" in entry and name in headers and f"{name}.weight" in tensors}
     originals: dict[str, torch.nn.Module] = {}
     for name, header in headers.items():
-        where = f"checkpoint {str(folder)!r}: {expert}:{name}"
-        if f"{name}.weight" not in expected:
-            raise InputError(f"checkpoint {str(folder)!r} packs a weight for {expert}:{name}, a layer its config "
-                             "does not have")
-        shape = tuple(header.get("layer_shape", ()))
-        if shape != expected[f"{name}.weight"]:
-            raise InputError(f"checkpoint {str(folder)!r} packs {expert}:{name} as {list(shape)} but its config "
-                             f"needs {list(expected[f'{name}.weight'])}")
-        entry = entries.get(name)
-        if entry is None:
-            raise InputError(f"{where} is packed but the manifest does not list it")
-        prefix = f"{name}.weight."
-        data = {key[len(prefix):]: tensors.pop(key) for key in list(tensors) if key.startswith(prefix)}
-        try:
-            packed = PackedTensor.from_header(header, data)
-            _check_packed(packed)
-            listed = get_format(entry["weight"]).identity if entry["weight"] is not None else None
-        except (KeyError, ValueError, TypeError, RuntimeError) as error:
-            raise InputError(f"{where}: the packed weight does not fit its header ({error})") from None
-        if packed.fmt.identity != listed:
-            raise InputError(f"{where} is packed as {packed.fmt.identity} but the manifest says {listed}; the "
-                             "checkpoint is inconsistent: write it again")
-        bias = tensors.pop(f"{name}.bias", None)
-        if (bias is None) != (f"{name}.bias" not in expected):
-            which = "missing" if bias is None else "unexpected"
-            raise InputError(f"checkpoint {str(folder)!r} does not fit its config: {which} ['{name}.bias']")
-        if bias is not None and tuple(bias.shape) != expected[f"{name}.bias"]:
-            raise InputError(f"checkpoint {str(folder)!r} holds {attr}.{name}.bias as {list(bias.shape)} but its "
-                             f"config needs {list(expected[f'{name}.bias'])}")
-        kwargs = {"act_clip": entry["act_clip"], "weight_clip": entry["weight_clip"]}
-        layer = module.get_submodule(name)
-        rotation = _rotation(entry, where, layer)
-        if isinstance(layer, torch.nn.Conv3d):
-            flat = PackedTensor(packed.fmt, (shape[0], int(torch.tensor(shape[1:]).prod())), 1, packed.dtype,
-                                packed.data)
-            new = PackedPatchConv3d.from_packed(flat, bias, entry["activation"], conv_shape=shape,
-                                                kernel_size=layer.kernel_size, **kwargs)
-        else:
-            new = PackedLinear.from_packed(packed, bias, entry["activation"], rotation=rotation, **kwargs)
-        originals[name] = swap(module, name, new)
-        deployed.add(name)
+        originals[name] = _deploy_packed(module, folder, expert, attr, name, header, entries.get(name), tensors,
+                                         expected)
     for key, tensor in tensors.items():
         if key in expected and tuple(tensor.shape) != expected[key]:
             raise InputError(f"checkpoint {str(folder)!r} holds {attr}.{key} as {list(tensor.shape)} but its "
                              f"config needs {list(expected[key])}")
     missing, unexpected = module.load_state_dict(tensors, strict=False, assign=True)
-    missing = [key for key in missing if key.rpartition(".")[0] not in deployed]
+    missing = [key for key in missing if key.rpartition(".")[0] not in originals]
     if missing or unexpected:
         raise InputError(f"checkpoint {str(folder)!r} does not fit its config: missing {missing[:3]}, "
                          f"unexpected {unexpected[:3]}")
     for name, entry in entries.items():
-        if name in deployed and "phases" in entry:
+        if name in originals and "phases" in entry:
             swap(module, name, _load_phased(folder, expert, name, module.get_submodule(name), entry,
                                             _plain(originals[name], full_weights, name, folder, expert)))
-            continue
-        if name in deployed:
-            continue
-        try:
-            layer = module.get_submodule(name)
-        except AttributeError:
-            raise InputError(f"checkpoint {str(folder)!r} lists layer '{expert}:{name}', which its config does not "
-                             "have") from None
-        if "phases" in entry:
-            swap(module, name, _load_phased(folder, expert, name, layer, entry))
-            continue
-        if entry["weight"] is not None and manifest.get("packed", True):
-            raise InputError(f"checkpoint {str(folder)!r}: {expert}:{name} is quantized to {entry['weight']} but its "
-                             "packed weight is missing; write the checkpoint again")
-        # a fake checkpoint stores the dequantized weight: use it as is (never re-quantize)
-        weight_q = layer.weight.detach() if entry["weight"] is not None else None
-        swap(module, name, quantize_module(layer, entry["weight"], entry["activation"], act_clip=entry["act_clip"],
-                                           weight_clip=entry["weight_clip"], weight_q=weight_q,
-                                           rotation=_rotation(entry, f"checkpoint {str(folder)!r}: {expert}:{name}",
-                                                              layer)))
+        elif name not in originals:
+            _load_unpacked(module, folder, manifest, expert, name, entry)
     return module.eval()
+
+
+def _deploy_packed(module, folder: Path, expert: str, attr: str, name: str, header: dict, entry: dict | None,
+                   tensors: dict, expected: dict) -> torch.nn.Module:
+    """Swap layer ``name`` of ``module`` for the deployed layer of its packed tensors (taken out of ``tensors``),
+    after checking them against the config and the manifest; returns the layer it replaced."""
+    from sensq.quant.deployed import PackedLinear, PackedPatchConv3d
+
+    where = f"checkpoint {str(folder)!r}: {expert}:{name}"
+    if f"{name}.weight" not in expected:
+        raise InputError(f"checkpoint {str(folder)!r} packs a weight for {expert}:{name}, a layer its config "
+                         "does not have")
+    shape = tuple(header.get("layer_shape", ()))
+    if shape != expected[f"{name}.weight"]:
+        raise InputError(f"checkpoint {str(folder)!r} packs {expert}:{name} as {list(shape)} but its config "
+                         f"needs {list(expected[f'{name}.weight'])}")
+    if entry is None:
+        raise InputError(f"{where} is packed but the manifest does not list it")
+    packed = _packed_of(where, name, header, entry, tensors)
+    bias = tensors.pop(f"{name}.bias", None)
+    if (bias is None) != (f"{name}.bias" not in expected):
+        which = "missing" if bias is None else "unexpected"
+        raise InputError(f"checkpoint {str(folder)!r} does not fit its config: {which} ['{name}.bias']")
+    if bias is not None and tuple(bias.shape) != expected[f"{name}.bias"]:
+        raise InputError(f"checkpoint {str(folder)!r} holds {attr}.{name}.bias as {list(bias.shape)} but its "
+                         f"config needs {list(expected[f'{name}.bias'])}")
+    kwargs = {"act_clip": entry["act_clip"], "weight_clip": entry["weight_clip"]}
+    layer = module.get_submodule(name)
+    rotation = _rotation(entry, where, layer)
+    if isinstance(layer, torch.nn.Conv3d):
+        flat = PackedTensor(packed.fmt, (shape[0], int(torch.tensor(shape[1:]).prod())), 1, packed.dtype,
+                            packed.data)
+        new = PackedPatchConv3d.from_packed(flat, bias, entry["activation"], conv_shape=shape,
+                                            kernel_size=layer.kernel_size, **kwargs)
+    else:
+        new = PackedLinear.from_packed(packed, bias, entry["activation"], rotation=rotation, **kwargs)
+    return swap(module, name, new)
+
+
+def _packed_of(where: str, name: str, header: dict, entry: dict, tensors: dict) -> PackedTensor:
+    """Layer ``name``'s packed weight from its fields in ``tensors`` (taken out), checked against its header and
+    the manifest's format."""
+    prefix = f"{name}.weight."
+    data = {key[len(prefix):]: tensors.pop(key) for key in list(tensors) if key.startswith(prefix)}
+    try:
+        packed = PackedTensor.from_header(header, data)
+        _check_packed(packed)
+        listed = get_format(entry["weight"]).identity if entry["weight"] is not None else None
+    except (KeyError, ValueError, TypeError, RuntimeError) as error:
+        raise InputError(f"{where}: the packed weight does not fit its header ({error})") from None
+    if packed.fmt.identity != listed:
+        raise InputError(f"{where} is packed as {packed.fmt.identity} but the manifest says {listed}; the "
+                         "checkpoint is inconsistent: write it again")
+    return packed
+
+
+def _load_unpacked(module, folder: Path, manifest: dict, expert: str, name: str, entry: dict) -> None:
+    """A manifest layer without packed tensors: step ranges around a plain layer, or a fake checkpoint's
+    simulation layer (its stored weight is the dequantized one: used as is, never re-quantized)."""
+    try:
+        layer = module.get_submodule(name)
+    except AttributeError:
+        raise InputError(f"checkpoint {str(folder)!r} lists layer '{expert}:{name}', which its config does not "
+                         "have") from None
+    if "phases" in entry:
+        swap(module, name, _load_phased(folder, expert, name, layer, entry))
+        return
+    if entry["weight"] is not None and manifest.get("packed", True):
+        raise InputError(f"checkpoint {str(folder)!r}: {expert}:{name} is quantized to {entry['weight']} but its "
+                         "packed weight is missing; write the checkpoint again")
+    weight_q = layer.weight.detach() if entry["weight"] is not None else None
+    swap(module, name, quantize_module(layer, entry["weight"], entry["activation"], act_clip=entry["act_clip"],
+                                       weight_clip=entry["weight_clip"], weight_q=weight_q,
+                                       rotation=_rotation(entry, f"checkpoint {str(folder)!r}: {expert}:{name}",
+                                                          layer)))
 
 
 def _rotation(entry: dict, where: str, layer: torch.nn.Module) -> int | None:

@@ -1,0 +1,83 @@
+"""``quantize_(module, plan, forward_loop=...)``: a plan applied to any ``nn.Module``, as torchao's ``quantize_``
+and ModelOpt's ``mtq.quantize(model, config, forward_loop)`` are.
+
+The module is one expert (or any model whose GEMMs are ``nn.Linear`` / patch ``Conv3d``); the plan's rules
+name its layers under ``expert`` (``main:blocks.0.attn1.to_q``, ``re:main:.*``). Calibration that needs data
+runs ``forward_loop(module)`` once, in full precision, capturing each planned layer's input rows, then
+calibrates every layer on them (clip factors, GPTQ codes: any registered method). This is the calibration
+set of one pass over the unquantized module; ``sensq apply-plan`` does better for a diffusion transformer
+(block by block on the probe's real trajectory, each block's inputs carrying the quantization error of the
+blocks before it), and is what sensq measures.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from diffusers.hooks import HookRegistry
+
+from sensq.errors import InputError
+from sensq.models.layers import layer_infos
+from sensq.plan import Plan, validate_plan
+from sensq.plan.calibrations import needs_data
+from sensq.quant.calibrate import (
+    CAPTURE_HOOK,
+    LayerCalibration,
+    _calibrate_layer,
+    _formats,
+    _InputCapture,
+    _quantize_calibrated,
+    method_of,
+)
+
+
+def quantize_(module: torch.nn.Module, plan: Plan, *, expert: str = "main", calibrate: str = "none",
+              forward_loop: Callable[[torch.nn.Module], None] | None = None, backend: str = "auto",
+              max_rows: int = 4096) -> tuple[list[dict], dict[str, LayerCalibration]]:
+    """Quantize ``module`` in place by ``plan`` (its layers named under ``expert``), calibrated on the inputs
+    ``forward_loop`` feeds it when the method (``calibrate``, or a rule's own) needs data.
+
+    Returns:
+        The resolved table and each quantized layer's calibration.
+
+    Raises:
+        InputError: a rule that matches no layer, a layer no rule decides, a method that needs data without a
+            ``forward_loop``, a layer the loop never ran.
+    """
+    table = validate_plan(plan, layer_infos({expert: module}))
+    rows = {r["layer"]: r for r in table if r["weight"] or r["activation"]}
+    methods = {name: method_of(row, calibrate) for name, row in rows.items()}
+    wanted = [name for name in rows if needs_data(methods[name])]
+    if wanted and forward_loop is None:
+        raise InputError(f"calibration {methods[wanted[0]]!r} needs data: pass forward_loop (a function that runs "
+                         "the module on calibration inputs)")
+    captured = _capture(module, wanted, forward_loop) if wanted else {}
+    calibrations = {}
+    for name, row in rows.items():
+        inputs = captured.get(name)
+        if name in captured and not inputs:
+            raise InputError(f"forward_loop never ran layer {name!r}: it cannot be calibrated")
+        act_rows = torch.cat(inputs)[:max_rows] if inputs else None
+        weight_fmt, act_fmt = _formats(row)
+        calibrations[name] = _calibrate_layer(module.get_submodule(name), weight_fmt, act_fmt, act_rows, backend,
+                                              methods[name])
+        _quantize_calibrated(module, name, row, calibrations[name], backend)
+    return table, calibrations
+
+
+def _capture(module: torch.nn.Module, names: list[str], forward_loop) -> dict[str, list[torch.Tensor]]:
+    """Each named layer's input rows while ``forward_loop(module)`` runs, without gradients."""
+    captured: dict[str, list[torch.Tensor]] = {name: [] for name in names}
+    registries = []
+    for name in names:
+        registry = HookRegistry.check_if_exists_or_initialize(module.get_submodule(name))
+        registry.register_hook(_InputCapture(captured[name]), CAPTURE_HOOK)
+        registries.append(registry)
+    try:
+        with torch.no_grad():
+            forward_loop(module)
+    finally:
+        for registry in registries:
+            registry.remove_hook(CAPTURE_HOOK, recurse=False)
+    return captured
