@@ -53,11 +53,17 @@ def test_merge_refuses_incomplete_or_foreign_parts(tmp_path):
     assert not Path(tmp_path / "m.h5").exists()
 
 
-def _rank_once_and_on_two_ranks(tmp_path, probe_args: list[str], rank_args: list[str]) -> tuple[dict, dict]:
-    """Probe, then the same ``sensq rank`` in one process and under torchrun with two gloo ranks."""
-    probe = tmp_path / "p.h5"
-    subprocess.run([sys.executable, "-m", "sensq.cli", "probe", *probe_args, "--out", str(probe)], check=True,
-                   capture_output=True)
+@pytest.fixture(scope="module")
+def probed(tmp_path_factory) -> Path:
+    """Two prompts, two steps, both experts: what the two ranking tests rank."""
+    probe = tmp_path_factory.mktemp("distributed") / "p.h5"
+    subprocess.run([sys.executable, "-m", "sensq.cli", "probe", "--limit", "2", "--steps", "2", "--out", str(probe)],
+                   check=True, capture_output=True)
+    return probe
+
+
+def _rank_once_and_on_two_ranks(tmp_path, probe: Path, rank_args: list[str]) -> tuple[dict, dict]:
+    """The same ``sensq rank`` of ``probe`` in one process and under torchrun with two gloo ranks."""
     args = ["rank", str(probe), *rank_args, "--json"]
     single = subprocess.run([sys.executable, "-m", "sensq.cli", *args, "--out", str(tmp_path / "one.json")],
                             capture_output=True, text=True, check=True)
@@ -67,19 +73,17 @@ def _rank_once_and_on_two_ranks(tmp_path, probe_args: list[str], rank_args: list
     return json.loads(single.stdout), json.loads(sharded.stdout)
 
 
-def test_e2e_rank_split_across_two_ranks(tmp_path):
-    one, two = _rank_once_and_on_two_ranks(tmp_path, ["--limit", "1", "--steps", "2", "--expert", "high"],
-                                           ["--metric", "e2e", "--limit", "1"])
+def test_e2e_rank_split_across_two_ranks(tmp_path, probed):
+    one, two = _rank_once_and_on_two_ranks(tmp_path, probed, ["--metric", "e2e", "--limit", "1", "--expert", "high"])
     values = {layer["name"]: layer["value"] for layer in one["experts"]["high"]}
     assert {layer["name"]: layer["value"] for layer in two["experts"]["high"]} == values
     assert len(values) == 27
 
 
-def test_grad_e2e_rank_split_across_two_ranks(tmp_path):
+def test_grad_e2e_rank_split_across_two_ranks(tmp_path, probed):
     """Prompts are split across ranks and the sums gathered: the same scores as one process (each prompt's
     projections are seeded by its index, so the sharding does not change them; summation order may)."""
-    one, two = _rank_once_and_on_two_ranks(tmp_path, ["--limit", "2", "--steps", "2"],
-                                           ["--metric", "grad-e2e", "--projections", "2"])
+    one, two = _rank_once_and_on_two_ranks(tmp_path, probed, ["--metric", "grad-e2e", "--projections", "2"])
     for expert in ("high", "low"):
         values = {layer["name"]: layer["value"]["hif4"] for layer in one["experts"][expert]}
         split = {layer["name"]: layer["value"]["hif4"] for layer in two["experts"][expert]}
