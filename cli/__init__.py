@@ -70,7 +70,7 @@ def main(threads) -> None:
     """sensq: which layers of a video diffusion transformer can run in 4 bits.
 
     \b
-    Everything at once, on an embedded model (under 4 minutes on 2 CPU cores; see sensq demo --help):
+    Everything at once, on an embedded model (about 3.5 minutes on 2 CPU cores; see sensq demo --help):
       sensq demo --out sensq-demo
     \b
     The method, step by step:

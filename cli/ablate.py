@@ -213,8 +213,9 @@ def demo(model, fmt, n_prompts, steps, budget, seeds, threads, out) -> None:
     probe -> rank -> plan -> apply-plan (mse calibration, packed checkpoint) -> generate -> eval ->
     ablate -> report. Rerunning reuses what is finished.
 
-    Takes under 4 minutes on 2 CPU cores on tiny-deep (measured 175 s wall with one thread on
-    2026-12-07; most of it is the ablation, 9 sets x 4 prompts x 2 seeds, each calibrated). What slows it
+    Takes about 3.5 minutes on 2 CPU cores on tiny-deep (measured 200-209 s wall with one thread on
+    2026-12-07, 243 s on the first run after the install, which compiles numba's kernels; most of it is the
+    ablation, 9 sets x 4 prompts x 2 seeds, each calibrated). What slows it
     is sharing the cores: with two other CPU-bound processes running, an earlier 15 s demo took 122 s with
     torch's default two threads and 39 s with one, which is why the demo runs one thread unless told
     otherwise.
