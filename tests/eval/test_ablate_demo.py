@@ -44,6 +44,11 @@ def test_ablate_command(tmp_path):
                                         "entrance, low only"]
     bad = runner.invoke(main, ["ablate", str(ranking), "--budget", "500%"])
     assert bad.exit_code == 1 and "--budget must be within 0..100%" in bad.output
+    chosen = runner.invoke(main, ["ablate", str(ranking), "--sets", "none,budget", "--budget", "80%", "--limit", "1",
+                                  "--seeds", "1", "--out", str(tmp_path / "some"), "--json"])
+    assert chosen.exit_code == 0, chosen.output
+    assert [r["set"] for r in json.loads(chosen.stdout)["rows"]] == ["none", "budget 80%"]  # only the kinds named
+    assert "--sets none,budget" in (tmp_path / "some" / "ablation.md").read_text()  # in the command that reruns it
 
 
 def test_an_ablation_row_is_what_apply_plan_and_generate_deploy(workspace, tmp_path):
