@@ -32,10 +32,6 @@ def plan_for(protected: dict[str, set[str]], fmt: str) -> Plan:
     return Plan(rules + [Rule(f"re:{expert}:.*", fmt, fmt) for expert in protected])
 
 
-def fill(order: list, params: dict, budget: int) -> set[str]:
-    return set(fill_budget(order, params, budget))
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="small")
@@ -60,11 +56,12 @@ def main() -> None:
     sets = {
         "none": {e: set() for e in experts},
         "entrance": entrance,
-        "late layers, same budget": {e: fill(list(reversed(params[e])), params[e], budget[e]) for e in experts},
-        "top mse, same budget": {e: fill([x.name for x in ranking.ordered(e)], params[e], budget[e])
+        "late layers, same budget": {e: set(fill_budget(list(reversed(params[e])), params[e], budget[e]))
+                                     for e in experts},
+        "top mse, same budget": {e: set(fill_budget([x.name for x in ranking.ordered(e)], params[e], budget[e]))
                                  for e in experts},
-        "random, same budget": {e: fill(rng.sample(list(params[e]), len(params[e])), params[e], budget[e])
-                                for e in experts},
+        "random, same budget": {e: set(fill_budget(rng.sample(list(params[e]), len(params[e])), params[e],
+                                                   budget[e])) for e in experts},
     }
     apply_trajectory(model.pipe, trajectory)
     reference = [run(model.pipe, p.text, trajectory, seed=args.seed + p.index) for p in prompts]

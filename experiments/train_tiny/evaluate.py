@@ -13,13 +13,14 @@ import torch
 from sensq.eval import evaluate_procedural
 from sensq.generate import GenerateRequest, generate
 from sensq.loading import load_model
+from sensq.models.wan import WAN22_A14B
 from sensq.plan import Plan, Rule
 from sensq.prompts import load_prompts
 from sensq.quant import dequantize_
 from sensq.quant.apply import apply_plan
 from sensq.trajectory import Trajectory, get_preset
 
-ENTRANCE = r"re:(high|low):(patch_embedding|condition_embedder\..*|blocks\.0\..*)"
+ENTRANCE = WAN22_A14B.entrance_rule(["high", "low"])  # the family's own entrance rule
 
 
 def main() -> None:
