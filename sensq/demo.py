@@ -36,8 +36,9 @@ class Demo:
         trajectory = Trajectory(steps=self.steps).with_resolution(loaded.default_resolution)
         prompts = load_prompts(None, self.n_prompts, procedural=loaded.procedural)
         ranking, plan = self.rank_and_plan(loaded, trajectory, prompts)
-        self.quantize_and_generate(loaded, plan, trajectory, prompts)
-        return self.ablate(ranking, trajectory, prompts)
+        fp = load_model(self.model, torch.device("cpu"), torch.float32)  # full precision: `loaded` gets quantized
+        self.quantize_and_generate(loaded, fp, plan, trajectory, prompts)
+        return self.ablate(fp, ranking, trajectory, prompts)
 
     @property
     def probe_path(self) -> Path:
@@ -70,7 +71,7 @@ class Demo:
         write_ranking_report(ranking, self.out / "ranking-report", plan=plan)
         return ranking, plan
 
-    def quantize_and_generate(self, loaded, plan, trajectory, prompts) -> None:
+    def quantize_and_generate(self, loaded, fp, plan, trajectory, prompts) -> None:
         """apply-plan (mse calibration, packed checkpoint); generate from it and from full precision; eval."""
         from sensq.eval import evaluate_fidelity
         from sensq.generate import GenerateRequest, generate
@@ -84,7 +85,6 @@ class Demo:
         self.say(f"apply-plan: mse calibration, packed checkpoint -> {self.out / 'quantized'} "
                  f"({manifest['sizes']['disk_bytes'] / 1e6:.2f} MB on disk)")
         runs = self.out / "runs"
-        fp = load_model(self.model, torch.device("cpu"), torch.float32)
         generate(GenerateRequest(fp, trajectory, prompts, runs / "full-precision", label="full precision"))
         quantized = load_model(str(self.out / "quantized"), torch.device("cpu"), torch.float32)
         generate(GenerateRequest(quantized, trajectory, prompts, runs / "quantized", label="quantized (packed)"))
@@ -92,14 +92,12 @@ class Demo:
         self.say(f"generate + eval: quantized vs full precision: latent NMSE {aggregate['latent_nmse']['mean']:.5f}, "
                  f"PSNR {aggregate['psnr']['mean']:.1f} dB, SSIM {aggregate['ssim']['mean']:.4f}")
 
-    def ablate(self, ranking, trajectory, prompts) -> dict:
+    def ablate(self, fp, ranking, trajectory, prompts) -> dict:
         """The standard sets at the budget (one random draw), each deployed as apply-plan deploys it; the report."""
         from sensq.ablate import run_ablation, standard_sets
-        from sensq.loading import load_model
         from sensq.plan import parse_budget
         from sensq.report.ablation import write_ablation_report
 
-        fp = load_model(self.model, torch.device("cpu"), torch.float32)
         sets = standard_sets(fp, ranking, self.fmt, top_ks=(), budgets=(parse_budget(self.budget),), random_draws=1)
         with self.progress_bar("ablate") as progress:
             result = run_ablation(fp, trajectory, prompts, sets, self.out / "ablation", fmt=self.fmt,
