@@ -30,6 +30,7 @@ from __future__ import annotations
 
 from collections import Counter
 from collections.abc import Callable
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -188,12 +189,34 @@ class _InputCapture(ModelHook):
         return args, kwargs
 
 
-def _quantize_calibrated(expert_module, name: str, row: dict, calib: LayerCalibration, backend) -> None:
+@contextmanager
+def capturing_inputs(root: torch.nn.Module, names: list[str]):
+    """``{name: [input rows of each call]}`` of the named layers of ``root``, filled while the block runs; the
+    hooks are removed after it."""
+    captured: dict[str, list[torch.Tensor]] = {name: [] for name in names}
+    registries = []
+    try:
+        for name in names:
+            registry = HookRegistry.check_if_exists_or_initialize(root.get_submodule(name))
+            registry.register_hook(_InputCapture(captured[name]), CAPTURE_HOOK)
+            registries.append(registry)
+        yield captured
+    finally:
+        for registry in registries:
+            registry.remove_hook(CAPTURE_HOOK, recurse=False)
+
+
+def calibrate_and_swap(root: torch.nn.Module, name: str, row: dict, act_rows: torch.Tensor | None, backend: str,
+                       method: str) -> LayerCalibration:
+    """Calibrate layer ``name`` of ``root`` by ``method`` for its resolved plan ``row`` (on ``act_rows`` when the
+    method needs data) and swap in the quantized layer that applies the result."""
     weight_fmt, act_fmt = _formats(row)
-    module = expert_module.get_submodule(name)
-    swap(expert_module, name, quantize_module(module, weight_fmt, act_fmt, backend, weight_clip=calib.weight_clip,
-                                              act_clip=calib.act_clip, weight_packed=calib.weight_packed,
-                                              rotation=calib.rotation))
+    module = root.get_submodule(name)
+    calib = _calibrate_layer(module, weight_fmt, act_fmt, act_rows, backend, method)
+    swap(root, name, quantize_module(module, weight_fmt, act_fmt, backend, weight_clip=calib.weight_clip,
+                                     act_clip=calib.act_clip, weight_packed=calib.weight_packed,
+                                     rotation=calib.rotation))
+    return calib
 
 
 def method_of(row: dict, default: str) -> str:
@@ -236,10 +259,7 @@ def calibrate_expert(expert_module: torch.nn.Module, expert: str, table: list[di
     results: dict[str, LayerCalibration] = {}
     if not any(map(needs_data, methods.values())):
         for name, row in rows.items():
-            weight_fmt, act_fmt = _formats(row)
-            results[name] = _calibrate_layer(expert_module.get_submodule(name), weight_fmt, act_fmt, None, backend,
-                                             methods[name])
-            _quantize_calibrated(expert_module, name, row, results[name], backend)
+            results[name] = calibrate_and_swap(expert_module, name, row, None, backend, methods[name])
         return results
     sources = (expert, *[e for e in pooled if e != expert])
     for source in sources:
@@ -254,10 +274,7 @@ def calibrate_expert(expert_module: torch.nn.Module, expert: str, table: list[di
             act_rows = torch.cat([torch.from_numpy(a.reshape(-1, a.shape[-1])) for a in samples])
             # one expert: its first rows (the probe's sample is already spread); pooled: a draw over every expert's
             act_rows = act_rows[:max_rows] if len(sources) == 1 else _draw(act_rows, max_rows, generator)
-        weight_fmt, act_fmt = _formats(rows[name])
-        results[name] = _calibrate_layer(expert_module.get_submodule(name), weight_fmt, act_fmt, act_rows, backend,
-                                         methods[name])
-        _quantize_calibrated(expert_module, name, rows[name], results[name], backend)
+        results[name] = calibrate_and_swap(expert_module, name, rows[name], act_rows, backend, methods[name])
     if len(outside) < len(rows):
         _calibrate_blocks(expert_module, expert, rows, methods, probe, family, max_rows, backend, results, progress,
                           device, sources)
@@ -287,29 +304,16 @@ def _calibrate_blocks(expert_module, expert, rows, methods, probe, family, max_r
     generator = torch.Generator().manual_seed(0)
     for index, block in enumerate(blocks):
         names = [name for name in rows if family.block_of(name) == f"{family.blocks}.{index}"]
-        captured: dict[str, list[torch.Tensor]] = {name: [] for name in names
-                                                   if needs_data(methods[name])}
-        registries = []
-        for name in captured:
-            registry = HookRegistry.check_if_exists_or_initialize(expert_module.get_submodule(name))
-            registry.register_hook(_InputCapture(captured[name]), CAPTURE_HOOK)
-            registries.append(registry)
-        if registries:
-            with torch.no_grad():
-                try:
-                    for h, call in zip(hidden, calls, strict=True):
-                        _run_block(family, block, h, call, dtype, device)
-                finally:
-                    for registry in registries:
-                        registry.remove_hook(CAPTURE_HOOK, recurse=False)
+        wanted = [name for name in names if needs_data(methods[name])]
+        with capturing_inputs(expert_module, wanted) as captured, torch.no_grad():
+            if wanted:  # replay the block only to capture what some layer calibrates on
+                for h, call in zip(hidden, calls, strict=True):
+                    _run_block(family, block, h, call, dtype, device)
         for name in names:
             act_rows = None
             if name in captured:
                 act_rows = _draw(torch.cat(captured.pop(name)), max_rows, generator)
-            weight_fmt, act_fmt = _formats(rows[name])
-            results[name] = _calibrate_layer(expert_module.get_submodule(name), weight_fmt, act_fmt, act_rows,
-                                             backend, methods[name])
-            _quantize_calibrated(expert_module, name, rows[name], results[name], backend)
+            results[name] = calibrate_and_swap(expert_module, name, rows[name], act_rows, backend, methods[name])
         with torch.no_grad():  # the quantized block's outputs feed the next block
             hidden = [_run_block(family, block, h, call, dtype, device).cpu()
                       for h, call in zip(hidden, calls, strict=True)]

@@ -15,21 +15,12 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import torch
-from diffusers.hooks import HookRegistry
 
 from sensq.errors import InputError
 from sensq.models.layers import layer_infos
 from sensq.plan import Plan, validate_plan
 from sensq.plan.calibrations import needs_data
-from sensq.quant.calibrate import (
-    CAPTURE_HOOK,
-    LayerCalibration,
-    _calibrate_layer,
-    _formats,
-    _InputCapture,
-    _quantize_calibrated,
-    method_of,
-)
+from sensq.quant.calibrate import LayerCalibration, calibrate_and_swap, capturing_inputs, method_of
 
 
 def quantize_(module: torch.nn.Module, plan: Plan, *, expert: str = "main", calibrate: str = "none",
@@ -52,32 +43,14 @@ def quantize_(module: torch.nn.Module, plan: Plan, *, expert: str = "main", cali
     if wanted and forward_loop is None:
         raise InputError(f"calibration {methods[wanted[0]]!r} needs data: pass forward_loop (a function that runs "
                          "the module on calibration inputs)")
-    captured = _capture(module, wanted, forward_loop) if wanted else {}
+    with capturing_inputs(module, wanted) as captured, torch.no_grad():
+        if wanted:
+            forward_loop(module)
     calibrations = {}
     for name, row in rows.items():
         inputs = captured.get(name)
         if name in captured and not inputs:
             raise InputError(f"forward_loop never ran layer {name!r}: it cannot be calibrated")
         act_rows = torch.cat(inputs)[:max_rows] if inputs else None
-        weight_fmt, act_fmt = _formats(row)
-        calibrations[name] = _calibrate_layer(module.get_submodule(name), weight_fmt, act_fmt, act_rows, backend,
-                                              methods[name])
-        _quantize_calibrated(module, name, row, calibrations[name], backend)
+        calibrations[name] = calibrate_and_swap(module, name, row, act_rows, backend, methods[name])
     return table, calibrations
-
-
-def _capture(module: torch.nn.Module, names: list[str], forward_loop) -> dict[str, list[torch.Tensor]]:
-    """Each named layer's input rows while ``forward_loop(module)`` runs, without gradients."""
-    captured: dict[str, list[torch.Tensor]] = {name: [] for name in names}
-    registries = []
-    for name in names:
-        registry = HookRegistry.check_if_exists_or_initialize(module.get_submodule(name))
-        registry.register_hook(_InputCapture(captured[name]), CAPTURE_HOOK)
-        registries.append(registry)
-    try:
-        with torch.no_grad():
-            forward_loop(module)
-    finally:
-        for registry in registries:
-            registry.remove_hook(CAPTURE_HOOK, recurse=False)
-    return captured
