@@ -39,6 +39,17 @@ def _int_codes(layer: Layer) -> tuple[np.ndarray, np.ndarray]:
     return codes.to(torch.int16).numpy(), packed.data["scale"].float().numpy()
 
 
+def _written(layer: Layer, raw: np.ndarray, kind, rerounded: str = "") -> Written:
+    """The layer's GGUF blocks ``raw`` of type ``kind``, with sensq's codes kept, and their NMSE against sensq's
+    deployed weight as gguf's own dequantizer reads them (``rerounded`` says why it may not be 0)."""
+    import gguf
+
+    target = torch.from_numpy(gguf.quants.dequantize(raw, kind).astype(np.float32)).reshape(layer.weight.shape)
+    error = nmse(target, layer.weight.float())
+    return Written({f"{layer.wan}.weight": (raw, kind, layer.shape)}, kind.name, True, error,
+                   "" if error == 0 else rerounded)
+
+
 def _q4_k(layer: Layer) -> Written:
     """sensq's ``q4_k`` as GGUF's Q4_K blocks (144 bytes per 256: d, dmin, the 12 bytes of 6-bit scales and
     mins, 128 bytes of nibbles, sub-block 2c in the low and 2c + 1 in the high nibbles of chunk c)."""
@@ -57,9 +68,7 @@ def _q4_k(layer: Layer) -> Written:
               for k in ("d", "dmin")]
     raw = np.ascontiguousarray(torch.cat((*halves, scales, qs), dim=-1).reshape(rows, -1).numpy())
     kind = gguf.GGMLQuantizationType.Q4_K
-    target = torch.from_numpy(gguf.quants.dequantize(raw, kind).astype(np.float32)).reshape(rows, columns)
-    return Written({f"{layer.wan}.weight": (raw, kind, layer.shape)}, kind.name, True,
-                   nmse(target, layer.weight.float()))
+    return _written(layer, raw, kind)
 
 
 def _q6_k(layer: Layer) -> Written:
@@ -82,9 +91,7 @@ def _q6_k(layer: Layer) -> Written:
     raw = np.ascontiguousarray(torch.cat((ql, qh.reshape(rows, columns // 256, 64), scales, d), dim=-1)
                                .reshape(rows, -1).numpy())
     kind = gguf.GGMLQuantizationType.Q6_K
-    target = torch.from_numpy(gguf.quants.dequantize(raw, kind).astype(np.float32)).reshape(rows, columns)
-    return Written({f"{layer.wan}.weight": (raw, kind, layer.shape)}, kind.name, True,
-                   nmse(target, layer.weight.float()))
+    return _written(layer, raw, kind)
 
 
 K_QUANTS = {"q4_k": _q4_k, "q6_k": _q6_k}
@@ -113,10 +120,7 @@ def _layer(layer: Layer) -> Written:
         kind = gguf.GGMLQuantizationType.Q8_0
     raw = np.concatenate((d[..., None].view(np.uint8).reshape(rows, columns // BLOCK, 2), qs), axis=-1)
     raw = np.ascontiguousarray(raw.reshape(rows, -1))
-    target = torch.from_numpy(gguf.quants.dequantize(raw, kind).astype(np.float32)).reshape(rows, columns)
-    error = nmse(target, layer.weight.float())
-    return Written({f"{layer.wan}.weight": (raw, kind, layer.shape)}, kind.name, True, error,
-                   "" if error == 0 else "codes kept; the FP32 block scale rounded to FP16")
+    return _written(layer, raw, kind, "codes kept; the FP32 block scale rounded to FP16")
 
 
 def _numpy(tensor: torch.Tensor) -> tuple[np.ndarray, object]:
