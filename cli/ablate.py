@@ -15,14 +15,16 @@ from sensq.plan.calibrations import needs_data
 
 
 def _set_kinds(ctx, param, value: str | None) -> list[str] | None:
-    from sensq.ablate import set_builders
+    from sensq.ablate.sets import check_set_kinds
+    from sensq.errors import InputError
 
     if value is None:
         return None
     names = [v.strip() for v in value.split(",") if v.strip()]
-    unknown = [n for n in names if n not in set_builders()]
-    if unknown or not names:
-        raise click.BadParameter(f"unknown set kind {(unknown or [value])[0]!r}; known: {', '.join(set_builders())}")
+    try:
+        check_set_kinds(names or [value])
+    except InputError as error:
+        raise click.BadParameter(str(error)) from None
     return names
 
 

@@ -120,6 +120,13 @@ def set_builders() -> dict[str, SetBuilder]:
     return dict(_BUILDERS)
 
 
+def check_set_kinds(names) -> None:
+    """Raises InputError naming the first of ``names`` that no builder has, and the known ones."""
+    unknown = [name for name in names if name not in _BUILDERS]
+    if unknown:
+        raise InputError(f"unknown set kind {unknown[0]!r}; known: {', '.join(_BUILDERS)}")
+
+
 def standard_sets(model, ranking, fmt: str = "hif4", top_ks=(2, 4), budgets=(0.3,), random_draws: int = 0,
                   protect_entrance: bool | None = None, builders: list[str] | None = None) -> list[ProtectedSet]:
     """The sets of every registered builder (or of ``builders``, by name), in registration order: none; the
@@ -134,9 +141,7 @@ def standard_sets(model, ranking, fmt: str = "hif4", top_ks=(2, 4), budgets=(0.3
     Raises:
         InputError: an unknown builder name.
     """
-    unknown = sorted(set(builders or ()) - set(_BUILDERS))
-    if unknown:
-        raise InputError(f"unknown set kind {unknown[0]!r}; known: {', '.join(_BUILDERS)}")
+    check_set_kinds(builders or ())
     context = SetContext(model, ranking, fmt, tuple(top_ks), tuple(budgets), random_draws, protect_entrance)
     return [protected for name, builder in _BUILDERS.items() if builders is None or name in builders
             for protected in builder.build(context)]
