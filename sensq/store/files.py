@@ -23,7 +23,9 @@ import hashlib
 import json
 import os
 import shutil
+import signal
 import tempfile
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -78,6 +80,34 @@ def _umask() -> int:
     return mask
 
 
+_INTERRUPTED = False
+
+
+def note_interrupts() -> None:
+    """From now on remember a Ctrl-C (SIGINT) even where a library swallows the KeyboardInterrupt it raises (a
+    bare ``except`` around an optional import): :func:`check_interrupted` then stops before any output is
+    replaced. Python's own handler still runs. Only where SIGINT has that handler (not in a job started with
+    SIGINT ignored) and in the main thread; the CLI calls it for every command."""
+    global _INTERRUPTED
+    _INTERRUPTED = False
+    if threading.current_thread() is not threading.main_thread() or \
+            signal.getsignal(signal.SIGINT) is not signal.default_int_handler:
+        return
+
+    def remember(signum, frame):
+        global _INTERRUPTED
+        _INTERRUPTED = True
+        signal.default_int_handler(signum, frame)
+
+    signal.signal(signal.SIGINT, remember)
+
+
+def check_interrupted() -> None:
+    """Raises KeyboardInterrupt when a Ctrl-C was noted (:func:`note_interrupts`), even one a library swallowed."""
+    if _INTERRUPTED:
+        raise KeyboardInterrupt
+
+
 def atomic_write_bytes(path: str | Path, data: bytes) -> None:
     """Write ``data`` to ``path`` via a unique temporary file and a rename: readers never see half a
     file, two writers never share a temporary file.
@@ -86,6 +116,7 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> None:
         OutputError: the folder is missing or unwritable, the disk is full (nothing is left behind).
     """
     path = Path(path)
+    check_interrupted()  # a command interrupted on the way does not write its output after all
     tmp_name = None
     try:
         fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
@@ -279,6 +310,7 @@ def make_parent(path: Path) -> None:
 def replace_folder(tmp: Path, out: Path) -> None:
     """Move the complete folder ``tmp`` to ``out``, keeping an existing ``out`` until the move is done
     (it is renamed aside, then removed): at every moment a complete folder exists on disk."""
+    check_interrupted()
     aside = None
     if out.exists():
         aside = temporary_sibling(out, ".old")
