@@ -38,7 +38,7 @@ def _quiet_optional_integrations() -> None:
 
 class _Group(click.Group):
     def invoke(self, ctx: click.Context):
-        from sensq.store.files import note_interrupts
+        from sensq.store.interrupts import note_interrupts
 
         note_interrupts()  # a Ctrl-C that a library swallows still stops the command before it writes
         sys.unraisablehook = _quiet_h5py_teardown

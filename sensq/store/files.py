@@ -23,13 +23,12 @@ import hashlib
 import json
 import os
 import shutil
-import signal
 import tempfile
-import threading
 from collections.abc import Iterator
 from pathlib import Path
 
 from sensq.errors import InputError, OutputError
+from sensq.store.interrupts import check_interrupted
 
 
 def is_disk_full(error: BaseException) -> bool:
@@ -78,34 +77,6 @@ def _umask() -> int:
     mask = os.umask(0o022)
     os.umask(mask)
     return mask
-
-
-_INTERRUPTED = False
-
-
-def note_interrupts() -> None:
-    """From now on remember a Ctrl-C (SIGINT) even where a library swallows the KeyboardInterrupt it raises (a
-    bare ``except`` around an optional import): :func:`check_interrupted` then stops before any output is
-    replaced. Python's own handler still runs. Only where SIGINT has that handler (not in a job started with
-    SIGINT ignored) and in the main thread; the CLI calls it for every command."""
-    global _INTERRUPTED
-    _INTERRUPTED = False
-    if threading.current_thread() is not threading.main_thread() or \
-            signal.getsignal(signal.SIGINT) is not signal.default_int_handler:
-        return
-
-    def remember(signum, frame):
-        global _INTERRUPTED
-        _INTERRUPTED = True
-        signal.default_int_handler(signum, frame)
-
-    signal.signal(signal.SIGINT, remember)
-
-
-def check_interrupted() -> None:
-    """Raises KeyboardInterrupt when a Ctrl-C was noted (:func:`note_interrupts`), even one a library swallowed."""
-    if _INTERRUPTED:
-        raise KeyboardInterrupt
 
 
 def atomic_write_bytes(path: str | Path, data: bytes) -> None:
