@@ -8,7 +8,7 @@ from pathlib import Path
 import click
 
 from sensq.cli.common import checkpoint_option
-from sensq.plan import CALIBRATIONS, protected_range
+from sensq.plan import CALIBRATIONS
 from sensq.plan.exports import EXPORTERS
 from sensq.plan.tiers import SEARCHES
 
@@ -269,7 +269,7 @@ def _validate(path: Path, model_name: str, as_json: bool) -> None:
 
     plan = Plan.load(path)
     table = validate_plan(plan, layer_inventory(model_name))
-    quantized = sum(1 for row in table if row["weight"] is not None)
+    quantized = sum(1 for row in table if row.weight is not None)
     if as_json:
         click.echo(json.dumps({"valid": True, "rules": len(plan.rules), "layers": len(table),
                                "quantized": quantized}, indent=1))
@@ -294,11 +294,11 @@ def _table(plan, out: Path, exported, paths: dict) -> None:
                       f"{info['effective_bits']:.3f}", f"{info['weight_bytes_before'] / 1e6:.3f}",
                       f"{info['weight_bytes_after'] / 1e6:.3f}")
     console.print(table)
-    for expert in sorted({row["expert"] for row in plan.layers}):
+    for expert in sorted({row.expert for row in plan.layers}):
         console.print(f"[bold]{expert}[/bold] keeps in high precision: " + ", ".join(plan.protected(expert)))
         ranged: dict[str, list[str]] = {}
-        for row in (r for r in plan.layers if r["expert"] == expert and protected_range(r) is not None):
-            ranged.setdefault(protected_range(row), []).append(row["layer"])
+        for row in (r for r in plan.layers if r.expert == expert and r.protected_range() is not None):
+            ranged.setdefault(row.protected_range(), []).append(row.layer)
         for where, names in ranged.items():
             console.print(f"  and at {where} only: " + ", ".join(names))
         if plan.source.get("tiers"):

@@ -46,16 +46,11 @@ def quantized_work_share(model, plan: Plan, trajectory: Trajectory) -> float:
     steps = plan_steps(model.pipe, model.family, trajectory)
     done = total = 0
     for step in steps:
-        for row in (r for r in table if r["expert"] == step.expert):
-            weight = row["weight"]
-            for phase in row.get("phases", ()):
-                low, high = phase["steps"] if "steps" in phase else phase["sigma"]
-                at = step.index if "steps" in phase else step.timestep / 1000
-                if low <= at <= high:
-                    weight = phase["weight"]
-                    break
-            total += row["params"]
-            done += row["params"] if weight is not None else 0
+        for row in (r for r in table if r.expert == step.expert):
+            phase = next((p for p in row.phases if p.covers(step.index, step.timestep / 1000)), None)
+            weight = phase.weight if phase is not None else row.weight
+            total += row.params
+            done += row.params if weight is not None else 0
     return done / total
 
 

@@ -116,19 +116,19 @@ def _route(request: ProbeRequest) -> tuple[list, dict[str, list[int]]]:
         InputError: an unknown expert, a resolution the family refuses, an expert no step is routed to.
     """
     model, trajectory = request.model, request.trajectory
-    pipe, adapter = model.pipe, model.family
-    available = adapter.experts(pipe)
+    pipe, family = model.pipe, model.family
+    available = family.experts(pipe)
     for expert in request.experts:
         if expert not in available:
             raise InputError(f"unknown expert {expert!r}; this model has: {', '.join(available)}")
     apply_trajectory(pipe, trajectory)
-    adapter.check_resolution(pipe, trajectory.height, trajectory.width, trajectory.frames, model.dtype, model.device)
-    steps = plan_steps(pipe, adapter, trajectory)
+    family.check_resolution(pipe, trajectory.height, trajectory.width, trajectory.frames, model.dtype, model.device)
+    steps = plan_steps(pipe, family, trajectory)
     expert_steps = {e: [s.index for s in steps if s.expert == e] for e in request.experts}
     for expert, indices in expert_steps.items():
         if not indices:
             timesteps = ", ".join(f"{s.timestep:g}" for s in steps)
-            boundary = adapter.boundary_timestep(pipe)
+            boundary = family.boundary_timestep(pipe)
             raise InputError(
                 f"the trajectory never routes a step to the {expert!r} expert (timesteps {timesteps}"
                 + (f"; boundary t={boundary:g}" if boundary is not None else "") + "); use more steps or another "
@@ -202,15 +202,15 @@ def _run_probe(request: ProbeRequest, progress: Callable[[ProgressEvent], None] 
     """
     started = time.perf_counter()
     model, trajectory = request.model, request.trajectory
-    pipe, adapter = model.pipe, model.family
+    pipe, family = model.pipe, model.family
     steps, expert_steps = _route(request)
     seeds = [trajectory.seed + p.index for p in request.prompts]
     writer = _open_writer(request, steps, expert_steps, seeds)
-    session = ProbeSession(request.config, trajectory.branches, adapter)
+    session = ProbeSession(request.config, trajectory.branches, family)
     done = writer.file["prompts/done"][...]
     recorder = _StepRecorder(request, writer, session, steps, expert_steps, progress)
     for name in request.experts:
-        apply_probe(adapter.expert_module(pipe, name), name, session)
+        apply_probe(family.expert_module(pipe, name), name, session)
     completed = False
     try:
         for slot, prompt in enumerate(request.prompts):
@@ -225,7 +225,7 @@ def _run_probe(request: ProbeRequest, progress: Callable[[ProgressEvent], None] 
         raise OutputError(describe_os_error(error, request.out, needed=writer.planned_bytes)) from None
     finally:
         for name in request.experts:
-            remove_probe(adapter.expert_module(pipe, name))
+            remove_probe(family.expert_module(pipe, name))
         writer.close(failed=not completed)
     prompts_run, bytes_written = recorder.prompts_run, recorder.bytes_written
     layers = {}

@@ -189,15 +189,15 @@ class Step:
     expert: str
 
 
-def plan_steps(pipe, adapter, trajectory: Trajectory) -> list[Step]:
+def plan_steps(pipe, family, trajectory: Trajectory) -> list[Step]:
     """The steps the pipeline will run with ``trajectory`` (apply it first), and their experts."""
     import copy
 
     scheduler = copy.deepcopy(pipe.scheduler)
-    scheduler.set_timesteps(device="cpu", **adapter.schedule(pipe, trajectory))
+    scheduler.set_timesteps(device="cpu", **family.schedule(pipe, trajectory))
     sigmas = scheduler.sigmas
     return [
-        Step(i, float(t), float(sigmas[i]), adapter.route(pipe, float(t)))
+        Step(i, float(t), float(sigmas[i]), family.route(pipe, float(t)))
         for i, t in enumerate(scheduler.timesteps)
     ]
 

@@ -69,13 +69,13 @@ def model_names() -> list[str]:
     return list(EMBEDDED) + list(PROCEDURAL_MODELS)
 
 
-def model_fingerprint(pipe, adapter: ModelFamily) -> str:
+def model_fingerprint(pipe, family: ModelFamily) -> str:
     """A 16-hex-digit fingerprint of the experts: configs, parameter names, shapes, dtypes, and up to
     1024 values sampled at a fixed stride from every tensor (hashing all of A14B's 57 GB would take
     minutes; two checkpoints that differ only in unsampled elements get the same fingerprint)."""
     digest = hashlib.sha256()
-    for expert in adapter.experts(pipe):
-        module = adapter.expert_module(pipe, expert)
+    for expert in family.experts(pipe):
+        module = family.expert_module(pipe, expert)
         digest.update(expert.encode())
         config = {k: v for k, v in dict(module.config).items() if not k.startswith("_")}  # no bookkeeping keys
         digest.update(json.dumps(config, sort_keys=True, default=str).encode())
@@ -148,10 +148,10 @@ def load_source_model(model: str, device: torch.device, dtype: torch.dtype) -> L
     else:
         pipe = _from_folder(model_folder(model), dtype)
         resolution = default_resolution(pipe, family_of(pipe))
-    adapter = family_of(pipe)
+    family = family_of(pipe)
     pipe.to(device=device)
     pipe.set_progress_bar_config(disable=True)  # sensq shows its own progress
-    return LoadedModel(pipe, adapter, model, model_fingerprint(pipe, adapter), resolution, device, dtype)
+    return LoadedModel(pipe, family, model, model_fingerprint(pipe, family), resolution, device, dtype)
 
 
 def looks_like_path(model: str) -> bool:
@@ -242,11 +242,11 @@ def _class_name(config_file: Path) -> str | None:
         raise InputError(f"{str(config_file)!r} is not a valid diffusers config (JSON object)") from None
 
 
-def default_resolution(pipe, adapter: ModelFamily) -> tuple[int, int, int]:
+def default_resolution(pipe, family: ModelFamily) -> tuple[int, int, int]:
     """Tiny saved pipelines (hidden size < 1024) keep tiny defaults; real ones get the family's."""
-    expert = adapter.expert_module(pipe, adapter.experts(pipe)[0])
+    expert = family.expert_module(pipe, family.experts(pipe)[0])
     hidden = expert.config.num_attention_heads * expert.config.attention_head_dim
-    return adapter.tiny_resolution if hidden < 1024 else adapter.default_resolution
+    return family.tiny_resolution if hidden < 1024 else family.default_resolution
 
 
 def load_a14b_width(num_layers: int = 1, seed: int = 1) -> LoadedModel:

@@ -14,6 +14,7 @@ RE2 has no look-around or back-references; layer patterns never need them.
 from sensq.models.family import recorded_family  # noqa: F401 (plans name their family)
 from sensq.models.layers import LayerInfo, layer_infos  # noqa: F401 (a plan resolves against these)
 from sensq.plan.build import build_plan, entrance_by_default, plan_protecting, refuse_nan_values
+from sensq.plan.layer_config import LayerConfig, StepRange
 from sensq.plan.rules import (
     CALIBRATIONS,
     CALIBRATIONS_WITHOUT_DATA,
@@ -26,7 +27,6 @@ from sensq.plan.rules import (
     model_layers,
     parse_budget,
     plan_family,
-    protected_range,
     resident_bits,
     resolve,
     summarize,
@@ -36,7 +36,7 @@ from sensq.plan.rules import (
 )
 
 __all__ = ["CALIBRATIONS", "CALIBRATIONS_WITHOUT_DATA", "HIGH_PRECISION_BITS", "MAX_PATTERN_LENGTH", "PLAN_SCHEMA",
-           "LayerInfo", "Plan", "Rule", "build_plan", "compile_pattern", "entrance_by_default", "layer_infos",
-           "model_layers", "parse_budget", "plan_family", "plan_protecting", "protected_range", "recorded_family",
-           "refuse_nan_values", "resident_bits", "resolve", "summarize", "summary_at_real_size", "validate_plan",
-           "with_calibration"]
+           "LayerConfig", "LayerInfo", "Plan", "Rule", "StepRange", "build_plan", "compile_pattern",
+           "entrance_by_default", "layer_infos", "model_layers", "parse_budget", "plan_family", "plan_protecting",
+           "recorded_family", "refuse_nan_values", "resident_bits", "resolve", "summarize", "summary_at_real_size",
+           "validate_plan", "with_calibration"]

@@ -36,6 +36,7 @@ from sensq.errors import InputError
 from sensq.formats import Family, get_format
 from sensq.plan import export_modelopt, export_torchao, plan_family  # noqa: F401 (each registers its exporter)
 from sensq.plan.exporter import EXPORTERS, Exporter, register_exporter
+from sensq.plan.layer_config import LayerConfig
 from sensq.store.files import atomic_write_bytes, check_output_file
 
 __all__ = ["EXPORTERS", "Exporter", "register_exporter", "build_export", "write_export", "check_export_paths"]
@@ -81,20 +82,20 @@ class Export:
         return lines
 
 
-def _planned_rows(plan) -> list[dict]:
+def _planned_rows(plan) -> list[LayerConfig]:
     if not plan.layers:
         raise InputError("the plan has no resolved layer table; rebuild it with sensq plan")
-    missing = [row["layer"] for row in plan.layers if "kind" not in row]
+    missing = [row.layer for row in plan.layers if row.kind is None]
     if missing:
         raise InputError(f"the plan's layer table does not record layer kinds (made by an older sensq, e.g. "
                          f"{missing[0]!r}); rebuild it with sensq plan to export it")
-    phased = [f"{row['expert']}:{row['layer']}" for row in plan.layers if row.get("phases")]
+    phased = [row.name for row in plan.layers if row.phases]
     if phased:
         raise InputError(f"the plan changes {phased[0]!r} (and {len(phased) - 1} more) with the denoising step "
                          "(rules with 'steps' or 'sigma'); torchao and ModelOpt quantize a layer the same at every "
                          "step: export a plan without ranges")
     family = plan_family(plan)
-    unknown = sorted({row["expert"] for row in plan.layers} - set(family.expert_attrs))
+    unknown = sorted({row.expert for row in plan.layers} - set(family.expert_attrs))
     if unknown:
         raise InputError(f"the plan names expert(s) {unknown} that a {family.name} pipeline lacks (it has "
                          f"{', '.join(family.expert_attrs)})")
@@ -117,22 +118,21 @@ def build_export(plan, library: str) -> Export:
     chosen: dict[str, list[tuple[str, object]]] = defaultdict(list)
     attrs = plan_family(plan).expert_attrs
     for row in _planned_rows(plan):
-        weight_format = get_format(row["weight"]) if row["weight"] is not None else None
+        weight_format = get_format(row.weight) if row.weight is not None else None
         if weight_format is None or weight_format.family is Family.BF16:
             continue  # high precision (bf16 rounding is the identity on the bf16 model)
         weight = weight_format.identity
-        activation = get_format(row["activation"]).identity if row["activation"] else None
-        if row["kind"] != "linear":
-            export.unsupported.setdefault(f"equivalent for a quantized {row['kind']} layer", []).append(
-                f"{row['expert']}:{row['layer']}")
+        activation = get_format(row.activation).identity if row.activation else None
+        if row.kind != "linear":
+            export.unsupported.setdefault(f"equivalent for a quantized {row.kind} layer", []).append(row.name)
             continue
         config = exporter.translate(weight, activation)
         if config is None:
-            export.unsupported.setdefault(_pair_name(weight, activation), []).append(f"{row['expert']}:{row['layer']}")
+            export.unsupported.setdefault(_pair_name(weight, activation), []).append(row.name)
             continue
-        chosen[attrs[row["expert"]]].append((row["layer"], config))
-        if row.get("calibration") not in (None, "none"):
-            export.calibrated.setdefault(row["calibration"], []).append(f"{row['expert']}:{row['layer']}")
+        chosen[attrs[row.expert]].append((row.layer, config))
+        if row.calibration not in (None, "none"):
+            export.calibrated.setdefault(row.calibration, []).append(row.name)
     if not chosen:
         raise InputError(f"nothing to export: {library} takes none of the plan's quantized layers "
                          f"({'; '.join(export.unsupported) or 'every layer is high precision'}); plan with "

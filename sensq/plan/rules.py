@@ -13,6 +13,7 @@ from sensq.models import ModelFamily, get_family
 from sensq.models.family import recorded_family
 from sensq.models.layers import LayerInfo, layer_infos
 from sensq.plan.calibrations import METHODS
+from sensq.plan.layer_config import LayerConfig, StepRange
 from sensq.store.files import read_json, write_json
 from sensq.store.schema import Fields, ListOf, validate_document
 
@@ -105,6 +106,12 @@ class Rule:
             return {"steps": list(self.steps)}
         return {"sigma": list(self.sigma)} if self.sigma is not None else None
 
+    def step_range(self, index: int | None = None) -> StepRange | None:
+        """The rule's formats in its range (``index``: its place in the plan), or None for a rule without one."""
+        if self.steps is None and self.sigma is None:
+            return None
+        return StepRange(self.weight, self.activation, self.steps, self.sigma, index)
+
     def to_dict(self) -> dict:
         return {"match": self.match, "weight": self.weight, "activation": self.activation,
                 **({"why": self.why} if self.why else {}),
@@ -117,7 +124,7 @@ class Rule:
         return self.match == qualified
 
 
-def resolve(rules: list[Rule], layers: list[LayerInfo]) -> tuple[list[dict], list[int]]:
+def resolve(rules: list[Rule], layers: list[LayerInfo]) -> tuple[list[LayerConfig], list[int]]:
     """Apply the rules (first match wins) to every layer.
 
     Returns:
@@ -138,12 +145,10 @@ def resolve(rules: list[Rule], layers: list[LayerInfo]) -> tuple[list[dict], lis
                 continue
             used[index] = True
             if rule.phase is not None:  # decides only inside its range; later rules decide the other steps
-                phases.append({**rule.phase, "weight": rule.weight, "activation": rule.activation, "rule": index})
+                phases.append(rule.step_range(index))
                 continue
-            table.append({"expert": layer.expert, "layer": layer.name, "weight": rule.weight,
-                          "activation": rule.activation, "params": layer.params, "kind": layer.kind,
-                          "rule": index, **({"calibration": rule.calibration} if rule.calibration else {}),
-                          **({"phases": phases} if phases else {})})
+            table.append(LayerConfig(layer.expert, layer.name, rule.weight, rule.activation, layer.params,
+                                     layer.kind, index, rule.calibration, tuple(phases)))
             break
         else:
             raise InputError(f"no rule of the plan matches {layer.expert}:{layer.name}"
@@ -152,43 +157,31 @@ def resolve(rules: list[Rule], layers: list[LayerInfo]) -> tuple[list[dict], lis
     return table, [i for i, hit in enumerate(used) if not hit]
 
 
-def resident_bits(row: dict, in_features: int) -> float:
+def resident_bits(row: LayerConfig, in_features: int) -> float:
     """Bits per weight a resolved row keeps resident: its format's, or, for a layer whose precision changes
     with the step (``phases``), the sum over the distinct weights it holds (each phase's format and the
     base's; high precision counts 16): both are deployed, neither is re-derived from the other."""
-    formats = {row["weight"]} | {phase["weight"] for phase in row.get("phases", ())}
+    formats = {row.weight} | {phase.weight for phase in row.phases}
     return sum(HIGH_PRECISION_BITS if f is None else get_format(f).bits_per_element(in_features) for f in formats)
 
 
-def protected_range(row: dict) -> str | None:
-    """For a resolved row quantized by its plan except at some steps, where a rule with a range keeps it in high
-    precision: that range as text (``steps 0-1``, ``sigma 0-0.25``; the first such rule's); else None."""
-    if row["weight"] is None:
-        return None
-    for phase in row.get("phases", ()):
-        if phase["weight"] is None:
-            key = "steps" if "steps" in phase else "sigma"
-            return f"{key} {phase[key][0]:g}-{phase[key][1]:g}"
-    return None
-
-
-def summarize(table: list[dict], layers: list[LayerInfo]) -> dict:
+def summarize(table: list[LayerConfig], layers: list[LayerInfo]) -> dict:
     """Layers and parameters per precision, effective bits per parameter, weight bytes before/after."""
     width = {(layer.expert, layer.name): layer.in_features for layer in layers}
     out: dict[str, dict] = {}
-    for scope in sorted({row["expert"] for row in table}) + ["total"]:
-        rows = [row for row in table if scope in ("total", row["expert"])]
+    for scope in sorted({row.expert for row in table}) + ["total"]:
+        rows = [row for row in table if scope in ("total", row.expert)]
         by_precision: dict[str, dict[str, int]] = {}
         bits = 0.0
         for row in rows:
-            key = row["weight"] or "high-precision"
+            key = row.weight or "high-precision"
             entry = by_precision.setdefault(key, {"layers": 0, "params": 0})
             entry["layers"] += 1
-            entry["params"] += row["params"]
-            bits += resident_bits(row, width[(row["expert"], row["layer"])]) * row["params"]
-        params = sum(row["params"] for row in rows)
+            entry["params"] += row.params
+            bits += resident_bits(row, width[(row.expert, row.layer)]) * row.params
+        params = sum(row.params for row in rows)
         protected = by_precision.get("high-precision", {"params": 0})["params"]
-        some_steps = sum(row["params"] for row in rows if protected_range(row) is not None)
+        some_steps = sum(row.params for row in rows if row.protected_range() is not None)
         out[scope] = {
             "layers": len(rows), "params": params, "by_precision": by_precision,
             "protected_share": protected / params if params else 0.0,
@@ -203,7 +196,8 @@ def summarize(table: list[dict], layers: list[LayerInfo]) -> dict:
 @dataclass
 class Plan:
     rules: list[Rule]
-    layers: list[dict] = field(default_factory=list)
+    layers: list[LayerConfig] = field(default_factory=list)
+    """The resolved table: one config per layer of the model the plan was made on."""
     summary: dict = field(default_factory=dict)
     model: dict = field(default_factory=dict)
     source: dict = field(default_factory=dict)
@@ -211,13 +205,13 @@ class Plan:
     sensq_version: str = sensq.__version__
 
     def protected(self, expert: str) -> list[str]:
-        return [row["layer"] for row in self.layers if row["expert"] == expert and row["weight"] is None]
+        return [row.layer for row in self.layers if row.expert == expert and row.weight is None]
 
     def to_dict(self) -> dict:
         return {
             "schema": self.schema, "sensq_version": self.sensq_version, "model": self.model, "source": self.source,
             "rules": [r.to_dict() for r in self.rules],
-            "layers": self.layers, "summary": self.summary,
+            "layers": [row.to_dict() for row in self.layers], "summary": self.summary,
         }
 
     def save(self, path: str | Path) -> None:
@@ -239,7 +233,12 @@ class Plan:
                               raw.get("calibration"), raw.get("steps"), raw.get("sigma")))
         if not rules:
             raise InputError(f"{str(path)!r} has no rules")
-        return cls(rules, data.get("layers", []), data.get("summary", {}), data.get("model", {}),
+        try:
+            layers = [LayerConfig.from_dict(row) for row in data.get("layers", [])]
+        except (ValueError, TypeError, KeyError) as error:
+            raise InputError(f"{str(path)!r}: a row of its resolved 'layers' table is malformed ({error}); "
+                             "write the plan again with `sensq plan`") from None
+        return cls(rules, layers, data.get("summary", {}), data.get("model", {}),
                    data.get("source", {}), data["schema"], data.get("sensq_version", ""))
 
 
@@ -255,7 +254,7 @@ def with_calibration(plan: Plan, method: str | None) -> Plan:
     if method is None:
         return plan
     rules = [dataclasses.replace(r, calibration=method) if (r.weight or r.activation) else r for r in plan.rules]
-    layers = [{**row, "calibration": method} if (row["weight"] or row["activation"]) else row for row in plan.layers]
+    layers = [dataclasses.replace(row, calibration=method) if row.quantized else row for row in plan.layers]
     return dataclasses.replace(plan, rules=rules, layers=layers)
 
 
@@ -307,7 +306,7 @@ def summary_at_real_size(plan: Plan, family: ModelFamily | None = None) -> dict 
     on the meta device; Wan2.2: A14B): the effective bits and weight GB the plan would give there. None when
     the rules leave a layer of the real model undecided."""
     family = family or plan_family(plan)
-    experts = sorted({row["expert"] for row in plan.layers}) or list(family.expert_names)
+    experts = sorted({row.expert for row in plan.layers}) or list(family.expert_names)
     layers = _real_layers(family.name, tuple(experts))
     try:
         table, _ = resolve(plan.rules, layers)

@@ -10,14 +10,14 @@ import torch
 
 from sensq.errors import InputError
 from sensq.models.layers import quantizable_layers
-from sensq.plan import Plan, model_layers, validate_plan
+from sensq.plan import LayerConfig, Plan, model_layers, validate_plan
 from sensq.plan.calibrations import needs_data
 from sensq.quant.calibrate import calibrate_expert, method_of
 from sensq.quant.layers import is_quantized, original_module, swap
 from sensq.quant.phased import is_phased, phased_layer, remove_step_clock, step_clock
 
 
-def quantize_(model, plan: Plan, backend: str = "auto") -> list[dict]:
+def quantize_(model, plan: Plan, backend: str = "auto") -> list[LayerConfig]:
     """Swap every layer the plan quantizes for its fake-quantized twin, expert by expert.
 
     ``model`` is a :class:`sensq.models.LoadedModel`. Layers the plan keeps in high precision are
@@ -41,15 +41,15 @@ def dequantize_(model) -> None:
     remove_step_clock(model.pipe)
 
 
-def phase_layers(model, table: list[dict], expert: str, backend: str = "auto") -> int:
+def phase_layers(model, table: list[LayerConfig], expert: str, backend: str = "auto") -> int:
     """Wrap every layer of ``expert`` whose resolved row has ``phases`` (rules with a step or sigma range) in a
     :class:`sensq.quant.phased.PhasedLayer` around its current module (quantized by the plan, calibrated or
     not). Returns how many layers were wrapped."""
     module = model.family.expert_module(model.pipe, expert)
-    rows = [row for row in table if row["expert"] == expert and row.get("phases")]
+    rows = [row for row in table if row.expert == expert and row.phases]
     for row in rows:
         clock = step_clock(model.pipe, model.family)
-        swap(module, row["layer"], phased_layer(module.get_submodule(row["layer"]), row, clock, backend))
+        swap(module, row.layer, phased_layer(module.get_submodule(row.layer), row, clock, backend))
     return len(rows)
 
 
@@ -72,7 +72,7 @@ Reprobe = Callable[[object, str, object, Path], None]
 def apply_plan(model, plan: Plan, *, probe_path=None, calibrate: str = "none", reprobe: Reprobe | None = None,
                backend: str = "auto", force: bool = False, offload: bool = False,
                probe_from_another_model: bool = False, pooled_experts: bool = False,
-               progress=None) -> tuple[list[dict], dict]:
+               progress=None) -> tuple[list[LayerConfig], dict]:
     """Quantize ``model`` by ``plan`` expert by expert, calibrated on ``probe_path`` when asked.
 
     With ``reprobe`` every expert after the first (Wan2.2: the low-noise one) is calibrated on a fresh probe
@@ -101,7 +101,7 @@ def apply_plan(model, plan: Plan, *, probe_path=None, calibrate: str = "none", r
     table = validate_plan(plan, model_layers(model))
     if offload:
         offload_experts(model)
-    methods = {method_of(row, calibrate) for row in table if row["weight"] or row["activation"]}
+    methods = {method_of(row, calibrate) for row in table if row.quantized}
     if any(map(needs_data, methods)) and probe_path is None:
         which = f"--calibrate {calibrate} needs" if calibrate != "none" else "the plan's 'calibration' rules need"
         raise InputError(f"{which} --probe PROBE.h5 (the captured inputs to calibrate on)")

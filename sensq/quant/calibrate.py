@@ -44,6 +44,7 @@ from sensq.models.family import ModelFamily
 from sensq.models.layers import input_rows
 from sensq.plan import calibrations
 from sensq.plan.calibrations import METHODS, needs_data
+from sensq.plan.layer_config import LayerConfig
 from sensq.quant.gptq import gptq_pack, gptq_refusal
 from sensq.quant.layers import ROTATION_BLOCK, fake_quantize, gemm_weight, quantize_module, rotate, swap
 
@@ -206,7 +207,7 @@ def capturing_inputs(root: torch.nn.Module, names: list[str]):
             registry.remove_hook(CAPTURE_HOOK, recurse=False)
 
 
-def calibrate_and_swap(root: torch.nn.Module, name: str, row: dict, act_rows: torch.Tensor | None, backend: str,
+def calibrate_and_swap(root: torch.nn.Module, name: str, row: LayerConfig, act_rows: torch.Tensor | None, backend: str,
                        method: str) -> LayerCalibration:
     """Calibrate layer ``name`` of ``root`` by ``method`` for its resolved plan ``row`` (on ``act_rows`` when the
     method needs data) and swap in the quantized layer that applies the result."""
@@ -219,21 +220,50 @@ def calibrate_and_swap(root: torch.nn.Module, name: str, row: dict, act_rows: to
     return calib
 
 
-def method_of(row: dict, default: str) -> str:
+def calibrate_on_loop(root: torch.nn.Module, rows: dict[str, LayerConfig], methods: dict[str, str],
+                      forward_loop: Callable[[torch.nn.Module], None] | None, backend: str,
+                      pick: Callable[[torch.Tensor], torch.Tensor]) -> dict[str, LayerCalibration]:
+    """Quantize the layers ``rows`` of ``root`` (by name, each with its calibration method in ``methods``): when
+    some method needs data, ``forward_loop(root)`` runs once in full precision while each such layer's input rows
+    are captured, ``pick`` chooses the rows it calibrates on; then every layer is calibrated and swapped, in
+    order. What ``sensq.quantize_`` does for a module, and apply-plan for each block of an expert.
+
+    Raises:
+        InputError: a method that needs data without a ``forward_loop``, a layer the loop never ran.
+    """
+    wanted = [name for name in rows if needs_data(methods[name])]
+    if wanted and forward_loop is None:
+        raise InputError(f"calibration {methods[wanted[0]]!r} needs data: pass forward_loop (a function that runs "
+                         "the module on calibration inputs)")
+    with capturing_inputs(root, wanted) as captured, torch.no_grad():
+        if wanted:
+            forward_loop(root)
+    results = {}
+    for name, row in rows.items():
+        inputs = captured.get(name)
+        if name in captured and not inputs:
+            raise InputError(f"the calibration inputs never ran layer {name!r}: it cannot be calibrated")
+        act_rows = pick(torch.cat(inputs)) if inputs else None
+        results[name] = calibrate_and_swap(root, name, row, act_rows, backend, methods[name])
+    return results
+
+
+def method_of(row: LayerConfig, default: str) -> str:
     """A resolved plan row's calibration: its rule's ``calibration`` field, else ``default``."""
-    method = row.get("calibration") or default
+    method = row.calibration or default
     if method not in METHODS:
         raise InputError(f"unknown calibration {method!r}; use one of {', '.join(METHODS)}")
     return method
 
 
-def _formats(row: dict) -> tuple[FormatSpec | None, FormatSpec | None]:
-    weight = get_format(row["weight"]) if row["weight"] is not None else None
-    activation = get_format(row["activation"]) if row["activation"] is not None else None
+def _formats(row: LayerConfig) -> tuple[FormatSpec | None, FormatSpec | None]:
+    weight = get_format(row.weight) if row.weight is not None else None
+    activation = get_format(row.activation) if row.activation is not None else None
     return weight, activation
 
 
-def calibrate_expert(expert_module: torch.nn.Module, expert: str, table: list[dict], probe, family: ModelFamily, *,
+def calibrate_expert(expert_module: torch.nn.Module, expert: str, table: list[LayerConfig], probe,
+                     family: ModelFamily, *,
                      method: str = "mse", max_rows: int = 4096, backend: str = "auto",
                      device: torch.device | None = None, pooled: tuple[str, ...] = (),
                      progress: Callable[[str, int, int], None] | None = None) -> dict[str, LayerCalibration]:
@@ -254,7 +284,7 @@ def calibrate_expert(expert_module: torch.nn.Module, expert: str, table: list[di
     Returns:
         The calibration of every quantized layer.
     """
-    rows = {r["layer"]: r for r in table if r["expert"] == expert and (r["weight"] or r["activation"])}
+    rows = {r.layer: r for r in table if r.expert == expert and r.quantized}
     methods = {name: method_of(row, method) for name, row in rows.items()}
     results: dict[str, LayerCalibration] = {}
     if not any(map(needs_data, methods.values())):
@@ -304,16 +334,13 @@ def _calibrate_blocks(expert_module, expert, rows, methods, probe, family, max_r
     generator = torch.Generator().manual_seed(0)
     for index, block in enumerate(blocks):
         names = [name for name in rows if family.block_of(name) == f"{family.blocks}.{index}"]
-        wanted = [name for name in names if needs_data(methods[name])]
-        with capturing_inputs(expert_module, wanted) as captured, torch.no_grad():
-            if wanted:  # replay the block only to capture what some layer calibrates on
-                for h, call in zip(hidden, calls, strict=True):
-                    _run_block(family, block, h, call, dtype, device)
-        for name in names:
-            act_rows = None
-            if name in captured:
-                act_rows = _draw(torch.cat(captured.pop(name)), max_rows, generator)
-            results[name] = calibrate_and_swap(expert_module, name, rows[name], act_rows, backend, methods[name])
+
+        def replay(_root, block=block, hidden=hidden):  # its recorded inputs, the blocks before it quantized
+            for h, call in zip(hidden, calls, strict=True):
+                _run_block(family, block, h, call, dtype, device)
+
+        results.update(calibrate_on_loop(expert_module, {name: rows[name] for name in names}, methods, replay,
+                                         backend, lambda act_rows: _draw(act_rows, max_rows, generator)))
         with torch.no_grad():  # the quantized block's outputs feed the next block
             hidden = [_run_block(family, block, h, call, dtype, device).cpu()
                       for h, call in zip(hidden, calls, strict=True)]

@@ -16,16 +16,14 @@ from collections.abc import Callable
 
 import torch
 
-from sensq.errors import InputError
 from sensq.models.layers import layer_infos
-from sensq.plan import Plan, validate_plan
-from sensq.plan.calibrations import needs_data
-from sensq.quant.calibrate import LayerCalibration, calibrate_and_swap, capturing_inputs, method_of
+from sensq.plan import LayerConfig, Plan, validate_plan
+from sensq.quant.calibrate import LayerCalibration, calibrate_on_loop, method_of
 
 
 def quantize_(module: torch.nn.Module, plan: Plan, *, expert: str = "main", calibrate: str = "none",
               forward_loop: Callable[[torch.nn.Module], None] | None = None, backend: str = "auto",
-              max_rows: int = 4096) -> tuple[list[dict], dict[str, LayerCalibration]]:
+              max_rows: int = 4096) -> tuple[list[LayerConfig], dict[str, LayerCalibration]]:
     """Quantize ``module`` in place by ``plan`` (its layers named under ``expert``), calibrated on the inputs
     ``forward_loop`` feeds it when the method (``calibrate``, or a rule's own) needs data.
 
@@ -37,20 +35,8 @@ def quantize_(module: torch.nn.Module, plan: Plan, *, expert: str = "main", cali
             ``forward_loop``, a layer the loop never ran.
     """
     table = validate_plan(plan, layer_infos({expert: module}))
-    rows = {r["layer"]: r for r in table if r["weight"] or r["activation"]}
+    rows = {r.layer: r for r in table if r.quantized}
     methods = {name: method_of(row, calibrate) for name, row in rows.items()}
-    wanted = [name for name in rows if needs_data(methods[name])]
-    if wanted and forward_loop is None:
-        raise InputError(f"calibration {methods[wanted[0]]!r} needs data: pass forward_loop (a function that runs "
-                         "the module on calibration inputs)")
-    with capturing_inputs(module, wanted) as captured, torch.no_grad():
-        if wanted:
-            forward_loop(module)
-    calibrations = {}
-    for name, row in rows.items():
-        inputs = captured.get(name)
-        if name in captured and not inputs:
-            raise InputError(f"forward_loop never ran layer {name!r}: it cannot be calibrated")
-        act_rows = torch.cat(inputs)[:max_rows] if inputs else None
-        calibrations[name] = calibrate_and_swap(module, name, row, act_rows, backend, methods[name])
+    calibrations = calibrate_on_loop(module, rows, methods, forward_loop, backend,
+                                     lambda act_rows: act_rows[:max_rows])
     return table, calibrations

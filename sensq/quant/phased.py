@@ -16,6 +16,7 @@ import torch
 from diffusers.hooks import HookRegistry, ModelHook
 
 from sensq.models.layers import layer_kind
+from sensq.plan.layer_config import LayerConfig, StepRange
 from sensq.quant.layers import original_module, quantize_module
 from sensq.trajectory import step_index
 
@@ -84,19 +85,6 @@ class StepClock:
         return self._now() / float(self.pipe.scheduler.config.get("num_train_timesteps", 1000))
 
 
-def _covers(phase: dict, step: int, sigma: float) -> bool:
-    """Whether a rule's step or sigma range (both ends included) holds the step ``step`` of noise level ``sigma``."""
-    if "steps" in phase:
-        low, high = phase["steps"]
-        return low <= step <= high
-    low, high = phase["sigma"]
-    return low <= sigma <= high
-
-
-def _in_range(clock: StepClock, phase: dict) -> bool:
-    return _covers(phase, clock.step, clock.sigma)
-
-
 def dead_ranges(pipe, family, timesteps: list[float]) -> list[str]:
     """One line per distinct step or sigma range of the deployed phased layers that no step of ``timesteps``
     (the trajectory about to run) falls in: such a rule never decides its layers, the next rule does."""
@@ -107,9 +95,8 @@ def dead_ranges(pipe, family, timesteps: list[float]) -> list[str]:
             if not isinstance(module, PhasedLayer):
                 continue
             for phase in module.phases:
-                if not any(_covers(phase, i, t / num_train) for i, t in enumerate(timesteps)):
-                    key = "steps" if "steps" in phase else "sigma"
-                    dead.setdefault((key, *phase[key]), []).append(f"{expert}:{name}")
+                if not any(phase.covers(i, t / num_train) for i, t in enumerate(timesteps)):
+                    dead.setdefault((phase.key, *phase.bounds), []).append(f"{expert}:{name}")
     return [f"the rule for {key} {low}-{high} ({len(layers)} layers, e.g. {layers[0]}) never applies: this "
             f"{len(timesteps)}-step trajectory has no step there, so the next matching rule decides at every step"
             for (key, low, high), layers in dead.items()]
@@ -118,13 +105,12 @@ def dead_ranges(pipe, family, timesteps: list[float]) -> list[str]:
 class PhasedLayer(torch.nn.Module):
     """One quantizable layer with a variant per step range (see the module docstring)."""
 
-    def __init__(self, base: torch.nn.Module, variants: list[torch.nn.Module], phases: list[dict],
+    def __init__(self, base: torch.nn.Module, variants: list[torch.nn.Module], phases: tuple[StepRange, ...],
                  clock: StepClock):
         super().__init__()
         self.base = base
         self.variants = torch.nn.ModuleList(variants)
-        self.phases = [{k: v for k, v in phase.items() if k in ("steps", "sigma", "weight", "activation")}
-                       for phase in phases]
+        self.phases = tuple(StepRange(p.weight, p.activation, p.steps, p.sigma) for p in phases)  # rules aside
         self.clock = clock
         self.sensq_layer_kind = layer_kind(base)  # the layer it stands for (sensq.models.layers)
 
@@ -141,7 +127,7 @@ class PhasedLayer(torch.nn.Module):
 
     def current(self) -> torch.nn.Module:
         for phase, variant in zip(self.phases, self.variants, strict=True):
-            if _in_range(self.clock, phase):
+            if phase.covers(self.clock.step, self.clock.sigma):
                 return variant
         return self.base
 
@@ -149,7 +135,7 @@ class PhasedLayer(torch.nn.Module):
         return self.current()(x)
 
     def extra_repr(self) -> str:
-        return "phases: " + "; ".join(str(phase) for phase in self.phases)
+        return "phases: " + "; ".join(f"{p.describe()}: {p.weight}/{p.activation}" for p in self.phases)
 
 
 def is_phased(module: torch.nn.Module) -> bool:
@@ -172,19 +158,19 @@ def remove_step_clock(pipe) -> None:
         delattr(pipe, STEP_CLOCK_ATTR)
 
 
-def phased_layer(base: torch.nn.Module, row: dict, clock: StepClock | None, backend: str = "auto",
+def phased_layer(base: torch.nn.Module, row: LayerConfig, clock: StepClock | None, backend: str = "auto",
                  plain: torch.nn.Module | None = None) -> PhasedLayer:
-    """``base`` (the layer as the row's range-less rule left it) with a variant per ``row["phases"]``: the base
+    """``base`` (the layer as the row's range-less rule left it) with a variant per ``row.phases``: the base
     itself when a range's formats are the base's, the original layer for high precision, else a twin in
     its formats (the format's own rule). ``plain``: the full-precision layer when ``base`` does not hold it
     (a deployed, packed base)."""
     plain = plain if plain is not None else original_module(base)
     variants = []
-    for phase in row["phases"]:
-        if (phase["weight"], phase["activation"]) == (row["weight"], row["activation"]):
+    for phase in row.phases:
+        if (phase.weight, phase.activation) == (row.weight, row.activation):
             variants.append(base)
-        elif phase["weight"] is None and phase["activation"] is None:
+        elif phase.weight is None and phase.activation is None:
             variants.append(plain)
         else:
-            variants.append(quantize_module(plain, phase["weight"], phase["activation"], backend))
-    return PhasedLayer(base, variants, row["phases"], clock)
+            variants.append(quantize_module(plain, phase.weight, phase.activation, backend))
+    return PhasedLayer(base, variants, row.phases, clock)

@@ -68,12 +68,10 @@ def _heatmap(plt, ranking, expert: str, fmt: str, path: Path) -> bool:
 def kept_marks(plan, expert: str) -> dict[str, str]:
     """Per layer of ``expert`` that a plan keeps in high precision: ``yes``, or the steps (or noise levels) at
     which it does so when a rule with a range keeps it there only."""
-    from sensq.plan import protected_range
-
     marks = {name: "yes" for name in plan.protected(expert)}
     for row in plan.layers:
-        if row["expert"] == expert and protected_range(row) is not None:
-            marks[row["layer"]] = protected_range(row)
+        if row.expert == expert and row.protected_range() is not None:
+            marks[row.layer] = row.protected_range()
     return marks
 
 

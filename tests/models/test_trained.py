@@ -65,11 +65,11 @@ def test_the_deep_model_has_a14b_like_proportions():
     from sensq.models import layer_inventory
     from sensq.models.wan import WAN22_A14B
 
-    adapter = WAN22_A14B
+    family = WAN22_A14B
     for name in ("tiny-deep", "tiny-deep-4step"):
         layers = layer_inventory(name)
         for expert in ("high", "low"):
             mine = [layer for layer in layers if layer.expert == expert]
             assert len({layer.name.split(".")[1] for layer in mine if layer.name.startswith("blocks.")}) >= 16
-            entrance = sum(layer.params for layer in mine if adapter.is_entrance(layer.name))
+            entrance = sum(layer.params for layer in mine if family.is_entrance(layer.name))
             assert entrance < 0.10 * sum(layer.params for layer in mine)

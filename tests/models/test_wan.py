@@ -1,4 +1,4 @@
-"""The Wan2.2 adapter, the embedded tiny pipelines, loading from folders and the Hub cache."""
+"""The Wan2.2 family, the embedded tiny pipelines, loading from folders and the Hub cache."""
 
 import json
 
@@ -43,15 +43,15 @@ def test_tiny_realshape_has_real_widths():
 
 
 def test_routing_and_entrance():
-    adapter = WAN22_A14B
+    family = WAN22_A14B
     pipe = build_tiny_pipeline()
-    assert adapter.route(pipe, 875.0) == "high" and adapter.route(pipe, 874.9) == "low"
-    assert adapter.experts(pipe) == ["high", "low"]
+    assert family.route(pipe, 875.0) == "high" and family.route(pipe, 874.9) == "low"
+    assert family.experts(pipe) == ["high", "low"]
     for name in ("patch_embedding", "condition_embedder.time_proj", "blocks.0.attn1.to_q", "blocks.0.ffn.net.2"):
-        assert adapter.is_entrance(name)
+        assert family.is_entrance(name)
     for name in ("blocks.1.attn1.to_q", "blocks.10.ffn.net.0.proj", "proj_out"):
-        assert not adapter.is_entrance(name)
-    assert adapter.is_exit("proj_out")
+        assert not family.is_entrance(name)
+    assert family.is_exit("proj_out")
 
 
 def test_saved_folder_loads_offline_with_the_same_fingerprint(tiny, tmp_path, monkeypatch):

@@ -5,6 +5,7 @@ Linear layers of that expert, nothing that the plan protects, nothing of the oth
 """
 
 import copy
+import dataclasses
 import json
 import warnings
 
@@ -36,8 +37,7 @@ def _plan(pipe, weight, activation, *, extra=()) -> Plan:
 
 
 def _planned(plan, expert, kind="linear"):
-    return {row["layer"] for row in plan.layers
-            if row["expert"] == expert and row["weight"] is not None and row["kind"] == kind}
+    return {row.layer for row in plan.layers if row.expert == expert and row.weight is not None and row.kind == kind}
 
 
 def _written(export, tmp_path):
@@ -211,10 +211,10 @@ def test_cli_writes_one_file_per_expert_and_keeps_foreign_files(tmp_path, worksp
 
 def test_plans_an_export_cannot_map_are_one_clear_error(pipe):
     plan = _plan(pipe, "int8", "int8")
-    old = Plan(plan.rules, [{k: v for k, v in row.items() if k != "kind"} for row in plan.layers])
+    old = Plan(plan.rules, [dataclasses.replace(row, kind=None) for row in plan.layers])
     with pytest.raises(InputError, match="does not record layer kinds .*rebuild it with sensq plan"):
         build_export(old, "modelopt")
-    other = Plan(plan.rules, [{**row, "expert": "mid"} for row in plan.layers])
+    other = Plan(plan.rules, [dataclasses.replace(row, expert="mid") for row in plan.layers])
     with pytest.raises(InputError, match=r"\[.mid.\] that a wan2.2-t2v-a14b pipeline lacks \(it has high, low\)"):
         build_export(other, "modelopt")
     with pytest.raises(InputError, match="no resolved layer table"):
@@ -226,7 +226,7 @@ def test_plans_an_export_cannot_map_are_one_clear_error(pipe):
 def test_an_export_says_the_plans_calibration_is_not_carried(pipe):
     pytest.importorskip("torchao", reason="the torchao export is tested against torchao: pip install torchao --no-deps")
     plan = _plan(pipe, "int8", "int8", extra=[Rule("re:high:blocks\\.1\\..*", "int8", "int8", calibration="gptq")])
-    calibrated = [row for row in plan.layers if row.get("calibration") == "gptq"]
+    calibrated = [row for row in plan.layers if row.calibration == "gptq"]
     assert len(calibrated) == 9  # blocks.1 of the high expert, less its protected FFN input projection
     lines = build_export(plan, "torchao").unsupported_lines()
     assert any(line.startswith("the plan calibrates 9 exported layer(s) with gptq; the export carries formats only")

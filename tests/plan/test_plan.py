@@ -10,7 +10,7 @@ from sensq.cli import main
 from sensq.errors import InputError, SensqError
 from sensq.loading import load_model
 from sensq.models import layer_inventory
-from sensq.plan import LayerInfo, Plan, Rule, build_plan, parse_budget, resolve, validate_plan
+from sensq.plan import LayerConfig, LayerInfo, Plan, Rule, StepRange, build_plan, parse_budget, resolve, validate_plan
 from sensq.quant import QuantLinear, dequantize_, quantize_
 from sensq.sensitivity.ranking import LayerRank, Ranking
 
@@ -65,7 +65,7 @@ def test_first_match_wins_and_regex():
     rules = [Rule("high:blocks.3.a", None, None), Rule(r"re:high:blocks\.3[0-9]\..*", "int4", "int4"),
              Rule("re:.*", "hif4", "hif4"), Rule("low:nothing", None, None)]
     table, unused = resolve(rules, layers)
-    assert [(r["layer"], r["weight"], r["rule"]) for r in table] == [
+    assert [(r.layer, r.weight, r.rule) for r in table] == [
         ("blocks.3.a", None, 0), ("blocks.30.a", "int4", 1), ("blocks.3.a", "hif4", 2)]
     assert unused == [3]
     with pytest.raises(InputError, match=r"1 plan rule\(s\) match no layer of this model: 'low:nothing'"):
@@ -123,6 +123,34 @@ def test_plan_file_round_trip_and_errors(tmp_path):
         Plan.load(tmp_path / "none.json")
     with pytest.raises(InputError, match="plan file not found"):
         Plan.load(tmp_path / "missing.json")
+
+
+def test_the_resolved_table_is_typed_and_its_file_form_unchanged(tmp_path):
+    """plan.layers holds LayerConfigs; the file keeps the sensq.plan/1 objects (an older file's rows without a
+    kind, or with keys sensq does not read, load and are written back as they were); a malformed row is one
+    line."""
+    layers = [LayerInfo("high", "blocks.0.a", 100, 64, "linear"), LayerInfo("high", "proj_out", 50, 64, "linear")]
+    rules = [Rule("high:blocks.0.a", None, None, steps=(0, 1)), Rule("re:high:.*", "hif4", "hif4", calibration="gptq")]
+    table, _ = resolve(rules, layers)
+    assert all(isinstance(row, LayerConfig) for row in table)
+    assert table[0].phases == (StepRange(None, None, steps=(0, 1), rule=0),)
+    assert table[0].protected_range() == "steps 0-1" and table[1].protected_range() is None
+    assert table[0].to_dict() == {"expert": "high", "layer": "blocks.0.a", "weight": "hif4", "activation": "hif4",
+                                  "params": 100, "kind": "linear", "rule": 1, "calibration": "gptq",
+                                  "phases": [{"steps": [0, 1], "weight": None, "activation": None, "rule": 0}]}
+    assert [LayerConfig.from_dict(row.to_dict()) for row in table] == table
+    older = {"expert": "low", "layer": "x", "weight": None, "activation": None, "params": 3, "note": "kept"}
+    path = tmp_path / "older.json"
+    path.write_text(json.dumps({"schema": "sensq.plan/1", "rules": [{"match": "low:x"}], "layers": [older]}))
+    loaded = Plan.load(path)
+    assert loaded.layers[0].kind is None and loaded.protected("low") == ["x"]
+    loaded.save(tmp_path / "again.json")
+    assert json.loads((tmp_path / "again.json").read_text())["layers"] == [older]
+    path.write_text(json.dumps({"schema": "sensq.plan/1", "rules": [{"match": "low:x"}],
+                                "layers": [{**older, "params": "many"}]}))
+    with pytest.raises(InputError, match="a row of its resolved 'layers' table is malformed .'params' must be an "
+                                         "integer.; write the plan again"):
+        Plan.load(path)
 
 
 def test_a14b_inventory_for_validation(tmp_path):
@@ -197,8 +225,8 @@ def test_protect_steps_chooses_by_sensitivity_at_those_steps_and_ranges_the_rule
     assert "rank 1 at steps 0-0 by mse" in ranged[0].why
     assert plan.source["protect_steps"] == [0, 0]
     assert any("low: runs none of steps 0-0" in w for w in plan.source["warnings"])
-    row = next(r for r in plan.layers if r["layer"] == "blocks.1.l_early" and r["expert"] == "high")
-    assert row["weight"] == "hif4" and row["phases"][0]["steps"] == [0, 0]
+    row = next(r for r in plan.layers if r.layer == "blocks.1.l_early" and r.expert == "high")
+    assert row.weight == "hif4" and row.phases[0].steps == (0, 0)
     whole = build_plan(ranking, top_k=1, protect_entrance=False)
     assert whole.protected("high") == ["blocks.1.l_late"]
     e2e = Ranking("e2e", "mean", ["hif4"], {e: [LayerRank("blocks.1.x", "linear", 1, 64, 8, False, False,
@@ -234,7 +262,7 @@ def test_cli_calibration_is_written_into_the_quantizing_rules(tmp_path):
     plan = Plan.load(tmp_path / "p.json")
     assert {r.calibration for r in plan.rules if r.weight} == {"gptq"}
     assert {r.calibration for r in plan.rules if r.weight is None} == {None}
-    assert all(row.get("calibration") == ("gptq" if row["weight"] else None) for row in plan.layers)
+    assert all(row.calibration == ("gptq" if row.weight else None) for row in plan.layers)
 
 
 @pytest.mark.parametrize("how", ["budget", "tiers"])

@@ -10,7 +10,7 @@ from sensq import workflows
 from sensq.cli import main
 from sensq.errors import InputError
 from sensq.loading import load_model
-from sensq.plan import Plan, Rule
+from sensq.plan import LayerConfig, Plan, Rule
 from sensq.probes.capture import ProbeConfig
 from sensq.probes.recorder import ProbeRequest, run_probe
 from sensq.prompts import load_prompts
@@ -78,7 +78,7 @@ def test_a_rules_calibration_field_applies_to_its_layers_only(probed, tmp_path):
     with pytest.raises(InputError, match="the plan's 'calibration' rules need --probe"):
         apply_plan(load_model("tiny", torch.device("cpu"), torch.float32), plan)
     table, calibration = apply_plan(model, plan, probe_path=folder / "probe.h5")
-    assert {row["layer"] for row in table if row.get("calibration") == "gptq"} == {
+    assert {row.layer for row in table if row.calibration == "gptq"} == {
         n for n in calibration["high"] if n.startswith("blocks.1.")}
     gptq_layer = model.pipe.transformer.blocks[1].attn1.to_q
     assert gptq_layer.weight_packed is not None and model.pipe.transformer_2.blocks[1].attn1.to_q.weight_packed is None
@@ -387,7 +387,8 @@ def test_a_calibration_method_is_one_registration(probed):
     folder, _ = probed
     calibrations.register_calibration(calibrations.Calibration("mse-weights", "mse", "none", help="weights only"))
     try:
-        assert calibrations.METHODS["mse-weights"].needs_data and method_of({}, "mse-weights") == "mse-weights"
+        assert calibrations.METHODS["mse-weights"].needs_data
+        assert method_of(LayerConfig("high", "x", "hif4", "hif4"), "mse-weights") == "mse-weights"
         model = load_model("tiny", torch.device("cpu"), torch.float32)
         _, calibration = apply_plan(model, PLAN, probe_path=folder / "probe.h5", calibrate="mse-weights")
         layers = [c for expert in calibration.values() for c in expert.values()]

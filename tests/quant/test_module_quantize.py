@@ -28,17 +28,19 @@ BATCHES = [torch.randn(16, 64, generator=torch.Generator().manual_seed(i)) for i
 @pytest.mark.parametrize("method", ["mse", "gptq"])
 def test_any_module_is_calibrated_on_its_forward_loop(method):
     model = _mlp()
-    expected = model(BATCHES[0])
+    with torch.no_grad():
+        expected = model(BATCHES[0])
     table, calibration = sensq.quantize_(model, Plan([Rule("re:main:.*", "hif4", "hif4")]), calibrate=method,
                                          forward_loop=_loop(BATCHES))
-    assert [row["layer"] for row in table] == ["0", "2"]
+    assert [row.layer for row in table] == ["0", "2"]
     assert isinstance(model[0], QuantLinear) and isinstance(model[2], QuantLinear)
     assert all(c.method == method and c.act_rows == 48 for c in calibration.values())
     if method == "gptq":
         assert all(c.weight_packed is not None for c in calibration.values())  # its codes, stored as they are
     else:
         assert all(c.weight_curve is not None for c in calibration.values())
-    out = model(BATCHES[0])
+    with torch.no_grad():
+        out = model(BATCHES[0])
     error = float(((out - expected) ** 2).sum() / (expected**2).sum())
     assert 0 < error < 0.05
 
@@ -48,6 +50,13 @@ def test_a_method_that_needs_data_without_a_loop_is_refused_and_nothing_changes(
     with pytest.raises(InputError, match="needs data: pass forward_loop"):
         sensq.quantize_(model, Plan([Rule("re:main:.*", "hif4", "hif4")]), calibrate="mse")
     assert type(model[0]) is torch.nn.Linear
+
+
+def test_a_layer_the_loop_never_runs_is_refused():
+    model = _mlp()
+    with pytest.raises(InputError, match="never ran layer '2': it cannot be calibrated"):
+        sensq.quantize_(model, Plan([Rule("re:main:.*", "hif4", "hif4")]), calibrate="mse",
+                        forward_loop=lambda module: module[0](BATCHES[0]))
 
 
 def test_a_rule_for_another_expert_is_refused():

@@ -11,7 +11,7 @@ from sensq.errors import InputError
 from sensq.formats import PackedTensor, get_format
 from sensq.models import LoadedModel, default_resolution, model_fingerprint, quiet_hf_progress
 from sensq.models.family import recorded_family
-from sensq.plan import Rule
+from sensq.plan import LayerConfig, Rule
 from sensq.quant.checkpoint.manifest import WEIGHTS_FILE, _check_packed, _read_weights, read_manifest
 from sensq.quant.layers import ROTATION_BLOCK, quantize_module, swap
 from sensq.quant.phased import is_phased, phased_layer, step_clock
@@ -28,15 +28,15 @@ def load_quantized(path: str | Path, device: torch.device | str = "cpu", dtype: 
     """
     folder = Path(path)
     manifest = read_manifest(folder)
-    adapter = recorded_family(manifest.get("family"))
+    family = recorded_family(manifest.get("family"))
     experts = {}
     for expert, attr in manifest["experts"].items():
-        if expert not in adapter.expert_attrs or adapter.expert_attrs[expert] != attr:
+        if expert not in family.expert_attrs or family.expert_attrs[expert] != attr:
             raise InputError(f"checkpoint {str(folder)!r} names expert {expert!r} -> {attr!r}; this model family has "
-                             + ", ".join(f"{e} -> {a}" for e, a in adapter.expert_attrs.items()))
-        experts[attr] = _load_expert(folder, manifest, expert, attr, adapter)
+                             + ", ".join(f"{e} -> {a}" for e, a in family.expert_attrs.items()))
+        experts[attr] = _load_expert(folder, manifest, expert, attr, family)
     with quiet_hf_progress():
-        pipe = adapter.pipeline_type().from_pretrained(str(folder / "pipeline"), use_safetensors=True,
+        pipe = family.pipeline_type().from_pretrained(str(folder / "pipeline"), use_safetensors=True,
                                                        local_files_only=True, **experts)
     pipe.to(device=device)
     stored = _main_dtype(next(iter(experts.values())))
@@ -46,11 +46,11 @@ def load_quantized(path: str | Path, device: torch.device | str = "cpu", dtype: 
     pipe.set_progress_bar_config(disable=True)
     phased = [m for module in experts.values() for m in module.modules() if is_phased(m)]
     if phased:
-        clock = step_clock(pipe, adapter)
+        clock = step_clock(pipe, family)
         for layer in phased:
             layer.clock = clock
     source = manifest.get("source_model", {})
-    return LoadedModel(pipe, adapter, str(folder), model_fingerprint(pipe, adapter), default_resolution(pipe, adapter),
+    return LoadedModel(pipe, family, str(folder), model_fingerprint(pipe, family), default_resolution(pipe, family),
                        torch.device(device), stored, loras=source.get("loras", {}),
                        source_id=source.get("source_id") or source.get("id", ""))
 
@@ -205,10 +205,11 @@ def _load_phased(folder: Path, expert: str, name: str, layer: torch.nn.Module, e
             for key in ("weight", "activation"):
                 if phase.get(key) is not None:
                     get_format(phase[key])
-            Rule(name, phase.get("weight"), phase.get("activation"), steps=phase.get("steps"),
-                 sigma=phase.get("sigma"))
-            if ("steps" in phase) == ("sigma" in phase):
-                raise ValueError("each phase needs one of 'steps' or 'sigma'")
+        # each range checked as a plan rule's: one of steps or sigma, finite bounds in order
+        phases = tuple(Rule(name, p.get("weight"), p.get("activation"), steps=p.get("steps"),
+                            sigma=p.get("sigma")).step_range() for p in phases)
+        if None in phases:
+            raise ValueError("each phase needs one of 'steps' or 'sigma'")
     except (InputError, ValueError, TypeError, AttributeError, KeyError) as error:
         raise InputError(f"checkpoint {str(folder)!r}: {expert}:{name} has malformed step ranges ({error})") from None
     base = layer
@@ -218,9 +219,7 @@ def _load_phased(folder: Path, expert: str, name: str, layer: torch.nn.Module, e
         base = quantize_module(layer, entry["weight"], entry["activation"], act_clip=entry["act_clip"],
                                weight_clip=entry["weight_clip"],
                                rotation=_rotation(entry, f"checkpoint {str(folder)!r}: {expert}:{name}", layer))
-    row = {"weight": entry["weight"], "activation": entry["activation"],
-           "phases": [{"weight": p.get("weight"), "activation": p.get("activation"),
-                       **({"steps": p["steps"]} if "steps" in p else {"sigma": p["sigma"]})} for p in phases]}
+    row = LayerConfig(expert, name, entry["weight"], entry["activation"], phases=phases)
     return phased_layer(base, row, None, plain=plain)
 
 

@@ -153,22 +153,22 @@ def _write_phased(name: str, layer, tensors: dict[str, torch.Tensor], headers: d
     if is_quantized(base) and base.weight_format is not None:
         _store_packed(name, base, tensors, headers, tally)
     layers_manifest[f"{expert}:{name}"] = {**_layer_entry(base, expert, name, calibration),
-                                           "phases": [dict(phase) for phase in layer.phases]}
+                                           "phases": [phase.to_dict() for phase in layer.phases]}
 
 
 def _write_checkpoint(model, tmp: Path, *, plan, calibration: dict, fake: bool,
                       calibration_source: dict | None = None) -> dict:
-    pipe, adapter = model.pipe, model.family
+    pipe, family = model.pipe, model.family
     layers_manifest: dict[str, dict] = {}
     files: dict[str, dict] = {}
     tally = _Tally()
     experts = {}
-    for expert in adapter.experts(pipe):
-        attr = adapter.expert_attrs[expert]
+    for expert in family.experts(pipe):
+        attr = family.expert_attrs[expert]
         experts[expert] = attr
-        _write_expert(adapter.expert_module(pipe, expert), tmp / attr, expert, calibration, fake, layers_manifest,
+        _write_expert(family.expert_module(pipe, expert), tmp / attr, expert, calibration, fake, layers_manifest,
                       tally)
-    saved = {attr: getattr(pipe, attr) for attr in adapter.expert_attrs.values()}
+    saved = {attr: getattr(pipe, attr) for attr in family.expert_attrs.values()}
     try:
         pipe.register_modules(**{attr: None for attr in saved})
         with quiet_hf_progress(), _diffusers_errors_only():  # not "transformer=None cannot be saved": by design
@@ -187,7 +187,7 @@ def _write_checkpoint(model, tmp: Path, *, plan, calibration: dict, fake: bool,
     )
     manifest = {
         "schema": CHECKPOINT_SCHEMA, "version": CHECKPOINT_VERSION, "sensq_version": sensq.__version__,
-        "family": adapter.name, "packed": not fake,
+        "family": family.name, "packed": not fake,
         "source_model": {"id": model.model_id, "fingerprint": model.fingerprint, "loras": dict(model.loras),
                          "source_id": model.source_id},
         "experts": experts, "layers": layers_manifest,
