@@ -47,7 +47,7 @@ def quantized_work_share(model, plan: Plan, trajectory: Trajectory) -> float:
     done = total = 0
     for step in steps:
         for row in (r for r in table if r.expert == step.expert):
-            phase = next((p for p in row.phases if p.covers(step.index, step.timestep / 1000)), None)
+            phase = next((p for p in row.step_ranges if p.covers(step.index, step.timestep / 1000)), None)
             weight = phase.weight if phase is not None else row.weight
             total += row.params
             done += row.params if weight is not None else 0

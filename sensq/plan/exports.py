@@ -89,16 +89,16 @@ def _planned_rows(plan) -> list[LayerConfig]:
     if missing:
         raise InputError(f"the plan's layer table does not record layer kinds (made by an older sensq, e.g. "
                          f"{missing[0]!r}); rebuild it with sensq plan to export it")
-    phased = [row.name for row in plan.layers if row.phases]
+    phased = [row.name for row in plan.layers if row.step_ranges]
     if phased:
         raise InputError(f"the plan changes {phased[0]!r} (and {len(phased) - 1} more) with the denoising step "
                          "(rules with 'steps' or 'sigma'); torchao and ModelOpt quantize a layer the same at every "
                          "step: export a plan without ranges")
-    family = plan_family(plan)
-    unknown = sorted({row.expert for row in plan.layers} - set(family.expert_attrs))
+    model_family = plan_family(plan)
+    unknown = sorted({row.expert for row in plan.layers} - set(model_family.expert_attrs))
     if unknown:
-        raise InputError(f"the plan names expert(s) {unknown} that a {family.name} pipeline lacks (it has "
-                         f"{', '.join(family.expert_attrs)})")
+        raise InputError(f"the plan names expert(s) {unknown} that a {model_family.name} pipeline lacks (it has "
+                         f"{', '.join(model_family.expert_attrs)})")
     return plan.layers
 
 

@@ -77,8 +77,9 @@ class LayerConfig:
     """The index of the plan rule that decided the layer outside its step ranges."""
     calibration: str | None = None
     """The rule's calibration method; None: the one apply-plan is given (``--calibrate``)."""
-    phases: tuple[StepRange, ...] = ()
-    """The step ranges in which earlier rules give the layer other formats, first match first."""
+    step_ranges: tuple[StepRange, ...] = ()
+    """The step ranges in which earlier rules give the layer other formats, first match first (``phases`` in
+    plan files and checkpoint manifests)."""
     extra: Mapping = field(default_factory=dict, compare=False, repr=False)
     """Keys of a plan file's row that sensq does not read, written back as they were."""
 
@@ -97,7 +98,7 @@ class LayerConfig:
         text (``steps 0-1``; the first such range's); else None."""
         if self.weight is None:
             return None
-        return next((phase.describe() for phase in self.phases if phase.weight is None), None)
+        return next((phase.describe() for phase in self.step_ranges if phase.weight is None), None)
 
     def to_dict(self) -> dict:
         return {**self.extra, "expert": self.expert, "layer": self.layer, "weight": self.weight,
@@ -105,7 +106,7 @@ class LayerConfig:
                 **({"kind": self.kind} if self.kind is not None else {}),
                 **({"rule": self.rule} if self.rule is not None else {}),
                 **({"calibration": self.calibration} if self.calibration else {}),
-                **({"phases": [phase.to_dict() for phase in self.phases]} if self.phases else {})}
+                **({"phases": [phase.to_dict() for phase in self.step_ranges]} if self.step_ranges else {})}
 
     @classmethod
     def from_dict(cls, data: Mapping) -> LayerConfig:

@@ -161,7 +161,7 @@ def resident_bits(row: LayerConfig, in_features: int) -> float:
     """Bits per weight a resolved row keeps resident: its format's, or, for a layer whose precision changes
     with the step (``phases``), the sum over the distinct weights it holds (each phase's format and the
     base's; high precision counts 16): both are deployed, neither is re-derived from the other."""
-    formats = {row.weight} | {phase.weight for phase in row.phases}
+    formats = {row.weight} | {phase.weight for phase in row.step_ranges}
     return sum(HIGH_PRECISION_BITS if f is None else get_format(f).bits_per_element(in_features) for f in formats)
 
 

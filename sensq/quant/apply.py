@@ -46,7 +46,7 @@ def phase_layers(model, table: list[LayerConfig], expert: str, backend: str = "a
     :class:`sensq.quant.phased.PhasedLayer` around its current module (quantized by the plan, calibrated or
     not). Returns how many layers were wrapped."""
     module = model.family.expert_module(model.pipe, expert)
-    rows = [row for row in table if row.expert == expert and row.phases]
+    rows = [row for row in table if row.expert == expert and row.step_ranges]
     for row in rows:
         clock = step_clock(model.pipe, model.family)
         swap(module, row.layer, phased_layer(module.get_submodule(row.layer), row, clock, backend))

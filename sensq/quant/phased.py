@@ -94,7 +94,7 @@ def dead_ranges(pipe, family, timesteps: list[float]) -> list[str]:
         for name, module in family.expert_module(pipe, expert).named_modules():
             if not isinstance(module, PhasedLayer):
                 continue
-            for phase in module.phases:
+            for phase in module.step_ranges:
                 if not any(phase.covers(i, t / num_train) for i, t in enumerate(timesteps)):
                     dead.setdefault((phase.key, *phase.bounds), []).append(f"{expert}:{name}")
     return [f"the rule for {key} {low}-{high} ({len(layers)} layers, e.g. {layers[0]}) never applies: this "
@@ -105,12 +105,13 @@ def dead_ranges(pipe, family, timesteps: list[float]) -> list[str]:
 class PhasedLayer(torch.nn.Module):
     """One quantizable layer with a variant per step range (see the module docstring)."""
 
-    def __init__(self, base: torch.nn.Module, variants: list[torch.nn.Module], phases: tuple[StepRange, ...],
+    def __init__(self, base: torch.nn.Module, variants: list[torch.nn.Module], step_ranges: tuple[StepRange, ...],
                  clock: StepClock):
         super().__init__()
         self.base = base
         self.variants = torch.nn.ModuleList(variants)
-        self.phases = tuple(StepRange(p.weight, p.activation, p.steps, p.sigma) for p in phases)  # rules aside
+        # the ranges without the rule indices (a layer needs only what it runs)
+        self.step_ranges = tuple(StepRange(p.weight, p.activation, p.steps, p.sigma) for p in step_ranges)
         self.clock = clock
         self.sensq_layer_kind = layer_kind(base)  # the layer it stands for (sensq.models.layers)
 
@@ -126,7 +127,7 @@ class PhasedLayer(torch.nn.Module):
         return self.base.bias
 
     def current(self) -> torch.nn.Module:
-        for phase, variant in zip(self.phases, self.variants, strict=True):
+        for phase, variant in zip(self.step_ranges, self.variants, strict=True):
             if phase.covers(self.clock.step, self.clock.sigma):
                 return variant
         return self.base
@@ -135,7 +136,7 @@ class PhasedLayer(torch.nn.Module):
         return self.current()(x)
 
     def extra_repr(self) -> str:
-        return "phases: " + "; ".join(f"{p.describe()}: {p.weight}/{p.activation}" for p in self.phases)
+        return "step ranges: " + "; ".join(f"{p.describe()}: {p.weight}/{p.activation}" for p in self.step_ranges)
 
 
 def is_phased(module: torch.nn.Module) -> bool:
@@ -160,17 +161,17 @@ def remove_step_clock(pipe) -> None:
 
 def phased_layer(base: torch.nn.Module, row: LayerConfig, clock: StepClock | None, backend: str = "auto",
                  plain: torch.nn.Module | None = None) -> PhasedLayer:
-    """``base`` (the layer as the row's range-less rule left it) with a variant per ``row.phases``: the base
+    """``base`` (the layer as the row's range-less rule left it) with a variant per ``row.step_ranges``: the base
     itself when a range's formats are the base's, the original layer for high precision, else a twin in
     its formats (the format's own rule). ``plain``: the full-precision layer when ``base`` does not hold it
     (a deployed, packed base)."""
     plain = plain if plain is not None else original_module(base)
     variants = []
-    for phase in row.phases:
+    for phase in row.step_ranges:
         if (phase.weight, phase.activation) == (row.weight, row.activation):
             variants.append(base)
         elif phase.weight is None and phase.activation is None:
             variants.append(plain)
         else:
             variants.append(quantize_module(plain, phase.weight, phase.activation, backend))
-    return PhasedLayer(base, variants, row.phases, clock)
+    return PhasedLayer(base, variants, row.step_ranges, clock)

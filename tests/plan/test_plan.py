@@ -133,7 +133,7 @@ def test_the_resolved_table_is_typed_and_its_file_form_unchanged(tmp_path):
     rules = [Rule("high:blocks.0.a", None, None, steps=(0, 1)), Rule("re:high:.*", "hif4", "hif4", calibration="gptq")]
     table, _ = resolve(rules, layers)
     assert all(isinstance(row, LayerConfig) for row in table)
-    assert table[0].phases == (StepRange(None, None, steps=(0, 1), rule=0),)
+    assert table[0].step_ranges == (StepRange(None, None, steps=(0, 1), rule=0),)
     assert table[0].protected_range() == "steps 0-1" and table[1].protected_range() is None
     assert table[0].to_dict() == {"expert": "high", "layer": "blocks.0.a", "weight": "hif4", "activation": "hif4",
                                   "params": 100, "kind": "linear", "rule": 1, "calibration": "gptq",
@@ -226,7 +226,7 @@ def test_protect_steps_chooses_by_sensitivity_at_those_steps_and_ranges_the_rule
     assert plan.source["protect_steps"] == [0, 0]
     assert any("low: runs none of steps 0-0" in w for w in plan.source["warnings"])
     row = next(r for r in plan.layers if r.layer == "blocks.1.l_early" and r.expert == "high")
-    assert row.weight == "hif4" and row.phases[0].steps == (0, 0)
+    assert row.weight == "hif4" and row.step_ranges[0].steps == (0, 0)
     whole = build_plan(ranking, top_k=1, protect_entrance=False)
     assert whole.protected("high") == ["blocks.1.l_late"]
     e2e = Ranking("e2e", "mean", ["hif4"], {e: [LayerRank("blocks.1.x", "linear", 1, 64, 8, False, False,

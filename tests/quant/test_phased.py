@@ -58,8 +58,8 @@ def test_resolve_records_the_ranges_before_the_rule_that_decides_the_other_steps
              Rule("re:high:.*", "fp8_e4m3", "fp8_e4m3", steps=[0, 3]), EVERYTHING]
     table, unused = resolve(rules, layers)
     assert unused == []
-    assert [p.rule for p in table[0].phases] == [0, 1] and table[0].weight == "hif4"
-    assert [p.rule for p in table[1].phases] == [1]
+    assert [p.rule for p in table[0].step_ranges] == [0, 1] and table[0].weight == "hif4"
+    assert [p.rule for p in table[1].step_ranges] == [1]
     # resident: a phased layer keeps every distinct weight it runs (BF16 16 + FP8 8.5 + HiF4 4.5 at width 64)
     bits = summarize(table[:1], layers[:1])["total"]["effective_bits"]
     assert bits == pytest.approx(16 + 8 + 32 / 64 + 4.5, abs=1e-9)

@@ -219,7 +219,7 @@ def _load_phased(folder: Path, expert: str, name: str, layer: torch.nn.Module, e
         base = quantize_module(layer, entry["weight"], entry["activation"], act_clip=entry["act_clip"],
                                weight_clip=entry["weight_clip"],
                                rotation=_rotation(entry, f"checkpoint {str(folder)!r}: {expert}:{name}", layer))
-    row = LayerConfig(expert, name, entry["weight"], entry["activation"], phases=phases)
+    row = LayerConfig(expert, name, entry["weight"], entry["activation"], step_ranges=phases)
     return phased_layer(base, row, None, plain=plain)
 
 

@@ -153,7 +153,7 @@ def _write_phased(name: str, layer, tensors: dict[str, torch.Tensor], headers: d
     if is_quantized(base) and base.weight_format is not None:
         _store_packed(name, base, tensors, headers, tally)
     layers_manifest[f"{expert}:{name}"] = {**_layer_entry(base, expert, name, calibration),
-                                           "phases": [phase.to_dict() for phase in layer.phases]}
+                                           "phases": [phase.to_dict() for phase in layer.step_ranges]}
 
 
 def _write_checkpoint(model, tmp: Path, *, plan, calibration: dict, fake: bool,
