@@ -54,7 +54,10 @@ say "rank, plan, report"
 [[ -f "$OUT/ranking.json" ]] || $SENSQ rank "$OUT/probe.h5" --model "$MODEL" "${LORA_ARGS[@]}" --format "$FORMATS" \
     --out "$OUT/ranking.json"
 [[ -f "$OUT/plan.json" ]] || $SENSQ plan "$OUT/ranking.json" --budget "$BUDGET" --out "$OUT/plan.json"
-$SENSQ report "$OUT/ranking.json" --plan "$OUT/plan.json" --out "$OUT/ranking-report"
+# drawn again only when the ranking or the plan is newer than it (a resumed study keeps it)
+REPORT="$OUT/ranking-report/report.html"
+[[ "$REPORT" -nt "$OUT/ranking.json" && "$REPORT" -nt "$OUT/plan.json" ]] ||
+  $SENSQ report "$OUT/ranking.json" --plan "$OUT/plan.json" --out "$OUT/ranking-report"
 # 3. quantize by the plan, calibrated block by block on the probe; a packed checkpoint
 say "apply-plan"  # (an existing checkpoint is kept: delete quantized/ to quantize again)
 if [[ ! -f "$OUT/quantized/manifest.json" ]]; then

@@ -78,11 +78,14 @@ def test_generate_resumes_to_the_uninterrupted_result(tmp_path_factory, tmp_path
         assert process.returncode == 130
         last = process.stderr.read().strip().splitlines()[-1]
         assert last.startswith("Error: interrupted; what was complete is kept")
-    items = json.loads((out / "manifest.json").read_text())["items"]
+    items = json.loads((out / "manifest.json").read_text())["items"]  # valid JSON after either
     assert 2 <= len(items) < 12 and all((out / item["frames"]).is_file() for item in items.values())
+    stamps = {k: (out / item["frames"]).stat().st_mtime_ns for k, item in items.items()}
     rerun = subprocess.run(SENSQ + args + ["--out", str(out), "--json"], capture_output=True, text=True)
     assert rerun.returncode == 0, rerun.stderr[-2000:]
-    assert json.loads(rerun.stdout)["skipped"] == len(items)
+    summary = json.loads(rerun.stdout)
+    assert summary["skipped"] == len(items) and summary["generated"] == 12 - len(items)
+    assert all((out / item["frames"]).stat().st_mtime_ns == stamps[k] for k, item in items.items())  # not redone
     cut, complete = _digests(out), _digests(whole)
     data = {k: v for k, v in complete.items() if k.startswith(("frames/", "latents/"))}
     assert {k: cut[k] for k in data} == data  # every frame and latent equal to the uninterrupted run's

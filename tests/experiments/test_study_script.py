@@ -45,7 +45,9 @@ def test_tiny_study_runs_and_resumes(tmp_path):
     manifest = json.loads((out / "runs" / "quantized-4" / "manifest.json").read_text())
     assert [p[1] for p in manifest["config"]["prompts"]] == [p["prompt"] for p in prompts]
 
+    report_stamp = (out / "ranking-report" / "report.html").stat().st_mtime_ns
     again = subprocess.run(["bash", str(SCRIPT), str(config)], env=env, capture_output=True, text=True, timeout=600)
     assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
     assert "0 generated" in again.stderr + again.stdout and "2 generated" not in again.stderr + again.stdout
     assert "prompts: 0 run, 2 already complete" in again.stdout
+    assert (out / "ranking-report" / "report.html").stat().st_mtime_ns == report_stamp  # not drawn again

@@ -40,14 +40,17 @@ def test_two_ranks_equal_one_process(tmp_path):
 
 
 def test_merge_refuses_incomplete_or_foreign_parts(tmp_path):
+    from click.testing import CliRunner
+
+    from sensq.cli import main
+
     a, b = tmp_path / "a.h5", tmp_path / "b.h5"
-    subprocess.run([sys.executable, "-m", "sensq.cli", "probe", "--limit", "1", "--steps", "2", "--out", str(a)],
-                   check=True, capture_output=True)
+    runner = CliRunner()
+    assert runner.invoke(main, ["probe", "--limit", "1", "--steps", "2", "--out", str(a)]).exit_code == 0
     shutil.copy(a, b)
     with pytest.raises(InputError, match="share prompt indices"):
         merge_probe_files([a, b], tmp_path / "m.h5")
-    subprocess.run([sys.executable, "-m", "sensq.cli", "probe", "--limit", "1", "--steps", "3", "--overwrite",
-                    "--out", str(b)], check=True, capture_output=True)
+    assert runner.invoke(main, ["probe", "--limit", "1", "--steps", "3", "--overwrite", "--out", str(b)]).exit_code == 0
     with pytest.raises(InputError, match="differs from .* in trajectory: not one run"):
         merge_probe_files([a, b], tmp_path / "m.h5")
     assert not Path(tmp_path / "m.h5").exists()
