@@ -397,3 +397,20 @@ def test_a_calibration_method_is_one_registration(probed):
         dequantize_(model)
     finally:
         del calibrations.METHODS["mse-weights"]
+
+
+def test_a_manifest_layer_is_a_typed_config_and_round_trips():
+    """A manifest's layer entry reads as a ManifestLayer: the LayerConfig it was deployed with (formats, step ranges)
+    and its calibration's clips and rotation; written back it is the same entry."""
+    from sensq.plan import StepRange
+    from sensq.quant.checkpoint import ManifestLayer
+
+    entry = {"weight": "hif4", "activation": "hif4", "weight_clip": 0.9, "act_clip": 1.0, "rotation": 64,
+             "phases": [{"steps": [0, 1], "weight": None, "activation": None}]}
+    layer = ManifestLayer.from_entry("high:blocks.1.attn1.to_q", entry, "checkpoint 'x'")
+    assert layer.config == LayerConfig("high", "blocks.1.attn1.to_q", "hif4", "hif4",
+                                       step_ranges=(StepRange(None, None, steps=(0, 1)),))
+    assert (layer.weight_clip, layer.act_clip, layer.rotation) == (0.9, 1.0, 64)
+    assert layer.to_entry() == entry
+    with pytest.raises(InputError, match=r"checkpoint 'x': high:blocks.1.attn1.to_q has malformed step ranges"):
+        ManifestLayer.from_entry("high:blocks.1.attn1.to_q", {**entry, "phases": [{"weight": None}]}, "checkpoint 'x'")

@@ -24,10 +24,11 @@ from sensq.quant.checkpoint.manifest import (
     PICKLE_SUFFIXES,
     WEIGHTS_FILE,
     CheckpointSizes,
+    ManifestLayer,
     is_checkpoint,
     read_manifest,
 )
 from sensq.quant.checkpoint.write import save_quantized
 
 __all__ = ["CHECKPOINT_SCHEMA", "CHECKPOINT_VERSION", "PICKLE_SUFFIXES", "WEIGHTS_FILE", "CheckpointSizes",
-           "is_checkpoint", "load_quantized", "read_manifest", "save_quantized"]
+           "ManifestLayer", "is_checkpoint", "load_quantized", "read_manifest", "save_quantized"]

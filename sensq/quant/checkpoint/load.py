@@ -11,8 +11,13 @@ from sensq.errors import InputError
 from sensq.formats import PackedTensor, get_format
 from sensq.models import LoadedModel, default_resolution, model_fingerprint, quiet_hf_progress
 from sensq.models.family import recorded_family
-from sensq.plan import LayerConfig, Rule
-from sensq.quant.checkpoint.manifest import WEIGHTS_FILE, _check_packed, _read_weights, read_manifest
+from sensq.quant.checkpoint.manifest import (
+    WEIGHTS_FILE,
+    ManifestLayer,
+    _check_packed,
+    _read_weights,
+    read_manifest,
+)
 from sensq.quant.layers import ROTATION_BLOCK, quantize_module, swap
 from sensq.quant.phased import is_phased, phased_layer, step_clock
 
@@ -67,11 +72,12 @@ def _load_expert(folder: Path, manifest: dict, expert: str, attr: str, family) -
         module = transformer_type.from_config(config)
     headers, tensors = _read_weights(folder / attr / WEIGHTS_FILE)
     expected = {key: tuple(value.shape) for key, value in module.state_dict().items()}
-    entries = {qualified.partition(":")[2]: entry for qualified, entry in manifest["layers"].items()
-               if qualified.partition(":")[0] == expert}
+    where = f"checkpoint {str(folder)!r}"
+    entries = {qualified.partition(":")[2]: ManifestLayer.from_entry(qualified, entry, where)
+               for qualified, entry in manifest["layers"].items() if qualified.partition(":")[0] == expert}
     # a packed layer with step ranges also keeps its full-precision weight: set aside for its other variants
     full_weights = {name: tensors.pop(f"{name}.weight") for name, entry in entries.items()
-                    if "phases" in entry and name in headers and f"{name}.weight" in tensors}
+                    if entry.config.step_ranges and name in headers and f"{name}.weight" in tensors}
     originals: dict[str, torch.nn.Module] = {}
     for name, header in headers.items():
         originals[name] = _deploy_packed(module, folder, expert, attr, name, header, entries.get(name), tensors,
@@ -86,7 +92,7 @@ def _load_expert(folder: Path, manifest: dict, expert: str, attr: str, family) -
         raise InputError(f"checkpoint {str(folder)!r} does not fit its config: missing {missing[:3]}, "
                          f"unexpected {unexpected[:3]}")
     for name, entry in entries.items():
-        if name in originals and "phases" in entry:
+        if name in originals and entry.config.step_ranges:
             swap(module, name, _load_phased(folder, expert, name, module.get_submodule(name), entry,
                                             _plain(originals[name], full_weights, name, folder, expert)))
         elif name not in originals:
@@ -94,7 +100,7 @@ def _load_expert(folder: Path, manifest: dict, expert: str, attr: str, family) -
     return module.eval()
 
 
-def _deploy_packed(module, folder: Path, expert: str, attr: str, name: str, header: dict, entry: dict | None,
+def _deploy_packed(module, folder: Path, expert: str, attr: str, name: str, header: dict, entry: ManifestLayer | None,
                    tensors: dict, expected: dict) -> torch.nn.Module:
     """Swap layer ``name`` of ``module`` for the deployed layer of its packed tensors (taken out of ``tensors``),
     after checking them against the config and the manifest; returns the layer it replaced."""
@@ -118,20 +124,20 @@ def _deploy_packed(module, folder: Path, expert: str, attr: str, name: str, head
     if bias is not None and tuple(bias.shape) != expected[f"{name}.bias"]:
         raise InputError(f"checkpoint {str(folder)!r} holds {attr}.{name}.bias as {list(bias.shape)} but its "
                          f"config needs {list(expected[f'{name}.bias'])}")
-    kwargs = {"act_clip": entry["act_clip"], "weight_clip": entry["weight_clip"]}
+    kwargs = {"act_clip": entry.act_clip, "weight_clip": entry.weight_clip}
     layer = module.get_submodule(name)
     rotation = _rotation(entry, where, layer)
     if isinstance(layer, torch.nn.Conv3d):
         flat = PackedTensor(packed.fmt, (shape[0], int(torch.tensor(shape[1:]).prod())), 1, packed.dtype,
                             packed.data)
-        new = PackedPatchConv3d.from_packed(flat, bias, entry["activation"], conv_shape=shape,
+        new = PackedPatchConv3d.from_packed(flat, bias, entry.config.activation, conv_shape=shape,
                                             kernel_size=layer.kernel_size, **kwargs)
     else:
-        new = PackedLinear.from_packed(packed, bias, entry["activation"], rotation=rotation, **kwargs)
+        new = PackedLinear.from_packed(packed, bias, entry.config.activation, rotation=rotation, **kwargs)
     return swap(module, name, new)
 
 
-def _packed_of(where: str, name: str, header: dict, entry: dict, tensors: dict) -> PackedTensor:
+def _packed_of(where: str, name: str, header: dict, entry: ManifestLayer, tensors: dict) -> PackedTensor:
     """Layer ``name``'s packed weight from its fields in ``tensors`` (taken out), checked against its header and
     the manifest's format."""
     prefix = f"{name}.weight."
@@ -139,7 +145,7 @@ def _packed_of(where: str, name: str, header: dict, entry: dict, tensors: dict) 
     try:
         packed = PackedTensor.from_header(header, data)
         _check_packed(packed)
-        listed = get_format(entry["weight"]).identity if entry["weight"] is not None else None
+        listed = get_format(entry.config.weight).identity if entry.config.weight is not None else None
     except (KeyError, ValueError, TypeError, RuntimeError) as error:
         raise InputError(f"{where}: the packed weight does not fit its header ({error})") from None
     if packed.fmt.identity != listed:
@@ -148,7 +154,7 @@ def _packed_of(where: str, name: str, header: dict, entry: dict, tensors: dict) 
     return packed
 
 
-def _load_unpacked(module, folder: Path, manifest: dict, expert: str, name: str, entry: dict) -> None:
+def _load_unpacked(module, folder: Path, manifest: dict, expert: str, name: str, entry: ManifestLayer) -> None:
     """A manifest layer without packed tensors: step ranges around a plain layer, or a fake checkpoint's
     simulation layer (its stored weight is the dequantized one: used as is, never re-quantized)."""
     try:
@@ -156,22 +162,23 @@ def _load_unpacked(module, folder: Path, manifest: dict, expert: str, name: str,
     except AttributeError:
         raise InputError(f"checkpoint {str(folder)!r} lists layer '{expert}:{name}', which its config does not "
                          "have") from None
-    if "phases" in entry:
+    config = entry.config
+    if config.step_ranges:
         swap(module, name, _load_phased(folder, expert, name, layer, entry))
         return
-    if entry["weight"] is not None and manifest.get("packed", True):
-        raise InputError(f"checkpoint {str(folder)!r}: {expert}:{name} is quantized to {entry['weight']} but its "
+    if config.weight is not None and manifest.get("packed", True):
+        raise InputError(f"checkpoint {str(folder)!r}: {expert}:{name} is quantized to {config.weight} but its "
                          "packed weight is missing; write the checkpoint again")
-    weight_q = layer.weight.detach() if entry["weight"] is not None else None
-    swap(module, name, quantize_module(layer, entry["weight"], entry["activation"], act_clip=entry["act_clip"],
-                                       weight_clip=entry["weight_clip"], weight_q=weight_q,
+    weight_q = layer.weight.detach() if config.weight is not None else None
+    swap(module, name, quantize_module(layer, config.weight, config.activation, act_clip=entry.act_clip,
+                                       weight_clip=entry.weight_clip, weight_q=weight_q,
                                        rotation=_rotation(entry, f"checkpoint {str(folder)!r}: {expert}:{name}",
                                                           layer)))
 
 
-def _rotation(entry: dict, where: str, layer: torch.nn.Module) -> int | None:
+def _rotation(entry: ManifestLayer, where: str, layer: torch.nn.Module) -> int | None:
     """The manifest's rotation of a layer: none, or sensq's block on a Linear whose width it divides."""
-    rotation = entry.get("rotation")
+    rotation = entry.rotation
     if rotation is None:
         return None
     width = layer.weight[0].numel() if hasattr(layer, "weight") else 0
@@ -192,35 +199,20 @@ def _plain(layer: torch.nn.Module, full_weights: dict, name: str, folder: Path, 
     return layer
 
 
-def _load_phased(folder: Path, expert: str, name: str, layer: torch.nn.Module, entry: dict,
+def _load_phased(folder: Path, expert: str, name: str, layer: torch.nn.Module, entry: ManifestLayer,
                  plain: torch.nn.Module | None = None) -> torch.nn.Module:
     """A layer stored with step ranges: its base (deployed from its packed weight, or rebuilt by its formats' rule
     from the full-precision weight when it holds none), the variants as apply-plan makes them; the step clock
     is attached once the pipeline exists. ``plain``: the full-precision layer beside a deployed base."""
-    phases = entry["phases"]
-    try:
-        if not isinstance(phases, list) or not phases:
-            raise ValueError("'phases' must be a non-empty list")
-        for phase in phases:
-            for key in ("weight", "activation"):
-                if phase.get(key) is not None:
-                    get_format(phase[key])
-        # each range checked as a plan rule's: one of steps or sigma, finite bounds in order
-        phases = tuple(Rule(name, p.get("weight"), p.get("activation"), steps=p.get("steps"),
-                            sigma=p.get("sigma")).step_range() for p in phases)
-        if None in phases:
-            raise ValueError("each phase needs one of 'steps' or 'sigma'")
-    except (InputError, ValueError, TypeError, AttributeError, KeyError) as error:
-        raise InputError(f"checkpoint {str(folder)!r}: {expert}:{name} has malformed step ranges ({error})") from None
+    config = entry.config
     base = layer
     if plain is not None:
         plain.bias = layer.bias  # the deployed layer holds the bias
-    elif entry["weight"] is not None or entry["activation"] is not None:
-        base = quantize_module(layer, entry["weight"], entry["activation"], act_clip=entry["act_clip"],
-                               weight_clip=entry["weight_clip"],
+    elif config.quantized:
+        base = quantize_module(layer, config.weight, config.activation, act_clip=entry.act_clip,
+                               weight_clip=entry.weight_clip,
                                rotation=_rotation(entry, f"checkpoint {str(folder)!r}: {expert}:{name}", layer))
-    row = LayerConfig(expert, name, entry["weight"], entry["activation"], step_ranges=phases)
-    return phased_layer(base, row, None, plain=plain)
+    return phased_layer(base, config, None, plain=plain)
 
 
 def _main_dtype(module: torch.nn.Module) -> torch.dtype:

@@ -12,9 +12,10 @@ import torch
 from safetensors import SafetensorError, safe_open
 
 from sensq.errors import InputError
-from sensq.formats import PackedTensor
+from sensq.formats import PackedTensor, get_format
 from sensq.formats.packing import stored_bytes
 from sensq.models import get_family
+from sensq.plan import LayerConfig, Rule
 from sensq.store.files import (
     file_digest,
     inside,
@@ -47,6 +48,56 @@ class CheckpointSizes:
     quantized_weight_bytes: int
     effective_bits_quantized: float
     resident_weight_bytes_simulation: int
+
+
+@dataclass(frozen=True)
+class ManifestLayer:
+    """One layer of a checkpoint's manifest: the typed config it was deployed with (its formats and step ranges)
+    and what its calibration chose (clip factors, rotation). The entry's other keys record the calibration (method,
+    curves, errors) for people and reports; loading does not read them."""
+
+    config: LayerConfig
+    weight_clip: float = 1.0
+    act_clip: float = 1.0
+    rotation: int | None = None
+
+    def to_entry(self) -> dict:
+        """The manifest's JSON object (``phases``: the step ranges, without their rule indices)."""
+        config = self.config
+        return {"weight": config.weight, "activation": config.activation, "weight_clip": self.weight_clip,
+                "act_clip": self.act_clip, **({"rotation": self.rotation} if self.rotation else {}),
+                **({"phases": [r.to_dict() for r in config.step_ranges]} if config.step_ranges else {})}
+
+    @classmethod
+    def from_entry(cls, qualified: str, entry: dict, where: str) -> ManifestLayer:
+        """``entry`` (shape-checked by the manifest's schema) of layer ``expert:name``; ``where`` names the file.
+
+        Raises:
+            InputError: an unknown format, malformed step ranges.
+        """
+        expert, _, name = qualified.partition(":")
+        for key in ("weight", "activation"):
+            if entry[key] is not None:
+                get_format(entry[key])
+        step_ranges = ()
+        if "phases" in entry:
+            phases = entry["phases"]
+            try:
+                if not isinstance(phases, list) or not phases:
+                    raise ValueError("'phases' must be a non-empty list")
+                for phase in phases:
+                    for key in ("weight", "activation"):
+                        if phase.get(key) is not None:
+                            get_format(phase[key])
+                # each range checked as a plan rule's: one of steps or sigma, finite bounds in order
+                step_ranges = tuple(Rule(name, p.get("weight"), p.get("activation"), steps=p.get("steps"),
+                                         sigma=p.get("sigma")).step_range() for p in phases)
+                if None in step_ranges:
+                    raise ValueError("each phase needs one of 'steps' or 'sigma'")
+            except (InputError, ValueError, TypeError, AttributeError, KeyError) as error:
+                raise InputError(f"{where}: {qualified} has malformed step ranges ({error})") from None
+        config = LayerConfig(expert, name, entry["weight"], entry["activation"], step_ranges=step_ranges)
+        return cls(config, entry["weight_clip"], entry["act_clip"], entry.get("rotation"))
 
 
 def is_checkpoint(path: str | Path) -> bool:

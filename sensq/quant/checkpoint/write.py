@@ -16,11 +16,13 @@ import sensq
 from sensq.errors import OutputError
 from sensq.models import quiet_hf_progress
 from sensq.models.layers import quantizable_layers
+from sensq.plan import LayerConfig
 from sensq.quant.checkpoint.manifest import (
     CHECKPOINT_SCHEMA,
     CHECKPOINT_VERSION,
     WEIGHTS_FILE,
     CheckpointSizes,
+    ManifestLayer,
 )
 from sensq.quant.layers import is_quantized, original_module, packed_weight
 from sensq.quant.phased import is_phased
@@ -116,15 +118,16 @@ def _write_expert(module: torch.nn.Module, folder: Path, expert: str, calibratio
     save_file(tensors, str(folder / WEIGHTS_FILE), metadata={"sensq.packed": json.dumps(headers)})
 
 
-def _layer_entry(layer, expert: str, name: str, calibration: dict) -> dict:
-    """A layer's manifest entry: formats, clips, rotation (a quantized layer's; a plain one keeps high precision)
-    and its calibration."""
+def _layer_entry(layer, expert: str, name: str, calibration: dict, step_ranges: tuple = ()) -> dict:
+    """A layer's manifest entry: its :class:`ManifestLayer` (formats, clips and rotation of a quantized layer; a
+    plain one keeps high precision; its step ranges) and its calibration's record."""
     quantized = is_quantized(layer)
-    return {"weight": layer.weight_format.identity if quantized and layer.weight_format else None,
-            "activation": layer.act_format.identity if quantized and layer.act_format else None,
-            "weight_clip": layer.weight_clip if quantized else 1.0, "act_clip": layer.act_clip if quantized else 1.0,
-            **({"rotation": layer.rotation} if quantized and layer.rotation else {}),
-            **_calibration_entry(calibration, expert, name)}
+    config = LayerConfig(expert, name, layer.weight_format.identity if quantized and layer.weight_format else None,
+                         layer.act_format.identity if quantized and layer.act_format else None,
+                         step_ranges=step_ranges)
+    entry = ManifestLayer(config, layer.weight_clip if quantized else 1.0, layer.act_clip if quantized else 1.0,
+                          layer.rotation if quantized else None)
+    return {**entry.to_entry(), **_calibration_entry(calibration, expert, name)}
 
 
 def _store_packed(name: str, layer, tensors: dict[str, torch.Tensor], headers: dict[str, dict],
@@ -152,8 +155,7 @@ def _write_phased(name: str, layer, tensors: dict[str, torch.Tensor], headers: d
         tensors[f"{name}.bias"] = plain.bias.detach().contiguous()
     if is_quantized(base) and base.weight_format is not None:
         _store_packed(name, base, tensors, headers, tally)
-    layers_manifest[f"{expert}:{name}"] = {**_layer_entry(base, expert, name, calibration),
-                                           "phases": [phase.to_dict() for phase in layer.step_ranges]}
+    layers_manifest[f"{expert}:{name}"] = _layer_entry(base, expert, name, calibration, layer.step_ranges)
 
 
 def _write_checkpoint(model, tmp: Path, *, plan, calibration: dict, fake: bool,
