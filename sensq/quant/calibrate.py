@@ -240,8 +240,8 @@ def calibrate_on_loop(root: torch.nn.Module, rows: dict[str, LayerConfig], metho
             forward_loop(root)
     results = {}
     for name, row in rows.items():
-        inputs = captured.get(name)
-        if name in captured and not inputs:
+        inputs = captured.pop(name, None)  # freed layer by layer
+        if inputs is not None and not inputs:
             raise InputError(f"the calibration inputs never ran layer {name!r}: it cannot be calibrated")
         act_rows = pick(torch.cat(inputs)) if inputs else None
         results[name] = calibrate_and_swap(root, name, row, act_rows, backend, methods[name])
