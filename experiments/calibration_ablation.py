@@ -37,7 +37,7 @@ def main() -> None:
     entrance = model.family.entrance_rule(experts)
     with tempfile.TemporaryDirectory() as tmp:
         probe = Path(tmp) / "probe.h5"
-        run_probe(ProbeRequest(model, trajectory, prompts, ["high", "low"], probe))
+        run_probe(ProbeRequest(model, trajectory, prompts, experts, probe))
         apply_trajectory(model.pipe, trajectory)
         reference = [run(model.pipe, p.text, trajectory, seed=p.index) for p in prompts]
         print(f"model {args.model}, {args.format} W4A4, {args.steps} steps, {len(prompts)} prompts")
