@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from sensq.plan import Plan
+from sensq.plan import LayerConfig, Plan
 from sensq.probes.capture import ProbeConfig
 from sensq.probes.recorder import ProbeRequest, run_probe
 from sensq.prompts import Prompt
@@ -30,7 +30,7 @@ def reprobe(model, expert: str, probe, out: Path) -> None:
     run_probe(ProbeRequest(model, trajectory, prompts, [expert], out, config=config))
 
 
-def apply_plan(model, plan: Plan, *, sequential_experts: bool = False, **options) -> tuple[list[dict], dict]:
+def apply_plan(model, plan: Plan, *, sequential_experts: bool = False, **options) -> tuple[list[LayerConfig], dict]:
     """:func:`sensq.quant.apply.apply_plan`, with ``sequential_experts``: every expert after the first is
     calibrated on a re-probe (:func:`reprobe`) made with the experts before it already quantized."""
     return _apply_plan(model, plan, reprobe=reprobe if sequential_experts else None, **options)

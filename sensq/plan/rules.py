@@ -283,7 +283,7 @@ def model_layers(model) -> list[LayerInfo]:
     return layer_infos({e: model.family.expert_module(model.pipe, e) for e in model.family.experts(model.pipe)})
 
 
-def validate_plan(plan: Plan, layers: list[LayerInfo]) -> list[dict]:
+def validate_plan(plan: Plan, layers: list[LayerInfo]) -> list[LayerConfig]:
     """Resolve ``plan`` against a model's layers.
 
     Raises:
