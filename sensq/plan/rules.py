@@ -112,6 +112,22 @@ class Rule:
             return None
         return StepRange(self.weight, self.activation, self.steps, self.sigma, index)
 
+    @classmethod
+    def from_dict(cls, raw: dict) -> Rule:
+        """A rule as a plan file holds it (``match``, formats, optional ``why``, ``calibration``, ``steps`` or
+        ``sigma``), its formats and pattern checked.
+
+        Raises:
+            InputError: an unknown format, a bad pattern, a bad calibration or range.
+        """
+        for key in ("weight", "activation"):
+            if raw.get(key) is not None:
+                get_format(raw[key])
+        if raw["match"].startswith("re:"):
+            compile_pattern(raw["match"][3:])
+        return cls(raw["match"], raw.get("weight"), raw.get("activation"), raw.get("why", ""), raw.get("calibration"),
+                   raw.get("steps"), raw.get("sigma"))
+
     def to_dict(self) -> dict:
         return {"match": self.match, "weight": self.weight, "activation": self.activation,
                 **({"why": self.why} if self.why else {}),
@@ -144,8 +160,9 @@ def resolve(rules: list[Rule], layers: list[LayerInfo]) -> tuple[list[LayerConfi
             if not rule.matches(layer.expert, layer.name):
                 continue
             used[index] = True
-            if rule.phase is not None:  # decides only inside its range; later rules decide the other steps
-                phases.append(rule.step_range(index))
+            step_range = rule.step_range(index)
+            if step_range is not None:  # decides only inside its range; later rules decide the other steps
+                phases.append(step_range)
                 continue
             table.append(LayerConfig(layer.expert, layer.name, rule.weight, rule.activation, layer.params,
                                      layer.kind, index, rule.calibration, tuple(phases)))
@@ -222,15 +239,7 @@ class Plan:
         """Raises InputError for a missing file, bad JSON, another schema, malformed or unknown-format rules."""
         path = Path(path)
         data = validate_document(read_json(path, PLAN_SCHEMA, "plan"), _PLAN_SPEC, path, "plan")
-        rules = []
-        for raw in data["rules"]:
-            for key in ("weight", "activation"):
-                if raw.get(key) is not None:
-                    get_format(raw[key])
-            if raw["match"].startswith("re:"):
-                compile_pattern(raw["match"][3:])
-            rules.append(Rule(raw["match"], raw.get("weight"), raw.get("activation"), raw.get("why", ""),
-                              raw.get("calibration"), raw.get("steps"), raw.get("sigma")))
+        rules = [Rule.from_dict(raw) for raw in data["rules"]]
         if not rules:
             raise InputError(f"{str(path)!r} has no rules")
         try:

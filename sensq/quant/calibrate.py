@@ -286,11 +286,9 @@ def calibrate_expert(expert_module: torch.nn.Module, expert: str, table: list[La
     """
     rows = {r.layer: r for r in table if r.expert == expert and r.quantized}
     methods = {name: method_of(row, method) for name, row in rows.items()}
-    results: dict[str, LayerCalibration] = {}
     if not any(map(needs_data, methods.values())):
-        for name, row in rows.items():
-            results[name] = calibrate_and_swap(expert_module, name, row, None, backend, methods[name])
-        return results
+        return calibrate_on_loop(expert_module, rows, methods, None, backend, pick=lambda act_rows: act_rows)
+    results: dict[str, LayerCalibration] = {}
     sources = (expert, *[e for e in pooled if e != expert])
     for source in sources:
         if probe is None or source not in probe.experts:

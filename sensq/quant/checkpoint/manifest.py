@@ -85,13 +85,10 @@ class ManifestLayer:
             try:
                 if not isinstance(phases, list) or not phases:
                     raise ValueError("'phases' must be a non-empty list")
-                for phase in phases:
-                    for key in ("weight", "activation"):
-                        if phase.get(key) is not None:
-                            get_format(phase[key])
-                # each range checked as a plan rule's: one of steps or sigma, finite bounds in order
-                step_ranges = tuple(Rule(name, p.get("weight"), p.get("activation"), steps=p.get("steps"),
-                                         sigma=p.get("sigma")).step_range() for p in phases)
+                # each range checked as a plan rule's: known formats, one of steps or sigma, finite bounds in order
+                step_ranges = tuple(Rule.from_dict({"weight": p.get("weight"), "activation": p.get("activation"),
+                                                    "steps": p.get("steps"), "sigma": p.get("sigma"),
+                                                    "match": name}).step_range() for p in phases)
                 if None in step_ranges:
                     raise ValueError("each phase needs one of 'steps' or 'sigma'")
             except (InputError, ValueError, TypeError, AttributeError, KeyError) as error:
